@@ -1,0 +1,3 @@
+from zchat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""The broker shell: sockets, ZAP, monitor, signals and the poll loop.
+
+One thread, one poll loop. All chat state lives in `BrokerCore`; this module
+only moves bytes between ZeroMQ and the core, reads the clock once per loop
+turn, and installs the subscriptions the core approves (XPUB_MANUAL).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from zchat import keys
+from zchat import limits as L
+from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, zap_reply
+from zchat.core import BrokerCore, Limits, Publish
+from zchat.endpoints import Endpoints
+from zchat.protocol import Joined, Left, encode_publication
+
+log = logging.getLogger("zchat.broker")
+
+DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
+STATE_FILE = "broker.json"
+
+
+@dataclass
+class BrokerSettings:
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    config_dir: Path = field(default_factory=keys.default_config_dir)
+    idle_exit: float | None = None  # stop after this long with nobody online
+    limits: Limits = field(default_factory=Limits)
+
+
+class BrokerError(Exception):
+    """A start-up problem with a one-line explanation for the operator."""
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:  # no ZAP identity (e.g. unsubscribes on disconnect)
+        return None
+
+
+def state_path(config_dir: Path) -> Path:
+    return keys.broker_dir(config_dir) / STATE_FILE
+
+
+def read_state(config_dir: Path) -> dict | None:
+    """The running broker's pid and endpoints, if its state file is current."""
+    try:
+        state = json.loads(state_path(config_dir).read_text())
+        os.kill(int(state["pid"]), 0)
+        return state
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class Broker:
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.keypair = keys.load_or_create(keys.broker_dir(settings.config_dir), keys.BROKER_KEY_NAME)
+        self.epoch = secrets.token_hex(8)
+        self.core = BrokerCore(self.epoch, time.time(), settings.limits)
+        self.ctx = zmq.Context()
+        self._stopping = False
+        self._identity_by_fd: dict[int, str] = {}
+        self._fd_by_identity: dict[str, int] = {}
+        self._sockets_open = False
+
+    # --- start-up ------------------------------------------------------------
+
+    def bind(self) -> None:
+        """ZAP first, then the two CURVE server sockets (zap_domain before bind)."""
+        ctx = self.ctx
+        self.zap = ctx.socket(zmq.REP)
+        self.zap.linger = 0
+        self.zap.bind(ZAP_ENDPOINT)
+        self.pull = self._curve_server(zmq.PULL)
+        self.pull.rcvhwm = L.PULL_RCVHWM
+        self.pull.maxmsgsize = L.MAX_FRAME_BYTES
+        self.xpub = self._curve_server(zmq.XPUB)
+        self.xpub.sndhwm = L.XPUB_SNDHWM
+        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        self.monitor = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._sockets_open = True
+        ep = self.settings.endpoints
+        for sock, endpoint in ((self.pull, ep.input), (self.xpub, ep.publish)):
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                self.close()
+                hint = " (is another broker running?)" if exc.errno == zmq.EADDRINUSE else ""
+                raise BrokerError(f"cannot bind {endpoint}: {exc.strerror}{hint}") from None
+        self._write_state()
+
+    def _curve_server(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.curve_server = True
+        sock.curve_secretkey = self.keypair.secret
+        sock.curve_publickey = self.keypair.public
+        sock.zap_domain = ZAP_DOMAIN  # must precede bind, or it is ignored
+        sock.handshake_ivl = L.HANDSHAKE_IVL_MS
+        sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
+        sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+        if self.settings.endpoints.ipv6:
+            sock.ipv6 = True
+        return sock
+
+    def _write_state(self) -> None:
+        ep = self.settings.endpoints
+        state = {"pid": os.getpid(), "input": ep.input, "publish": ep.publish,
+                 "host": ep.host, "port": ep.port, "pub_port": ep.publish_port,
+                 "public_key": self.keypair.public.decode(), "epoch": self.epoch}
+        path = state_path(self.settings.config_dir)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
+
+    def banner(self) -> str:
+        ep = self.settings.endpoints
+        key_hex = self.keypair.identity
+        host = ep.host
+        if host in ("0.0.0.0", "::", "*"):
+            host = socket.gethostname()
+        port_args = f"--port {ep.port}"
+        if ep.pub_port is not None and ep.pub_port != ep.port + 1:
+            port_args += f" --pub-port {ep.pub_port}"
+        lines = [
+            "Server started, waiting for clients...",
+            f"  input   (PULL) {ep.input}",
+            f"  publish (XPUB) {ep.publish}",
+            f"  broker public key {key_hex}",
+            "  clients on this machine find the key by themselves: zchat client",
+            f"  clients on other machines: zchat client --host {host} {port_args} --server-key {key_hex}",
+        ]
+        if ep.host in ("127.0.0.1", "::1", "localhost"):
+            lines.append("  (bound to loopback only; use --host 0.0.0.0 to accept other machines)")
+        return "\n".join(lines)
+
+    # --- the loop --------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        """Serve until a signal, --idle-exit or request_stop; returns the exit code."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        old_handlers = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        poller = zmq.Poller()
+        for sock in (self.zap, self.xpub, self.pull, self.monitor):
+            poller.register(sock, zmq.POLLIN)
+        poller.register(wake_r.fileno(), zmq.POLLIN)
+        idle_since = time.time()
+        next_tick = 0.0
+        try:
+            while not self._stopping:
+                timeout_ms = max(0.0, next_tick - time.time()) * 1000
+                ready = dict(poller.poll(timeout_ms))
+                now = time.time()
+                if self.zap in ready:
+                    self._serve_zap()
+                if self.xpub in ready:
+                    self._drain_subscriptions(now)
+                if self.pull in ready:
+                    self._drain_messages(now)
+                if self.monitor in ready:
+                    self._drain_monitor(now)
+                if wake_r.fileno() in ready:
+                    try:
+                        wake_r.recv(512)
+                    except BlockingIOError:
+                        pass
+                if now >= next_tick:
+                    next_tick = now + L.TICK_INTERVAL
+                    self._publish(self.core.tick(now))
+                    if self.core.online:
+                        idle_since = now
+                    elif self.settings.idle_exit is not None and now - idle_since >= self.settings.idle_exit:
+                        log.info("nobody online for %.0f s: stopping", self.settings.idle_exit)
+                        break
+            self._publish(self.core.shutdown(time.time(), "the broker is shutting down"))
+            return 0
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            wake_r.close()
+            wake_w.close()
+            self.close(linger_ms=500)
+
+    def _serve_zap(self) -> None:
+        while True:
+            try:
+                request = self.zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.zap.send_multipart(zap_reply(request))
+
+    def _drain_subscriptions(self, now: float) -> None:
+        xpub, core = self.xpub, self.core
+        for _ in range(DRAIN_BATCH):
+            try:
+                frame = xpub.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if len(data) < 1 or data[0] not in (0, 1):
+                continue
+            identity = user_id(frame)
+            try:
+                topic = data[1:].decode()
+            except UnicodeDecodeError:
+                continue
+            if data[0] == 1:
+                allowed, out = core.on_subscribe(identity, topic, now)
+                if allowed:
+                    # Manual mode: applies to the peer whose subscription we just read.
+                    xpub.setsockopt(zmq.SUBSCRIBE, data[1:])
+                else:
+                    log.info("refused subscription %r from %s", topic[:80], (identity or "?")[:12])
+                self._publish(out)
+            elif identity is not None:
+                core.on_unsubscribe(identity, topic)
+                xpub.setsockopt(zmq.UNSUBSCRIBE, data[1:])
+
+    def _drain_messages(self, now: float) -> None:
+        pull, core = self.pull, self.core
+        for _ in range(DRAIN_BATCH):
+            try:
+                frame = pull.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            frames = 1
+            part = frame
+            while part.more:  # a multipart message arrives whole: drain it, reject below
+                part = pull.recv(copy=False)
+                frames += 1
+            identity = user_id(frame)
+            if identity is not None and identity not in self._fd_by_identity:
+                self._remember_fd(frame, identity)
+            try:
+                out = core.on_message(identity, frame.buffer, frames, now)
+            except Exception:  # a bug must not take the chat down for everyone
+                log.exception("internal error handling a message from %s", identity)
+                continue
+            self._publish(out)
+
+    def _remember_fd(self, frame: zmq.Frame, identity: str) -> None:
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        self._identity_by_fd[fd] = identity
+        self._fd_by_identity[identity] = fd
+
+    def _drain_monitor(self, now: float) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            identity = self._identity_by_fd.pop(event["value"], None)
+            if identity is None:
+                continue
+            if self._fd_by_identity.get(identity) == event["value"]:
+                del self._fd_by_identity[identity]
+            self._publish(self.core.on_disconnect(identity, now))
+
+    def _publish(self, out: list[Publish]) -> None:
+        send = self.xpub.send
+        for item in out:
+            send(encode_publication(item.topic.encode(), item.event))
+            event = item.event
+            if isinstance(event, Joined):
+                log.info("%s joined %s", event.name, event.room)
+            elif isinstance(event, Left):
+                log.info("%s left %s (%s)", event.name, event.room, event.reason)
+
+    def close(self, linger_ms: int = 0) -> None:
+        if self._sockets_open:
+            self._sockets_open = False
+            self.pull.disable_monitor()
+            for sock in (self.monitor, self.pull, self.zap):
+                sock.close(0)
+            self.xpub.close(linger_ms)
+            try:
+                state = json.loads(state_path(self.settings.config_dir).read_text())
+                if state.get("pid") == os.getpid():
+                    state_path(self.settings.config_dir).unlink()
+            except (OSError, ValueError):
+                pass
+        self.ctx.term()
+
+
+def serve(settings: BrokerSettings) -> int:
+    """Start a broker, print the banner and serve until stopped."""
+    try:
+        broker = Broker(settings)
+        broker.bind()
+    except BrokerError as exc:
+        print(f"zchat broker: {exc}", file=sys.stderr)
+        return 1
+    print(broker.banner(), flush=True)
+    return broker.run()

@@ -1,0 +1,485 @@
+"""The client library: a PUSH sender and a SUB receiver driven by one I/O thread.
+
+Usable without the terminal UI (tests, bots, the tap). The I/O thread owns
+every socket; other threads hand it work through a queue and a wake-up
+socket, so no ZeroMQ socket is ever shared between threads.
+
+What it takes care of:
+- the join handshake: subscribe first, resend the join every 200 ms until the
+  welcome arrives (PUB/SUB drops anything published before a subscription is
+  live, so a single join could go unanswered);
+- heartbeats both ways: a ping every second, and a watchdog on the broker's
+  heartbeat that reports "connection lost" and rejoins when the broker is
+  back (a changed epoch means the broker restarted);
+- pacing: sends no faster than the broker's announced rate, so a paste or a
+  pipe is delayed, never refused; unconfirmed messages are resent after a
+  rejoin;
+- per-topic sequence numbers: a jump is reported as a gap, never silent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from zchat import limits as L
+from zchat.endpoints import Endpoints
+from zchat.keys import KeyPair
+from zchat.protocol import (
+    DEFAULT_ROOM,
+    SYSTEM_TOPIC,
+    Code,
+    Error,
+    Event,
+    Heartbeat,
+    Join,
+    Leave,
+    Message,
+    Ping,
+    ProtocolError,
+    Say,
+    Shutdown,
+    Welcome,
+    decode_publication,
+    encode_client_message,
+    private_topic,
+    room_topic,
+)
+
+JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM}
+
+
+@dataclass(frozen=True)
+class Status:
+    """A change in the connection, made up by the client (not published)."""
+
+    state: str  # lost | reconnected | shutdown
+    detail: str
+    ts: float
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Sequence numbers on `topic` jumped: `missing` events never arrived."""
+
+    topic: str
+    missing: int
+    ts: float
+
+
+ClientEvent = Event | Status | Gap
+
+
+class JoinError(Exception):
+    """Joining failed; `code` is a protocol error code or unreachable/auth/handshake."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SendError(Exception):
+    pass
+
+
+@dataclass
+class ClientSettings:
+    endpoints: Endpoints
+    server_key: bytes  # z85
+    keypair: KeyPair
+    rooms: list[str] = field(default_factory=lambda: [DEFAULT_ROOM])
+    max_unconfirmed: int = 1000
+
+
+@dataclass
+class _Outgoing:
+    ref: int
+    room: str
+    text: str
+
+
+class ChatClient:
+    def __init__(self, settings: ClientSettings, on_event: Callable[[ClientEvent], None] | None = None):
+        self.settings = settings
+        self.identity = settings.keypair.identity
+        self.private_topic = private_topic(self.identity)
+        self.events: queue.Queue[ClientEvent] = queue.Queue()
+        self._on_event = on_event or self.events.put
+        self.ctx = zmq.Context()
+        self.name: str | None = None
+        self.rooms: list[str] = list(settings.rooms)
+        self.epoch: str | None = None
+        self.connected = False  # welcomed and hearing the broker
+        # Work handed to the I/O thread.
+        self._commands: deque[tuple[str, object]] = deque()
+        self._wake_lock = threading.Lock()
+        self._wake_tx = self.ctx.socket(zmq.PAIR)
+        self._wake_rx = self.ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(f"inproc://wake-{id(self)}")
+        self._wake_tx.connect(f"inproc://wake-{id(self)}")
+        self._refs = itertools.count(1)
+        self._unconfirmed: dict[int, _Outgoing] = {}
+        self._confirmed = threading.Condition()
+        self._join_done = threading.Event()
+        self._join_result: Welcome | JoinError | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # --- API (any thread) --------------------------------------------------
+
+    def start(self) -> None:
+        """Create the sockets, connect, and start the I/O thread."""
+        self._thread = threading.Thread(target=self._run, name="zchat-io", daemon=True)
+        self._thread.start()
+
+    def join(self, name: str, timeout: float = 5.0) -> Welcome:
+        """Join as `name`; raise JoinError with a reason the user can act on."""
+        self._join_done.clear()
+        self._join_result = None
+        self._command("join", name)
+        if not self._join_done.wait(timeout):
+            self._command("cancel_join", None)
+            raise JoinError(*self._diagnose())
+        result = self._join_result
+        if isinstance(result, JoinError):
+            raise result
+        assert isinstance(result, Welcome)
+        return result
+
+    def say(self, text: str, room: str | None = None) -> int:
+        """Queue `text` for `room` (default: the first room); returns its ref."""
+        ref = next(self._refs)
+        with self._confirmed:
+            if len(self._unconfirmed) >= self.settings.max_unconfirmed:
+                raise SendError("too many messages waiting for the broker; is it reachable?")
+            self._unconfirmed[ref] = _Outgoing(ref, room or self.rooms[0], text)
+        self._command("say", ref)
+        return ref
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """Block until the broker has confirmed every message said so far."""
+        deadline = time.monotonic() + timeout
+        with self._confirmed:
+            while self._unconfirmed:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._confirmed.wait(left):
+                    return not self._unconfirmed
+        return True
+
+    def close(self, message: str = "", linger: float = 1.0) -> None:
+        """Send a leave (if joined), stop the I/O thread and close the sockets."""
+        if self._thread is not None and self._thread.is_alive():
+            self._command("close", message)
+            self._thread.join(linger + 2.0)
+        self._wake_tx.close(0)
+        self.ctx.term()
+
+    def _command(self, kind: str, arg: object) -> None:
+        self._commands.append((kind, arg))
+        with self._wake_lock:
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # a wake-up is already pending, or we are closing
+
+    # --- the I/O thread --------------------------------------------------------
+
+    def _make_sockets(self) -> None:
+        keypair = self.settings.keypair
+        ep = self.settings.endpoints
+
+        def curve_client(kind: int) -> zmq.Socket:
+            sock = self.ctx.socket(kind)
+            sock.curve_serverkey = self.settings.server_key
+            sock.curve_publickey = keypair.public
+            sock.curve_secretkey = keypair.secret
+            sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
+            sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+            if ep.ipv6:
+                sock.ipv6 = True
+            return sock
+
+        self.push = curve_client(zmq.PUSH)
+        self.push.sndhwm = L.CLIENT_SNDHWM
+        self.push.linger = 1000
+        self.sub = curve_client(zmq.SUB)
+        self.sub.linger = 0
+        self.monitor = self.push.get_monitor_socket()
+        self._subscribed: dict[str, int] = {}
+        for topic in [SYSTEM_TOPIC, self.private_topic] + [room_topic(r) for r in self.rooms]:
+            self._subscribe(topic)
+        self.sub.connect(ep.publish)
+        self.push.connect(ep.input)
+
+    def _subscribe(self, topic: str) -> None:
+        # A SUB forwards duplicate subscriptions; the broker may have forgotten us.
+        self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._subscribed[topic] = self._subscribed.get(topic, 0) + 1
+
+    def _run(self) -> None:
+        self._make_sockets()
+        self._pending_join: Join | None = None
+        self._join_attempts = 0
+        self._next_join = 0.0
+        self._last_heartbeat = time.monotonic()
+        self._next_ping = 0.0
+        self._lost = False
+        self._rejoin_reason = ""
+        self._last_seq: dict[str, int] = {}
+        self._outbox: deque[int] = deque()
+        self._tokens = float(L.RATE_BURST)
+        self._rate = (float(L.RATE_BURST), L.RATE_PER_SECOND)
+        self._refilled = time.monotonic()
+        self._handshake: str = "none"  # none | ok | auth | failed
+        self._connect_attempts = 0
+        poller = zmq.Poller()
+        for sock in (self.sub, self.monitor, self._wake_rx):
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop:
+                ready = dict(poller.poll(self._poll_timeout_ms()))
+                if self.sub in ready:
+                    self._drain_sub()
+                if self.monitor in ready:
+                    self._drain_monitor()
+                if self._wake_rx in ready:
+                    while True:
+                        try:
+                            self._wake_rx.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                self._run_commands()
+                self._timers()
+        finally:
+            self.push.disable_monitor()
+            for sock in (self.sub, self.monitor, self._wake_rx):
+                sock.close(0)
+            self.push.close()  # linger lets a final leave reach the broker
+
+    def _poll_timeout_ms(self) -> int:
+        now = time.monotonic()
+        deadlines = [self._next_ping, self._last_heartbeat + L.BROKER_SILENCE_LOST]
+        if self._pending_join is not None:
+            deadlines.append(self._next_join)
+        if self._outbox and self._tokens < 1:
+            deadlines.append(now + (1 - self._tokens) / self._rate[1])
+        return max(0, int((min(deadlines) - now) * 1000) + 1)
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            kind, arg = self._commands.popleft()
+            if kind == "join":
+                self._start_join(str(arg), "")
+            elif kind == "cancel_join":
+                self._pending_join = None
+            elif kind == "say":
+                self._outbox.append(int(arg))  # type: ignore[call-overload]
+            elif kind == "close":
+                if self.name is not None and self.epoch is not None:
+                    self._send(Leave(message=str(arg)))
+                self._stop = True
+                return
+        self._flush_outbox()
+
+    def _start_join(self, name: str, reason: str) -> None:
+        self._pending_join = Join(name=name, rooms=list(self.rooms))
+        self._join_attempts = 0
+        self._next_join = 0.0
+        self._rejoin_reason = reason
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if self._pending_join is not None and now >= self._next_join:
+            self._join_attempts += 1
+            if self._join_attempts % 5 == 0:  # the broker may have forgotten our subscriptions
+                for topic in [self.private_topic] + [room_topic(r) for r in self.rooms]:
+                    self._subscribe(topic)
+            self._send(self._pending_join)
+            self._next_join = now + L.JOIN_RETRY_INTERVAL
+        if self.epoch is not None and now >= self._next_ping:
+            self._send(Ping())
+            self._next_ping = now + L.CLIENT_PING_INTERVAL
+        if self.epoch is not None and not self._lost and now - self._last_heartbeat > L.BROKER_SILENCE_LOST:
+            self._lost = True
+            self.connected = False
+            self._emit(Status("lost", "connection to the broker lost; reconnecting", time.time()))
+        self._flush_outbox()
+
+    def _flush_outbox(self) -> None:
+        if not self._outbox or self._pending_join is not None or self.epoch is None:
+            return
+        burst, rate = self._rate
+        now = time.monotonic()
+        self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        while self._outbox and self._tokens >= 1:
+            ref = self._outbox.popleft()
+            with self._confirmed:
+                item = self._unconfirmed.get(ref)
+            if item is None:
+                continue
+            self._send(Say(room=item.room, text=item.text, ref=ref))
+            self._tokens -= 1
+
+    def _send(self, message: object) -> None:
+        try:
+            self.push.send(encode_client_message(message), zmq.NOBLOCK)  # type: ignore[arg-type]
+        except zmq.Again:
+            pass  # queue full while the broker is away: the join/resend logic recovers
+
+    # --- incoming ----------------------------------------------------------------
+
+    def _drain_sub(self) -> None:
+        while True:
+            try:
+                data = self.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                topic, event = decode_publication(data)
+            except ProtocolError:
+                continue  # a newer broker's event type, or garbage: skip it
+            self._handle(topic, event)
+
+    def _handle(self, topic: str, event: Event) -> None:
+        if isinstance(event, Heartbeat):
+            self._on_heartbeat(topic, event)
+            return
+        if isinstance(event, Shutdown):
+            self._lost = True
+            self.connected = False
+            self._emit(Status("shutdown", event.detail, event.ts))
+            return
+        if topic == self.private_topic:
+            if isinstance(event, Welcome):
+                self._on_welcome(event)
+                return
+            if isinstance(event, Error) and self._on_error(event):
+                return
+        if self.epoch is None:
+            return  # traffic from before our first welcome is not ours to show
+        if not self._track_seq(topic, event.seq, event.ts):
+            return
+        if isinstance(event, Message) and event.ref is not None and event.name == self.name:
+            self._confirm(event.ref)
+        self._emit(event)
+
+    def _on_heartbeat(self, topic: str, beat: Heartbeat) -> None:
+        self._last_heartbeat = time.monotonic()
+        if self.epoch is None or self._pending_join is not None:
+            return
+        if beat.epoch != self.epoch:
+            self._start_join(self.name or "", "restarted")
+        elif self._lost:
+            self._start_join(self.name or "", "reconnected")
+
+    def _on_welcome(self, welcome: Welcome) -> None:
+        first = self.epoch is None
+        if welcome.epoch != self.epoch:
+            self._last_seq.clear()
+        self.epoch = welcome.epoch
+        self.name = welcome.name
+        self._rate = (float(welcome.rate_burst), welcome.rate_per_second)
+        for room, seq in welcome.rooms.items():
+            self._last_seq[room_topic(room)] = seq
+        self._last_seq[self.private_topic] = welcome.seq
+        self._pending_join = None
+        self._lost = False
+        self.connected = True
+        self._last_heartbeat = time.monotonic()
+        self._join_result = welcome
+        self._join_done.set()
+        if not first:
+            # Resend what the broker never confirmed, in order, then say we are back.
+            with self._confirmed:
+                self._outbox = deque(sorted(self._unconfirmed))
+            detail = "the broker restarted; rejoined" if self._rejoin_reason == "restarted" else "rejoined"
+            self._emit(Status("reconnected", detail, welcome.ts))
+        self._emit(welcome)
+        self._flush_outbox()
+
+    def _on_error(self, error: Error) -> bool:
+        """Handle join-related errors; True when consumed here."""
+        if self._pending_join is not None and error.code in JOIN_ERRORS:
+            self._pending_join = None
+            self._join_result = JoinError(error.code, error.detail)
+            self._join_done.set()
+            return True
+        if error.code == Code.NOT_JOINED and self.epoch is not None:
+            if self._pending_join is None:
+                self._start_join(self.name or "", "reconnected")
+            return True
+        if error.ref is not None:
+            self._confirm(error.ref)
+        return False
+
+    def _confirm(self, ref: int) -> None:
+        with self._confirmed:
+            self._unconfirmed.pop(ref, None)
+            self._confirmed.notify_all()
+
+    def _track_seq(self, topic: str, seq: int, ts: float) -> bool:
+        """Record `seq`; report a jump as a gap. False for an old or repeated event."""
+        last = self._last_seq.get(topic)
+        self._last_seq[topic] = max(seq, last or 0)
+        if last is None:
+            return True
+        if seq <= last:
+            return False
+        if seq > last + 1:
+            self._emit(Gap(topic, seq - last - 1, ts))
+        return True
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake = "ok"
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._handshake = "auth"
+                self._fail_join("auth", "the broker refused this key (closed mode: ask its operator "
+                                "to add your public key)")
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                if self._handshake != "ok":
+                    self._handshake = "failed"
+            elif kind == zmq.EVENT_CONNECT_RETRIED:
+                self._connect_attempts += 1
+
+    def _fail_join(self, code: str, message: str) -> None:
+        if self._pending_join is not None:
+            self._pending_join = None
+            self._join_result = JoinError(code, message)
+            self._join_done.set()
+
+    def _diagnose(self) -> tuple[str, str]:
+        """Why a join timed out, as (code, message), from what the monitor saw."""
+        ep = self.settings.endpoints
+        if self._handshake == "auth":
+            return "auth", "the broker refused this key"
+        if self._handshake == "failed":
+            return "handshake", (f"the security handshake with {ep.input} failed: "
+                                 "is --server-key the broker's public key?")
+        if self._handshake == "none":
+            return "unreachable", (f"no broker answers at {ep.input}: is it running? "
+                                   "(start one with: zchat broker)")
+        return "timeout", "the broker accepted the connection but did not answer the join"
+
+    def _emit(self, event: ClientEvent) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # a display bug must not kill the I/O thread
+            import logging
+
+            logging.getLogger("zchat.client").exception("event handler failed")

@@ -1,0 +1,337 @@
+"""The broker's state machine: presence, names, rooms, sequence numbers, limits.
+
+Pure: no sockets, no clock, no disk. The shell feeds it what arrived (a
+subscription, a message body, a disconnect) with the current time and
+publishes the `Publish` records it returns, in order. The sender of anything
+is the identity ZAP assigned (hex of its CURVE public key), never a name
+found in a message body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+
+from zchat import limits as L
+from zchat.protocol import (
+    DEFAULT_ROOM,
+    PRIVATE_PREFIX,
+    ROOM_PREFIX,
+    SYSTEM_TOPIC,
+    Code,
+    Error,
+    Event,
+    Heartbeat,
+    Join,
+    Joined,
+    Leave,
+    Left,
+    Message,
+    Ping,
+    ProtocolError,
+    Renamed,
+    Say,
+    Shutdown,
+    Welcome,
+    clean_text,
+    decode_client_message,
+    name_key,
+    normalize_room,
+    private_topic,
+    room_of_topic,
+    room_topic,
+    valid_name,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Tunable limits; defaults come from zchat.limits."""
+
+    rate_burst: int = L.RATE_BURST
+    rate_per_second: float = L.RATE_PER_SECOND
+    client_timeout: float = L.CLIENT_TIMEOUT
+    heartbeat_interval: float = L.BROKER_HEARTBEAT_INTERVAL
+    max_peers: int = L.MAX_PEERS
+    max_topics_per_peer: int = L.MAX_TOPICS_PER_PEER
+    peer_idle_seconds: float = L.PEER_IDLE_SECONDS
+
+
+@dataclass(slots=True)
+class Publish:
+    """One event to publish on one topic."""
+
+    topic: str
+    event: Event
+
+
+@dataclass(slots=True)
+class Member:
+    name: str
+    rooms: list[str]
+
+
+@dataclass(slots=True)
+class Peer:
+    """Everything known about one identity, joined or not."""
+
+    identity: str
+    last_seen: float
+    tokens: float
+    refilled_at: float
+    topics: set[str] = field(default_factory=set)
+    pending_join: Join | None = None
+    member: Member | None = None
+    throttled: bool = False  # told "rate_limited" since the bucket last ran dry
+
+
+class BrokerCore:
+    def __init__(self, epoch: str, now: float, limits: Limits | None = None) -> None:
+        self.epoch = epoch
+        self.limits = limits or Limits()
+        self.peers: dict[str, Peer] = {}
+        self.names: dict[str, str] = {}  # name_key(name) -> identity
+        self.rooms: dict[str, set[str]] = {}  # room -> member identities
+        self.seqs: dict[str, int] = {}
+        self.next_heartbeat = now
+        self.next_expiry_scan = now
+
+    # --- queries -----------------------------------------------------------
+
+    @property
+    def online(self) -> int:
+        return len(self.names)
+
+    def member_name(self, identity: str) -> str | None:
+        peer = self.peers.get(identity)
+        return peer.member.name if peer and peer.member else None
+
+    # --- subscriptions -----------------------------------------------------
+
+    def on_subscribe(self, identity: str | None, topic: str, now: float) -> tuple[bool, list[Publish]]:
+        """Decide whether `identity` may receive `topic`; may complete a pending join."""
+        if identity is None or not self._topic_allowed(identity, topic):
+            return False, []
+        peer = self._peer(identity, now)
+        if peer is None:
+            return False, []
+        if topic not in peer.topics:
+            if len(peer.topics) >= self.limits.max_topics_per_peer:
+                return False, []
+            peer.topics.add(topic)
+        peer.last_seen = now
+        if peer.pending_join is not None:
+            return True, self._try_join(peer, peer.pending_join, now)
+        return True, []
+
+    def on_unsubscribe(self, identity: str | None, topic: str) -> None:
+        # Unsubscribes without an identity come from closing connections: ignore.
+        peer = self.peers.get(identity) if identity else None
+        if peer is not None:
+            peer.topics.discard(topic)
+
+    @staticmethod
+    def _topic_allowed(identity: str, topic: str) -> bool:
+        if topic == SYSTEM_TOPIC or topic == ROOM_PREFIX:  # "r/" = every public room
+            return True
+        if topic.startswith(PRIVATE_PREFIX):
+            return topic == private_topic(identity)
+        return room_of_topic(topic) is not None
+
+    # --- messages ------------------------------------------------------------
+
+    def on_message(
+        self, identity: str | None, body: bytes | memoryview, frames: int, now: float
+    ) -> list[Publish]:
+        if identity is None:  # no ZAP identity: never trust it, nowhere to answer
+            return []
+        peer = self._peer(identity, now)
+        if peer is None:
+            return []
+        peer.last_seen = now
+        try:
+            message = decode_client_message(body, frames)
+        except ProtocolError as exc:
+            return self._charge(peer, now) or self._error(peer, now, exc.code, exc.detail)
+        if isinstance(message, Ping):
+            if peer.member is None:
+                return self._error(peer, now, Code.NOT_JOINED, "join first")
+            return []
+        throttled = self._charge(peer, now)
+        if throttled is not None:
+            return throttled
+        if isinstance(message, Say):
+            return self._say(peer, message, now)
+        if isinstance(message, Join):
+            return self._join(peer, message, now)
+        if isinstance(message, Leave):
+            return self._leave(peer, "quit", clean_text(message.message), now)
+        return []  # unreachable: the decoder admits only the types above
+
+    def on_disconnect(self, identity: str, now: float) -> list[Publish]:
+        """The transport saw this identity's connection close (crash or exit)."""
+        peer = self.peers.pop(identity, None)
+        if peer is None or peer.member is None:
+            return []
+        self.peers[identity] = peer  # _leave needs it; dropped again below
+        out = self._leave(peer, "disconnected", "", now)
+        del self.peers[identity]
+        return out
+
+    def tick(self, now: float) -> list[Publish]:
+        """Heartbeats, member expiry and forgetting idle identities."""
+        out: list[Publish] = []
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.limits.heartbeat_interval
+            out.append(self._publish(SYSTEM_TOPIC, lambda seq: Heartbeat(
+                seq=seq, ts=now, epoch=self.epoch,
+                interval=self.limits.heartbeat_interval, online=self.online)))
+        if now >= self.next_expiry_scan:
+            self.next_expiry_scan = now + min(0.5, self.limits.client_timeout / 4)
+            member_deadline = now - self.limits.client_timeout
+            idle_deadline = now - self.limits.peer_idle_seconds
+            for peer in list(self.peers.values()):
+                if peer.member is not None:
+                    if peer.last_seen < member_deadline:
+                        out.extend(self._leave(peer, "timeout", "", now))
+                elif peer.last_seen < idle_deadline:
+                    self._forget(peer.identity)
+        return out
+
+    def shutdown(self, now: float, detail: str) -> list[Publish]:
+        return [self._publish(SYSTEM_TOPIC, lambda seq: Shutdown(
+            seq=seq, ts=now, epoch=self.epoch, detail=detail))]
+
+    # --- handlers ------------------------------------------------------------
+
+    def _join(self, peer: Peer, join: Join, now: float) -> list[Publish]:
+        if not valid_name(join.name):
+            return self._error(peer, now, Code.INVALID_NAME,
+                               f"invalid name {join.name!r}: 1-{L.MAX_NAME_CHARS} letters, "
+                               "digits, '.', '-' or '_', starting with a letter or digit")
+        rooms: list[str] = []
+        for raw in join.rooms or [DEFAULT_ROOM]:
+            room = normalize_room(raw)
+            if room is None:
+                return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {raw!r}")
+            if room not in rooms:
+                rooms.append(room)
+        return self._try_join(peer, Join(name=join.name, rooms=rooms), now)
+
+    def _try_join(self, peer: Peer, join: Join, now: float) -> list[Publish]:
+        """Complete a join once its private stream and rooms are subscribed."""
+        needed = [private_topic(peer.identity)]
+        if ROOM_PREFIX not in peer.topics:
+            needed += [room_topic(room) for room in join.rooms]
+        if not all(topic in peer.topics for topic in needed):
+            peer.pending_join = join  # the missing subscriptions will retry it
+            return []
+        peer.pending_join = None
+        holder = self.names.get(name_key(join.name))
+        if holder is not None and holder != peer.identity:
+            return self._error(peer, now, Code.NAME_TAKEN, f"the name {join.name!r} is taken")
+        out: list[Publish] = []
+        member = peer.member
+        if member is None:
+            member = peer.member = Member(name=join.name, rooms=[])
+            self.names[name_key(join.name)] = peer.identity
+        elif member.name != join.name:
+            out += self._rename(peer, member, join.name, now)
+        new_rooms = [room for room in join.rooms if room not in member.rooms]
+        baseline = {room: self.seqs.get(room_topic(room), 0) for room in member.rooms + new_rooms}
+        joined: list[Publish] = []
+        for room in new_rooms:
+            member.rooms.append(room)
+            self.rooms.setdefault(room, set()).add(peer.identity)
+            joined.append(self._publish(room_topic(room), lambda seq, room=room: Joined(
+                seq=seq, ts=now, room=room, name=member.name)))
+        out.append(self._publish(private_topic(peer.identity), lambda seq: Welcome(
+            seq=seq, ts=now, id=peer.identity, name=member.name, epoch=self.epoch,
+            rooms=baseline, online=self.online,
+            members=[self.peers[i].member.name for i in islice(self.names.values(), L.MEMBERS_IN_WELCOME)],  # type: ignore[union-attr]
+            heartbeat=self.limits.heartbeat_interval, rate_burst=self.limits.rate_burst,
+            rate_per_second=self.limits.rate_per_second)))
+        return out + joined
+
+    def _rename(self, peer: Peer, member: Member, new: str, now: float) -> list[Publish]:
+        old = member.name
+        if name_key(old) != name_key(new):
+            del self.names[name_key(old)]
+            self.names[name_key(new)] = peer.identity
+        member.name = new
+        return [self._publish(room_topic(room), lambda seq, room=room: Renamed(
+            seq=seq, ts=now, room=room, old=old, new=new)) for room in member.rooms]
+
+    def _say(self, peer: Peer, say: Say, now: float) -> list[Publish]:
+        member = peer.member
+        if member is None:
+            return self._error(peer, now, Code.NOT_JOINED, "join first", say.ref)
+        room = normalize_room(say.room)
+        if room is None or room not in member.rooms:
+            return self._error(peer, now, Code.NOT_IN_ROOM, f"you are not in room {say.room!r}", say.ref)
+        text = clean_text(say.text).strip()
+        if not text:
+            return self._error(peer, now, Code.EMPTY_TEXT, "message is empty", say.ref)
+        return [self._publish(room_topic(room), lambda seq: Message(
+            seq=seq, ts=now, room=room, name=member.name, text=text, ref=say.ref))]
+
+    def _leave(self, peer: Peer, reason: str, message: str, now: float) -> list[Publish]:
+        member = peer.member
+        if member is None:
+            return []
+        peer.member = None
+        peer.topics.clear()  # the client re-subscribes when it joins again
+        del self.names[name_key(member.name)]
+        out = []
+        for room in member.rooms:
+            occupants = self.rooms.get(room)
+            if occupants is not None:
+                occupants.discard(peer.identity)
+                if not occupants:
+                    del self.rooms[room]
+            out.append(self._publish(room_topic(room), lambda seq, room=room: Left(
+                seq=seq, ts=now, room=room, name=member.name, reason=reason, message=message)))
+        return out
+
+    # --- helpers -------------------------------------------------------------
+
+    def _peer(self, identity: str, now: float) -> Peer | None:
+        peer = self.peers.get(identity)
+        if peer is None:
+            if len(self.peers) >= self.limits.max_peers:
+                return None
+            peer = self.peers[identity] = Peer(identity, now, float(self.limits.rate_burst), now)
+        return peer
+
+    def _forget(self, identity: str) -> None:
+        self.peers.pop(identity, None)
+        self.seqs.pop(private_topic(identity), None)
+
+    def _charge(self, peer: Peer, now: float) -> list[Publish] | None:
+        """Take one token; on an empty bucket return what to send (once) instead."""
+        limits = self.limits
+        peer.tokens = min(float(limits.rate_burst),
+                          peer.tokens + (now - peer.refilled_at) * limits.rate_per_second)
+        peer.refilled_at = now
+        if peer.tokens >= 1.0:
+            peer.tokens -= 1.0
+            peer.throttled = False
+            return None
+        if peer.throttled:
+            return []
+        peer.throttled = True
+        return self._error(peer, now, Code.RATE_LIMITED,
+                           f"slow down: {limits.rate_burst} messages at once, then "
+                           f"{limits.rate_per_second:g} per second")
+
+    def _error(self, peer: Peer, now: float, code: str, detail: str,
+               ref: int | None = None) -> list[Publish]:
+        topic = private_topic(peer.identity)
+        if topic not in peer.topics:  # nobody would receive it
+            return []
+        return [self._publish(topic, lambda seq: Error(seq=seq, ts=now, code=code, detail=detail, ref=ref))]
+
+    def _publish(self, topic: str, make) -> Publish:  # type: ignore[no-untyped-def]
+        seq = self.seqs.get(topic, 0) + 1
+        self.seqs[topic] = seq
+        return Publish(topic, make(seq))

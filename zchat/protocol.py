@@ -1,0 +1,250 @@
+"""The zchat wire protocol: message types, topics, encoding and validation.
+
+No sockets here. Clients send one-frame JSON objects tagged by "type" to the
+broker's PULL socket; the broker publishes one frame per event on its XPUB
+socket: the topic, one space, then the JSON event. docs/PROTOCOL.md is the
+normative description; this module is its executable form.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+from zchat import limits
+
+# --- topics ---------------------------------------------------------------
+
+SYSTEM_TOPIC = "sys/"
+ROOM_PREFIX = "r/"
+PRIVATE_PREFIX = "u/"
+DEFAULT_ROOM = "lobby"
+
+NAME_RE = re.compile(rf"^[^\W][\w.-]{{0,{limits.MAX_NAME_CHARS - 1}}}$")
+ROOM_RE = re.compile(rf"^[^\W][\w.-]{{0,{limits.MAX_ROOM_CHARS - 1}}}$")
+IDENTITY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def room_topic(room: str) -> str:
+    return f"{ROOM_PREFIX}{room}/"
+
+
+def private_topic(identity: str) -> str:
+    return f"{PRIVATE_PREFIX}{identity}/"
+
+
+def room_of_topic(topic: str) -> str | None:
+    """The room a topic carries, or None when it is not a single room's topic."""
+    if topic.startswith(ROOM_PREFIX) and topic.endswith("/"):
+        room = topic[len(ROOM_PREFIX) : -1]
+        if ROOM_RE.match(room):
+            return room
+    return None
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name))
+
+
+def normalize_room(room: str) -> str | None:
+    """Rooms are case-insensitive; a leading '#' is accepted. None if invalid."""
+    room = room.removeprefix("#").casefold()
+    return room if ROOM_RE.match(room) else None
+
+
+def name_key(name: str) -> str:
+    """Names are unique case-insensitively: 'Alice' and 'alice' collide."""
+    return name.casefold()
+
+
+# --- sanitising what other people typed -------------------------------------
+
+# ESC-introduced sequences: CSI (ESC [ ... final), OSC/DCS/PM/APC/SOS strings
+# (ended by BEL or ST), and two-byte ESC X; then the 8-bit C1 forms of CSI/OSC.
+_ESCAPE_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]?"
+    r"|\x1b[\]PX^_][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[@-Z\\-_]?"
+    r"|\x9b[0-?]*[ -/]*[@-~]?"
+    r"|[\x9d\x90\x98\x9e\x9f][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+)
+# Remaining C0/C1 controls, DEL, and bidi overrides that could reorder a line.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_text(text: str) -> str:
+    """Strip terminal control and escape sequences; tabs become spaces."""
+    if text.isprintable():  # fast path: the common case has nothing to strip
+        return text
+    text = _ESCAPE_SEQUENCE.sub("", text)
+    return _CONTROL.sub("", text).replace("\t", " ")
+
+
+# --- client -> broker ---------------------------------------------------------
+
+RoomField = Annotated[str, Meta(max_length=limits.MAX_ROOM_CHARS + 1)]
+NameField = Annotated[str, Meta(max_length=limits.MAX_NAME_CHARS)]
+TextField = Annotated[str, Meta(max_length=limits.MAX_TEXT_CHARS)]
+ReasonField = Annotated[str, Meta(max_length=limits.MAX_REASON_CHARS)]
+Ref = Annotated[int, Meta(ge=0, le=2**53)]
+
+
+class ClientMessage(Struct, tag_field="type", gc=False, omit_defaults=True):
+    """Base of everything a client sends. Unknown fields are ignored."""
+
+
+class Join(ClientMessage, tag="join"):
+    name: NameField
+    rooms: Annotated[list[RoomField], Meta(max_length=limits.MAX_ROOMS_PER_JOIN)] = []
+
+
+class Say(ClientMessage, tag="say"):
+    room: RoomField
+    text: TextField
+    ref: Ref | None = None
+
+
+class Leave(ClientMessage, tag="leave"):
+    message: ReasonField = ""
+
+
+class Ping(ClientMessage, tag="ping"):
+    pass
+
+
+ClientMessageType = Join | Say | Leave | Ping
+
+# --- broker -> client ---------------------------------------------------------
+
+
+class Event(Struct, tag_field="type", gc=False, omit_defaults=True):
+    """Base of everything the broker publishes: per-topic seq, broker time."""
+
+    seq: int
+    ts: float
+
+
+class Welcome(Event, tag="welcome"):
+    id: str
+    name: str
+    epoch: str
+    rooms: dict[str, int]  # room -> last seq published on it before this welcome
+    online: int
+    members: list[str]
+    heartbeat: float  # seconds between broker heartbeats on sys/
+    rate_burst: int  # the sender's token bucket: this many at once...
+    rate_per_second: float  # ...then this many per second
+
+
+class Message(Event, tag="message"):
+    room: str
+    name: str
+    text: str
+    ref: int | None = None
+
+
+class Joined(Event, tag="joined"):
+    room: str
+    name: str
+
+
+class Left(Event, tag="left"):
+    room: str
+    name: str
+    reason: str  # quit | timeout | disconnected
+    message: str = ""
+
+
+class Renamed(Event, tag="renamed"):
+    room: str
+    old: str
+    new: str
+
+
+class Error(Event, tag="error"):
+    code: str
+    detail: str
+    ref: int | None = None
+
+
+class Heartbeat(Event, tag="heartbeat"):
+    epoch: str
+    interval: float
+    online: int
+
+
+class Shutdown(Event, tag="shutdown"):
+    epoch: str
+    detail: str
+
+
+EventType = Welcome | Message | Joined | Left | Renamed | Error | Heartbeat | Shutdown
+
+# --- error codes --------------------------------------------------------------
+
+
+class Code:
+    BAD_REQUEST = "bad_request"  # undecodable, unknown type, wrong field types
+    TOO_LARGE = "too_large"
+    TOO_MANY_FRAMES = "too_many_frames"
+    INVALID_NAME = "invalid_name"
+    INVALID_ROOM = "invalid_room"
+    NAME_TAKEN = "name_taken"
+    NOT_JOINED = "not_joined"
+    NOT_IN_ROOM = "not_in_room"
+    EMPTY_TEXT = "empty_text"
+    RATE_LIMITED = "rate_limited"
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+# --- encoding -----------------------------------------------------------------
+
+_client_decoder = msgspec.json.Decoder(ClientMessageType)
+_client_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(EventType)
+_event_encoder = msgspec.json.Encoder()
+
+
+def decode_client_message(body: bytes | memoryview, frames: int = 1) -> ClientMessageType:
+    """Decode one client message or raise ProtocolError with a clear reason."""
+    if frames != 1:
+        raise ProtocolError(Code.TOO_MANY_FRAMES, f"messages are one frame, got {frames}")
+    if len(body) > limits.MAX_BODY_BYTES:
+        raise ProtocolError(
+            Code.TOO_LARGE, f"message is {len(body)} bytes, limit {limits.MAX_BODY_BYTES}"
+        )
+    try:
+        return _client_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(Code.BAD_REQUEST, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(Code.BAD_REQUEST, f"not valid JSON: {exc}") from None
+
+
+def encode_client_message(message: ClientMessage) -> bytes:
+    return _client_encoder.encode(message)
+
+
+def encode_publication(topic: bytes, event: Event) -> bytes:
+    """One frame: topic, a space, the JSON event (SUBs filter on the prefix)."""
+    return topic + b" " + _event_encoder.encode(event)
+
+
+def decode_publication(data: bytes) -> tuple[str, EventType]:
+    """Split a published frame into (topic, event); raise ProtocolError if malformed."""
+    topic, sep, body = data.partition(b" ")
+    if not sep:
+        raise ProtocolError(Code.BAD_REQUEST, "publication without a topic separator")
+    try:
+        return topic.decode(), _event_decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(Code.BAD_REQUEST, str(exc)) from None
