@@ -280,7 +280,8 @@ class BrokerCore:
         if member is None:
             return []
         peer.member = None
-        peer.topics.clear()  # the client re-subscribes when it joins again
+        # peer.topics stays: libzmq keeps those subscriptions installed until the
+        # connection closes, so errors (not_joined) still reach this peer.
         del self.names[name_key(member.name)]
         out = []
         for room in member.rooms:

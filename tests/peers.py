@@ -1,0 +1,70 @@
+"""Raw ZeroMQ peers for end-to-end tests: what a hostile or foreign client could do."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import zmq
+
+from zchat import keys
+from zchat.protocol import decode_publication
+
+
+def broker_key(config_dir: Path) -> bytes:
+    return keys.load_public(keys.broker_public_key_path(config_dir))
+
+
+class RawPeer:
+    """A CURVE (or plaintext) PUSH + SUB pair with its own key, driven by hand."""
+
+    def __init__(self, port: int, pub_port: int, server_key: bytes | None, topics: list[bytes]) -> None:
+        self.ctx = zmq.Context()
+        public, secret = zmq.curve_keypair()
+        self.keypair = keys.KeyPair(public, secret)
+        self.identity = self.keypair.identity
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.push = self.ctx.socket(zmq.PUSH)
+        for sock in (self.sub, self.push):
+            sock.linger = 0
+            if server_key is not None:
+                sock.curve_serverkey = server_key
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
+        for topic in topics:
+            self.sub.subscribe(topic)
+        self.sub.connect(f"tcp://127.0.0.1:{pub_port}")
+        self.push.connect(f"tcp://127.0.0.1:{port}")
+        self.received: list[bytes] = []
+
+    def send(self, *frames: bytes) -> None:
+        self.push.send_multipart(list(frames))
+
+    def poll(self, timeout: float) -> list[bytes]:
+        """Collect whatever arrives within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sub.poll(int(left * 1000) + 1):
+                self.received.append(self.sub.recv())
+        return self.received
+
+    def wait_for(self, predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+        """The first decoded (topic, event) satisfying `predicate`, within `timeout`."""
+        deadline = time.monotonic() + timeout
+        for data in self.received:
+            topic, event = decode_publication(data)
+            if predicate(topic, event):
+                return topic, event
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sub.poll(int(left * 1000) + 1):
+                data = self.sub.recv()
+                self.received.append(data)
+                topic, event = decode_publication(data)
+                if predicate(topic, event):
+                    return topic, event
+        raise AssertionError(f"nothing matched within {timeout} s; got {self.received[-10:]}")
+
+    def close(self) -> None:
+        self.sub.close(0)
+        self.push.close(0)
+        self.ctx.term()
