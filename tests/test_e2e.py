@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 from conftest import CLOCK, Chat, Proc
-from peers import RawPeer, broker_key
+from peers import RawPeer, RecordingProxy, broker_key
 
 from zchat.keys import identity_of, load_public
 from zchat.protocol import Error, Message, Welcome, decode_publication
@@ -133,7 +133,7 @@ def test_subscriptions_are_policed(chat: Chat) -> None:
         spy.close()
 
 
-def test_plaintext_sub_receives_nothing_and_wire_is_encrypted(chat: Chat) -> None:
+def test_plaintext_sub_receives_nothing(chat: Chat) -> None:
     chat.start_broker()
     key = broker_key(chat.config_dir)
     plain = RawPeer(chat.port, chat.pub_port, None, [b""])
@@ -147,6 +147,26 @@ def test_plaintext_sub_receives_nothing_and_wire_is_encrypted(chat: Chat) -> Non
     finally:
         plain.close()
         tap.close()
+
+
+def test_nothing_crosses_the_wire_in_plaintext(chat: Chat) -> None:
+    """Route a client through recording TCP proxies: its words must not appear in the bytes."""
+    chat.start_broker()
+    into, out_of = RecordingProxy(chat.port), RecordingProxy(chat.pub_port)
+    try:
+        alice = Proc(["client.py", "--port", str(into.port), "--pub-port", str(out_of.port),
+                      "--config-dir", str(chat.config_dir), "--name", "alice"], env=chat.env)
+        chat.procs.append(alice)
+        alice.wait_for(r"\* Welcome, alice!", timeout=15)
+        alice.send("plaintext-canary-93117")
+        alice.wait_for(rf"{CLOCK} alice: plaintext-canary-93117")  # it went out and came back
+        wire = bytes(into.captured) + bytes(out_of.captured)
+        assert len(into.captured) > 0 and len(out_of.captured) > 0
+        for needle in (b"plaintext-canary-93117", b"alice", b"lobby", b"heartbeat", b"welcome"):
+            assert needle not in wire, needle
+    finally:
+        into.close()
+        out_of.close()
 
 
 def test_tap_reads_complete_timestamped_records(chat: Chat) -> None:

@@ -152,14 +152,15 @@ class BrokerCore:
         try:
             message = decode_client_message(body, frames)
         except ProtocolError as exc:
-            return self._charge(peer, now) or self._error(peer, now, exc.code, exc.detail)
-        if isinstance(message, Ping):
-            if peer.member is None:
-                return self._error(peer, now, Code.NOT_JOINED, "join first")
-            return []
+            throttled = self._charge(peer, now)
+            return throttled if throttled is not None else self._error(peer, now, exc.code, exc.detail)
+        if isinstance(message, Ping) and peer.member is not None:
+            return []  # members' pings are free: they only keep presence alive
         throttled = self._charge(peer, now)
         if throttled is not None:
             return throttled
+        if isinstance(message, Ping):
+            return self._error(peer, now, Code.NOT_JOINED, "join first")
         if isinstance(message, Say):
             return self._say(peer, message, now)
         if isinstance(message, Join):
@@ -171,12 +172,10 @@ class BrokerCore:
     def on_disconnect(self, identity: str, now: float) -> list[Publish]:
         """The transport saw this identity's connection close (crash or exit)."""
         peer = self.peers.pop(identity, None)
-        if peer is None or peer.member is None:
+        if peer is None:
             return []
-        self.peers[identity] = peer  # _leave needs it; dropped again below
-        out = self._leave(peer, "disconnected", "", now)
-        del self.peers[identity]
-        return out
+        self.seqs.pop(private_topic(identity), None)
+        return self._leave(peer, "disconnected", "", now)
 
     def tick(self, now: float) -> list[Publish]:
         """Heartbeats, member expiry and forgetting idle identities."""

@@ -23,9 +23,9 @@ ROOM_PREFIX = "r/"
 PRIVATE_PREFIX = "u/"
 DEFAULT_ROOM = "lobby"
 
-NAME_RE = re.compile(rf"^[^\W][\w.-]{{0,{limits.MAX_NAME_CHARS - 1}}}$")
-ROOM_RE = re.compile(rf"^[^\W][\w.-]{{0,{limits.MAX_ROOM_CHARS - 1}}}$")
-IDENTITY_RE = re.compile(r"^[0-9a-f]{64}$")
+# A letter or digit, then letters, digits, '.', '-' or '_' (\Z: no trailing newline).
+NAME_RE = re.compile(rf"[^\W_][\w.-]{{0,{limits.MAX_NAME_CHARS - 1}}}\Z")
+ROOM_RE = re.compile(rf"[^\W_][\w.-]{{0,{limits.MAX_ROOM_CHARS - 1}}}\Z")
 
 
 def room_topic(room: str) -> str:
@@ -67,7 +67,7 @@ def name_key(name: str) -> str:
 _ESCAPE_SEQUENCE = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]?"
     r"|\x1b[\]PX^_][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
-    r"|\x1b[@-Z\\-_]?"
+    r"|\x1b[ -/]*[0-~]?"
     r"|\x9b[0-?]*[ -/]*[@-~]?"
     r"|[\x9d\x90\x98\x9e\x9f][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
 )
@@ -226,8 +226,8 @@ def decode_client_message(body: bytes | memoryview, frames: int = 1) -> ClientMe
         return _client_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise ProtocolError(Code.BAD_REQUEST, str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(Code.BAD_REQUEST, f"not valid JSON: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(Code.BAD_REQUEST, f"not valid UTF-8 JSON: {exc}") from None
 
 
 def encode_client_message(message: ClientMessage) -> bytes:
