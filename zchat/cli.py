@@ -9,6 +9,7 @@ from pathlib import Path
 
 from zchat import keys
 from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
+from zchat.launcher import AUTOSTART_IDLE_EXIT
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         "local chat, starting a broker in the background if none is running.")
     _common(parser)
     _client_options(parser)
+    parser.add_argument("--idle-exit", type=float, default=AUTOSTART_IDLE_EXIT, metavar="SECONDS",
+                        help="a broker started here stops this long after the last user leaves "
+                        f"(default {AUTOSTART_IDLE_EXIT:g})")
     sub = parser.add_subparsers(dest="command", metavar="{broker,client,tap}")
 
     broker = sub.add_parser("broker", help="run the broker in the foreground")
@@ -120,7 +124,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from zchat.launcher import ensure_broker
 
     try:
-        note = ensure_broker(_config_dir(args), _endpoints(args))
+        note = ensure_broker(_config_dir(args), _endpoints(args), args.idle_exit)
     except RuntimeError as exc:
         print(f"zchat: {exc}", file=sys.stderr)
         return 1

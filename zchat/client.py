@@ -314,7 +314,7 @@ class ChatClient:
         self._flush_outbox()
 
     def _flush_outbox(self) -> None:
-        if not self._outbox or self._pending_join is not None or self.epoch is None:
+        if not self._outbox or self._pending_join is not None or self.epoch is None or self._lost:
             return
         burst, rate = self._rate
         now = time.monotonic()

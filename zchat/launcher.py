@@ -26,7 +26,8 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def ensure_broker(config_dir: Path, endpoints: Endpoints) -> str | None:
+def ensure_broker(config_dir: Path, endpoints: Endpoints,
+                  idle_exit: float = AUTOSTART_IDLE_EXIT) -> str | None:
     """Make sure a broker serves `endpoints`; return a note for the user if one was started."""
     if port_open(endpoints.host, endpoints.port):
         return None
@@ -34,21 +35,39 @@ def ensure_broker(config_dir: Path, endpoints: Endpoints) -> str | None:
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     command = [sys.executable, "-m", "zchat", "broker", "--config-dir", str(config_dir),
                "--host", endpoints.host, "--port", str(endpoints.port),
-               "--pub-port", str(endpoints.publish_port), "--idle-exit", str(AUTOSTART_IDLE_EXIT)]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   start_new_session=True, close_fds=True)
+               "--pub-port", str(endpoints.publish_port), "--idle-exit", str(idle_exit)]
+    pid = _spawn_detached(command, log_path)
     deadline = time.monotonic() + START_DEADLINE
     while time.monotonic() < deadline:  # wait for the broker's state file, an observable event
         state = read_state(config_dir)
-        if state is not None and state.get("pid") == process.pid:
-            return (f"Started a background broker (pid {process.pid}, log {log_path}); it stops "
-                    f"{AUTOSTART_IDLE_EXIT:.0f} s after the last user leaves, or with: zchat broker --stop")
-        if process.poll() is not None:
+        if state is not None and state.get("pid") == pid:
+            return (f"Started a background broker (pid {pid}, log {log_path}); it stops "
+                    f"{idle_exit:g} s after the last user leaves, or with: zchat broker --stop")
+        if not _alive(pid):
             break
         time.sleep(0.05)
     tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
     raise RuntimeError("could not start a broker: " + (" / ".join(tail) or "no output"))
+
+
+def _spawn_detached(command: list[str], log_path: Path) -> int:
+    """Start `command` as a grandchild: it outlives us and is never our zombie."""
+    shim = ("import subprocess, sys\n"
+            "log = open(sys.argv[1], 'ab')\n"
+            "p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log, stderr=log,"
+            " start_new_session=True, close_fds=True)\n"
+            "print(p.pid)\n")
+    result = subprocess.run([sys.executable, "-c", shim, str(log_path), *command],
+                            capture_output=True, text=True, timeout=START_DEADLINE, check=True)
+    return int(result.stdout.strip())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def stop_broker(config_dir: Path, timeout: float = 5.0) -> str:
@@ -59,9 +78,7 @@ def stop_broker(config_dir: Path, timeout: float = 5.0) -> str:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return f"stopped the broker (pid {pid})"
         time.sleep(0.05)
     return f"the broker (pid {pid}) did not stop within {timeout:.0f} s"
