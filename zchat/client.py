@@ -36,18 +36,33 @@ from zchat.keys import KeyPair
 from zchat.protocol import (
     DEFAULT_ROOM,
     SYSTEM_TOPIC,
+    Action,
+    ClientMessage,
     Code,
+    Direct,
+    Enter,
     Error,
     Event,
     Heartbeat,
     Join,
+    Joined,
     Leave,
+    Left,
+    Me,
     Message,
+    Msg,
+    Nick,
+    Part,
     Ping,
     ProtocolError,
+    Renamed,
+    RoomList,
+    Rooms,
     Say,
     Shutdown,
     Welcome,
+    Who,
+    WhoReply,
     decode_publication,
     encode_client_message,
     private_topic,
@@ -99,13 +114,6 @@ class ClientSettings:
     max_unconfirmed: int = 1000
 
 
-@dataclass
-class _Outgoing:
-    ref: int
-    room: str
-    text: str
-
-
 class ChatClient:
     def __init__(self, settings: ClientSettings, on_event: Callable[[ClientEvent], None] | None = None):
         self.settings = settings
@@ -118,6 +126,8 @@ class ChatClient:
         self.rooms: list[str] = list(settings.rooms)
         self.epoch: str | None = None
         self.connected = False  # welcomed and hearing the broker
+        self.lost_since: float | None = None  # wall-clock time the connection was lost
+        self.online = 0  # members online, from the latest welcome or heartbeat
         # Work handed to the I/O thread.
         self._commands: deque[tuple[str, object]] = deque()
         self._wake_lock = threading.Lock()
@@ -126,7 +136,10 @@ class ChatClient:
         self._wake_rx.bind(f"inproc://wake-{id(self)}")
         self._wake_tx.connect(f"inproc://wake-{id(self)}")
         self._refs = itertools.count(1)
-        self._unconfirmed: dict[int, _Outgoing] = {}
+        # Messages (say, me, msg) the broker has not yet echoed back, by ref.
+        self._unconfirmed: dict[int, ClientMessage] = {}
+        self.members: set[str] = set()  # names known to be online, for completion
+        self.known_rooms: set[str] = set(settings.rooms)
         self._confirmed = threading.Condition()
         self._join_done = threading.Event()
         self._join_result: Welcome | JoinError | None = None
@@ -156,12 +169,43 @@ class ChatClient:
 
     def say(self, text: str, room: str | None = None) -> int:
         """Queue `text` for `room` (default: the first room); returns its ref."""
+        return self._tracked(lambda ref: Say(room=room or self._default_room(), text=text, ref=ref))
+
+    def action(self, text: str, room: str | None = None) -> int:
+        return self._tracked(lambda ref: Me(room=room or self._default_room(), text=text, ref=ref))
+
+    def direct(self, to: str, text: str) -> int:
+        return self._tracked(lambda ref: Msg(to=to, text=text, ref=ref))
+
+    def nick(self, name: str) -> None:
+        self._command("send", Nick(name=name))
+
+    def who(self, room: str | None = None) -> None:
+        self._command("send", Who(room=room))
+
+    def list_rooms(self) -> None:
+        self._command("send", Rooms())
+
+    def enter(self, room: str) -> None:
+        """Join one more room; a `joined` event with our name confirms it."""
+        self._command("enter", room)
+
+    def part(self, room: str, message: str = "") -> None:
+        self._command("send", Part(room=room, message=message))
+
+    def _default_room(self) -> str:
+        if not self.rooms:
+            raise SendError("you are in no room: /join one first")
+        return self.rooms[0]
+
+    def _tracked(self, make: Callable[[int], ClientMessage]) -> int:
         ref = next(self._refs)
+        message = make(ref)
         with self._confirmed:
             if len(self._unconfirmed) >= self.settings.max_unconfirmed:
                 raise SendError("too many messages waiting for the broker; is it reachable?")
-            self._unconfirmed[ref] = _Outgoing(ref, room or self.rooms[0], text)
-        self._command("say", ref)
+            self._unconfirmed[ref] = message
+        self._command("send", message)
         return ref
 
     def wait_delivered(self, timeout: float) -> bool:
@@ -174,10 +218,10 @@ class ChatClient:
                     return not self._unconfirmed
         return True
 
-    def close(self, message: str = "", linger: float = 1.0) -> None:
-        """Send a leave (if joined), stop the I/O thread and close the sockets."""
+    def close(self, message: str = "", linger: float = 1.0, leave: bool = True) -> None:
+        """Send a leave (if joined and `leave`), stop the I/O thread, close the sockets."""
         if self._thread is not None and self._thread.is_alive():
-            self._command("close", message)
+            self._command("close", message if leave else None)
             self._thread.join(linger + 2.0)
         self._wake_tx.close(0)
         self.ctx.term()
@@ -234,7 +278,8 @@ class ChatClient:
         self._lost = False
         self._rejoin_reason = ""
         self._last_seq: dict[str, int] = {}
-        self._outbox: deque[int] = deque()
+        self._outbox: deque[ClientMessage] = deque()
+        self._recent_notices: deque[tuple[object, ...]] = deque(maxlen=64)
         self._tokens = float(L.RATE_BURST)
         self._rate = (float(L.RATE_BURST), L.RATE_PER_SECOND)
         self._refilled = time.monotonic()
@@ -280,10 +325,13 @@ class ChatClient:
                 self._start_join(str(arg), "")
             elif kind == "cancel_join":
                 self._pending_join = None
-            elif kind == "say":
-                self._outbox.append(int(arg))  # type: ignore[call-overload]
+            elif kind == "send":
+                self._outbox.append(arg)  # type: ignore[arg-type]
+            elif kind == "enter":
+                self._subscribe(room_topic(str(arg)))  # before the request: the broker waits for it
+                self._outbox.append(Enter(room=str(arg)))
             elif kind == "close":
-                if self.name is not None and self.epoch is not None:
+                if arg is not None and self.name is not None and self.epoch is not None:
                     self._send(Leave(message=str(arg)))
                 self._stop = True
                 return
@@ -310,7 +358,8 @@ class ChatClient:
         if self.epoch is not None and not self._lost and now - self._last_heartbeat > L.BROKER_SILENCE_LOST:
             self._lost = True
             self.connected = False
-            self._emit(Status("lost", "connection to the broker lost; reconnecting", time.time()))
+            self.lost_since = time.time()
+            self._emit(Status("lost", "connection to the broker lost; reconnecting", self.lost_since))
         self._flush_outbox()
 
     def _flush_outbox(self) -> None:
@@ -321,17 +370,12 @@ class ChatClient:
         self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
         self._refilled = now
         while self._outbox and self._tokens >= 1:
-            ref = self._outbox.popleft()
-            with self._confirmed:
-                item = self._unconfirmed.get(ref)
-            if item is None:
-                continue
-            self._send(Say(room=item.room, text=item.text, ref=ref))
+            self._send(self._outbox.popleft())
             self._tokens -= 1
 
-    def _send(self, message: object) -> None:
+    def _send(self, message: ClientMessage) -> None:
         try:
-            self.push.send(encode_client_message(message), zmq.NOBLOCK)  # type: ignore[arg-type]
+            self.push.send(encode_client_message(message), zmq.NOBLOCK)
         except zmq.Again:
             pass  # queue full while the broker is away: the join/resend logic recovers
 
@@ -356,6 +400,7 @@ class ChatClient:
         if isinstance(event, Shutdown):
             self._lost = True
             self.connected = False
+            self.lost_since = event.ts
             self._emit(Status("shutdown", event.detail, event.ts))
             return
         if topic == self.private_topic:
@@ -368,12 +413,55 @@ class ChatClient:
             return  # traffic from before our first welcome is not ours to show
         if not self._track_seq(topic, event.seq, event.ts):
             return
-        if isinstance(event, Message) and event.ref is not None and event.name == self.name:
+        if isinstance(event, (Message, Action, Direct)) and event.ref is not None and event.name == self.name:
             self._confirm(event.ref)
+        self._follow(event)
+        if self._repeated_notice(event):
+            return  # the same arrival/departure/rename, seen again through another shared room
         self._emit(event)
+
+    def _follow(self, event: Event) -> None:
+        """Keep our own rooms, name and the list of known names in step with events."""
+        if isinstance(event, Joined):
+            self.members.add(event.name)
+            self.known_rooms.add(event.room)
+            if event.name == self.name and event.room not in self.rooms:
+                self.rooms.append(event.room)
+        elif isinstance(event, Left):
+            if event.name == self.name and event.reason == "part" and event.room in self.rooms:
+                self.rooms.remove(event.room)
+                topic = room_topic(event.room)
+                for _ in range(self._subscribed.pop(topic, 0)):
+                    self.sub.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
+            elif event.reason != "part":
+                self.members.discard(event.name)
+        elif isinstance(event, Renamed):
+            self.members.discard(event.old)
+            self.members.add(event.new)
+            if event.old == self.name:
+                self.name = event.new
+        elif isinstance(event, WhoReply) and event.room is None:
+            self.members = set(event.names)
+        elif isinstance(event, RoomList):
+            self.known_rooms.update(event.rooms)
+
+    def _repeated_notice(self, event: Event) -> bool:
+        if isinstance(event, Joined) and event.chat:
+            key: tuple[object, ...] = ("joined", event.name, event.ts)
+        elif isinstance(event, Left) and event.reason != "part":
+            key = ("left", event.name, event.ts)
+        elif isinstance(event, Renamed):
+            key = ("renamed", event.old, event.ts)
+        else:
+            return False
+        if key in self._recent_notices:
+            return True
+        self._recent_notices.append(key)
+        return False
 
     def _on_heartbeat(self, topic: str, beat: Heartbeat) -> None:
         self._last_heartbeat = time.monotonic()
+        self.online = beat.online
         if self.epoch is None or self._pending_join is not None:
             return
         if beat.epoch != self.epoch:
@@ -388,19 +476,24 @@ class ChatClient:
         self.epoch = welcome.epoch
         self.name = welcome.name
         self._rate = (float(welcome.rate_burst), welcome.rate_per_second)
+        self.members = set(welcome.members)
+        self.rooms = [room for room in welcome.rooms]
+        self.known_rooms.update(self.rooms)
         for room, seq in welcome.rooms.items():
             self._last_seq[room_topic(room)] = seq
         self._last_seq[self.private_topic] = welcome.seq
         self._pending_join = None
         self._lost = False
         self.connected = True
+        self.lost_since = None
+        self.online = welcome.online
         self._last_heartbeat = time.monotonic()
         self._join_result = welcome
         self._join_done.set()
         if not first:
             # Resend what the broker never confirmed, in order, then say we are back.
             with self._confirmed:
-                self._outbox = deque(sorted(self._unconfirmed))
+                self._outbox = deque(self._unconfirmed[ref] for ref in sorted(self._unconfirmed))
             detail = "the broker restarted; rejoined" if self._rejoin_reason == "restarted" else "rejoined"
             self._emit(Status("reconnected", detail, welcome.ts))
         self._emit(welcome)

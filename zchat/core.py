@@ -9,6 +9,7 @@ found in a message body.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -18,7 +19,10 @@ from zchat.protocol import (
     PRIVATE_PREFIX,
     ROOM_PREFIX,
     SYSTEM_TOPIC,
+    Action,
     Code,
+    Direct,
+    Enter,
     Error,
     Event,
     Heartbeat,
@@ -26,13 +30,21 @@ from zchat.protocol import (
     Joined,
     Leave,
     Left,
+    Me,
     Message,
+    Msg,
+    Nick,
+    Part,
     Ping,
     ProtocolError,
     Renamed,
+    RoomList,
+    Rooms,
     Say,
     Shutdown,
     Welcome,
+    Who,
+    WhoReply,
     clean_text,
     decode_client_message,
     name_key,
@@ -81,6 +93,7 @@ class Peer:
     refilled_at: float
     topics: set[str] = field(default_factory=set)
     pending_join: Join | None = None
+    pending_rooms: list[str] = field(default_factory=list)  # entered, awaiting subscription
     member: Member | None = None
     throttled: bool = False  # told "rate_limited" since the bucket last ran dry
 
@@ -122,6 +135,8 @@ class BrokerCore:
         peer.last_seen = now
         if peer.pending_join is not None:
             return True, self._try_join(peer, peer.pending_join, now)
+        if peer.pending_rooms and peer.member is not None:
+            return True, self._try_enter(peer, peer.member, now)
         return True, []
 
     def on_unsubscribe(self, identity: str | None, topic: str) -> None:
@@ -159,15 +174,13 @@ class BrokerCore:
         throttled = self._charge(peer, now)
         if throttled is not None:
             return throttled
-        if isinstance(message, Ping):
-            return self._error(peer, now, Code.NOT_JOINED, "join first")
-        if isinstance(message, Say):
-            return self._say(peer, message, now)
         if isinstance(message, Join):
             return self._join(peer, message, now)
-        if isinstance(message, Leave):
-            return self._leave(peer, "quit", clean_text(message.message), now)
-        return []  # unreachable: the decoder admits only the types above
+        if peer.member is None:
+            if isinstance(message, Leave):
+                return []  # leaving twice, or after a refused join: nothing to say
+            return self._error(peer, now, Code.NOT_JOINED, "join first", getattr(message, "ref", None))
+        return self._handlers[type(message)](self, peer, peer.member, message, now)
 
     def on_disconnect(self, identity: str, now: float) -> list[Publish]:
         """The transport saw this identity's connection close (crash or exit)."""
@@ -205,9 +218,7 @@ class BrokerCore:
 
     def _join(self, peer: Peer, join: Join, now: float) -> list[Publish]:
         if not valid_name(join.name):
-            return self._error(peer, now, Code.INVALID_NAME,
-                               f"invalid name {join.name!r}: 1-{L.MAX_NAME_CHARS} letters, "
-                               "digits, '.', '-' or '_', starting with a letter or digit")
+            return self._invalid_name(peer, join.name, now)
         rooms: list[str] = []
         for raw in join.rooms or [DEFAULT_ROOM]:
             room = normalize_room(raw)
@@ -231,6 +242,7 @@ class BrokerCore:
             return self._error(peer, now, Code.NAME_TAKEN, f"the name {join.name!r} is taken")
         out: list[Publish] = []
         member = peer.member
+        resumed = member is not None
         if member is None:
             member = peer.member = Member(name=join.name, rooms=[])
             self.names[name_key(join.name)] = peer.identity
@@ -238,19 +250,22 @@ class BrokerCore:
             out += self._rename(peer, member, join.name, now)
         new_rooms = [room for room in join.rooms if room not in member.rooms]
         baseline = {room: self.seqs.get(room_topic(room), 0) for room in member.rooms + new_rooms}
+        arriving = resumed is False
         joined: list[Publish] = []
         for room in new_rooms:
-            member.rooms.append(room)
-            self.rooms.setdefault(room, set()).add(peer.identity)
-            joined.append(self._publish(room_topic(room), lambda seq, room=room: Joined(
-                seq=seq, ts=now, room=room, name=member.name)))
+            joined += self._add_to_room(peer, member, room, now, chat=arriving)
         out.append(self._publish(private_topic(peer.identity), lambda seq: Welcome(
             seq=seq, ts=now, id=peer.identity, name=member.name, epoch=self.epoch,
             rooms=baseline, online=self.online,
             members=[self.peers[i].member.name for i in islice(self.names.values(), L.MEMBERS_IN_WELCOME)],  # type: ignore[union-attr]
             heartbeat=self.limits.heartbeat_interval, rate_burst=self.limits.rate_burst,
-            rate_per_second=self.limits.rate_per_second)))
+            rate_per_second=self.limits.rate_per_second, resumed=resumed)))
         return out + joined
+
+    def _invalid_name(self, peer: Peer, name: str, now: float) -> list[Publish]:
+        return self._error(peer, now, Code.INVALID_NAME,
+                           f"invalid name {clean_text(name)!r}: 1-{L.MAX_NAME_CHARS} letters, digits, "
+                           "'.', '-' or '_', starting with a letter or digit")
 
     def _rename(self, peer: Peer, member: Member, new: str, now: float) -> list[Publish]:
         old = member.name
@@ -258,40 +273,151 @@ class BrokerCore:
             del self.names[name_key(old)]
             self.names[name_key(new)] = peer.identity
         member.name = new
-        return [self._publish(room_topic(room), lambda seq, room=room: Renamed(
-            seq=seq, ts=now, room=room, old=old, new=new)) for room in member.rooms]
+        # Everyone in the member's rooms is told; with no room, the member alone.
+        topics = [room_topic(room) for room in member.rooms] or [private_topic(peer.identity)]
+        return [self._publish(topic, lambda seq, topic=topic: Renamed(
+            seq=seq, ts=now, room=room_of_topic(topic) or "", old=old, new=new)) for topic in topics]
 
-    def _say(self, peer: Peer, say: Say, now: float) -> list[Publish]:
-        member = peer.member
-        if member is None:
-            return self._error(peer, now, Code.NOT_JOINED, "join first", say.ref)
-        room = normalize_room(say.room)
+    def _room_of(self, peer: Peer, member: Member, raw: str, now: float,
+                 ref: int | None = None) -> tuple[str | None, list[Publish]]:
+        """The member's room named `raw`, or an error to send instead."""
+        room = normalize_room(raw)
         if room is None or room not in member.rooms:
-            return self._error(peer, now, Code.NOT_IN_ROOM, f"you are not in room {say.room!r}", say.ref)
-        text = clean_text(say.text).strip()
-        if not text:
-            return self._error(peer, now, Code.EMPTY_TEXT, "message is empty", say.ref)
+            return None, self._error(peer, now, Code.NOT_IN_ROOM, f"you are not in room {raw!r}", ref)
+        return room, []
+
+    def _text(self, peer: Peer, raw: str, now: float, ref: int | None) -> tuple[str, list[Publish]]:
+        text = clean_text(raw).strip()
+        return text, ([] if text else self._error(peer, now, Code.EMPTY_TEXT, "message is empty", ref))
+
+    def _say(self, peer: Peer, member: Member, say: Say, now: float) -> list[Publish]:
+        room, error = self._room_of(peer, member, say.room, now, say.ref)
+        text, empty = self._text(peer, say.text, now, say.ref)
+        if room is None or empty:
+            return error or empty
         return [self._publish(room_topic(room), lambda seq: Message(
             seq=seq, ts=now, room=room, name=member.name, text=text, ref=say.ref))]
+
+    def _me(self, peer: Peer, member: Member, me: Me, now: float) -> list[Publish]:
+        room, error = self._room_of(peer, member, me.room, now, me.ref)
+        text, empty = self._text(peer, me.text, now, me.ref)
+        if room is None or empty:
+            return error or empty
+        return [self._publish(room_topic(room), lambda seq: Action(
+            seq=seq, ts=now, room=room, name=member.name, text=text, ref=me.ref))]
+
+    def _msg(self, peer: Peer, member: Member, msg: Msg, now: float) -> list[Publish]:
+        target = self.names.get(name_key(msg.to))
+        if target is None:
+            return self._error(peer, now, Code.NO_SUCH_USER,
+                               f"nobody called {clean_text(msg.to)!r} is online", msg.ref)
+        text, empty = self._text(peer, msg.text, now, msg.ref)
+        if empty:
+            return empty
+        recipient = self.peers[target].member
+        assert recipient is not None
+        # Only on the two private streams: no public topic ever carries it.
+        out = [self._publish(private_topic(peer.identity), lambda seq: Direct(
+            seq=seq, ts=now, name=member.name, to=recipient.name, text=text, ref=msg.ref))]
+        if target != peer.identity:
+            out.append(self._publish(private_topic(target), lambda seq: Direct(
+                seq=seq, ts=now, name=member.name, to=recipient.name, text=text)))
+        return out
+
+    def _nick(self, peer: Peer, member: Member, nick: Nick, now: float) -> list[Publish]:
+        if not valid_name(nick.name):
+            return self._invalid_name(peer, nick.name, now)
+        if nick.name == member.name:
+            return []
+        holder = self.names.get(name_key(nick.name))
+        if holder is not None and holder != peer.identity:
+            return self._error(peer, now, Code.NAME_TAKEN, f"the name {nick.name!r} is taken")
+        return self._rename(peer, member, nick.name, now)
+
+    def _who(self, peer: Peer, member: Member, who: Who, now: float) -> list[Publish]:
+        if who.room is None:
+            identities: Iterable[str] = self.names.values()
+            room = None
+        else:
+            room = normalize_room(who.room)
+            if room is None:
+                return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {who.room!r}", who.ref)
+            identities = self.rooms.get(room, ())
+        names = sorted(self.peers[i].member.name for i in identities)  # type: ignore[union-attr]
+        return [self._publish(private_topic(peer.identity), lambda seq: WhoReply(
+            seq=seq, ts=now, room=room, names=names[:L.MAX_NAMES_IN_REPLY], count=len(names),
+            ref=who.ref))]
+
+    def _rooms(self, peer: Peer, member: Member, request: Rooms, now: float) -> list[Publish]:
+        biggest = sorted(self.rooms.items(), key=lambda item: (-len(item[1]), item[0]))
+        listed = {room: len(ids) for room, ids in biggest[:L.MAX_ROOMS_IN_REPLY]}
+        return [self._publish(private_topic(peer.identity), lambda seq: RoomList(
+            seq=seq, ts=now, rooms=listed, count=len(self.rooms), ref=request.ref))]
+
+    def _enter(self, peer: Peer, member: Member, enter: Enter, now: float) -> list[Publish]:
+        room = normalize_room(enter.room)
+        if room is None:
+            return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {enter.room!r}")
+        if room in member.rooms:
+            return self._error(peer, now, Code.ALREADY_IN_ROOM, f"you are already in #{room}")
+        if len(member.rooms) + len(peer.pending_rooms) >= L.MAX_ROOMS_PER_MEMBER:
+            return self._error(peer, now, Code.TOO_MANY_ROOMS,
+                               f"you are in {L.MAX_ROOMS_PER_MEMBER} rooms already; /leave one first")
+        if room not in peer.pending_rooms:
+            peer.pending_rooms.append(room)
+        return self._try_enter(peer, member, now)
+
+    def _try_enter(self, peer: Peer, member: Member, now: float) -> list[Publish]:
+        """Enter each pending room whose subscription is installed."""
+        out: list[Publish] = []
+        for room in list(peer.pending_rooms):
+            if ROOM_PREFIX in peer.topics or room_topic(room) in peer.topics:
+                peer.pending_rooms.remove(room)
+                out += self._add_to_room(peer, member, room, now, chat=False)
+        return out
+
+    def _part(self, peer: Peer, member: Member, part: Part, now: float) -> list[Publish]:
+        room, error = self._room_of(peer, member, part.room, now)
+        if room is None:
+            return error
+        return [self._remove_from_room(peer, member, room, "part", clean_text(part.message), now)]
+
+    def _quit(self, peer: Peer, member: Member, leave: Leave, now: float) -> list[Publish]:
+        return self._leave(peer, "quit", clean_text(leave.message), now)
+
+    def _add_to_room(self, peer: Peer, member: Member, room: str, now: float, chat: bool) -> list[Publish]:
+        member.rooms.append(room)
+        self.rooms.setdefault(room, set()).add(peer.identity)
+        return [self._publish(room_topic(room), lambda seq: Joined(
+            seq=seq, ts=now, room=room, name=member.name, chat=chat))]
+
+    def _remove_from_room(self, peer: Peer, member: Member, room: str, reason: str, message: str,
+                          now: float) -> Publish:
+        member.rooms.remove(room)
+        occupants = self.rooms.get(room)
+        if occupants is not None:
+            occupants.discard(peer.identity)
+            if not occupants:
+                del self.rooms[room]
+        return self._publish(room_topic(room), lambda seq: Left(
+            seq=seq, ts=now, room=room, name=member.name, reason=reason, message=message))
 
     def _leave(self, peer: Peer, reason: str, message: str, now: float) -> list[Publish]:
         member = peer.member
         if member is None:
             return []
         peer.member = None
+        peer.pending_rooms.clear()
         # peer.topics stays: libzmq keeps those subscriptions installed until the
         # connection closes, so errors (not_joined) still reach this peer.
         del self.names[name_key(member.name)]
-        out = []
-        for room in member.rooms:
-            occupants = self.rooms.get(room)
-            if occupants is not None:
-                occupants.discard(peer.identity)
-                if not occupants:
-                    del self.rooms[room]
-            out.append(self._publish(room_topic(room), lambda seq, room=room: Left(
-                seq=seq, ts=now, room=room, name=member.name, reason=reason, message=message)))
-        return out
+        return [self._remove_from_room(peer, member, room, reason, message, now)
+                for room in list(member.rooms)]
+
+    _handlers: dict[type, Callable[..., list[Publish]]] = {
+        Say: _say, Me: _me, Msg: _msg, Nick: _nick, Who: _who, Rooms: _rooms,
+        Enter: _enter, Part: _part, Leave: _quit,
+    }
 
     # --- helpers -------------------------------------------------------------
 

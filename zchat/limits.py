@@ -21,6 +21,9 @@ MAX_PEERS = 20_000  # identities the broker tracks at once
 MAX_TOPICS_PER_PEER = 64  # approved subscriptions remembered per identity
 PEER_IDLE_SECONDS = 30.0  # forget a non-member identity after this much silence
 MEMBERS_IN_WELCOME = 200  # names listed in a welcome; the count is always exact
+MAX_NAMES_IN_REPLY = 500  # names listed in a who reply
+MAX_ROOMS_IN_REPLY = 500  # rooms listed in a rooms reply
+MAX_ROOMS_PER_MEMBER = 32
 
 # Flood control: a token bucket per identity.
 RATE_BURST = 20

@@ -107,6 +107,48 @@ class Say(ClientMessage, tag="say"):
     ref: Ref | None = None
 
 
+class Me(ClientMessage, tag="me"):
+    """An action: shown as `* alice waves`."""
+
+    room: RoomField
+    text: TextField
+    ref: Ref | None = None
+
+
+class Msg(ClientMessage, tag="msg"):
+    """A private message to one online user, by name."""
+
+    to: NameField
+    text: TextField
+    ref: Ref | None = None
+
+
+class Nick(ClientMessage, tag="nick"):
+    name: NameField
+
+
+class Who(ClientMessage, tag="who"):
+    room: RoomField | None = None  # None: everyone online
+    ref: Ref | None = None
+
+
+class Rooms(ClientMessage, tag="rooms"):
+    ref: Ref | None = None
+
+
+class Enter(ClientMessage, tag="enter"):
+    """Join one more room (subscribe to r/<room>/ first)."""
+
+    room: RoomField
+
+
+class Part(ClientMessage, tag="part"):
+    """Leave one room (and unsubscribe from it once the `left` event arrives)."""
+
+    room: RoomField
+    message: ReasonField = ""
+
+
 class Leave(ClientMessage, tag="leave"):
     message: ReasonField = ""
 
@@ -115,7 +157,7 @@ class Ping(ClientMessage, tag="ping"):
     pass
 
 
-ClientMessageType = Join | Say | Leave | Ping
+ClientMessageType = Join | Say | Me | Msg | Nick | Who | Rooms | Enter | Part | Leave | Ping
 
 # --- broker -> client ---------------------------------------------------------
 
@@ -137,6 +179,7 @@ class Welcome(Event, tag="welcome"):
     heartbeat: float  # seconds between broker heartbeats on sys/
     rate_burst: int  # the sender's token bucket: this many at once...
     rate_per_second: float  # ...then this many per second
+    resumed: bool = False  # this key was already online (another session, or a rejoin)
 
 
 class Message(Event, tag="message"):
@@ -146,15 +189,32 @@ class Message(Event, tag="message"):
     ref: int | None = None
 
 
+class Action(Event, tag="action"):
+    room: str
+    name: str
+    text: str
+    ref: int | None = None
+
+
+class Direct(Event, tag="direct"):
+    """A private message, published on the recipient's and the sender's u/<id>/."""
+
+    name: str  # sender
+    to: str
+    text: str
+    ref: int | None = None  # only on the sender's copy
+
+
 class Joined(Event, tag="joined"):
     room: str
     name: str
+    chat: bool = False  # True: arrived in the chat; False: entered one more room
 
 
 class Left(Event, tag="left"):
     room: str
     name: str
-    reason: str  # quit | timeout | disconnected
+    reason: str  # quit | part | timeout | disconnected
     message: str = ""
 
 
@@ -170,6 +230,19 @@ class Error(Event, tag="error"):
     ref: int | None = None
 
 
+class WhoReply(Event, tag="who"):
+    room: str | None
+    names: list[str]  # at most limits.MAX_NAMES_IN_REPLY, sorted
+    count: int  # exact
+    ref: int | None = None
+
+
+class RoomList(Event, tag="rooms"):
+    rooms: dict[str, int]  # room -> members, at most limits.MAX_ROOMS_IN_REPLY
+    count: int
+    ref: int | None = None
+
+
 class Heartbeat(Event, tag="heartbeat"):
     epoch: str
     interval: float
@@ -181,7 +254,8 @@ class Shutdown(Event, tag="shutdown"):
     detail: str
 
 
-EventType = Welcome | Message | Joined | Left | Renamed | Error | Heartbeat | Shutdown
+EventType = (Welcome | Message | Action | Direct | Joined | Left | Renamed | Error | WhoReply | RoomList
+             | Heartbeat | Shutdown)
 
 # --- error codes --------------------------------------------------------------
 
@@ -195,6 +269,9 @@ class Code:
     NAME_TAKEN = "name_taken"
     NOT_JOINED = "not_joined"
     NOT_IN_ROOM = "not_in_room"
+    ALREADY_IN_ROOM = "already_in_room"
+    TOO_MANY_ROOMS = "too_many_rooms"
+    NO_SUCH_USER = "no_such_user"
     EMPTY_TEXT = "empty_text"
     RATE_LIMITED = "rate_limited"
 

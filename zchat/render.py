@@ -1,20 +1,46 @@
-"""Turning events into the lines a person reads. Pure: no terminal, no sockets."""
+"""Turning events into the lines a person reads. Pure: no terminal, no sockets.
+
+Everything another user typed goes through `clean_text` here (the broker
+strips it too: this is the second line of defence), so nothing received can
+move the cursor, clear the screen or change colours. Colours are our own
+escape codes, added after cleaning.
+"""
 
 from __future__ import annotations
 
+import re
 import time
+import zlib
+from dataclasses import dataclass
 
 from zchat.client import ClientEvent, Gap, Status
 from zchat.protocol import (
     ROOM_PREFIX,
+    Action,
+    Direct,
     Error,
     Joined,
     Left,
     Message,
     Renamed,
+    RoomList,
     Welcome,
+    WhoReply,
     clean_text,
 )
+
+# Readable on dark and light backgrounds: no black, white or blue-on-black.
+_PALETTE = ("31", "32", "33", "35", "36", "91", "92", "93", "95", "96")
+_RESET = "\x1b[0m"
+
+
+@dataclass(frozen=True)
+class View:
+    """What a line's look depends on besides the event."""
+
+    me: str | None = None
+    room: str | None = None  # the current room: messages elsewhere are tagged #room
+    color: bool = False
 
 
 def clock(ts: float) -> str:
@@ -22,36 +48,85 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
-def render(event: ClientEvent) -> str | None:
+def name_color(name: str) -> str:
+    """A stable colour per name: the same name looks the same for everyone."""
+    return _PALETTE[zlib.crc32(name.casefold().encode()) % len(_PALETTE)]
+
+
+def mentions(event: ClientEvent, me: str | None) -> bool:
+    """Does someone else's message or action name `me` as a word?"""
+    if not me or not isinstance(event, (Message, Action, Direct)) or event.name == me:
+        return False
+    return re.search(rf"(?<![\w.-]){re.escape(me)}(?![\w-])", event.text, re.IGNORECASE) is not None
+
+
+def render(event: ClientEvent, view: View = View()) -> str | None:
     """The display line for an event, or None for events not shown."""
+    body = _body(event, view)
+    if body is None:
+        return None
+    ts = getattr(event, "ts", None) or time.time()
+    line = f"[{clock(ts)}] {body}"
+    if view.color and mentions(event, view.me):
+        line = f"\x1b[7m{line}{_RESET}"  # reverse video: hard to miss
+    return line
+
+
+def _name(name: str, view: View) -> str:
+    name = clean_text(name)
+    if not view.color:
+        return name
+    weight = "1;" if name == view.me else ""
+    return f"\x1b[{weight}{name_color(name)}m{name}{_RESET}"
+
+
+def _body(event: ClientEvent, view: View) -> str | None:
+    n = lambda name: _name(name, view)  # noqa: E731
     if isinstance(event, Message):
-        return f"[{clock(event.ts)}] {clean_text(event.name)}: {clean_text(event.text)}"
+        tag = f"#{event.room} " if view.room and event.room != view.room else ""
+        return f"{tag}{n(event.name)}: {clean_text(event.text)}"
+    if isinstance(event, Action):
+        tag = f"#{event.room} " if view.room and event.room != view.room else ""
+        return f"{tag}* {n(event.name)} {clean_text(event.text)}"
+    if isinstance(event, Direct):
+        if view.me is not None and event.name == view.me:
+            return f"-> {n(event.to)}: {clean_text(event.text)}"
+        return f"<- {n(event.name)}: {clean_text(event.text)}"
     if isinstance(event, Joined):
-        return f"[{clock(event.ts)}] - {clean_text(event.name)} has joined the chat."
+        where = "the chat" if event.chat else f"#{event.room}"
+        return f"- {n(event.name)} has joined {where}."
     if isinstance(event, Left):
+        where = f"#{event.room}" if event.reason == "part" else "the chat"
         said = f" ({clean_text(event.message)})" if event.message else ""
-        return f"[{clock(event.ts)}] - {clean_text(event.name)} has left the chat.{said}"
+        return f"- {n(event.name)} has left {where}.{said}"
     if isinstance(event, Renamed):
-        return f"[{clock(event.ts)}] - {clean_text(event.old)} is now known as {clean_text(event.new)}."
+        return f"- {n(event.old)} is now known as {n(event.new)}."
     if isinstance(event, Error):
-        return f"[{clock(event.ts)}] ! {clean_text(event.detail)}"
+        return f"! {clean_text(event.detail)}"
+    if isinstance(event, WhoReply):
+        where = f" in #{event.room}" if event.room else ""
+        names = ", ".join(n(name) for name in event.names) or "nobody"
+        more = f", and {event.count - len(event.names)} more" if event.count > len(event.names) else ""
+        return f"* Online{where} ({event.count}): {names}{more}"
+    if isinstance(event, RoomList):
+        rooms = ", ".join(f"#{room} ({size})" for room, size in event.rooms.items()) or "none"
+        more = f", and {event.count - len(event.rooms)} more" if event.count > len(event.rooms) else ""
+        return f"* Rooms: {rooms}{more}"
     if isinstance(event, Welcome):
-        others = [clean_text(n) for n in event.members if n != event.name]
-        shown = ", ".join(others[:20]) + (", ..." if len(others) > 20 else "")
+        others = [name for name in event.members if name != event.name]
+        shown = ", ".join(n(name) for name in others[:20]) + (", ..." if len(others) > 20 else "")
         who = f"{event.online - 1} other(s) online: {shown}" if others else "nobody else is online yet"
-        return (f"[{clock(event.ts)}] * Welcome, {clean_text(event.name)}! {who}. "
-                "Type /help for commands.")
+        return f"* Welcome, {n(event.name)}! {who}. Type /help for commands."
     if isinstance(event, Status):
-        text = {
+        return "* " + {
             "lost": "Connection to the broker lost; reconnecting...",
             "reconnected": f"Reconnected ({event.detail}).",
             "shutdown": "The broker is shutting down.",
         }.get(event.state, event.detail)
-        return f"[{clock(event.ts)}] * {text}"
     if isinstance(event, Gap):
         where = event.topic
         if where.startswith(ROOM_PREFIX):
             where = "#" + where[len(ROOM_PREFIX):].rstrip("/")
         plural = "s" if event.missing != 1 else ""
-        return f"[{clock(event.ts)}] ! {event.missing} event{plural} missed on {where}"
+        return f"! {event.missing} event{plural} missed on {where}"
     return None

@@ -1,106 +1,257 @@
 """The terminal front ends: an interactive prompt_toolkit line, or plain pipes.
 
-Both sit on the client library and show what `render` makes of each event.
-The interactive one keeps the input line intact while messages arrive
+Both sit on the client library, share `Session` (the current room and what
+each command does) and show what `render` makes of each event. The
+interactive one keeps the input line intact while messages arrive
 (prompt_toolkit's patch_stdout redraws it below whatever is printed).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from zchat.client import ChatClient, ClientEvent, JoinError
-from zchat.protocol import Code
-from zchat.render import render
-
-HELP = """Commands:
-  /help             show this help
-  /quit [message]   leave the chat (Ctrl-D or Ctrl-C also leave cleanly)
-Anything else you type is sent to the room."""
+from zchat.client import ChatClient, ClientEvent, JoinError, SendError
+from zchat.commands import COMMANDS, UsageError, help_text, parse
+from zchat.protocol import Code, Joined, Left, normalize_room
+from zchat.render import View, clock, mentions, render
 
 ClientFactory = Callable[[str, Callable[[ClientEvent], None]], ChatClient]
 RETRY_NAME = {Code.NAME_TAKEN, Code.INVALID_NAME}
+HELP = help_text()
 
 
-def _print_event(event: ClientEvent) -> None:
-    line = render(event)
-    if line is not None:
-        print(line, flush=True)
+def use_color(stream: TextIO) -> bool:
+    """Colours only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
-def _connect(make_client: ClientFactory, name: str) -> ChatClient:
-    client = make_client(name, _print_event)
+class Session:
+    """One person's chat: the current room, and what each typed line does."""
+
+    def __init__(self, color: bool, write: Callable[[str], None] | None = None) -> None:
+        self.client: ChatClient | None = None
+        self.room: str | None = None
+        self.color = color
+        self._write = write or (lambda text: print(text, flush=True))
+        self._lock = threading.Lock()  # events arrive on the I/O thread
+
+    def attach(self, client: ChatClient) -> None:
+        self.client = client
+        self.room = client.rooms[0] if client.rooms else None
+
+    def view(self) -> View:
+        return View(me=self.client.name if self.client else None, room=self.room, color=self.color)
+
+    def show(self, text: str) -> None:
+        self._write(text)
+
+    # --- incoming -------------------------------------------------------------
+
+    def on_event(self, event: ClientEvent) -> None:
+        with self._lock:
+            client = self.client
+            me = client.name if client else None
+            if isinstance(event, Joined) and event.name == me and not event.chat:
+                self.room = event.room  # a room we just entered becomes the current one
+            elif (isinstance(event, Left) and event.name == me and event.reason == "part"
+                  and event.room == self.room):
+                remaining = [room for room in (client.rooms if client else []) if room != event.room]
+                self.room = remaining[0] if remaining else None
+            line = render(event, self.view())
+            if line is not None:
+                bell = "\a" if self.color and mentions(event, me) else ""
+                self.show(line + bell)
+
+    # --- outgoing -------------------------------------------------------------
+
+    def execute(self, text: str) -> str | None:
+        """Run every line of `text` (a paste may hold several), in order.
+
+        Returns the leave message when the person quits, else None.
+        """
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                quit_message = self._execute_line(line)
+            except UsageError as exc:
+                self.show(f"! {exc}")
+                continue
+            except SendError as exc:
+                self.show(f"! {exc}")
+                continue
+            if quit_message is not None:
+                return quit_message
+        return None
+
+    def _execute_line(self, line: str) -> str | None:
+        client = self.client
+        assert client is not None
+        command = parse(line)
+        name, args = command.name, command.args
+        if name == "quit":
+            return args[0]
+        if name == "help":
+            self.show(help_text(args[0] if args else None))
+        elif name == "say":
+            client.say(args[0], self._current())
+        elif name == "me":
+            client.action(args[0], self._current())
+        elif name == "msg":
+            client.direct(args[0], args[1])
+        elif name == "nick":
+            client.nick(args[0])
+        elif name == "who":
+            client.who(args[0] if args else None)
+        elif name == "rooms":
+            client.list_rooms()
+        elif name == "join":
+            self._join(args[0])
+        elif name == "leave":
+            self._leave(args[0] if args else None)
+        return None
+
+    def _current(self) -> str:
+        if self.room is None:
+            raise SendError("you are in no room: /join one first")
+        return self.room
+
+    def _join(self, raw: str) -> None:
+        assert self.client is not None
+        room = normalize_room(raw)
+        if room is None:
+            raise UsageError(f"invalid room name {raw!r}")
+        if room in self.client.rooms:
+            self.room = room
+            self.show(f"* Now talking in #{room}.")
+        else:
+            self.client.enter(room)
+
+    def _leave(self, raw: str | None) -> None:
+        assert self.client is not None
+        room = normalize_room(raw) if raw else self.room
+        if room is None or room not in self.client.rooms:
+            raise UsageError(f"you are not in {'#' + room if room else 'any room'}")
+        self.client.part(room)
+
+    # --- what the screen shows besides the messages ---------------------------
+
+    def prompt(self) -> str:
+        return f"#{self.room}> " if self.room else "(no room)> "
+
+    def status(self) -> str:
+        client = self.client
+        if client is None:
+            return ""
+        if client.connected:
+            state = "connected"
+        elif client.lost_since is not None:
+            state = f"reconnecting since {clock(client.lost_since)}"
+        else:
+            state = "connecting"
+        room = f"#{self.room}" if self.room else "no room"
+        rooms = f" (+{len(client.rooms) - 1} more)" if len(client.rooms) > 1 else ""
+        return f" {room}{rooms} | {client.name} | {state} | {client.online} online "
+
+
+def _connect(make_client: ClientFactory, session: Session, name: str) -> ChatClient:
+    client = make_client(name, session.on_event)
+    session.attach(client)
     client.start()
     try:
         client.join(name)
     except JoinError:
         client.close()
         raise
+    session.attach(client)  # the welcome may have set the rooms
     return client
 
 
-def _handle_command(client: ChatClient, line: str) -> str | None:
-    """Run a slash command; return a leave message when the user quits."""
-    command, _, rest = line.partition(" ")
-    if command == "/quit":
-        return rest.strip()
-    if command == "/help":
-        print(HELP, flush=True)
-    else:
-        print(f"! unknown command {command}; type /help", flush=True)
-    return None
+def _completer(session: Session):  # type: ignore[no-untyped-def]
+    from prompt_toolkit.completion import Completer, Completion
+
+    def snapshot(items: Iterable[str]) -> list[str]:
+        for _ in range(3):  # the I/O thread may change the set while we copy it
+            try:
+                return sorted(items)
+            except RuntimeError:
+                continue
+        return []
+
+    class ChatCompleter(Completer):
+        def get_completions(self, document, complete_event):  # type: ignore[no-untyped-def]
+            client = session.client
+            if client is None:
+                return
+            before = document.text_before_cursor
+            word = document.get_word_before_cursor(WORD=True)
+            words = before.split()
+            if before.startswith("/") and len(words) <= 1 and not before.endswith(" "):
+                candidates: list[str] = list(COMMANDS)
+            elif words[:1] in (["/join"], ["/leave"], ["/who"]):
+                rooms = snapshot(client.known_rooms)
+                candidates = ["#" + room for room in rooms] if word.startswith("#") else rooms
+            else:
+                candidates = snapshot(client.members)
+            for candidate in candidates:
+                if candidate.lower().startswith(word.lower()) and candidate != word:
+                    yield Completion(candidate, start_position=-len(word))
+
+    return ChatCompleter()
 
 
 def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    session: PromptSession[str] = PromptSession()
+    session = Session(color=use_color(sys.stdout))
+    prompt: PromptSession[str] = PromptSession()
     client: ChatClient | None = None
     while client is None:
         try:
             while not name:
-                name = session.prompt("Enter your name: ").strip()
+                name = prompt.prompt("Enter your name: ").strip()
         except (EOFError, KeyboardInterrupt):
             return 0
         try:
-            client = _connect(make_client, name)
+            client = _connect(make_client, session, name)
         except JoinError as exc:
             print(f"! {exc}", file=sys.stderr, flush=True)
             if exc.code not in RETRY_NAME:
                 return 1
             name = None
     quit_message = ""
+    chat_prompt: PromptSession[str] = PromptSession(
+        completer=_completer(session), complete_while_typing=False,
+        bottom_toolbar=session.status, refresh_interval=1.0)
     with patch_stdout(raw=True):
         while True:
             try:
-                line = session.prompt(lambda: f"#{client.rooms[0]}> ")
+                text = chat_prompt.prompt(session.prompt)
             except (EOFError, KeyboardInterrupt):
                 break
-            if not line.strip():
-                continue
-            if line.startswith("/"):
-                said = _handle_command(client, line)
-                if said is not None:
-                    quit_message = said
-                    break
-                continue
-            client.say(line)
+            said = session.execute(text)
+            if said is not None:
+                quit_message = said
+                break
     client.wait_delivered(2.0)
     client.close(quit_message)
     return 0
 
 
 def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.stdin) -> int:
-    """Scripts and pipes: each input line is a message; output is plain lines."""
+    """Scripts and pipes: each input line is a message or command; output is plain lines."""
     if not name:
         print("Enter your name: ", end="", flush=True)
         name = stdin.readline().strip()
+    session = Session(color=False)
     try:
-        client = _connect(make_client, name)
+        client = _connect(make_client, session, name)
     except JoinError as exc:
         print(f"zchat: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -109,16 +260,10 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
     quit_message = ""
     try:
         for raw in stdin:
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if line.startswith("/"):
-                said = _handle_command(client, line)
-                if said is not None:
-                    quit_message = said
-                    break
-                continue
-            client.say(line)
+            said = session.execute(raw.rstrip("\r\n"))
+            if said is not None:
+                quit_message = said
+                break
     except KeyboardInterrupt:
         pass
     delivered = client.wait_delivered(10.0)

@@ -1,0 +1,88 @@
+"""Slash commands: parsing what a person typed, and the help text. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Spec:
+    usage: str  # arguments, e.g. "NAME TEXT"
+    summary: str
+    min_args: int  # words required (before the free text, if any)
+    free_text: bool = False  # the rest of the line is one argument
+    text_required: bool = False
+
+
+COMMANDS: dict[str, Spec] = {
+    "/msg": Spec("NAME TEXT", "send a private message only NAME can read", 1, True, True),
+    "/me": Spec("ACTION", "describe what you do: * alice waves", 0, True, True),
+    "/nick": Spec("NEW", "change your name, if NEW is free", 1),
+    "/who": Spec("[ROOM]", "who is online, everywhere or in ROOM", 0),
+    "/join": Spec("ROOM", "join a room (or switch to it) and talk there", 1),
+    "/leave": Spec("[ROOM]", "leave ROOM (default: the current room)", 0),
+    "/rooms": Spec("", "list the rooms and how many are in each", 0),
+    "/quit": Spec("[MESSAGE]", "leave the chat; others see MESSAGE", 0, True),
+    "/help": Spec("[COMMAND]", "list the commands, or explain one", 0),
+}
+
+# Text that starts with "//" is sent as a message starting with "/".
+ESCAPE = "//"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # "say" for plain text, else the command without "/": "msg", "join", ...
+    args: tuple[str, ...]
+
+
+class UsageError(Exception):
+    """The line names a command but misuses it; the message says how to use it."""
+
+
+def usage(command: str) -> str:
+    spec = COMMANDS[command]
+    return f"usage: {command} {spec.usage}".rstrip()
+
+
+def parse(line: str) -> Command:
+    """Turn one input line into a Command, or raise UsageError."""
+    if not line.startswith("/"):
+        return Command("say", (line,))
+    if line.startswith(ESCAPE):
+        return Command("say", (line[1:],))
+    word, _, rest = line.partition(" ")
+    command = word.lower()
+    spec = COMMANDS.get(command)
+    if spec is None:
+        raise UsageError(f"unknown command {word}; type /help for the list")
+    rest = rest.strip()
+    if spec.free_text:
+        parts = rest.split(None, spec.min_args)
+        words, text = parts[: spec.min_args], " ".join(parts[spec.min_args:])
+        if len(words) < spec.min_args or (spec.text_required and not text):
+            raise UsageError(usage(command))
+        args = (*words, text)
+    else:
+        args = tuple(rest.split())
+        required = spec.min_args
+        optional = spec.usage.count("[")
+        if not required <= len(args) <= required + optional:
+            raise UsageError(usage(command))
+    return Command(command[1:], args)
+
+
+def help_text(command: str | None = None) -> str:
+    if command:
+        key = command if command.startswith("/") else "/" + command
+        spec = COMMANDS.get(key.lower())
+        if spec is None:
+            return f"no command {command}; type /help for the list"
+        return f"{usage(key.lower())}\n  {spec.summary}"
+    width = max(len(f"{name} {spec.usage}") for name, spec in COMMANDS.items())
+    lines = ["Commands:"]
+    for name, spec in COMMANDS.items():
+        lines.append(f"  {f'{name} {spec.usage}'.ljust(width)}  {spec.summary}")
+    lines.append("Anything else is sent to the current room (start with // to send a leading /).")
+    lines.append("Up/Down: input history; Tab: complete commands, names and rooms; Ctrl-D/Ctrl-C: leave.")
+    return "\n".join(lines)
