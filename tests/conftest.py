@@ -8,6 +8,7 @@ teardown.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -25,9 +26,16 @@ CLOCK = r"\[\d\d:\d\d:\d\d\]"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+), where outgoing
+    connections of other tests cannot grab it between our check and the bind."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class Proc:
@@ -121,6 +129,12 @@ class Chat:
     def start_broker(self, *extra: str) -> Proc:
         broker = Proc(["broker.py", *self.endpoint_args(), *extra], env=self.env, stdin=False)
         self.procs.append(broker)
+        broker.wait_for("Server started, waiting for clients|cannot bind", timeout=15)
+        if broker.count("cannot bind") and self.broker is None:
+            # Someone took a port between our check and the bind: pick new ones, once.
+            self.port, self.pub_port = free_port(), free_port()
+            broker = Proc(["broker.py", *self.endpoint_args(), *extra], env=self.env, stdin=False)
+            self.procs.append(broker)
         broker.wait_for("Server started, waiting for clients", timeout=15)
         broker.wait_for(r"clients on other machines", timeout=5)
         self.broker = broker

@@ -666,8 +666,8 @@ def test_sequence_numbers_are_per_topic_and_consecutive() -> None:
 
 def test_rate_limit_one_error_then_silence_then_refill() -> None:
     core = make(rate_burst=3, rate_per_second=2.0)
-    joined(core, A, "alice", now=0.0)                                 # token 1
-    for i in range(2):                                                 # tokens 2, 3
+    joined(core, A, "alice", now=0.0)                                 # joins are free
+    for i in range(3):                                                 # tokens 1, 2, 3
         assert kinds(send(core, A, type="say", room="lobby", text=f"m{i}")) == [(LOBBY, "Message")]
     err = error(send(core, A, type="say", room="lobby", text="x"), A)
     assert err.code == Code.RATE_LIMITED
@@ -679,7 +679,7 @@ def test_rate_limit_one_error_then_silence_then_refill() -> None:
     assert out[0].event.text == "refilled"
     assert error(send(core, A, 0.5, type="say", room="lobby", text="x"), A).code == Code.RATE_LIMITED
     assert send(core, A, 0.5, type="say", room="lobby", text="x") == []
-    assert core.seqs[LOBBY] == 4  # joined + 3 messages
+    assert core.seqs[LOBBY] == 5  # joined + 4 messages
     assert core.seqs[u(A)] == 3   # welcome + 2 rate_limited errors
 
 
@@ -690,12 +690,16 @@ def test_rate_limit_refill_is_capped_at_the_burst() -> None:
     assert results == [[(LOBBY, "Message")]] * 3 + [[(u(A), "Error")], []]
 
 
-def test_rate_limit_applies_to_joins_and_leaves() -> None:
+def test_resent_joins_are_free_but_renames_and_leaves_are_charged() -> None:
     core = make(rate_burst=2, rate_per_second=1.0)
     joined(core, A, "alice")
-    assert kinds(send(core, A, type="join", name="alice")) == [(u(A), "Welcome")]
-    assert error(send(core, A, type="leave"), A).code == Code.RATE_LIMITED
-    assert core.member_name(A) == "alice"
+    for _ in range(5):  # clients resend joins until welcomed: never throttled
+        assert kinds(send(core, A, type="join", name="alice")) == [(u(A), "Welcome")]
+    assert kinds(send(core, A, type="join", name="alicia")) == [(LOBBY, "Renamed"), (u(A), "Welcome")]
+    send(core, A, type="say", room="lobby", text="spends the last token")
+    assert error(send(core, A, type="join", name="alice"), A).code == Code.RATE_LIMITED
+    assert send(core, A, type="leave") == []  # already told: silence
+    assert core.member_name(A) == "alicia"
 
 
 def test_rate_limit_applies_to_bad_input_then_goes_silent() -> None:
@@ -714,7 +718,8 @@ def test_rate_limits_are_per_identity() -> None:
     joined(core, A, "alice")
     joined(core, B, "bob")
     send(core, A, type="say", room="lobby", text="a1")
-    assert error(send(core, A, type="say", room="lobby", text="a2"), A).code == Code.RATE_LIMITED
+    send(core, A, type="say", room="lobby", text="a2")
+    assert error(send(core, A, type="say", room="lobby", text="a3"), A).code == Code.RATE_LIMITED
     assert kinds(send(core, B, type="say", room="lobby", text="b1")) == [(LOBBY, "Message")]
 
 

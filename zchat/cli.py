@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-exit", type=float, default=AUTOSTART_IDLE_EXIT, metavar="SECONDS",
                         help="a broker started here stops this long after the last user leaves "
                         f"(default {AUTOSTART_IDLE_EXIT:g})")
-    sub = parser.add_subparsers(dest="command", metavar="{broker,client,tap}")
+    sub = parser.add_subparsers(dest="command", metavar="{broker,client,send,tap}")
 
     broker = sub.add_parser("broker", help="run the broker in the foreground")
     _common(broker)
@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="join the chat (terminal UI; plain lines when piped)")
     _common(client)
     _client_options(client)
+
+    send = sub.add_parser("send", help="send one message and exit once the broker accepted it")
+    _common(send)
+    _client_options(send)
+    target = send.add_mutually_exclusive_group()
+    target.add_argument("--room", help="the room to send to (default lobby)")
+    target.add_argument("--to", metavar="NAME", help="send a private message to NAME instead")
+    send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    send.add_argument("text", nargs="+", help="the message")
 
     tap = sub.add_parser("tap", help="print every public event as JSON lines")
     _common(tap)
@@ -113,6 +122,23 @@ def cmd_client(args: argparse.Namespace) -> int:
     return run_plain(make_client, args.name)
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    from zchat.client import ChatClient, ClientSettings
+    from zchat.send import EXIT_INVALID, run_send
+
+    if not args.name:
+        print("zchat send: --name is required", file=sys.stderr)
+        return EXIT_INVALID
+    endpoints, server_key = _endpoints(args), _server_key(args)
+    keypair = _keypair(args, args.name)
+
+    def make_client(rooms, on_event):  # type: ignore[no-untyped-def]
+        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=keypair, rooms=rooms)
+        return ChatClient(settings, on_event)
+
+    return run_send(make_client, args.name, " ".join(args.text), args.room, args.to, args.timeout)
+
+
 def cmd_tap(args: argparse.Namespace) -> int:
     from zchat.tap import run_tap
 
@@ -135,7 +161,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"broker": cmd_broker, "client": cmd_client, "tap": cmd_tap}
+    handlers = {"broker": cmd_broker, "client": cmd_client, "send": cmd_send, "tap": cmd_tap}
     try:
         return handlers.get(args.command, cmd_start)(args)
     except ValueError as exc:  # bad key text, unreadable key file

@@ -475,7 +475,9 @@ class ChatClient:
             self._last_seq.clear()
         self.epoch = welcome.epoch
         self.name = welcome.name
-        self._rate = (float(welcome.rate_burst), welcome.rate_per_second)
+        # Stay a little under the broker's bucket: network jitter bunches messages up.
+        self._rate = (max(1.0, welcome.rate_burst - 2.0), welcome.rate_per_second * 0.9)
+        self._tokens = min(self._tokens, self._rate[0])
         self.members = set(welcome.members)
         self.rooms = [room for room in welcome.rooms]
         self.known_rooms.update(self.rooms)

@@ -171,11 +171,13 @@ class BrokerCore:
             return throttled if throttled is not None else self._error(peer, now, exc.code, exc.detail)
         if isinstance(message, Ping) and peer.member is not None:
             return []  # members' pings are free: they only keep presence alive
+        if isinstance(message, Join):
+            # Free: clients resend joins until welcomed. Only a rename is charged (below);
+            # a join-leave cycle is paid for by its leave.
+            return self._join(peer, message, now)
         throttled = self._charge(peer, now)
         if throttled is not None:
             return throttled
-        if isinstance(message, Join):
-            return self._join(peer, message, now)
         if peer.member is None:
             if isinstance(message, Leave):
                 return []  # leaving twice, or after a refused join: nothing to say
@@ -247,6 +249,9 @@ class BrokerCore:
             member = peer.member = Member(name=join.name, rooms=[])
             self.names[name_key(join.name)] = peer.identity
         elif member.name != join.name:
+            throttled = self._charge(peer, now)
+            if throttled is not None:
+                return throttled
             out += self._rename(peer, member, join.name, now)
         new_rooms = [room for room in join.rooms if room not in member.rooms]
         baseline = {room: self.seqs.get(room_topic(room), 0) for room in member.rooms + new_rooms}

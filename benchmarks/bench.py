@@ -1,0 +1,1461 @@
+#!/usr/bin/env python3
+"""The zchat broker side by side with a C `zmq.proxy`, in one run, on the same settings.
+
+    python benchmarks/bench.py [--quick] [--json OUT] [--plot FILE.png] [--profile [FILE]]
+                               [--broker-args "ARGS"]
+
+Both systems run as separate processes with CurveZMQ on, a ZAP handler, the
+broker's high-water marks and 100-byte message texts; every load generator is
+a separate process too. Measured: throughput (1 and 4 senders x 1, 4 and 10
+subscribers), one-way latency at offered loads of 1k/10k/50k msg/s with 10
+subscribers, scale (1k/5k/10k joined clients: broker RSS per client, join
+time, a probe delivered to all), a chatty room (N members x 1 msg/s) and the
+start-to-joined time of the real ChatClient library. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import ctypes
+import heapq
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from time import monotonic_ns as mono
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import zmq  # noqa: E402
+
+from zchat import keys  # noqa: E402
+from zchat import limits as L  # noqa: E402
+from zchat.auth import zap_reply  # noqa: E402
+
+# --- what is measured -----------------------------------------------------------
+
+THROUGHPUT_CONFIGS = [(1, 1), (1, 4), (1, 10), (4, 1), (4, 4), (4, 10)]  # (senders, subscribers)
+LATENCY_LOADS = [1_000, 10_000, 50_000]  # offered msg/s, one sender, 10 subscribers
+LATENCY_SUBSCRIBERS = 10
+PROFILES = {
+    "quick": dict(tp_warmup=0.5, tp_duration=1.0, lat_warmup=0.5, lat_duration=1.5,
+                  scale=[1_000], chatty=[100], chatty_warmup=0.5, chatty_duration=2.0,
+                  joins=10, profile_duration=3.0),
+    "full": dict(tp_warmup=1.0, tp_duration=3.0, lat_warmup=1.0, lat_duration=4.0,
+                 scale=[1_000, 5_000, 10_000], chatty=[100, 300, 1_000], chatty_warmup=1.0,
+                 chatty_duration=5.0, joins=30, profile_duration=6.0),
+}
+SUBS_PER_PROCESS = 5  # subscriber sockets per load-generator process (throughput/latency)
+CLIENTS_PER_GENERATOR = 2_500  # scale: each client holds 4 fds in its generator (2 sockets x (tcp + mailbox))
+SCALE_ROOM_SIZE = 100  # scale clients join rooms of this many (see README: no N^2 join storm)
+JOIN_WINDOW = 100  # joins in flight per generator process
+BROKER_FD_HEADROOM = 100  # fds the broker keeps for itself (listeners, mailboxes, std streams)
+PING_INTERVAL_NS = 800_000_000  # members must be heard from within CLIENT_TIMEOUT (3 s)
+JOIN_RETRY_NS = int(L.JOIN_RETRY_INTERVAL * 1e9)
+
+# --- the messages ----------------------------------------------------------------
+
+ROOM = "bench"
+TOPIC = b"r/bench/"
+TEXT_BYTES = 100  # the say text: 20-digit send timestamp (ns), "|", padding
+PAD = b"|" + b"x" * (TEXT_BYTES - 21)
+SAY_PREFIX = b'{"type":"say","room":"%s","text":"'
+SAY_SUFFIX = PAD + b'"}'
+# What the proxy's senders send: the same bytes the broker publishes for a say (topic,
+# space, the Message event), so both systems move frames of the same size out.
+PUB_PREFIX = b'%s {"type":"message","seq":1234567,"ts":1747000000.123456,"room":"%s","name":"s1x0","text":"'
+MESSAGE_MARK = b'{"type":"message"'
+TEXT_MARK = b'"text":"'
+PING = b'{"type":"ping"}'
+
+CHILDREN: list = []  # every process started here, killed on exit
+
+
+def say_prefix(room: str) -> bytes:
+    return SAY_PREFIX % room.encode()
+
+
+def pub_prefix(room: str) -> bytes:
+    return PUB_PREFIX % (f"r/{room}/".encode(), room.encode())
+
+
+def text_ts(data: bytes, start: int) -> int:
+    """The send timestamp embedded at the start of a message's text (0 for probes)."""
+    i = data.find(TEXT_MARK, start) + len(TEXT_MARK)
+    try:
+        return int(data[i:i + 20])
+    except ValueError:
+        return 0
+
+
+# --- process plumbing --------------------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the process that started us dies (no orphans)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def raise_nofile() -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(target, *args) -> mp.Process:  # type: ignore[no-untyped-def]
+    proc = MP.Process(target=_child, args=(target, *args), daemon=True)
+    proc.start()
+    CHILDREN.append(proc)
+    return proc
+
+
+def _child(target, *args) -> None:  # type: ignore[no-untyped-def]
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        target(*args)
+    except Exception:
+        results = args[-1]  # by convention the result queue is the last argument
+        results.put({"error": traceback.format_exc()})
+        raise
+
+
+def kill_children() -> None:
+    for child in reversed(CHILDREN):
+        try:
+            if isinstance(child, subprocess.Popen):
+                if child.poll() is None:
+                    child.kill()
+                child.wait(5)
+            elif child.is_alive():
+                child.kill()
+                child.join(5)
+        except Exception:
+            pass
+    CHILDREN.clear()
+
+
+def collect(results, count: int, timeout: float, procs: list) -> list[dict]:  # type: ignore[no-untyped-def]
+    """`count` result dicts from child processes; raise with the child's traceback on error."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"timed out waiting for {count - len(out)} load-generator results")
+        try:
+            item = results.get(timeout=min(left, 1.0))
+        except Exception:  # queue.Empty
+            dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+            if dead:
+                raise RuntimeError(f"a load generator died (exit {dead[0].exitcode})") from None
+            continue
+        if "error" in item:
+            raise RuntimeError("load generator failed:\n" + item["error"])
+        out.append(item)
+    return out
+
+
+def wait_value(value, target: int, timeout: float, procs: list, results) -> None:  # type: ignore[no-untyped-def]
+    """Wait for a shared counter; if a child died meanwhile, raise with its traceback."""
+    deadline = time.monotonic() + timeout
+    while value.value < target:
+        if any(not p.is_alive() and p.exitcode not in (0, None) for p in procs):
+            errors = []
+            try:
+                while True:
+                    item = results.get(timeout=1)
+                    if "error" in item:
+                        errors.append(item["error"])
+            except Exception:  # queue.Empty
+                pass
+            raise RuntimeError("load generator failed:\n" + "\n".join(errors or ["(no traceback)"]))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"load generators not ready ({value.value}/{target}) after {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def sleep_until(t_ns: int) -> None:
+    left = (t_ns - mono()) / 1e9
+    if left > 0:
+        time.sleep(left)
+
+
+# --- /proc readings ---------------------------------------------------------------------
+
+
+def vmrss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def thread_ticks(pid: int) -> dict[str, int]:
+    """CPU clock ticks per thread role: main (the Python loop / zmq_proxy), io (ZMQbg/IO)."""
+    ticks: Counter[str] = Counter()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        used = int(fields[11]) + int(fields[12])
+        role = "main" if tid == str(pid) else ("io" if comm.startswith("ZMQbg/IO") else "other")
+        ticks[role] += used
+    return dict(ticks)
+
+
+def cpu_percent(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, float]:
+    hz = os.sysconf("SC_CLK_TCK")
+    out = {role: round(100.0 * (after.get(role, 0) - before.get(role, 0)) / hz / seconds, 1)
+           for role in ("main", "io")}
+    out["total"] = round(100.0 * (sum(after.values()) - sum(before.values())) / hz / seconds, 1)
+    return out
+
+
+def percentiles(samples_ns: list[int] | array.array) -> dict[str, float | int | None]:
+    data = sorted(samples_ns)
+    n = len(data)
+    if not n:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
+
+    def at(q: float) -> float:
+        return round(data[min(n - 1, int(q * n))] / 1e6, 3)
+
+    return {"n": n, "p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999),
+            "max_ms": round(data[-1] / 1e6, 3)}
+
+
+# --- the two systems under test --------------------------------------------------------
+
+BROKER_LAUNCHER = r"""
+import ctypes, logging, resource, signal, sys
+from pathlib import Path
+try:
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+except (OSError, AttributeError):
+    pass
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+from zchat.broker import BrokerSettings, serve
+from zchat.core import Limits
+from zchat.endpoints import Endpoints
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+port, pub_port, config_dir = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+limits = Limits(rate_burst=10**9, rate_per_second=1e9)  # benchmark only: no per-sender rate limit
+sys.exit(serve(BrokerSettings(endpoints=Endpoints(port=port, pub_port=pub_port),
+                              config_dir=config_dir, limits=limits)))
+"""
+
+
+class Service:
+    """The zchat broker or the C proxy, running as a separate process on loopback."""
+
+    def __init__(self, kind: str, workdir: Path, broker_args: list[str] | None = None,
+                 real_cli: bool = False) -> None:
+        self.kind = kind
+        self.port, self.pub_port = free_port(), free_port()
+        self.input = f"tcp://127.0.0.1:{self.port}"
+        self.publish = f"tcp://127.0.0.1:{self.pub_port}"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        ports = [str(self.port), str(self.pub_port)]
+        if kind == "zchat":
+            if broker_args is not None or real_cli:
+                argv = [sys.executable, "-m", "zchat", "broker", "--port", ports[0], "--pub-port", ports[1],
+                        "--config-dir", str(self.dir), *(broker_args or [])]
+            else:
+                argv = [sys.executable, "-c", BROKER_LAUNCHER, *ports, str(self.dir)]
+            ready = "Server started"
+        else:
+            public, secret = zmq.curve_keypair()
+            self.server_key = public
+            argv = [sys.executable, str(Path(__file__).resolve()), "_proxy", *ports, public.decode(), secret.decode()]
+            ready = "proxy ready"
+        self.log_path = self.dir / "service.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=ROOT)
+        CHILDREN.append(self.proc)
+        deadline = time.monotonic() + 15
+        while ready not in self.log_path.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{kind} did not start:\n{self.log_path.read_text()[-2000:]}")
+            time.sleep(0.02)
+        if kind == "zchat":
+            self.server_key = keys.load_public(keys.broker_public_key_path(self.dir))
+        self.name = "zchat broker" if kind == "zchat" else "C zmq.proxy"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, graceful: bool = True) -> None:
+        if self.proc.poll() is None:
+            if graceful and self.kind == "zchat":
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(3)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+def proxy_main(port: str, pub_port: str, public: str, secret: str) -> None:
+    """The baseline: C zmq.proxy from a CURVE PULL to a CURVE PUB, ZAP handler first."""
+    die_with_parent()
+    raise_nofile()
+    ctx = zmq.Context()
+    zap = ctx.socket(zmq.REP)
+    zap.linger = 0
+    zap.bind("inproc://zeromq.zap.01")
+
+    def serve_zap() -> None:
+        while True:
+            try:
+                zap.send_multipart(zap_reply(zap.recv_multipart()))
+            except zmq.ZMQError:
+                return
+
+    threading.Thread(target=serve_zap, daemon=True).start()
+
+    def server(kind: int) -> zmq.Socket:
+        sock = ctx.socket(kind)
+        sock.linger = 0
+        sock.curve_server = True
+        sock.curve_publickey = public.encode()
+        sock.curve_secretkey = secret.encode()
+        sock.zap_domain = b"bench"
+        sock.handshake_ivl = L.HANDSHAKE_IVL_MS
+        sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
+        sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+        return sock
+
+    frontend = server(zmq.PULL)
+    frontend.rcvhwm = L.PULL_RCVHWM
+    frontend.maxmsgsize = L.MAX_FRAME_BYTES
+    backend = server(zmq.PUB)
+    backend.sndhwm = L.XPUB_SNDHWM
+    frontend.bind(f"tcp://127.0.0.1:{port}")
+    backend.bind(f"tcp://127.0.0.1:{pub_port}")
+    print("proxy ready", flush=True)
+    zmq.proxy(frontend, backend)
+
+
+# --- clients of either system ----------------------------------------------------------------
+
+
+def curve_client(ctx: zmq.Context, kind: int, server_key: bytes, public: bytes, secret: bytes) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.curve_serverkey = server_key
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
+    sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+    return sock
+
+
+class Member:
+    """One zchat client as raw sockets: a CURVE PUSH + SUB pair with its own key."""
+
+    __slots__ = ("sub", "push", "identity", "utopic", "welcome", "join", "t_start", "next_join",
+                 "joined_ns", "error")
+
+    def __init__(self, ctx: zmq.Context, svc: dict, name: str, rooms: list[str],
+                 extra_topics: tuple[bytes, ...] = ()) -> None:
+        public, secret = zmq.curve_keypair()
+        self.identity = keys.identity_of(public)
+        self.utopic = f"u/{self.identity}/".encode()
+        self.welcome = self.utopic + b' {"type":"welcome"'
+        self.sub = curve_client(ctx, zmq.SUB, svc["key"], public, secret)
+        self.sub.linger = 0
+        for topic in [b"sys/", self.utopic, *(f"r/{r}/".encode() for r in rooms), *extra_topics]:
+            self.sub.subscribe(topic)
+        self.push = curve_client(ctx, zmq.PUSH, svc["key"], public, secret)
+        self.push.sndhwm = L.CLIENT_SNDHWM
+        self.push.linger = 2000  # let queued messages reach the broker when closing
+        self.join = json.dumps({"type": "join", "name": name, "rooms": rooms}).encode()
+        self.t_start = mono()
+        self.sub.connect(svc["publish"])
+        self.push.connect(svc["input"])
+        self.next_join = 0
+        self.joined_ns = 0
+        self.error = ""
+
+    def send_join(self, now: int) -> None:
+        try:
+            self.push.send(self.join, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        self.next_join = now + JOIN_RETRY_NS
+
+    def ping(self) -> None:
+        try:
+            self.push.send(PING, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def check(self) -> bool:
+        """Drain the SUB; True once the welcome (or a join error) arrived."""
+        while True:
+            try:
+                data = self.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            if data.startswith(self.welcome):
+                self.joined_ns = mono()
+                return True
+            if data.startswith(self.utopic) and b'"type":"error"' in data:
+                code = data.split(b'"code":"', 1)[-1].split(b'"', 1)[0].decode()
+                if code in ("name_taken", "invalid_name", "invalid_room"):
+                    self.error = code
+                    return True
+
+    def close(self) -> None:
+        self.sub.close(0)
+        self.push.close()
+
+
+def join_members(ctx: zmq.Context, svc: dict, specs: list[tuple[str, list[str], tuple[bytes, ...]]],
+                 window: int = JOIN_WINDOW, timeout: float = 120.0) -> tuple[list[Member], list[float], int]:
+    """Join many members, `window` handshakes in flight; returns (members, join ms, failures).
+
+    Each join is resent every 200 ms until its welcome arrives, as the client library does.
+    Members already joined are pinged meanwhile so the broker does not time them out.
+    """
+    members: list[Member] = []
+    joined: list[Member] = []
+    join_ms: list[float] = []
+    failed = 0
+    pending: dict[zmq.Socket, Member] = {}
+    poller = zmq.Poller()
+    todo = iter(specs)
+    exhausted = False
+    deadline = mono() + int(timeout * 1e9)
+    next_ping = mono() + PING_INTERVAL_NS
+    while True:
+        while not exhausted and len(pending) < window:
+            spec = next(todo, None)
+            if spec is None:
+                exhausted = True
+                break
+            m = Member(ctx, svc, *spec)
+            members.append(m)
+            m.send_join(mono())
+            pending[m.sub] = m
+            poller.register(m.sub, zmq.POLLIN)
+        if exhausted and not pending:
+            break
+        now = mono()
+        if now > deadline:
+            failed += len(pending)
+            break
+        for sock, _ in poller.poll(10):
+            m = pending[sock]
+            if m.check():
+                del pending[sock]
+                poller.unregister(sock)
+                if m.error:
+                    failed += 1
+                else:
+                    join_ms.append((m.joined_ns - m.t_start) / 1e6)
+                    joined.append(m)
+        now = mono()
+        for m in pending.values():
+            if now >= m.next_join:
+                m.send_join(now)
+        if now >= next_ping:
+            for m in joined:
+                m.ping()
+            next_ping = now + PING_INTERVAL_NS
+    return members, join_ms, failed
+
+
+# --- throughput and latency flows: senders -> system -> subscribers ------------------------------
+
+
+def sender_proc(svc: dict, kind: str, name: str, idx: int, rate: float | None, snd_ready, sub_ready,
+                n_sub_procs: int, go, times, results) -> None:  # type: ignore[no-untyped-def]
+    ctx = zmq.Context()
+    member = None
+    if kind == "zchat":
+        members, _, failed = join_members(ctx, svc, [(name, [ROOM], ())], timeout=30)
+        member = members[0]
+        if failed:
+            raise RuntimeError(f"{name} could not join: {member.error or 'timeout'}")
+        member.sub.unsubscribe(TOPIC)  # a send-only member: no echo of the room (see README)
+        push = member.push
+        prefix = say_prefix(ROOM)
+    else:
+        public, secret = zmq.curve_keypair()
+        push = curve_client(ctx, zmq.PUSH, svc["key"], public, secret)
+        push.sndhwm = L.CLIENT_SNDHWM
+        push.linger = 2000
+        push.connect(svc["input"])
+        prefix = pub_prefix(ROOM)
+    with snd_ready.get_lock():
+        snd_ready.value += 1
+    probe = prefix + b"%020d" % 0 + SAY_SUFFIX
+    next_ping = 0.0
+    while not go.wait(0.02):  # probe until every subscriber hears us; keep our membership alive
+        if idx == 0 and sub_ready.value < n_sub_procs:
+            push.send(probe)
+        if member is not None and time.monotonic() >= next_ping:
+            member.ping()
+            next_ping = time.monotonic() + 0.5
+    t0, w0, w1, stop = times[:]
+    sleep_until(t0)
+    sent = 0
+    at_w0 = at_w1 = -1
+    send = push.send
+    skipped = 0
+    if rate is None:  # flat out: the PUSH blocks at its high-water mark
+        body = prefix + b"%020d" % 1 + SAY_SUFFIX
+        while True:
+            for _ in range(64):
+                send(body)
+            sent += 64
+            now = mono()
+            if at_w0 < 0 and now >= w0:
+                at_w0 = sent
+            if at_w1 < 0 and now >= w1:
+                at_w1 = sent
+            if now >= stop:
+                break
+    else:  # open loop at `rate`, timestamp in the text; catch up in bursts after a sleep
+        interval = 1e9 / rate
+        n = 0
+        while True:
+            now = mono()
+            if at_w0 < 0 and now >= w0:
+                at_w0 = sent
+            if at_w1 < 0 and now >= w1:
+                at_w1 = sent
+            if now >= stop:
+                break
+            due = t0 + int(n * interval)
+            if now < due:
+                time.sleep((due - now) / 1e9)
+                continue
+            if now - due > 20_000_000:  # more than 20 ms behind: drop the missed slots
+                missed = int((now - t0) / interval) - n
+                skipped += missed
+                n += missed
+            send(prefix + b"%020d" % mono() + SAY_SUFFIX)
+            sent += 1
+            n += 1
+    errors: Counter[str] = Counter()
+    if member is not None:  # anything the broker said to us privately (e.g. rate_limited)
+        while True:
+            try:
+                data = member.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if data.startswith(member.utopic) and b'"type":"error"' in data:
+                errors[data.split(b'"code":"', 1)[-1].split(b'"', 1)[0].decode()] += 1
+        member.push.send(b'{"type":"leave"}')
+    push.close(2000)
+    if member is not None:
+        member.sub.close(0)
+    ctx.term()
+    results.put({"role": "sender", "sent": sent, "window": max(0, at_w1 - at_w0), "skipped": skipped,
+                 "errors": dict(errors)})
+
+
+def subscriber_proc(svc: dict, n_socks: int, latency: bool, sub_ready, go, times,
+                    results) -> None:  # type: ignore[no-untyped-def]
+    ctx = zmq.Context()
+    socks = []
+    for _ in range(n_socks):
+        public, secret = zmq.curve_keypair()
+        sock = curve_client(ctx, zmq.SUB, svc["key"], public, secret)
+        sock.linger = 0
+        sock.subscribe(TOPIC)
+        sock.connect(svc["publish"])
+        socks.append(sock)
+    poller = zmq.Poller()
+    for sock in socks:
+        poller.register(sock, zmq.POLLIN)
+    waiting = set(socks)
+    deadline = time.monotonic() + 30
+    while waiting and time.monotonic() < deadline:
+        for sock, _ in poller.poll(100):
+            while True:
+                try:
+                    sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            waiting.discard(sock)
+    if waiting:
+        raise RuntimeError(f"{len(waiting)} subscriber(s) never received the probe")
+    with sub_ready.get_lock():
+        sub_ready.value += 1
+    go.wait(120)
+    t0, w0, w1, stop = times[:]
+    start = len(TOPIC) + 1
+    total = window = 0
+    lat = array.array("q")
+    size = 0
+    last_rx = mono()
+    hard_end = stop + 5_000_000_000
+    while True:
+        ready = poller.poll(50)
+        now = mono()
+        if not ready:
+            if (now > stop and now - last_rx > 300_000_000) or now > hard_end:
+                break
+            continue
+        for sock, _ in ready:
+            for _ in range(2000):
+                try:
+                    data = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                now = mono()
+                if now < t0 or not data.startswith(MESSAGE_MARK, start):
+                    continue
+                total += 1
+                size = len(data)
+                if w0 <= now < w1:
+                    window += 1
+                    if latency:
+                        ts = text_ts(data, start)
+                        if ts:
+                            lat.append(now - ts)
+        last_rx = now
+        if now > hard_end:
+            break
+    ctx.destroy(0)
+    results.put({"role": "sub", "sockets": n_socks, "total": total, "window": window,
+                 "lat": lat.tobytes(), "frame_bytes": size})
+
+
+def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration: float,
+             rate: float | None = None, on_window=None) -> dict:  # type: ignore[no-untyped-def]
+    """One measurement: subscribers up, senders joined, then a timed window."""
+    run_flow.counter = getattr(run_flow, "counter", 0) + 1  # type: ignore[attr-defined]
+    spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
+    sub_ready, snd_ready = MP.Value("i", 0), MP.Value("i", 0)
+    times = MP.Array("q", 4)
+    go = MP.Event()
+    results = MP.Queue()
+    groups = [min(SUBS_PER_PROCESS, n_subs - i) for i in range(0, n_subs, SUBS_PER_PROCESS)]
+    procs = [spawn(subscriber_proc, spec, g, rate is not None, sub_ready, go, times, results) for g in groups]
+    per_sender = None if rate is None else rate / n_senders
+    procs += [spawn(sender_proc, spec, svc.kind, f"s{run_flow.counter}x{i}", i, per_sender,  # type: ignore[attr-defined]
+                    snd_ready, sub_ready, len(groups), go, times, results) for i in range(n_senders)]
+    try:
+        wait_value(snd_ready, n_senders, 60, procs, results)
+        wait_value(sub_ready, len(groups), 60, procs, results)
+        t0 = mono() + 300_000_000
+        w0 = t0 + int(warmup * 1e9)
+        w1 = w0 + int(duration * 1e9)
+        times[:] = [t0, w0, w1, w1 + 50_000_000]
+        go.set()
+        sleep_until(w0)
+        cpu0 = thread_ticks(svc.pid)
+        if on_window is not None:
+            on_window()
+        sleep_until(w1)
+        cpu1 = thread_ticks(svc.pid)
+        outs = collect(results, len(procs), 60 + duration, procs)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    senders = [o for o in outs if o["role"] == "sender"]
+    subs = [o for o in outs if o["role"] == "sub"]
+    sent = sum(o["sent"] for o in senders)
+    received = sum(o["total"] for o in subs)
+    lat = array.array("q")
+    for o in subs:
+        lat.frombytes(o["lat"])
+    errors: Counter[str] = Counter()
+    for o in senders:
+        errors.update(o["errors"])
+    result = {
+        "system": svc.kind, "senders": n_senders, "subscribers": n_subs, "offered": rate,
+        "in_per_s": round(sum(o["window"] for o in senders) / duration),
+        "out_per_s": round(sum(o["window"] for o in subs) / duration),
+        "sent": sent, "delivered": received,
+        "loss": round(max(0.0, 1.0 - received / (sent * n_subs)), 4) if sent else None,
+        "skipped": sum(o["skipped"] for o in senders),
+        "frame_bytes_out": max(o["frame_bytes"] for o in subs),
+        "cpu": cpu_percent(cpu0, cpu1, duration), "errors": dict(errors),
+    }
+    if rate is not None:
+        result.update(percentiles(lat))
+    if not svc.alive():
+        raise RuntimeError(f"{svc.name} died during the run:\n{svc.log_path.read_text()[-2000:]}")
+    return result
+
+
+# --- scale: many joined clients ------------------------------------------------------------------
+
+
+def scale_gen_proc(svc: dict, gen: int, first: int, count: int, armed, fire_ready, stop,
+                   results) -> None:  # type: ignore[no-untyped-def]
+    raise_nofile()
+    ctx = zmq.Context()
+    ctx.max_sockets = 2 * count + 64
+    specs = [(f"g{gen}c{i}", [f"s{(first + i) // SCALE_ROOM_SIZE}"], (b"r/all/",)) for i in range(count)]
+    t_begin = mono()
+    members, join_ms, failed = join_members(ctx, svc, specs, timeout=240)
+    joined = [m for m in members if m.joined_ns and not m.error]
+    results.put({"role": "joined", "gen": gen, "join_ms": join_ms, "failed": failed,
+                 "seconds": (mono() - t_begin) / 1e9})
+    next_ping = 0
+    while not armed.wait(0.05):
+        if mono() >= next_ping:
+            for m in joined:
+                m.ping()
+            next_ping = mono() + PING_INTERVAL_NS
+    poller = zmq.Poller()
+    by_sock = {}
+    for m in joined:
+        poller.register(m.sub, zmq.POLLIN)
+        by_sock[m.sub] = m
+    for m in joined:  # drain heartbeats and notices queued so far
+        m.drain()
+    with fire_ready.get_lock():
+        fire_ready.value += 1
+    got: dict[zmq.Socket, int] = {}
+    deadline = mono() + 30_000_000_000
+    while len(got) < len(joined) and mono() < deadline and not stop.is_set():
+        for sock, _ in poller.poll(20):
+            while True:
+                try:
+                    data = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if data.startswith(b"r/all/ ") and sock not in got:
+                    ts = text_ts(data, 7)
+                    if ts:
+                        got[sock] = mono() - ts
+        if mono() >= next_ping:
+            for m in joined:
+                m.ping()
+            next_ping = mono() + PING_INTERVAL_NS
+    results.put({"role": "probe", "gen": gen, "received": len(got), "lat": list(got.values())})
+    while not stop.wait(0.05):
+        if mono() >= next_ping:
+            for m in joined:
+                m.ping()
+            next_ping = mono() + PING_INTERVAL_NS
+    for m in members:
+        m.sub.close(0)
+        m.push.close(0)
+    ctx.term()
+
+
+def prober_proc(svc: dict, fire, results) -> None:  # type: ignore[no-untyped-def]
+    ctx = zmq.Context()
+    members, _, failed = join_members(ctx, svc, [("prober", ["all"], ())], timeout=30)
+    if failed:
+        raise RuntimeError("the prober could not join")
+    member = members[0]
+    results.put({"role": "prober_ready"})
+    while not fire.wait(0.2):
+        member.ping()
+    member.push.send(say_prefix("all") + b"%020d" % mono() + b"|PROBE" + b'"}')
+    results.put({"role": "fired"})
+    time.sleep(1)
+    member.close()
+    ctx.term()
+
+
+def run_scale(workdir: Path, asked: int, broker_args: list[str] | None) -> dict:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fit = (hard - BROKER_FD_HEADROOM) // 2
+    n = min(asked, fit)
+    armed, stop, fire = MP.Event(), MP.Event(), MP.Event()
+    fire_ready = MP.Value("i", 0)
+    results = MP.Queue()
+    svc = Service("zchat", workdir, broker_args)
+    procs: list = []
+    try:
+        time.sleep(1.0)
+        rss0, fds0 = vmrss_kb(svc.pid), fd_count(svc.pid)
+        spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
+        gens = math.ceil(n / CLIENTS_PER_GENERATOR)
+        sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
+        firsts = [sum(sizes[:g]) for g in range(gens)]
+        t_begin = time.monotonic()
+        procs = [spawn(scale_gen_proc, spec, g, firsts[g], sizes[g], armed, fire_ready, stop, results)
+                 for g in range(gens)]
+        joined = collect(results, gens, 300, procs)
+        join_wall = time.monotonic() - t_begin
+        join_ms = sorted(x for o in joined for x in o["join_ms"])
+        failed = sum(o["failed"] for o in joined)
+        time.sleep(2.0)  # settle: pings flowing, nothing joining
+        rss1, fds1 = vmrss_kb(svc.pid), fd_count(svc.pid)
+        cpu0 = thread_ticks(svc.pid)
+        time.sleep(1.0)
+        idle_cpu = cpu_percent(cpu0, thread_ticks(svc.pid), 1.0)
+        procs.append(spawn(prober_proc, spec, fire, results))
+        collect(results, 1, 30, procs)  # prober joined
+        armed.set()
+        wait_value(fire_ready, gens, 60, procs, results)
+        fire.set()
+        outs = collect(results, gens + 1, 60, procs)
+        probe = [o for o in outs if o["role"] == "probe"]
+        delivered = sum(o["received"] for o in probe)
+        lat = [x for o in probe for x in o["lat"]]
+        members = n - failed
+        result = {
+            "asked": asked, "clients": n, "joined": members, "failed": failed, "generators": gens,
+            "fd_limit": hard, "fit": fit,
+            "join_p50_ms": round(pct(join_ms, 0.5), 1), "join_p99_ms": round(pct(join_ms, 0.99), 1),
+            "join_wall_s": round(join_wall, 2),
+            "rss_before_kb": rss0, "rss_after_kb": rss1, "fds_before": fds0, "fds_after": fds1,
+            "rss_per_client_kb": round((rss1 - rss0) / max(1, members), 1),
+            "idle_cpu": idle_cpu,
+            "probe_delivered": delivered, "probe_expected": members,
+            "probe": percentiles(lat),
+        }
+        if not svc.alive():
+            raise RuntimeError(f"broker died:\n{svc.log_path.read_text()[-2000:]}")
+        return result
+    finally:
+        svc.stop(graceful=False)
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+# --- a chatty room: N members, each saying 1 msg/s -------------------------------------------------
+
+
+def chatty_gen_proc(svc: dict, gen: int, first: int, count: int, total_n: int, joined_count, go, times,
+                    results) -> None:  # type: ignore[no-untyped-def]
+    raise_nofile()
+    ctx = zmq.Context()
+    ctx.max_sockets = 2 * count + 64
+    specs = [(f"c{gen}x{i}", ["chat"], ()) for i in range(count)]
+    members, join_ms, failed = join_members(ctx, svc, specs, timeout=120)
+    joined = [m for m in members if m.joined_ns and not m.error]
+    with joined_count.get_lock():
+        joined_count.value += 1
+    next_ping = 0
+    while not go.wait(0.05):
+        if mono() >= next_ping:
+            for m in joined:
+                m.ping()
+            next_ping = mono() + PING_INTERVAL_NS
+    t0, w0, w1, stop = times[:]
+    prefix = say_prefix("chat")
+    # Member i says something every second at phase (first + i) / N of the second.
+    schedule = [(t0 + (first + i) * 1_000_000_000 // total_n, i) for i in range(len(joined))]
+    heapq.heapify(schedule)
+    poller = zmq.Poller()
+    for m in joined:
+        poller.register(m.sub, zmq.POLLIN)
+    sent = sent_window = total = window = 0
+    lat = array.array("q")
+    start = len(b"r/chat/ ")
+    last_rx = mono()
+    hard_end = stop + 5_000_000_000
+    while True:
+        now = mono()
+        while schedule and schedule[0][0] <= now and now < stop:
+            due, i = heapq.heappop(schedule)
+            try:
+                joined[i].push.send(prefix + b"%020d" % mono() + SAY_SUFFIX, zmq.NOBLOCK)
+                sent += 1
+                if w0 <= now < w1:
+                    sent_window += 1
+            except zmq.Again:
+                pass
+            heapq.heappush(schedule, (due + 1_000_000_000, i))
+        wait_ms = 5 if not schedule or now >= stop else max(0, min(5, (schedule[0][0] - now) // 1_000_000))
+        ready = poller.poll(wait_ms)
+        now = mono()
+        if not ready:
+            if (now > stop and now - last_rx > 300_000_000) or now > hard_end:
+                break
+            continue
+        last_rx = now
+        for sock, _ in ready:
+            for _ in range(1000):
+                try:
+                    data = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if not data.startswith(MESSAGE_MARK, start):
+                    continue
+                now = mono()
+                if now < t0:
+                    continue
+                total += 1
+                if w0 <= now < w1:
+                    window += 1
+                    ts = text_ts(data, start)
+                    if ts:
+                        lat.append(now - ts)
+        if now > hard_end:
+            break
+    results.put({"gen": gen, "joined": len(joined), "failed": failed, "join_ms": join_ms, "sent": sent,
+                 "sent_window": sent_window, "total": total, "window": window, "lat": lat.tobytes()})
+    for m in members:
+        m.sub.close(0)
+        m.push.close(0)
+    ctx.term()
+
+
+def run_chatty(workdir: Path, n: int, warmup: float, duration: float, broker_args: list[str] | None) -> dict:
+    svc = Service("zchat", workdir, broker_args)
+    procs: list = []
+    try:
+        spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
+        gens = 1 if n < 200 else 2
+        sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
+        firsts = [sum(sizes[:g]) for g in range(gens)]
+        joined_count = MP.Value("i", 0)
+        go = MP.Event()
+        times = MP.Array("q", 4)
+        results = MP.Queue()
+        t_begin = time.monotonic()
+        procs = [spawn(chatty_gen_proc, spec, g, firsts[g], sizes[g], n, joined_count, go, times, results)
+                 for g in range(gens)]
+        wait_value(joined_count, gens, 180, procs, results)
+        join_wall = time.monotonic() - t_begin
+        t0 = mono() + 300_000_000
+        w0 = t0 + int(warmup * 1e9)
+        w1 = w0 + int(duration * 1e9)
+        times[:] = [t0, w0, w1, w1 + 50_000_000]
+        go.set()
+        sleep_until(w0)
+        cpu0 = thread_ticks(svc.pid)
+        sleep_until(w1)
+        cpu1 = thread_ticks(svc.pid)
+        outs = collect(results, gens, 60 + duration, procs)
+        members = sum(o["joined"] for o in outs)
+        lat = array.array("q")
+        for o in outs:
+            lat.frombytes(o["lat"])
+        sent = sum(o["sent"] for o in outs)
+        received = sum(o["total"] for o in outs)
+        join_ms = sorted(x for o in outs for x in o["join_ms"])
+        result = {
+            "n": n, "joined": members, "join_wall_s": round(join_wall, 2),
+            "join_p50_ms": round(pct(join_ms, 0.5), 1), "join_p99_ms": round(pct(join_ms, 0.99), 1),
+            "sent_per_s": round(sum(o["sent_window"] for o in outs) / duration),
+            "expected_per_s": round(sum(o["sent_window"] for o in outs) / duration * members),
+            "deliveries_per_s": round(sum(o["window"] for o in outs) / duration),
+            "loss": round(max(0.0, 1 - received / (sent * members)), 4) if sent and members else None,
+            "cpu": cpu_percent(cpu0, cpu1, duration),
+        }
+        result.update(percentiles(lat))
+        if not svc.alive():
+            raise RuntimeError(f"broker died:\n{svc.log_path.read_text()[-2000:]}")
+        return result
+    finally:
+        svc.stop(graceful=False)
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
+# --- the real client library: start() + join() -----------------------------------------------------
+
+
+def chatclient_proc(svc: dict, count: int, results) -> None:  # type: ignore[no-untyped-def]
+    from zchat.client import ChatClient, ClientSettings
+    from zchat.endpoints import Endpoints
+
+    endpoints = Endpoints(port=svc["port"], pub_port=svc["pub_port"])
+    times = []
+    for i in range(count):
+        public, secret = zmq.curve_keypair()
+        settings = ClientSettings(endpoints=endpoints, server_key=svc["key"],
+                                  keypair=keys.KeyPair(public, secret))
+        t = time.perf_counter()
+        client = ChatClient(settings)
+        client.start()
+        client.join(f"j{i}", timeout=10)
+        times.append((time.perf_counter() - t) * 1000)
+        client.close(linger=0.2)
+    results.put({"join_ms": times})
+
+
+def run_joins(workdir: Path, count: int, broker_args: list[str] | None) -> dict:
+    svc = Service("zchat", workdir, broker_args, real_cli=True)  # stock broker: joins need no tuning
+    procs: list = []
+    try:
+        results = MP.Queue()
+        spec = {"key": svc.server_key, "port": svc.port, "pub_port": svc.pub_port}
+        procs = [spawn(chatclient_proc, spec, count, results)]
+        out = collect(results, 1, 30 + count * 5, procs)[0]
+        ms = sorted(out["join_ms"])
+        return {"count": len(ms), "median_ms": round(pct(ms, 0.5), 1), "p90_ms": round(pct(ms, 0.9), 1),
+                "min_ms": round(ms[0], 1), "max_ms": round(ms[-1], 1), "all_ms": [round(x, 2) for x in ms]}
+    finally:
+        svc.stop()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
+# --- profile of the broker under load (py-spy) -------------------------------------------------------
+
+
+def run_profile(svc: Service, duration: float, out_path: Path) -> dict:
+    pyspy = shutil.which("py-spy")
+    if pyspy is None:
+        return {"error": "py-spy not found (pip install py-spy)"}
+    raw = out_path.with_suffix(".txt")
+    svg = out_path.with_suffix(".svg")
+    spies: list[subprocess.Popen] = []
+
+    def start() -> None:
+        for fmt, path in (("raw", raw), ("flamegraph", svg)):
+            proc = subprocess.Popen([pyspy, "record", "--pid", str(svc.pid), "--duration", str(int(duration)),
+                                     "--rate", "200", "--nonblocking", "--native", "--idle",
+                                     "--format", fmt, "-o", str(path)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            CHILDREN.append(proc)
+            spies.append(proc)
+
+    flow = run_flow(svc, 1, 1, 0.5, duration + 1.0, on_window=start)
+    for proc in spies:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if not raw.exists():
+        err = spies[0].stderr.read().decode() if spies and spies[0].stderr else ""
+        return {"error": f"py-spy failed: {err.strip()[:500]}"}
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = [_frame_name(f) for f in stack.split(";")]
+        frames = [f for f in frames if f]
+        if not frames:
+            continue
+        total += n
+        self_time[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    return {
+        "samples": total, "flow": flow, "raw": str(raw), "flamegraph": str(svg),
+        "self": [(f, round(100 * c / total, 1)) for f, c in self_time.most_common(15)],
+        "inclusive": [(f, round(100 * c / total, 1)) for f, c in inclusive.most_common(25)],
+    }
+
+
+def _frame_name(frame: str) -> str:
+    """'func (path/to/file.py:123)' -> 'func (file.py)'; drop the process/thread headers."""
+    frame = frame.strip()
+    if frame.startswith(("process ", "thread ")):
+        return ""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({Path(where).name})" if where else name
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+def fmt_rate(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x / 1000:.1f}k" if x < 1e6 else f"{x / 1e6:.2f}M"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def fmt_loss(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_report(res: dict) -> list[str]:
+    lines: list[str] = []
+    p = lines.append
+    meta = res["meta"]
+    p(f"zchat benchmark ({meta['mode']}): {meta['cpus']} CPUs, Python {meta['python']}, pyzmq {meta['pyzmq']}, "
+      f"libzmq {meta['libzmq']}; CURVE on, text {TEXT_BYTES} B, HWM PULL {L.PULL_RCVHWM} / "
+      f"PUB {L.XPUB_SNDHWM} / PUSH {L.CLIENT_SNDHWM} / SUB 1000")
+    p(f"  broker: {meta['broker']}")
+    p("  CAVEAT: 2-core machine: the system under test, its libzmq I/O thread and every load generator "
+      "share the same 2 cores.")
+    tp = res.get("throughput", [])
+    if tp:
+        p("")
+        p(f"Throughput ({meta['tp_duration']:g} s window; in = msgs accepted from senders per s, "
+          "out = deliveries to subscribers per s)")
+        p(f"{'snd':>3} {'subs':>4} | {'proxy in':>9} {'out':>9} {'loss':>6} | {'zchat in':>9} {'out':>9} "
+          f"{'loss':>6} | {'ratio':>5} | zchat CPU main/io  proxy CPU main/io")
+        for s, n in THROUGHPUT_CONFIGS:
+            px = _find(tp, "proxy", s, n)
+            zc = _find(tp, "zchat", s, n)
+            if not px or not zc:
+                continue
+            ratio = zc["in_per_s"] / px["in_per_s"] if px["in_per_s"] else float("nan")
+            p(f"{s:>3} {n:>4} | {fmt_rate(px['in_per_s']):>9} {fmt_rate(px['out_per_s']):>9} "
+              f"{fmt_loss(px['loss']):>6} | {fmt_rate(zc['in_per_s']):>9} {fmt_rate(zc['out_per_s']):>9} "
+              f"{fmt_loss(zc['loss']):>6} | {ratio:5.2f} | {zc['cpu']['main']:5.0f}% {zc['cpu']['io']:4.0f}%"
+              f"        {px['cpu']['main']:5.0f}% {px['cpu']['io']:4.0f}%")
+        errs = Counter()
+        for r in tp:
+            errs.update(r["errors"])
+        if errs:
+            p(f"  WARNING: the broker answered senders with errors: {dict(errs)} (rate limit still on?)")
+        sizes = {r["system"]: r["frame_bytes_out"] for r in tp}
+        p(f"  published frame size: proxy {sizes.get('proxy')} B, zchat {sizes.get('zchat')} B")
+    lat = res.get("latency", [])
+    if lat:
+        p("")
+        p(f"Latency, one-way send->subscriber, 1 sender, {LATENCY_SUBSCRIBERS} subscribers "
+          f"({meta['lat_duration']:g} s window)")
+        p(f"{'offered':>8} {'system':>6} | {'in/s':>8} {'deliv/s':>8} {'loss':>6} | {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'p99.9':>7} {'max':>7} | CPU main/io")
+        for r in lat:
+            p(f"{fmt_rate(r['offered']):>8} {r['system']:>6} | {fmt_rate(r['in_per_s']):>8} "
+              f"{fmt_rate(r['out_per_s']):>8} {fmt_loss(r['loss']):>6} | {fmt_ms(r['p50_ms']):>7} "
+              f"{fmt_ms(r['p99_ms']):>7} {fmt_ms(r['p999_ms']):>7} {fmt_ms(r['max_ms']):>7} | "
+              f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}%")
+    sc = res.get("scale", [])
+    if sc:
+        p("")
+        p(f"Scale: joined clients (SUB+PUSH each, rooms of {SCALE_ROOM_SIZE}, all subscribed to r/all/), "
+          "zchat broker")
+        p(f"{'asked':>6} {'ran':>6} {'joined':>6} | {'join p50':>8} {'p99':>7} {'all in':>7} | "
+          f"{'RSS before':>10} {'after':>8} {'KB/client':>9} | {'probe got':>9} {'p50 ms':>7} {'max ms':>7} | idle CPU")
+        for r in sc:
+            p(f"{r['asked']:>6} {r['clients']:>6} {r['joined']:>6} | {r['join_p50_ms']:>6.1f}ms "
+              f"{r['join_p99_ms']:>5.0f}ms {r['join_wall_s']:>6.1f}s | {r['rss_before_kb'] / 1024:>8.1f}MB "
+              f"{r['rss_after_kb'] / 1024:>6.1f}MB {r['rss_per_client_kb']:>9.1f} | "
+              f"{r['probe_delivered']:>9} {fmt_ms(r['probe']['p50_ms']):>7} {fmt_ms(r['probe']['max_ms']):>7} | "
+              f"{r['idle_cpu']['total']:.0f}%")
+            if r["clients"] < r["asked"]:
+                p(f"  {r['asked']} asked: only {r['clients']} fit: broker RLIMIT_NOFILE hard limit {r['fd_limit']}, "
+                  f"2 connections per client, {BROKER_FD_HEADROOM} fds kept for the broker itself")
+    ch = res.get("chatty", [])
+    if ch:
+        p("")
+        p("Chatty room: N members in one room, each says 1 msg/s; every member receives every message")
+        p(f"{'N':>5} | {'join p50':>8} {'all in':>7} | {'sent/s':>7} {'expected':>9} {'deliv/s':>9} {'loss':>6} | "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'max':>7} | CPU main/io")
+        for r in ch:
+            p(f"{r['n']:>5} | {r['join_p50_ms']:>6.1f}ms {r['join_wall_s']:>6.1f}s | {fmt_rate(r['sent_per_s']):>7} "
+              f"{fmt_rate(r['expected_per_s']):>9} {fmt_rate(r['deliveries_per_s']):>9} {fmt_loss(r['loss']):>6} | "
+              f"{fmt_ms(r['p50_ms']):>7} {fmt_ms(r['p99_ms']):>7} {fmt_ms(r['max_ms']):>7} | "
+              f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}%")
+    jn = res.get("joins")
+    if jn:
+        p("")
+        p(f"ChatClient start()+join() to welcome, stock broker, loopback: median {jn['median_ms']:.1f} ms, "
+          f"p90 {jn['p90_ms']:.1f} ms, min {jn['min_ms']:.1f}, max {jn['max_ms']:.1f} ({jn['count']} joins)")
+    prof = res.get("profile")
+    if prof:
+        p("")
+        if "error" in prof:
+            p(f"Profile: {prof['error']}")
+        else:
+            p(f"Profile of the broker's main thread under load (py-spy --native --idle, {prof['samples']} samples, "
+              f"1 sender x 1 subscriber at {fmt_rate(prof['flow']['in_per_s'])} msg/s); flamegraph {prof['flamegraph']}")
+            p("  self time:")
+            for f, share in prof["self"]:
+                p(f"    {share:5.1f}%  {f}")
+            p("  inclusive:")
+            for f, share in prof["inclusive"]:
+                p(f"    {share:5.1f}%  {f}")
+    p("")
+    p(summary_line(res))
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def _find(rows: list[dict], system: str, senders: int, subs: int) -> dict | None:
+    for r in rows:
+        if r["system"] == system and r["senders"] == senders and r["subscribers"] == subs:
+            return r
+    return None
+
+
+def summary(res: dict) -> dict:
+    out: dict = {}
+    tp = res.get("throughput", [])
+    ratios = []
+    for s, n in THROUGHPUT_CONFIGS:
+        px, zc = _find(tp, "proxy", s, n), _find(tp, "zchat", s, n)
+        if px and zc and px["in_per_s"]:
+            ratios.append(zc["in_per_s"] / px["in_per_s"])
+    px, zc = _find(tp, "proxy", 1, 1), _find(tp, "zchat", 1, 1)
+    if px and zc and px["in_per_s"]:
+        out["throughput_ratio_1x1"] = round(zc["in_per_s"] / px["in_per_s"], 3)
+        out["zchat_in_per_s_1x1"] = zc["in_per_s"]
+        out["proxy_in_per_s_1x1"] = px["in_per_s"]
+    if ratios:
+        out["throughput_ratio_min"] = round(min(ratios), 3)
+        out["throughput_ratio_max"] = round(max(ratios), 3)
+    for r in res.get("latency", []):
+        if r["offered"] == 10_000:
+            out[f"p99_10k_{r['system']}_ms"] = r["p99_ms"]
+    if out.get("p99_10k_zchat_ms") and out.get("p99_10k_proxy_ms"):
+        out["p99_10k_ratio"] = round(out["p99_10k_zchat_ms"] / out["p99_10k_proxy_ms"], 2)
+    sc = res.get("scale", [])
+    if sc:
+        big = sc[-1]
+        out["rss_per_client_kb"] = big["rss_per_client_kb"]
+        out["rss_clients"] = big["joined"]
+    if res.get("joins"):
+        out["join_median_ms"] = res["joins"]["median_ms"]
+    return out
+
+
+def summary_line(res: dict) -> str:
+    s = res["summary"]
+    parts = []
+    if "throughput_ratio_1x1" in s:
+        parts.append(f"throughput zchat/proxy {s['throughput_ratio_1x1']:.2f}x at 1x1 "
+                     f"({fmt_rate(s['zchat_in_per_s_1x1'])} vs {fmt_rate(s['proxy_in_per_s_1x1'])} msg/s; "
+                     f"{s['throughput_ratio_min']:.2f}-{s['throughput_ratio_max']:.2f}x over all configs)")
+    if "p99_10k_zchat_ms" in s:
+        ratio = f", {s['p99_10k_ratio']:.2f}x" if "p99_10k_ratio" in s else ""
+        parts.append(f"p99 at 10k msg/s x10 subs {fmt_ms(s['p99_10k_zchat_ms'])} ms "
+                     f"(proxy {fmt_ms(s.get('p99_10k_proxy_ms'))} ms{ratio})")
+    if "rss_per_client_kb" in s:
+        parts.append(f"{s['rss_per_client_kb']:.1f} KB RSS/client at {s['rss_clients']} clients")
+    if "join_median_ms" in s:
+        parts.append(f"join median {s['join_median_ms']:.1f} ms")
+    return "SUMMARY: " + "; ".join(parts)
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    tp = res.get("throughput", [])
+    labels = [f"{s}x{n}" for s, n in THROUGHPUT_CONFIGS]
+    x = range(len(labels))
+    ax = axes[0]
+    for off, system, metric, style in ((-0.3, "proxy", "in_per_s", "tab:gray"), (-0.1, "zchat", "in_per_s", "tab:blue"),
+                                       (0.1, "proxy", "out_per_s", "silver"), (0.3, "zchat", "out_per_s", "lightblue")):
+        vals = [(_find(tp, system, s, n) or {}).get(metric, 0) / 1000 for s, n in THROUGHPUT_CONFIGS]
+        ax.bar([i + off for i in x], vals, width=0.2, color=style, label=f"{system} {metric.split('_')[0]}")
+    ax.set_xticks(list(x), labels)
+    ax.set_xlabel("senders x subscribers")
+    ax.set_ylabel("k msg/s")
+    ax.set_title("Throughput (CURVE)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for system, color in (("proxy", "tab:gray"), ("zchat", "tab:blue")):
+        rows = [r for r in res.get("latency", []) if r["system"] == system]
+        loads = [r["offered"] for r in rows]
+        for key, style in (("p50_ms", ":"), ("p99_ms", "-"), ("p999_ms", "--")):
+            ax.plot(loads, [r[key] for r in rows], style, color=color, marker="o", label=f"{system} {key[:-3]}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered msg/s (10 subscribers)")
+    ax.set_ylabel("one-way latency, ms")
+    ax.set_title("Latency")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    ch = res.get("chatty", [])
+    if ch:
+        ns = [r["n"] for r in ch]
+        ax.plot(ns, [r["expected_per_s"] / 1000 for r in ch], "--", color="gray", label="expected deliveries/s")
+        ax.plot(ns, [r["deliveries_per_s"] / 1000 for r in ch], "-o", color="tab:blue", label="delivered/s")
+        ax.set_xlabel("members (1 msg/s each)")
+        ax.set_ylabel("k deliveries/s")
+        ax2 = ax.twinx()
+        ax2.plot(ns, [r["p99_ms"] for r in ch], "-s", color="tab:red", label="p99 ms")
+        ax2.set_ylabel("p99 ms", color="tab:red")
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Chatty room")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+MP = mp.get_context("fork")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="about a minute: shorter windows, fewer sizes")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json",
+                        help="results file (default benchmarks/results/latest.json)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw throughput/latency curves (matplotlib)")
+    parser.add_argument("--profile", nargs="?", const=ROOT / "benchmarks" / "results" / "profile", type=Path,
+                        metavar="FILE", help="also profile the broker under load with py-spy "
+                        "(writes FILE.txt raw stacks and FILE.svg)")
+    parser.add_argument("--broker-args", metavar="ARGS", default=None,
+                        help="run the broker as `python -m zchat broker --port P --pub-port Q --config-dir D "
+                        "ARGS` (e.g. its rate-limit option) instead of the built-in launcher")
+    parser.add_argument("--only", default="throughput,latency,scale,chatty,joins",
+                        help="comma-separated subset of: throughput,latency,scale,chatty,joins")
+    args = parser.parse_args(argv)
+    cfg = PROFILES["quick" if args.quick else "full"]
+    only = set(args.only.split(","))
+    broker_args = shlex.split(args.broker_args) if args.broker_args is not None else None
+    soft, hard = raise_nofile()
+    res: dict = {"meta": {
+        "mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "python": platform.python_version(),
+        "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "nofile": [soft, hard],
+        "broker": ("python -m zchat broker ... " + args.broker_args) if broker_args is not None
+        else "launcher: zchat.broker.serve(BrokerSettings(limits=Limits(rate_burst=1e9, rate_per_second=1e9)))",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), **cfg}}
+    workdir = Path(tempfile.mkdtemp(prefix="zchat-bench-"))
+    t_start = time.monotonic()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    services: list[Service] = []
+    try:
+        if only & {"throughput", "latency"}:
+            zc = Service("zchat", workdir, broker_args)
+            px = Service("proxy", workdir)
+            services += [zc, px]
+            if "throughput" in only:
+                res["throughput"] = []
+                for s, n in THROUGHPUT_CONFIGS:
+                    for svc in (px, zc):
+                        r = run_flow(svc, s, n, cfg["tp_warmup"], cfg["tp_duration"])
+                        res["throughput"].append(r)
+                        print(f"  throughput {svc.kind:5} {s}x{n:<2}: in {fmt_rate(r['in_per_s'])}/s, "
+                              f"out {fmt_rate(r['out_per_s'])}/s, loss {fmt_loss(r['loss'])}", flush=True)
+            if "latency" in only:
+                res["latency"] = []
+                for load in LATENCY_LOADS:
+                    for svc in (px, zc):
+                        r = run_flow(svc, 1, LATENCY_SUBSCRIBERS, cfg["lat_warmup"], cfg["lat_duration"],
+                                     rate=load)
+                        res["latency"].append(r)
+                        print(f"  latency {svc.kind:5} {fmt_rate(load)}/s: p50 {fmt_ms(r['p50_ms'])} "
+                              f"p99 {fmt_ms(r['p99_ms'])} p99.9 {fmt_ms(r['p999_ms'])} ms", flush=True)
+            if args.profile is not None:
+                args.profile.parent.mkdir(parents=True, exist_ok=True)
+                res["profile"] = run_profile(zc, cfg["profile_duration"], args.profile)
+            for svc in (zc, px):
+                svc.stop()
+        if "scale" in only:
+            res["scale"] = []
+            for n in cfg["scale"]:
+                r = run_scale(workdir, n, broker_args)
+                res["scale"].append(r)
+                print(f"  scale {n}: {r['joined']} joined, {r['rss_per_client_kb']} KB/client, "
+                      f"probe {r['probe_delivered']}/{r['probe_expected']}", flush=True)
+        if "chatty" in only:
+            res["chatty"] = []
+            for n in cfg["chatty"]:
+                r = run_chatty(workdir, n, cfg["chatty_warmup"], cfg["chatty_duration"], broker_args)
+                res["chatty"].append(r)
+                print(f"  chatty {n}: {fmt_rate(r['deliveries_per_s'])} deliveries/s, p99 {fmt_ms(r['p99_ms'])} ms",
+                      flush=True)
+        if "joins" in only:
+            res["joins"] = run_joins(workdir, cfg["joins"], broker_args)
+        res["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
+        res["summary"] = summary(res)
+        print("")
+        res["report"] = print_report(res)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+        print(f"(results in {args.json}; {res['meta']['seconds']:.0f} s)")
+        if args.plot:
+            plot(res, args.plot)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for svc in services:
+            try:
+                svc.stop(graceful=False)
+            except Exception:
+                pass
+        kill_children()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_proxy":
+        proxy_main(*sys.argv[2:6])
+    else:
+        sys.exit(main())

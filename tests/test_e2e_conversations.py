@@ -1,0 +1,143 @@
+"""End to end: private messages, rooms, names, pipes and `zchat send`, as processes over CURVE."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import CLOCK, Chat, Proc
+from peers import RawPeer, broker_key
+
+from zchat.protocol import Direct, Message
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _send(chat: Chat, *args: str) -> Proc:
+    proc = Proc(["-m", "zchat", "send", "--port", str(chat.port), "--pub-port", str(chat.pub_port),
+                 "--config-dir", str(chat.config_dir), *args], env=chat.env, stdin=False)
+    chat.procs.append(proc)
+    return proc
+
+
+def test_private_message_reaches_only_its_recipient(chat: Chat) -> None:
+    chat.start_broker()
+    key = broker_key(chat.config_dir)
+    # The widest subscriptions the broker permits to a stranger: every room and sys/.
+    tap = RawPeer(chat.port, chat.pub_port, key, [b"r/", b"sys/", b"u/", b""])
+    try:
+        alice = chat.joined_client("alice")
+        bob = chat.joined_client("bob")
+        carol = chat.joined_client("carol")
+        alice.wait_for(r"- carol has joined the chat\.")
+        alice.send("/msg bob the cake is in the fridge")
+        bob.wait_for(rf"^{CLOCK} <- alice: the cake is in the fridge$")
+        alice.wait_for(rf"^{CLOCK} -> bob: the cake is in the fridge$")
+        # A public message after the DM: once everyone has it, the DM would have arrived too.
+        alice.send("public after the secret")
+        carol.wait_for(r"alice: public after the secret")
+        tap.wait_for(lambda t, e: isinstance(e, Message) and e.text == "public after the secret")
+        assert carol.count("fridge") == 0
+        assert not any(b"fridge" in data for data in tap.received)
+        assert not any(isinstance(_event(d), Direct) for d in tap.received)
+        # Unknown or offline recipients get an error, to the sender only.
+        alice.send("/msg nobody hello?")
+        alice.wait_for(rf"^{CLOCK} ! nobody called 'nobody' is online$")
+        assert bob.count("nobody called") == 0
+    finally:
+        tap.close()
+
+
+def _event(data: bytes):  # type: ignore[no-untyped-def]
+    from zchat.protocol import decode_publication
+
+    return decode_publication(data)[1]
+
+
+def test_rooms_are_isolated(chat: Chat) -> None:
+    chat.start_broker()
+    alice = chat.joined_client("alice")
+    bob = chat.joined_client("bob")
+    carol = chat.joined_client("carol")
+    alice.send("/join rust")
+    alice.wait_for(rf"^{CLOCK} - alice has joined #rust\.$")
+    carol.send("/join #Rust")
+    carol.wait_for(rf"^{CLOCK} - carol has joined #rust\.$")
+    alice.wait_for(rf"^{CLOCK} - carol has joined #rust\.$")
+    carol.send("borrow checker talk")  # carol's current room is now #rust
+    alice.wait_for(rf"^{CLOCK} carol: borrow checker talk$")
+    bob.send("lobby talk")
+    alice.wait_for(rf"^{CLOCK} #lobby bob: lobby talk$")  # tagged: not alice's current room
+    carol.wait_for(rf"^{CLOCK} #lobby bob: lobby talk$")
+    assert bob.count("borrow checker") == 0 and bob.count("#rust") == 0
+    alice.send("/rooms")
+    alice.wait_for(rf"^{CLOCK} \* Rooms: #lobby \(3\), #rust \(2\)$")
+    alice.send("/who rust")
+    alice.wait_for(rf"^{CLOCK} \* Online in #rust \(2\): alice, carol$")
+    carol.send("/leave")
+    carol.wait_for(rf"^{CLOCK} - carol has left #rust\.$")
+    alice.wait_for(rf"^{CLOCK} - carol has left #rust\.$")
+    carol.send("back in the lobby")
+    bob.wait_for(rf"^{CLOCK} carol: back in the lobby$")
+
+
+def test_nick_collision_and_rename(chat: Chat) -> None:
+    chat.start_broker()
+    alice = chat.joined_client("alice")
+    bob = chat.joined_client("bob")
+    alice.send("/nick bob")
+    alice.wait_for(rf"^{CLOCK} ! the name 'bob' is taken$")
+    alice.send("/nick alicia")
+    for proc in (alice, bob):
+        proc.wait_for(rf"^{CLOCK} - alice is now known as alicia\.$")
+    alice.send("renamed and talking")
+    bob.wait_for(rf"^{CLOCK} alicia: renamed and talking$")
+    bob.send("/me waves at alicia")
+    alice.wait_for(rf"^{CLOCK} \* bob waves at alicia$")
+    assert bob.count("now known as") == 1  # one notice, not one per shared room
+
+
+def test_pipe_sends_every_line_in_order_and_leaves_after_delivery(chat: Chat) -> None:
+    """More lines than the rate limit's burst: paced, none refused, none lost, order kept."""
+    chat.start_broker()
+    listener = chat.joined_client("listener")
+    bot = chat.client("bot")
+    bot.wait_for(r"\* Welcome, bot!")
+    count = 45
+    for i in range(count):
+        bot.send(f"line {i:03d}")
+    bot.close_stdin()
+    assert bot.wait_exit(30) == 0
+    listener.wait_for(rf"bot: line {count - 1:03d}$", timeout=5)
+    listener.wait_for(r"- bot has left the chat\.", timeout=5)
+    received = [line.split("bot: ")[1] for line in listener.lines if "bot: line" in line]
+    assert received == [f"line {i:03d}" for i in range(count)]
+    assert listener.count("slow down") == 0 and bot.count("slow down") == 0
+
+
+def test_zchat_send_exits_0_once_accepted_and_non_zero_with_a_reason(chat: Chat) -> None:
+    chat.start_broker()
+    bob = chat.joined_client("bob")
+    started = time.monotonic()
+    ok = _send(chat, "--name", "deploy", "--to", "bob", "build", "42", "is", "green")
+    assert ok.wait_exit(15) == 0
+    bob.wait_for(rf"^{CLOCK} <- deploy: build 42 is green$", timeout=5)
+    assert time.monotonic() - started < 15
+    to_room = _send(chat, "--name", "deploy", "--room", "lobby", "to everyone")
+    assert to_room.wait_exit(15) == 0
+    bob.wait_for(rf"^{CLOCK} deploy: to everyone$", timeout=5)
+
+    offline = _send(chat, "--name", "deploy", "--to", "ghost", "anyone?")
+    assert offline.wait_exit(15) == 1
+    offline.wait_for(r"^zchat send: nobody called 'ghost' is online$")
+    invalid = _send(chat, "--name", "deploy", "--room", "no spaces allowed", "x")
+    assert invalid.wait_exit(15) == 2
+    invalid.wait_for(r"^zchat send: invalid room")
+
+
+def test_zchat_send_times_out_without_a_broker(chat: Chat) -> None:
+    chat.start_broker()
+    chat.broker.stop()  # type: ignore[union-attr]
+    lost = _send(chat, "--name", "deploy", "--timeout", "2", "hello?")
+    assert lost.wait_exit(15) == 3
+    lost.wait_for(r"^zchat send: no broker answers at tcp://")

@@ -1,0 +1,59 @@
+"""`zchat send`: deliver one message and exit 0 once the broker has accepted it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from zchat.client import ChatClient, ClientEvent, JoinError, SendError
+from zchat.protocol import Error, normalize_room, valid_name
+
+EXIT_OK, EXIT_REFUSED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
+
+
+def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], ChatClient],
+             name: str, text: str, room: str | None, to: str | None, timeout: float = 10.0) -> int:
+    """Join, send, wait for the broker's confirmation, leave. Returns an exit code."""
+    def fail(code: int, reason: str) -> int:
+        print(f"zchat send: {reason}", file=sys.stderr, flush=True)
+        return code
+
+    if not text.strip():
+        return fail(EXIT_INVALID, "nothing to send")
+    if not valid_name(name):
+        return fail(EXIT_INVALID, f"invalid name {name!r}")
+    if to is not None and not valid_name(to):
+        return fail(EXIT_INVALID, f"invalid recipient {to!r}")
+    target_room = normalize_room(room or "lobby")
+    if target_room is None:
+        return fail(EXIT_INVALID, f"invalid room {room!r}")
+
+    refusals: list[Error] = []
+
+    def on_event(event: ClientEvent) -> None:
+        if isinstance(event, Error) and event.ref is not None:
+            refusals.append(event)
+
+    client = make_client([target_room], on_event)
+    client.start()
+    resumed = False  # already online in another session with this key: do not leave
+    try:
+        try:
+            resumed = client.join(name, timeout=timeout).resumed
+        except JoinError as exc:
+            slow = exc.code in ("unreachable", "timeout")
+            return fail(EXIT_TIMEOUT if slow else EXIT_REFUSED, str(exc))
+        try:
+            if to is not None:
+                client.direct(to, text)
+            else:
+                client.say(text, target_room)
+        except SendError as exc:
+            return fail(EXIT_REFUSED, str(exc))
+        if not client.wait_delivered(timeout):
+            return fail(EXIT_TIMEOUT, f"the broker did not confirm the message within {timeout:g} s")
+        if refusals:
+            return fail(EXIT_REFUSED, refusals[0].detail)
+        return EXIT_OK
+    finally:
+        client.close(leave=not resumed)
