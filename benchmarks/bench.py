@@ -260,12 +260,12 @@ def percentiles(samples_ns: list[int] | array.array) -> dict[str, float | int | 
     data = sorted(samples_ns)
     n = len(data)
     if not n:
-        return {"n": 0, "p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
+        return {"samples": 0, "p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
 
     def at(q: float) -> float:
         return round(data[min(n - 1, int(q * n))] / 1e6, 3)
 
-    return {"n": n, "p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999),
+    return {"samples": n, "p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999),
             "max_ms": round(data[-1] / 1e6, 3)}
 
 
@@ -302,7 +302,8 @@ class Service:
         self.input = f"tcp://127.0.0.1:{self.port}"
         self.publish = f"tcp://127.0.0.1:{self.pub_port}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path)
         ports = [str(self.port), str(self.pub_port)]
         if kind == "zchat":
             if broker_args is not None or real_cli:
@@ -314,12 +315,13 @@ class Service:
         else:
             public, secret = zmq.curve_keypair()
             self.server_key = public
-            argv = [sys.executable, str(Path(__file__).resolve()), "_proxy", *ports, public.decode(), secret.decode()]
+            argv = [sys.executable, str(Path(__file__).resolve()), "_proxy", *ports,
+                    public.decode(), secret.decode()]
             ready = "proxy ready"
         self.log_path = self.dir / "service.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
         CHILDREN.append(self.proc)
         deadline = time.monotonic() + 15
         while ready not in self.log_path.read_text():
@@ -716,6 +718,8 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
         sleep_until(w1)
         cpu1 = thread_ticks(svc.pid)
         outs = collect(results, len(procs), 60 + duration, procs)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\n--- {svc.name} log (tail) ---\n{svc.log_path.read_text()[-3000:]}") from None
     finally:
         for p in procs:
             p.join(10)
@@ -1067,24 +1071,33 @@ def run_joins(workdir: Path, count: int, broker_args: list[str] | None) -> dict:
 # --- profile of the broker under load (py-spy) -------------------------------------------------------
 
 
-def run_profile(svc: Service, duration: float, out_path: Path) -> dict:
+PROFILE_SCENARIOS = [  # (label, senders, subscribers, offered msg/s or None for flat out)
+    ("flat out, 1 sender x 1 subscriber", 1, 1, None),
+    ("10k msg/s, 1 sender x 10 subscribers", 1, LATENCY_SUBSCRIBERS, 10_000),
+]
+
+
+def run_profile(svc: Service, duration: float, out_path: Path, label: str, senders: int, subs: int,
+                rate: float | None) -> dict:
+    """py-spy on the broker's main thread during one flow: raw stacks (with native frames) + an SVG."""
     pyspy = shutil.which("py-spy")
     if pyspy is None:
-        return {"error": "py-spy not found (pip install py-spy)"}
+        return {"label": label, "error": "py-spy not found (pip install py-spy)"}
     raw = out_path.with_suffix(".txt")
     svg = out_path.with_suffix(".svg")
     spies: list[subprocess.Popen] = []
+    common = [pyspy, "record", "--pid", str(svc.pid), "--duration", str(int(duration)), "--rate", "200",
+              "--idle"]
 
     def start() -> None:
-        for fmt, path in (("raw", raw), ("flamegraph", svg)):
-            proc = subprocess.Popen([pyspy, "record", "--pid", str(svc.pid), "--duration", str(int(duration)),
-                                     "--rate", "200", "--nonblocking", "--native", "--idle",
-                                     "--format", fmt, "-o", str(path)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # --native needs py-spy to pause the process for each sample; the SVG sampler does not.
+        for extra in (["--native", "--format", "raw", "-o", str(raw)],
+                      ["--nonblocking", "--format", "flamegraph", "-o", str(svg)]):
+            proc = subprocess.Popen(common + extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             CHILDREN.append(proc)
             spies.append(proc)
 
-    flow = run_flow(svc, 1, 1, 0.5, duration + 1.0, on_window=start)
+    flow = run_flow(svc, senders, subs, 0.5, duration + 1.0, rate=rate, on_window=start)
     for proc in spies:
         try:
             proc.wait(30)
@@ -1092,7 +1105,7 @@ def run_profile(svc: Service, duration: float, out_path: Path) -> dict:
             proc.kill()
     if not raw.exists():
         err = spies[0].stderr.read().decode() if spies and spies[0].stderr else ""
-        return {"error": f"py-spy failed: {err.strip()[:500]}"}
+        return {"label": label, "error": f"py-spy failed: {err.strip()[:500]}"}
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -1101,8 +1114,7 @@ def run_profile(svc: Service, duration: float, out_path: Path) -> dict:
         if not stack:
             continue
         n = int(count)
-        frames = [_frame_name(f) for f in stack.split(";")]
-        frames = [f for f in frames if f]
+        frames = [f for f in (_frame_name(f) for f in stack.split(";")) if f]
         if not frames:
             continue
         total += n
@@ -1110,9 +1122,10 @@ def run_profile(svc: Service, duration: float, out_path: Path) -> dict:
         for f in set(frames):
             inclusive[f] += n
     return {
-        "samples": total, "flow": flow, "raw": str(raw), "flamegraph": str(svg),
+        "label": label, "samples": total, "in_per_s": flow["in_per_s"], "cpu": flow["cpu"],
+        "raw": str(raw), "flamegraph": str(svg),
         "self": [(f, round(100 * c / total, 1)) for f, c in self_time.most_common(15)],
-        "inclusive": [(f, round(100 * c / total, 1)) for f, c in inclusive.most_common(25)],
+        "inclusive": [(f, round(100 * c / total, 1)) for f, c in inclusive.most_common(30)],
     }
 
 
@@ -1147,9 +1160,9 @@ def print_report(res: dict) -> list[str]:
     lines: list[str] = []
     p = lines.append
     meta = res["meta"]
-    p(f"zchat benchmark ({meta['mode']}): {meta['cpus']} CPUs, Python {meta['python']}, pyzmq {meta['pyzmq']}, "
-      f"libzmq {meta['libzmq']}; CURVE on, text {TEXT_BYTES} B, HWM PULL {L.PULL_RCVHWM} / "
-      f"PUB {L.XPUB_SNDHWM} / PUSH {L.CLIENT_SNDHWM} / SUB 1000")
+    p(f"zchat benchmark ({meta['mode']}): {meta['cpus']} CPUs, Python {meta['python']}, "
+      f"pyzmq {meta['pyzmq']}, libzmq {meta['libzmq']}; CURVE on, text {TEXT_BYTES} B, "
+      f"HWM PULL {L.PULL_RCVHWM} / PUB {L.XPUB_SNDHWM} / PUSH {L.CLIENT_SNDHWM} / SUB 1000")
     p(f"  broker: {meta['broker']}")
     p("  CAVEAT: 2-core machine: the system under test, its libzmq I/O thread and every load generator "
       "share the same 2 cores.")
@@ -1159,17 +1172,19 @@ def print_report(res: dict) -> list[str]:
         p(f"Throughput ({meta['tp_duration']:g} s window; in = msgs accepted from senders per s, "
           "out = deliveries to subscribers per s)")
         p(f"{'snd':>3} {'subs':>4} | {'proxy in':>9} {'out':>9} {'loss':>6} | {'zchat in':>9} {'out':>9} "
-          f"{'loss':>6} | {'ratio':>5} | zchat CPU main/io  proxy CPU main/io")
+          f"{'loss':>6} | ratio in/out | zchat CPU main/io | proxy CPU main/io")
         for s, n in THROUGHPUT_CONFIGS:
             px = _find(tp, "proxy", s, n)
             zc = _find(tp, "zchat", s, n)
             if not px or not zc:
                 continue
-            ratio = zc["in_per_s"] / px["in_per_s"] if px["in_per_s"] else float("nan")
+            r_in = zc["in_per_s"] / px["in_per_s"] if px["in_per_s"] else float("nan")
+            r_out = zc["out_per_s"] / px["out_per_s"] if px["out_per_s"] else float("nan")
             p(f"{s:>3} {n:>4} | {fmt_rate(px['in_per_s']):>9} {fmt_rate(px['out_per_s']):>9} "
               f"{fmt_loss(px['loss']):>6} | {fmt_rate(zc['in_per_s']):>9} {fmt_rate(zc['out_per_s']):>9} "
-              f"{fmt_loss(zc['loss']):>6} | {ratio:5.2f} | {zc['cpu']['main']:5.0f}% {zc['cpu']['io']:4.0f}%"
-              f"        {px['cpu']['main']:5.0f}% {px['cpu']['io']:4.0f}%")
+              f"{fmt_loss(zc['loss']):>6} | {r_in:5.2f} {r_out:5.2f}  | "
+              f"{zc['cpu']['main']:6.0f}% {zc['cpu']['io']:4.0f}%      | "
+              f"{px['cpu']['main']:6.0f}% {px['cpu']['io']:4.0f}%")
         errs = Counter()
         for r in tp:
             errs.update(r["errors"])
@@ -1182,8 +1197,8 @@ def print_report(res: dict) -> list[str]:
         p("")
         p(f"Latency, one-way send->subscriber, 1 sender, {LATENCY_SUBSCRIBERS} subscribers "
           f"({meta['lat_duration']:g} s window)")
-        p(f"{'offered':>8} {'system':>6} | {'in/s':>8} {'deliv/s':>8} {'loss':>6} | {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'p99.9':>7} {'max':>7} | CPU main/io")
+        p(f"{'offered':>8} {'system':>6} | {'in/s':>8} {'deliv/s':>8} {'loss':>6} | "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'p99.9':>7} {'max':>7} | CPU main/io")
         for r in lat:
             p(f"{fmt_rate(r['offered']):>8} {r['system']:>6} | {fmt_rate(r['in_per_s']):>8} "
               f"{fmt_rate(r['out_per_s']):>8} {fmt_loss(r['loss']):>6} | {fmt_ms(r['p50_ms']):>7} "
@@ -1195,25 +1210,30 @@ def print_report(res: dict) -> list[str]:
         p(f"Scale: joined clients (SUB+PUSH each, rooms of {SCALE_ROOM_SIZE}, all subscribed to r/all/), "
           "zchat broker")
         p(f"{'asked':>6} {'ran':>6} {'joined':>6} | {'join p50':>8} {'p99':>7} {'all in':>7} | "
-          f"{'RSS before':>10} {'after':>8} {'KB/client':>9} | {'probe got':>9} {'p50 ms':>7} {'max ms':>7} | idle CPU")
+          f"{'RSS before':>10} {'after':>8} {'KB/client':>9} | {'probe got':>9} {'p50 ms':>7} "
+          f"{'max ms':>7} | idle CPU")
         for r in sc:
             p(f"{r['asked']:>6} {r['clients']:>6} {r['joined']:>6} | {r['join_p50_ms']:>6.1f}ms "
               f"{r['join_p99_ms']:>5.0f}ms {r['join_wall_s']:>6.1f}s | {r['rss_before_kb'] / 1024:>8.1f}MB "
               f"{r['rss_after_kb'] / 1024:>6.1f}MB {r['rss_per_client_kb']:>9.1f} | "
-              f"{r['probe_delivered']:>9} {fmt_ms(r['probe']['p50_ms']):>7} {fmt_ms(r['probe']['max_ms']):>7} | "
+              f"{r['probe_delivered']:>9} {fmt_ms(r['probe']['p50_ms']):>7} "
+              f"{fmt_ms(r['probe']['max_ms']):>7} | "
               f"{r['idle_cpu']['total']:.0f}%")
             if r["clients"] < r["asked"]:
-                p(f"  {r['asked']} asked: only {r['clients']} fit: broker RLIMIT_NOFILE hard limit {r['fd_limit']}, "
+                p(f"  {r['asked']} asked: only {r['clients']} fit: broker RLIMIT_NOFILE hard limit "
+                  f"{r['fd_limit']}, "
                   f"2 connections per client, {BROKER_FD_HEADROOM} fds kept for the broker itself")
     ch = res.get("chatty", [])
     if ch:
         p("")
         p("Chatty room: N members in one room, each says 1 msg/s; every member receives every message")
-        p(f"{'N':>5} | {'join p50':>8} {'all in':>7} | {'sent/s':>7} {'expected':>9} {'deliv/s':>9} {'loss':>6} | "
+        p(f"{'N':>5} | {'join p50':>8} {'all in':>7} | {'sent/s':>7} {'expected':>9} {'deliv/s':>9} "
+          f"{'loss':>6} | "
           f"{'p50 ms':>7} {'p99 ms':>7} {'max':>7} | CPU main/io")
         for r in ch:
-            p(f"{r['n']:>5} | {r['join_p50_ms']:>6.1f}ms {r['join_wall_s']:>6.1f}s | {fmt_rate(r['sent_per_s']):>7} "
-              f"{fmt_rate(r['expected_per_s']):>9} {fmt_rate(r['deliveries_per_s']):>9} {fmt_loss(r['loss']):>6} | "
+            p(f"{r['n']:>5} | {r['join_p50_ms']:>6.1f}ms {r['join_wall_s']:>6.1f}s | "
+              f"{fmt_rate(r['sent_per_s']):>7} {fmt_rate(r['expected_per_s']):>9} "
+              f"{fmt_rate(r['deliveries_per_s']):>9} {fmt_loss(r['loss']):>6} | "
               f"{fmt_ms(r['p50_ms']):>7} {fmt_ms(r['p99_ms']):>7} {fmt_ms(r['max_ms']):>7} | "
               f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}%")
     jn = res.get("joins")
@@ -1221,20 +1241,21 @@ def print_report(res: dict) -> list[str]:
         p("")
         p(f"ChatClient start()+join() to welcome, stock broker, loopback: median {jn['median_ms']:.1f} ms, "
           f"p90 {jn['p90_ms']:.1f} ms, min {jn['min_ms']:.1f}, max {jn['max_ms']:.1f} ({jn['count']} joins)")
-    prof = res.get("profile")
-    if prof:
+    for prof in res.get("profile", []):
         p("")
         if "error" in prof:
-            p(f"Profile: {prof['error']}")
-        else:
-            p(f"Profile of the broker's main thread under load (py-spy --native --idle, {prof['samples']} samples, "
-              f"1 sender x 1 subscriber at {fmt_rate(prof['flow']['in_per_s'])} msg/s); flamegraph {prof['flamegraph']}")
-            p("  self time:")
-            for f, share in prof["self"]:
-                p(f"    {share:5.1f}%  {f}")
-            p("  inclusive:")
-            for f, share in prof["inclusive"]:
-                p(f"    {share:5.1f}%  {f}")
+            p(f"Profile ({prof['label']}): {prof['error']}")
+            continue
+        p(f"Profile of the broker's main thread, {prof['label']} ({fmt_rate(prof['in_per_s'])} msg/s in, "
+          f"main {prof['cpu']['main']:.0f}% io {prof['cpu']['io']:.0f}% CPU; py-spy --native --idle, "
+          f"{prof['samples']} samples)")
+        p(f"  flamegraph {prof['flamegraph']}")
+        p("  self time:")
+        for f, share in prof["self"]:
+            p(f"    {share:5.1f}%  {f}")
+        p("  inclusive:")
+        for f, share in prof["inclusive"]:
+            p(f"    {share:5.1f}%  {f}")
     p("")
     p(summary_line(res))
     print("\n".join(lines), flush=True)
@@ -1304,15 +1325,17 @@ def plot(res: dict, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("--plot: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
+        print("--plot: matplotlib is not installed (pip install matplotlib); no plot written",
+              file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     tp = res.get("throughput", [])
     labels = [f"{s}x{n}" for s, n in THROUGHPUT_CONFIGS]
     x = range(len(labels))
     ax = axes[0]
-    for off, system, metric, style in ((-0.3, "proxy", "in_per_s", "tab:gray"), (-0.1, "zchat", "in_per_s", "tab:blue"),
-                                       (0.1, "proxy", "out_per_s", "silver"), (0.3, "zchat", "out_per_s", "lightblue")):
+    bars = ((-0.3, "proxy", "in_per_s", "tab:gray"), (-0.1, "zchat", "in_per_s", "tab:blue"),
+            (0.1, "proxy", "out_per_s", "silver"), (0.3, "zchat", "out_per_s", "lightblue"))
+    for off, system, metric, style in bars:
         vals = [(_find(tp, system, s, n) or {}).get(metric, 0) / 1000 for s, n in THROUGHPUT_CONFIGS]
         ax.bar([i + off for i in x], vals, width=0.2, color=style, label=f"{system} {metric.split('_')[0]}")
     ax.set_xticks(list(x), labels)
@@ -1325,7 +1348,8 @@ def plot(res: dict, path: Path) -> None:
         rows = [r for r in res.get("latency", []) if r["system"] == system]
         loads = [r["offered"] for r in rows]
         for key, style in (("p50_ms", ":"), ("p99_ms", "-"), ("p999_ms", "--")):
-            ax.plot(loads, [r[key] for r in rows], style, color=color, marker="o", label=f"{system} {key[:-3]}")
+            ax.plot(loads, [r[key] for r in rows], style, color=color, marker="o",
+                    label=f"{system} {key[:-3]}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("offered msg/s (10 subscribers)")
@@ -1336,7 +1360,8 @@ def plot(res: dict, path: Path) -> None:
     ch = res.get("chatty", [])
     if ch:
         ns = [r["n"] for r in ch]
-        ax.plot(ns, [r["expected_per_s"] / 1000 for r in ch], "--", color="gray", label="expected deliveries/s")
+        ax.plot(ns, [r["expected_per_s"] / 1000 for r in ch], "--", color="gray",
+                label="expected deliveries/s")
         ax.plot(ns, [r["deliveries_per_s"] / 1000 for r in ch], "-o", color="tab:blue", label="delivered/s")
         ax.set_xlabel("members (1 msg/s each)")
         ax.set_ylabel("k deliveries/s")
@@ -1360,7 +1385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="about a minute: shorter windows, fewer sizes")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json",
                         help="results file (default benchmarks/results/latest.json)")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw throughput/latency curves (matplotlib)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw throughput/latency curves (needs matplotlib)")
     parser.add_argument("--profile", nargs="?", const=ROOT / "benchmarks" / "results" / "profile", type=Path,
                         metavar="FILE", help="also profile the broker under load with py-spy "
                         "(writes FILE.txt raw stacks and FILE.svg)")
@@ -1375,10 +1401,12 @@ def main(argv: list[str] | None = None) -> int:
     broker_args = shlex.split(args.broker_args) if args.broker_args is not None else None
     soft, hard = raise_nofile()
     res: dict = {"meta": {
-        "mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "python": platform.python_version(),
+        "mode": "quick" if args.quick else "full", "cpus": os.cpu_count(),
+        "python": platform.python_version(),
         "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "nofile": [soft, hard],
         "broker": ("python -m zchat broker ... " + args.broker_args) if broker_args is not None
-        else "launcher: zchat.broker.serve(BrokerSettings(limits=Limits(rate_burst=1e9, rate_per_second=1e9)))",
+        else "launcher: zchat.broker.serve(BrokerSettings(limits=Limits(rate_burst=10**9, "
+             "rate_per_second=1e9)))",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), **cfg}}
     workdir = Path(tempfile.mkdtemp(prefix="zchat-bench-"))
     t_start = time.monotonic()
@@ -1412,7 +1440,12 @@ def main(argv: list[str] | None = None) -> int:
                               f"p99 {fmt_ms(r['p99_ms'])} p99.9 {fmt_ms(r['p999_ms'])} ms", flush=True)
             if args.profile is not None:
                 args.profile.parent.mkdir(parents=True, exist_ok=True)
-                res["profile"] = run_profile(zc, cfg["profile_duration"], args.profile)
+                res["profile"] = []
+                for i, (label, senders, subs, rate) in enumerate(PROFILE_SCENARIOS):
+                    out = args.profile.with_name(f"{args.profile.name}-{i + 1}")
+                    res["profile"].append(run_profile(zc, cfg["profile_duration"], out, label,
+                                                      senders, subs, rate))
+                    print(f"  profiled: {label}", flush=True)
             for svc in (zc, px):
                 svc.stop()
         if "scale" in only:
@@ -1427,8 +1460,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in cfg["chatty"]:
                 r = run_chatty(workdir, n, cfg["chatty_warmup"], cfg["chatty_duration"], broker_args)
                 res["chatty"].append(r)
-                print(f"  chatty {n}: {fmt_rate(r['deliveries_per_s'])} deliveries/s, p99 {fmt_ms(r['p99_ms'])} ms",
-                      flush=True)
+                print(f"  chatty {n}: {fmt_rate(r['deliveries_per_s'])} deliveries/s, "
+                      f"p99 {fmt_ms(r['p99_ms'])} ms", flush=True)
         if "joins" in only:
             res["joins"] = run_joins(workdir, cfg["joins"], broker_args)
         res["meta"]["seconds"] = round(time.monotonic() - t_start, 1)

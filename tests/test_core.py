@@ -7,7 +7,7 @@ import json
 import pytest
 
 from zchat import limits as L
-from zchat.core import BrokerCore, Limits, Publish
+from zchat.core import BrokerCore, DeliverMail, Fetch, Limits, Mail, Publish, Remember
 from zchat.protocol import (
     Code,
     Error,
@@ -39,15 +39,20 @@ def body(**fields: object) -> bytes:
     return json.dumps(fields).encode()
 
 
-def checked(out: list[Publish]) -> list[Publish]:
-    """Every publication must survive the wire encoding unchanged."""
+def checked(out: list) -> list[Publish]:
+    """The publications in `out` (storage requests are tested in test_core_history.py);
+    every publication must survive the wire encoding unchanged."""
     assert isinstance(out, list)
-    for pub in out:
-        assert isinstance(pub, Publish)
-        topic, event = decode_publication(encode_publication(pub.topic.encode(), pub.event))
-        assert topic == pub.topic
-        assert event == pub.event
-    return out
+    publications = []
+    for item in out:
+        if not isinstance(item, Publish):
+            assert isinstance(item, (Fetch, Mail, DeliverMail, Remember)), item
+            continue
+        topic, event = decode_publication(encode_publication(item.topic.encode(), item.event))
+        assert topic == item.topic
+        assert event == item.event
+        publications.append(item)
+    return publications
 
 
 def make(now: float = 0.0, **limits: float) -> BrokerCore:
@@ -457,24 +462,28 @@ def test_after_leave_errors_still_reach_the_peer_and_rejoin_is_immediate() -> No
     assert out[0].event.rooms == {"lobby": 2}
 
 
-def test_disconnect_announces_left_disconnected_and_forgets_the_peer() -> None:
+def test_disconnect_announces_left_disconnected_and_keeps_the_peer_reachable() -> None:
     core = make()
     joined(core, A, "alice")
     joined(core, B, "bob")
     out = checked(core.on_disconnect(A, 6.0))
     assert kinds(out) == [(LOBBY, "Left")]
     assert out[0].event == Left(seq=3, ts=6.0, room="lobby", name="alice", reason="disconnected")
-    assert A not in core.peers
     assert core.member_name(A) is None
     assert core.online == 1
     joined(core, C, "alice")
+    # Only the input connection may have dropped: its SUB is still subscribed, so a
+    # ping must still be answered with not_joined (the client then rejoins).
+    assert error(send(core, A, 7.0, type="ping"), A).code == Code.NOT_JOINED
+    # An identity that stays silent is forgotten after peer_idle_seconds.
+    core.tick(8.0 + core.limits.peer_idle_seconds)
+    assert A not in core.peers
 
 
 def test_disconnect_of_a_non_member_or_unknown_identity_publishes_nothing() -> None:
     core = make()
     subscribe_all(core, A)
     assert core.on_disconnect(A, 1.0) == []
-    assert A not in core.peers
     assert core.on_disconnect(B, 1.0) == []
     assert core.seqs == {}
 
@@ -690,13 +699,16 @@ def test_rate_limit_refill_is_capped_at_the_burst() -> None:
     assert results == [[(LOBBY, "Message")]] * 3 + [[(u(A), "Error")], []]
 
 
-def test_resent_joins_are_free_but_renames_and_leaves_are_charged() -> None:
+def test_joins_waiting_for_subscriptions_and_the_first_are_free_repeats_are_charged() -> None:
     core = make(rate_burst=2, rate_per_second=1.0)
-    joined(core, A, "alice")
-    for _ in range(5):  # clients resend joins until welcomed: never throttled
-        assert kinds(send(core, A, type="join", name="alice")) == [(u(A), "Welcome")]
+    sub(core, A, u(A))
+    for _ in range(5):  # clients resend joins until welcomed: waiting costs nothing
+        assert send(core, A, type="join", name="alice") == []
+    sub(core, A, SYS)
+    _, out = sub(core, A, LOBBY)
+    assert kinds(out) == [(u(A), "Welcome"), (LOBBY, "Joined")]  # the completing join: free
+    assert kinds(send(core, A, type="join", name="alice")) == [(u(A), "Welcome")]  # token 1
     assert kinds(send(core, A, type="join", name="alicia")) == [(LOBBY, "Renamed"), (u(A), "Welcome")]
-    send(core, A, type="say", room="lobby", text="spends the last token")
     assert error(send(core, A, type="join", name="alice"), A).code == Code.RATE_LIMITED
     assert send(core, A, type="leave") == []  # already told: silence
     assert core.member_name(A) == "alicia"
@@ -736,7 +748,10 @@ def test_max_peers_bound() -> None:
     assert raw(core, C, b"junk") == []
     assert set(core.peers) == {A, B}
     core.on_disconnect(B, 1.0)
-    assert sub(core, C, SYS) == (True, [])
+    assert sub(core, C, SYS) == (False, [])  # B is kept until it idles out...
+    core.on_message(A, body(type="ping"), 1, 1.0 + core.limits.peer_idle_seconds)  # (A stays alive)
+    core.tick(1.0 + core.limits.peer_idle_seconds + 0.5)
+    assert sub(core, C, SYS) == (True, [])  # ...then its place is free
     assert sub(core, D, SYS) == (False, [])
     assert set(core.peers) == {A, C}
 

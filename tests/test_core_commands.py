@@ -11,7 +11,7 @@ import json
 import pytest
 
 from zchat import limits as L
-from zchat.core import BrokerCore, Limits, Publish
+from zchat.core import BrokerCore, DeliverMail, Fetch, Limits, Mail, Publish, Remember
 from zchat.protocol import (
     Action,
     Code,
@@ -50,15 +50,20 @@ def body(**fields: object) -> bytes:
     return json.dumps(fields).encode()
 
 
-def checked(out: list[Publish]) -> list[Publish]:
-    """Every publication must survive the wire encoding unchanged."""
+def checked(out: list) -> list[Publish]:
+    """The publications in `out` (storage requests are tested in test_core_history.py);
+    every publication must survive the wire encoding unchanged."""
     assert isinstance(out, list)
-    for pub in out:
-        assert isinstance(pub, Publish)
-        topic, event = decode_publication(encode_publication(pub.topic.encode(), pub.event))
-        assert topic == pub.topic
-        assert event == pub.event
-    return out
+    publications = []
+    for item in out:
+        if not isinstance(item, Publish):
+            assert isinstance(item, (Fetch, Mail, DeliverMail, Remember)), item
+            continue
+        topic, event = decode_publication(encode_publication(item.topic.encode(), item.event))
+        assert topic == item.topic
+        assert event == item.event
+        publications.append(item)
+    return publications
 
 
 def make(now: float = 0.0, **limits: float) -> BrokerCore:
@@ -276,15 +281,21 @@ def test_msg_to_unknown_name_is_no_such_user_to_the_sender_only(to: str) -> None
     assert core.seqs == {**seqs_before, u(A): seqs_before[u(A)] + 1}
 
 
-def test_msg_to_someone_who_left_is_no_such_user() -> None:
+def test_msg_to_someone_who_left_is_kept_for_their_key() -> None:
     core = make()
     joined(core, A, "alice")
     joined(core, B, "bob")
     send(core, B, type="leave")
-    err = error(send(core, A, type="msg", to="bob", text="still there?", ref=1), A)
-    assert err.code == Code.NO_SUCH_USER
     core.on_disconnect(B, 1.0)
-    assert error(send(core, A, type="msg", to="bob", text="?"), A).code == Code.NO_SUCH_USER
+    out = core.on_message(A, body(type="msg", to="bob", text="still there?", ref=1), 1, 2.0)
+    mail = [item for item in out if isinstance(item, Mail)]
+    assert len(mail) == 1 and mail[0].recipient == B
+    assert (mail[0].event.name, mail[0].event.to, mail[0].event.text, mail[0].event.offline) == \
+        ("alice", "bob", "still there?", True)
+    echo = checked(out)
+    assert [(p.topic, p.event.ref, p.event.offline) for p in echo] == [(u(A), 1, True)]  # type: ignore[attr-defined]
+    # A name nobody ever held is an error, to the sender only.
+    assert error(send(core, A, type="msg", to="ghost", text="?"), A).code == Code.NO_SUCH_USER
 
 
 def test_msg_with_empty_text() -> None:
@@ -740,7 +751,7 @@ def test_every_command_from_a_non_member_is_not_joined(fields: dict[str, object]
     assert err.ref == ref
     assert core.member_name(A) is None
     assert core.seqs == {**seqs_before, u(A): 1}
-    assert core.peers[A].pending_rooms == []
+    assert core.peers[A].pending_rooms == {}
 
 
 def test_commands_after_leaving_are_not_joined() -> None:

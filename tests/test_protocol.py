@@ -381,8 +381,9 @@ def test_clean_text_keeps_normal_text(text: str) -> None:
     ("\x9fapc string\x9cd", "d"),
     ("bell\x07 back\x08space", "bell backspace"),
     ("nul\x00byte", "nulbyte"),
-    ("car\rriage", "carriage"),
-    ("new\nline", "newline"),
+    ("car\rriage", "car riage"),  # line breaks become spaces: words stay apart
+    ("new\nline", "new line"),
+    ("crlf\r\nline", "crlf line"),
     ("del\x7fete", "delete"),
     ("tab\there", "tab here"),
     ("\u202eevil\u202c", "evil"),
@@ -415,7 +416,7 @@ def test_clean_text_output_has_no_controls() -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "alice", "Bob", "a", "7", "a" * limits.MAX_NAME_CHARS, "zoë", "日本", "a.b-c_d", "R2-D2", "x.",
+    "alice", "Bob", "a", "7", "a" * limits.MAX_NAME_CHARS, "a.b-c_d", "R2-D2", "x.",
 ])
 def test_valid_names(name: str) -> None:
     assert valid_name(name) is True
@@ -424,6 +425,7 @@ def test_valid_names(name: str) -> None:
 @pytest.mark.parametrize("name", [
     "", "a" * (limits.MAX_NAME_CHARS + 1), " alice", "alice ", "al ice", "a/b", "u/x", "-a", ".a",
     "a:b", "a#", "a@b", "a\x1b[31m", "\x00", "a\tb", "🎉", "a\u202eb",
+    "zoë", "日本", "аlice",  # non-ASCII: "аlice" starts with a Cyrillic а that looks like a Latin a
 ])
 def test_invalid_names(name: str) -> None:
     assert valid_name(name) is False
@@ -444,7 +446,6 @@ def test_names_with_a_newline_are_invalid(name: str) -> None:
     ("a.b_c", "a.b_c"),
     ("r" * limits.MAX_ROOM_CHARS, "r" * limits.MAX_ROOM_CHARS),
     ("#" + "R" * limits.MAX_ROOM_CHARS, "r" * limits.MAX_ROOM_CHARS),
-    ("Café", "café"),
 ])
 def test_normalize_room_valid(raw: str, room: str) -> None:
     assert normalize_room(raw) == room

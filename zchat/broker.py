@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,14 +25,16 @@ from zmq.utils.monitor import recv_monitor_message
 from zchat import keys
 from zchat import limits as L
 from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, zap_reply
-from zchat.core import BrokerCore, Limits, Publish
+from zchat.core import BrokerCore, Limits, Out
+from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
-from zchat.protocol import Joined, Left, encode_publication
+from zchat.history import HistoryStore, Retention
 
 log = logging.getLogger("zchat.broker")
 
 DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
 STATE_FILE = "broker.json"
+PRUNE_INTERVAL = 60.0  # seconds between retention passes
 
 
 @dataclass
@@ -40,6 +43,8 @@ class BrokerSettings:
     config_dir: Path = field(default_factory=keys.default_config_dir)
     idle_exit: float | None = None  # stop after this long with nobody online
     limits: Limits = field(default_factory=Limits)
+    db_path: Path | None = None  # default: <config>/broker/history.sqlite3; ":memory:" keeps nothing
+    retention: Retention = field(default_factory=Retention)
 
 
 class BrokerError(Exception):
@@ -72,7 +77,13 @@ class Broker:
         self.settings = settings
         self.keypair = keys.load_or_create(keys.broker_dir(settings.config_dir), keys.BROKER_KEY_NAME)
         self.epoch = secrets.token_hex(8)
-        self.core = BrokerCore(self.epoch, time.time(), settings.limits)
+        db_path = settings.db_path or keys.broker_dir(settings.config_dir) / "history.sqlite3"
+        try:
+            self.store = HistoryStore(db_path, settings.retention)
+        except sqlite3.Error as exc:
+            raise BrokerError(f"cannot open the history database {db_path}: {exc}") from None
+        self.core = BrokerCore(self.epoch, time.time(), settings.limits,
+                               seqs=self.store.last_seqs(), known_names=self.store.known_names())
         self.ctx = zmq.Context()
         self._stopping = False
         self._identity_by_fd: dict[int, str] = {}
@@ -94,6 +105,7 @@ class Broker:
         self.xpub.sndhwm = L.XPUB_SNDHWM
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.monitor = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.dispatch = Dispatcher(self.core, self.store, self.xpub.send)
         self._sockets_open = True
         ep = self.settings.endpoints
         for sock, endpoint in ((self.pull, ep.input), (self.xpub, ep.publish)):
@@ -168,6 +180,7 @@ class Broker:
         poller.register(wake_r.fileno(), zmq.POLLIN)
         idle_since = time.time()
         next_tick = 0.0
+        next_prune = time.time() + PRUNE_INTERVAL
         try:
             while not self._stopping:
                 timeout_ms = max(0.0, next_tick - time.time()) * 1000
@@ -194,7 +207,14 @@ class Broker:
                     elif self.settings.idle_exit is not None and now - idle_since >= self.settings.idle_exit:
                         log.info("nobody online for %.0f s: stopping", self.settings.idle_exit)
                         break
+                self.dispatch.flush(now)
+                if now >= next_prune:
+                    next_prune = now + PRUNE_INTERVAL
+                    dropped = self.store.prune(now)
+                    if dropped:
+                        log.info("retention: dropped %d old events", dropped)
             self._publish(self.core.shutdown(time.time(), "the broker is shutting down"))
+            self.dispatch.flush(time.time())
             return 0
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -284,15 +304,8 @@ class Broker:
                 del self._fd_by_identity[identity]
             self._publish(self.core.on_disconnect(identity, now))
 
-    def _publish(self, out: list[Publish]) -> None:
-        send = self.xpub.send
-        for item in out:
-            send(encode_publication(item.topic.encode(), item.event))
-            event = item.event
-            if isinstance(event, Joined):
-                log.info("%s joined %s", event.name, event.room)
-            elif isinstance(event, Left):
-                log.info("%s left %s (%s)", event.name, event.room, event.reason)
+    def _publish(self, out: list[Out]) -> None:
+        self.dispatch.add(out)  # sent at the end of the loop turn, after storage
 
     def close(self, linger_ms: int = 0) -> None:
         if self._sockets_open:
@@ -307,6 +320,7 @@ class Broker:
                     state_path(self.settings.config_dir).unlink()
             except (OSError, ValueError):
                 pass
+        self.store.close()
         self.ctx.term()
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
+import msgspec
+
 from zchat import limits as L
 from zchat.protocol import (
     DEFAULT_ROOM,
@@ -26,6 +28,7 @@ from zchat.protocol import (
     Error,
     Event,
     Heartbeat,
+    HistoryRequest,
     Join,
     Joined,
     Leave,
@@ -56,6 +59,11 @@ from zchat.protocol import (
 )
 
 
+def invalid_name_detail(name: str) -> str:
+    return (f"invalid name {clean_text(name)!r}: 1-{L.MAX_NAME_CHARS} ASCII letters, digits, '.', '-' "
+            "or '_', starting with a letter or digit")
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Tunable limits; defaults come from zchat.limits."""
@@ -78,9 +86,49 @@ class Publish:
 
 
 @dataclass(slots=True)
+class Fetch:
+    """Ask the shell for stored events of `room` with after < seq <= upto (the newest
+    `limit` of them), to publish as a History event on `identity`'s private stream."""
+
+    identity: str
+    room: str
+    after: int
+    upto: int
+    limit: int
+    ref: int | None = None
+
+
+@dataclass(slots=True)
+class Mail:
+    """Keep a private message for an offline user (identity = their last key)."""
+
+    recipient: str
+    event: Direct
+
+
+@dataclass(slots=True)
+class DeliverMail:
+    """Publish (with `core.reply`) and forget the mail kept for `identity`."""
+
+    identity: str
+
+
+@dataclass(slots=True)
+class Remember:
+    """`name` was last held by `identity`: keep it for mail to offline users."""
+
+    name_key: str
+    identity: str
+
+
+Out = Publish | Fetch | Mail | DeliverMail | Remember
+
+
+@dataclass(slots=True)
 class Member:
     name: str
     rooms: list[str]
+    history: int = L.DEFAULT_HISTORY  # events of history wanted when entering a room
 
 
 @dataclass(slots=True)
@@ -93,19 +141,22 @@ class Peer:
     refilled_at: float
     topics: set[str] = field(default_factory=set)
     pending_join: Join | None = None
-    pending_rooms: list[str] = field(default_factory=list)  # entered, awaiting subscription
+    pending_rooms: dict[str, int] = field(default_factory=dict)  # room -> history, awaiting subscription
     member: Member | None = None
     throttled: bool = False  # told "rate_limited" since the bucket last ran dry
 
 
 class BrokerCore:
-    def __init__(self, epoch: str, now: float, limits: Limits | None = None) -> None:
+    def __init__(self, epoch: str, now: float, limits: Limits | None = None,
+                 seqs: dict[str, int] | None = None, known_names: dict[str, str] | None = None) -> None:
+        """`seqs` and `known_names` come from storage, so numbering continues after a restart."""
         self.epoch = epoch
         self.limits = limits or Limits()
         self.peers: dict[str, Peer] = {}
-        self.names: dict[str, str] = {}  # name_key(name) -> identity
+        self.names: dict[str, str] = {}  # name_key(name) -> identity, online members
+        self.known_names: dict[str, str] = dict(known_names or {})  # name_key -> last identity
         self.rooms: dict[str, set[str]] = {}  # room -> member identities
-        self.seqs: dict[str, int] = {}
+        self.seqs: dict[str, int] = dict(seqs or {})
         self.next_heartbeat = now
         self.next_expiry_scan = now
 
@@ -121,7 +172,7 @@ class BrokerCore:
 
     # --- subscriptions -----------------------------------------------------
 
-    def on_subscribe(self, identity: str | None, topic: str, now: float) -> tuple[bool, list[Publish]]:
+    def on_subscribe(self, identity: str | None, topic: str, now: float) -> tuple[bool, list[Out]]:
         """Decide whether `identity` may receive `topic`; may complete a pending join."""
         if identity is None or not self._topic_allowed(identity, topic):
             return False, []
@@ -157,7 +208,7 @@ class BrokerCore:
 
     def on_message(
         self, identity: str | None, body: bytes | memoryview, frames: int, now: float
-    ) -> list[Publish]:
+    ) -> list[Out]:
         if identity is None:  # no ZAP identity: never trust it, nowhere to answer
             return []
         peer = self._peer(identity, now)
@@ -167,8 +218,7 @@ class BrokerCore:
         try:
             message = decode_client_message(body, frames)
         except ProtocolError as exc:
-            throttled = self._charge(peer, now)
-            return throttled if throttled is not None else self._error(peer, now, exc.code, exc.detail)
+            return self._refuse(peer, now, exc.code, exc.detail)
         if isinstance(message, Ping) and peer.member is not None:
             return []  # members' pings are free: they only keep presence alive
         if isinstance(message, Join):
@@ -178,23 +228,26 @@ class BrokerCore:
         throttled = self._charge(peer, now)
         if throttled is not None:
             return throttled
+        if isinstance(message, HistoryRequest):
+            return self._history(peer, peer.member, message, now)
         if peer.member is None:
             if isinstance(message, Leave):
                 return []  # leaving twice, or after a refused join: nothing to say
             return self._error(peer, now, Code.NOT_JOINED, "join first", getattr(message, "ref", None))
         return self._handlers[type(message)](self, peer, peer.member, message, now)
 
-    def on_disconnect(self, identity: str, now: float) -> list[Publish]:
+    def on_disconnect(self, identity: str, now: float) -> list[Out]:
         """The transport saw this identity's connection close (crash or exit)."""
-        peer = self.peers.pop(identity, None)
+        peer = self.peers.get(identity)
         if peer is None:
             return []
-        self.seqs.pop(private_topic(identity), None)
+        # The peer record (and its approved topics) stays until it idles out: if only the
+        # input connection dropped, the SUB is still subscribed and not_joined must reach it.
         return self._leave(peer, "disconnected", "", now)
 
-    def tick(self, now: float) -> list[Publish]:
+    def tick(self, now: float) -> list[Out]:
         """Heartbeats, member expiry and forgetting idle identities."""
-        out: list[Publish] = []
+        out: list[Out] = []
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.limits.heartbeat_interval
             out.append(self._publish(SYSTEM_TOPIC, lambda seq: Heartbeat(
@@ -212,25 +265,31 @@ class BrokerCore:
                     self._forget(peer.identity)
         return out
 
-    def shutdown(self, now: float, detail: str) -> list[Publish]:
+    def reply(self, identity: str, make: Callable[[int], Event]) -> Publish:
+        """An event for `identity`'s private stream, numbered in its sequence (for the shell's
+        answers to Fetch and DeliverMail)."""
+        return self._publish(private_topic(identity), make)
+
+    def shutdown(self, now: float, detail: str) -> list[Out]:
         return [self._publish(SYSTEM_TOPIC, lambda seq: Shutdown(
             seq=seq, ts=now, epoch=self.epoch, detail=detail))]
 
     # --- handlers ------------------------------------------------------------
 
-    def _join(self, peer: Peer, join: Join, now: float) -> list[Publish]:
+    def _join(self, peer: Peer, join: Join, now: float) -> list[Out]:
         if not valid_name(join.name):
-            return self._invalid_name(peer, join.name, now)
+            return self._refuse(peer, now, Code.INVALID_NAME, invalid_name_detail(join.name))
         rooms: list[str] = []
         for raw in join.rooms or [DEFAULT_ROOM]:
             room = normalize_room(raw)
             if room is None:
-                return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {raw!r}")
+                return self._refuse(peer, now, Code.INVALID_ROOM, f"invalid room {raw!r}")
             if room not in rooms:
                 rooms.append(room)
-        return self._try_join(peer, Join(name=join.name, rooms=rooms), now)
+        seen = {room: seq for raw, seq in join.seen.items() if (room := normalize_room(raw))}
+        return self._try_join(peer, msgspec.structs.replace(join, rooms=rooms, seen=seen), now)
 
-    def _try_join(self, peer: Peer, join: Join, now: float) -> list[Publish]:
+    def _try_join(self, peer: Peer, join: Join, now: float) -> list[Out]:
         """Complete a join once its private stream and rooms are subscribed."""
         needed = [private_topic(peer.identity)]
         if ROOM_PREFIX not in peer.topics:
@@ -241,82 +300,116 @@ class BrokerCore:
         peer.pending_join = None
         holder = self.names.get(name_key(join.name))
         if holder is not None and holder != peer.identity:
-            return self._error(peer, now, Code.NAME_TAKEN, f"the name {join.name!r} is taken")
-        out: list[Publish] = []
+            return self._refuse(peer, now, Code.NAME_TAKEN, f"the name {join.name!r} is taken")
+        out: list[Out] = []
         member = peer.member
         resumed = member is not None
-        if member is None:
-            member = peer.member = Member(name=join.name, rooms=[])
-            self.names[name_key(join.name)] = peer.identity
-        elif member.name != join.name:
+        if resumed:
+            # Only the join that makes a member (or waits for subscriptions) is free:
+            # a repeated one costs a welcome, so it is charged like any request.
             throttled = self._charge(peer, now)
             if throttled is not None:
                 return throttled
+        if member is None:
+            member = peer.member = Member(name=join.name, rooms=[], history=join.history)
+            self.names[name_key(join.name)] = peer.identity
+            out += self._remember(join.name, peer.identity)
+        elif member.name != join.name:
             out += self._rename(peer, member, join.name, now)
         new_rooms = [room for room in join.rooms if room not in member.rooms]
+        if len(member.rooms) + len(new_rooms) > L.MAX_ROOMS_PER_MEMBER:
+            return self._error(peer, now, Code.TOO_MANY_ROOMS,
+                               f"at most {L.MAX_ROOMS_PER_MEMBER} rooms; /leave one first")
         baseline = {room: self.seqs.get(room_topic(room), 0) for room in member.rooms + new_rooms}
         arriving = resumed is False
-        joined: list[Publish] = []
+        joined: list[Out] = []
         for room in new_rooms:
             joined += self._add_to_room(peer, member, room, now, chat=arriving)
+        # History goes out after the welcome and before the joined notices: the seam
+        # between what was stored (seq <= baseline) and live traffic is exact.
+        fetches: list[Out] = [
+            Fetch(peer.identity, room, join.seen.get(room, 0), baseline[room], join.history)
+            for room in new_rooms if join.history and join.seen.get(room, 0) < baseline[room]]
+        if arriving:
+            fetches.append(DeliverMail(peer.identity))
         out.append(self._publish(private_topic(peer.identity), lambda seq: Welcome(
             seq=seq, ts=now, id=peer.identity, name=member.name, epoch=self.epoch,
             rooms=baseline, online=self.online,
             members=[self.peers[i].member.name for i in islice(self.names.values(), L.MEMBERS_IN_WELCOME)],  # type: ignore[union-attr]
             heartbeat=self.limits.heartbeat_interval, rate_burst=self.limits.rate_burst,
             rate_per_second=self.limits.rate_per_second, resumed=resumed)))
-        return out + joined
+        return out + fetches + joined
 
-    def _invalid_name(self, peer: Peer, name: str, now: float) -> list[Publish]:
-        return self._error(peer, now, Code.INVALID_NAME,
-                           f"invalid name {clean_text(name)!r}: 1-{L.MAX_NAME_CHARS} letters, digits, "
-                           "'.', '-' or '_', starting with a letter or digit")
+    def _remember(self, name: str, identity: str) -> list[Out]:
+        key = name_key(name)
+        if self.known_names.get(key) == identity:
+            return []
+        self.known_names.pop(key, None)  # re-insert: dict order is our recency order
+        self.known_names[key] = identity
+        if len(self.known_names) > L.KNOWN_NAMES:
+            del self.known_names[next(iter(self.known_names))]
+        return [Remember(key, identity)]
 
-    def _rename(self, peer: Peer, member: Member, new: str, now: float) -> list[Publish]:
+    def _rename(self, peer: Peer, member: Member, new: str, now: float) -> list[Out]:
         old = member.name
+        remembered: list[Out] = []
         if name_key(old) != name_key(new):
             del self.names[name_key(old)]
             self.names[name_key(new)] = peer.identity
+            remembered = self._remember(new, peer.identity)
         member.name = new
         # Everyone in the member's rooms is told; with no room, the member alone.
         topics = [room_topic(room) for room in member.rooms] or [private_topic(peer.identity)]
-        return [self._publish(topic, lambda seq, topic=topic: Renamed(
+        return remembered + [self._publish(topic, lambda seq, topic=topic: Renamed(
             seq=seq, ts=now, room=room_of_topic(topic) or "", old=old, new=new)) for topic in topics]
 
     def _room_of(self, peer: Peer, member: Member, raw: str, now: float,
-                 ref: int | None = None) -> tuple[str | None, list[Publish]]:
+                 ref: int | None = None) -> tuple[str | None, list[Out]]:
         """The member's room named `raw`, or an error to send instead."""
         room = normalize_room(raw)
         if room is None or room not in member.rooms:
             return None, self._error(peer, now, Code.NOT_IN_ROOM, f"you are not in room {raw!r}", ref)
         return room, []
 
-    def _text(self, peer: Peer, raw: str, now: float, ref: int | None) -> tuple[str, list[Publish]]:
+    def _text(self, peer: Peer, raw: str, now: float, ref: int | None) -> tuple[str, list[Out]]:
         text = clean_text(raw).strip()
         return text, ([] if text else self._error(peer, now, Code.EMPTY_TEXT, "message is empty", ref))
 
-    def _say(self, peer: Peer, member: Member, say: Say, now: float) -> list[Publish]:
+    def _say(self, peer: Peer, member: Member, say: Say, now: float) -> list[Out]:
         room, error = self._room_of(peer, member, say.room, now, say.ref)
+        if room is None:
+            return error
         text, empty = self._text(peer, say.text, now, say.ref)
-        if room is None or empty:
-            return error or empty
+        if empty:
+            return empty
         return [self._publish(room_topic(room), lambda seq: Message(
             seq=seq, ts=now, room=room, name=member.name, text=text, ref=say.ref))]
 
-    def _me(self, peer: Peer, member: Member, me: Me, now: float) -> list[Publish]:
+    def _me(self, peer: Peer, member: Member, me: Me, now: float) -> list[Out]:
         room, error = self._room_of(peer, member, me.room, now, me.ref)
+        if room is None:
+            return error
         text, empty = self._text(peer, me.text, now, me.ref)
-        if room is None or empty:
-            return error or empty
+        if empty:
+            return empty
         return [self._publish(room_topic(room), lambda seq: Action(
             seq=seq, ts=now, room=room, name=member.name, text=text, ref=me.ref))]
 
-    def _msg(self, peer: Peer, member: Member, msg: Msg, now: float) -> list[Publish]:
+    def _msg(self, peer: Peer, member: Member, msg: Msg, now: float) -> list[Out]:
         target = self.names.get(name_key(msg.to))
-        if target is None:
-            return self._error(peer, now, Code.NO_SUCH_USER,
-                               f"nobody called {clean_text(msg.to)!r} is online", msg.ref)
         text, empty = self._text(peer, msg.text, now, msg.ref)
+        if target is None:
+            last_key = self.known_names.get(name_key(msg.to))
+            if last_key is None:
+                return self._error(peer, now, Code.NO_SUCH_USER,
+                                   f"unknown user {clean_text(msg.to)!r}: nobody of that name has been here",
+                                   msg.ref)
+            if empty:
+                return empty
+            # Offline: kept for the key that last held the name, delivered when it joins.
+            kept = Direct(seq=0, ts=now, name=member.name, to=msg.to, text=text, offline=True)
+            return [Mail(last_key, kept), self._publish(private_topic(peer.identity), lambda seq: Direct(
+                seq=seq, ts=now, name=member.name, to=msg.to, text=text, ref=msg.ref, offline=True))]
         if empty:
             return empty
         recipient = self.peers[target].member
@@ -329,9 +422,9 @@ class BrokerCore:
                 seq=seq, ts=now, name=member.name, to=recipient.name, text=text)))
         return out
 
-    def _nick(self, peer: Peer, member: Member, nick: Nick, now: float) -> list[Publish]:
+    def _nick(self, peer: Peer, member: Member, nick: Nick, now: float) -> list[Out]:
         if not valid_name(nick.name):
-            return self._invalid_name(peer, nick.name, now)
+            return self._error(peer, now, Code.INVALID_NAME, invalid_name_detail(nick.name))
         if nick.name == member.name:
             return []
         holder = self.names.get(name_key(nick.name))
@@ -339,7 +432,7 @@ class BrokerCore:
             return self._error(peer, now, Code.NAME_TAKEN, f"the name {nick.name!r} is taken")
         return self._rename(peer, member, nick.name, now)
 
-    def _who(self, peer: Peer, member: Member, who: Who, now: float) -> list[Publish]:
+    def _who(self, peer: Peer, member: Member, who: Who, now: float) -> list[Out]:
         if who.room is None:
             identities: Iterable[str] = self.names.values()
             room = None
@@ -348,18 +441,18 @@ class BrokerCore:
             if room is None:
                 return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {who.room!r}", who.ref)
             identities = self.rooms.get(room, ())
-        names = sorted(self.peers[i].member.name for i in identities)  # type: ignore[union-attr]
+        names = sorted((self.peers[i].member.name for i in identities), key=str.casefold)  # type: ignore[union-attr]
         return [self._publish(private_topic(peer.identity), lambda seq: WhoReply(
             seq=seq, ts=now, room=room, names=names[:L.MAX_NAMES_IN_REPLY], count=len(names),
             ref=who.ref))]
 
-    def _rooms(self, peer: Peer, member: Member, request: Rooms, now: float) -> list[Publish]:
+    def _rooms(self, peer: Peer, member: Member, request: Rooms, now: float) -> list[Out]:
         biggest = sorted(self.rooms.items(), key=lambda item: (-len(item[1]), item[0]))
         listed = {room: len(ids) for room, ids in biggest[:L.MAX_ROOMS_IN_REPLY]}
         return [self._publish(private_topic(peer.identity), lambda seq: RoomList(
             seq=seq, ts=now, rooms=listed, count=len(self.rooms), ref=request.ref))]
 
-    def _enter(self, peer: Peer, member: Member, enter: Enter, now: float) -> list[Publish]:
+    def _enter(self, peer: Peer, member: Member, enter: Enter, now: float) -> list[Out]:
         room = normalize_room(enter.room)
         if room is None:
             return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {enter.room!r}")
@@ -368,29 +461,40 @@ class BrokerCore:
         if len(member.rooms) + len(peer.pending_rooms) >= L.MAX_ROOMS_PER_MEMBER:
             return self._error(peer, now, Code.TOO_MANY_ROOMS,
                                f"you are in {L.MAX_ROOMS_PER_MEMBER} rooms already; /leave one first")
-        if room not in peer.pending_rooms:
-            peer.pending_rooms.append(room)
+        peer.pending_rooms[room] = enter.history
         return self._try_enter(peer, member, now)
 
-    def _try_enter(self, peer: Peer, member: Member, now: float) -> list[Publish]:
+    def _try_enter(self, peer: Peer, member: Member, now: float) -> list[Out]:
         """Enter each pending room whose subscription is installed."""
-        out: list[Publish] = []
-        for room in list(peer.pending_rooms):
+        out: list[Out] = []
+        for room, history in list(peer.pending_rooms.items()):
             if ROOM_PREFIX in peer.topics or room_topic(room) in peer.topics:
-                peer.pending_rooms.remove(room)
+                del peer.pending_rooms[room]
+                upto = self.seqs.get(room_topic(room), 0)
+                if history and upto:
+                    out.append(Fetch(peer.identity, room, 0, upto, history))
                 out += self._add_to_room(peer, member, room, now, chat=False)
         return out
 
-    def _part(self, peer: Peer, member: Member, part: Part, now: float) -> list[Publish]:
+    def _history(self, peer: Peer, member: Member | None, request: HistoryRequest, now: float) -> list[Out]:
+        """Public rooms' history is open to anyone (taps too), like their live traffic."""
+        room = normalize_room(request.room)
+        if room is None:
+            return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {request.room!r}", request.ref)
+        last = self.seqs.get(room_topic(room), 0)
+        upto = last if request.before is None else min(last, max(0, request.before - 1))
+        return [Fetch(peer.identity, room, request.after, upto, request.limit, request.ref)]
+
+    def _part(self, peer: Peer, member: Member, part: Part, now: float) -> list[Out]:
         room, error = self._room_of(peer, member, part.room, now)
         if room is None:
             return error
         return [self._remove_from_room(peer, member, room, "part", clean_text(part.message), now)]
 
-    def _quit(self, peer: Peer, member: Member, leave: Leave, now: float) -> list[Publish]:
+    def _quit(self, peer: Peer, member: Member, leave: Leave, now: float) -> list[Out]:
         return self._leave(peer, "quit", clean_text(leave.message), now)
 
-    def _add_to_room(self, peer: Peer, member: Member, room: str, now: float, chat: bool) -> list[Publish]:
+    def _add_to_room(self, peer: Peer, member: Member, room: str, now: float, chat: bool) -> list[Out]:
         member.rooms.append(room)
         self.rooms.setdefault(room, set()).add(peer.identity)
         return [self._publish(room_topic(room), lambda seq: Joined(
@@ -407,7 +511,7 @@ class BrokerCore:
         return self._publish(room_topic(room), lambda seq: Left(
             seq=seq, ts=now, room=room, name=member.name, reason=reason, message=message))
 
-    def _leave(self, peer: Peer, reason: str, message: str, now: float) -> list[Publish]:
+    def _leave(self, peer: Peer, reason: str, message: str, now: float) -> list[Out]:
         member = peer.member
         if member is None:
             return []
@@ -419,7 +523,7 @@ class BrokerCore:
         return [self._remove_from_room(peer, member, room, reason, message, now)
                 for room in list(member.rooms)]
 
-    _handlers: dict[type, Callable[..., list[Publish]]] = {
+    _handlers: dict[type, Callable[..., list[Out]]] = {
         Say: _say, Me: _me, Msg: _msg, Nick: _nick, Who: _who, Rooms: _rooms,
         Enter: _enter, Part: _part, Leave: _quit,
     }
@@ -438,7 +542,7 @@ class BrokerCore:
         self.peers.pop(identity, None)
         self.seqs.pop(private_topic(identity), None)
 
-    def _charge(self, peer: Peer, now: float) -> list[Publish] | None:
+    def _charge(self, peer: Peer, now: float) -> list[Out] | None:
         """Take one token; on an empty bucket return what to send (once) instead."""
         limits = self.limits
         peer.tokens = min(float(limits.rate_burst),
@@ -455,8 +559,13 @@ class BrokerCore:
                            f"slow down: {limits.rate_burst} messages at once, then "
                            f"{limits.rate_per_second:g} per second")
 
+    def _refuse(self, peer: Peer, now: float, code: str, detail: str) -> list[Out]:
+        """An error for a request not yet charged: charge it, so errors are rate-limited too."""
+        throttled = self._charge(peer, now)
+        return throttled if throttled is not None else self._error(peer, now, code, detail)
+
     def _error(self, peer: Peer, now: float, code: str, detail: str,
-               ref: int | None = None) -> list[Publish]:
+               ref: int | None = None) -> list[Out]:
         topic = private_topic(peer.identity)
         if topic not in peer.topics:  # nobody would receive it
             return []

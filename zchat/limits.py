@@ -25,6 +25,14 @@ MAX_NAMES_IN_REPLY = 500  # names listed in a who reply
 MAX_ROOMS_IN_REPLY = 500  # rooms listed in a rooms reply
 MAX_ROOMS_PER_MEMBER = 32
 
+# History.
+DEFAULT_HISTORY = 50  # events of a room shown on joining it
+MAX_HISTORY_PER_REQUEST = 500
+HISTORY_KEEP_PER_ROOM = 10_000  # retention: newest events kept per room...
+HISTORY_KEEP_DAYS = 30.0  # ...and none older than this
+MAILBOX_PER_USER = 100  # private messages kept for an offline user
+KNOWN_NAMES = 100_000  # name -> last key, for messages to offline users
+
 # Flood control: a token bucket per identity.
 RATE_BURST = 20
 RATE_PER_SECOND = 5.0

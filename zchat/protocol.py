@@ -23,9 +23,10 @@ ROOM_PREFIX = "r/"
 PRIVATE_PREFIX = "u/"
 DEFAULT_ROOM = "lobby"
 
-# A letter or digit, then letters, digits, '.', '-' or '_' (\Z: no trailing newline).
-NAME_RE = re.compile(rf"[^\W_][\w.-]{{0,{limits.MAX_NAME_CHARS - 1}}}\Z")
-ROOM_RE = re.compile(rf"[^\W_][\w.-]{{0,{limits.MAX_ROOM_CHARS - 1}}}\Z")
+# An ASCII letter or digit, then letters, digits, '.', '-' or '_' (\Z: no trailing
+# newline). ASCII only: look-alike letters from other scripts cannot impersonate.
+NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{limits.MAX_NAME_CHARS - 1}}}\Z")
+ROOM_RE = re.compile(rf"[a-z0-9][a-z0-9_.-]{{0,{limits.MAX_ROOM_CHARS - 1}}}\Z")  # stored lowercase
 
 
 def room_topic(room: str) -> str:
@@ -51,7 +52,7 @@ def valid_name(name: str) -> bool:
 
 def normalize_room(room: str) -> str | None:
     """Rooms are case-insensitive; a leading '#' is accepted. None if invalid."""
-    room = room.removeprefix("#").casefold()
+    room = room.removeprefix("#").lower()
     return room if ROOM_RE.match(room) else None
 
 
@@ -76,11 +77,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 
 
 def clean_text(text: str) -> str:
-    """Strip terminal control and escape sequences; tabs become spaces."""
+    """Strip terminal control and escape sequences; tabs and line breaks become spaces."""
     if text.isprintable():  # fast path: the common case has nothing to strip
         return text
     text = _ESCAPE_SEQUENCE.sub("", text)
-    return _CONTROL.sub("", text).replace("\t", " ")
+    text = text.replace("\t", " ").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    return _CONTROL.sub("", text)
 
 
 # --- client -> broker ---------------------------------------------------------
@@ -96,9 +98,17 @@ class ClientMessage(Struct, tag_field="type", gc=False, omit_defaults=True):
     """Base of everything a client sends. Unknown fields are ignored."""
 
 
+HistoryCount = Annotated[int, Meta(ge=0, le=limits.MAX_HISTORY_PER_REQUEST)]
+Seq = Annotated[int, Meta(ge=0, le=2**53)]
+
+
 class Join(ClientMessage, tag="join"):
     name: NameField
     rooms: Annotated[list[RoomField], Meta(max_length=limits.MAX_ROOMS_PER_JOIN)] = []
+    # Recent history wanted per room on joining it; `seen` (room -> last seq the
+    # client already has, when rejoining) asks for what came after instead.
+    history: HistoryCount = limits.DEFAULT_HISTORY
+    seen: Annotated[dict[RoomField, Seq], Meta(max_length=limits.MAX_ROOMS_PER_JOIN)] = {}
 
 
 class Say(ClientMessage, tag="say"):
@@ -140,6 +150,17 @@ class Enter(ClientMessage, tag="enter"):
     """Join one more room (subscribe to r/<room>/ first)."""
 
     room: RoomField
+    history: HistoryCount = limits.DEFAULT_HISTORY
+
+
+class HistoryRequest(ClientMessage, tag="history"):
+    """Stored events of a public room with after < seq < before (either end open)."""
+
+    room: RoomField
+    after: Seq = 0
+    before: Seq | None = None
+    limit: HistoryCount = limits.DEFAULT_HISTORY
+    ref: Ref | None = None
 
 
 class Part(ClientMessage, tag="part"):
@@ -157,7 +178,8 @@ class Ping(ClientMessage, tag="ping"):
     pass
 
 
-ClientMessageType = Join | Say | Me | Msg | Nick | Who | Rooms | Enter | Part | Leave | Ping
+ClientMessageType = (Join | Say | Me | Msg | Nick | Who | Rooms | Enter | Part | HistoryRequest | Leave
+                     | Ping)
 
 # --- broker -> client ---------------------------------------------------------
 
@@ -203,6 +225,7 @@ class Direct(Event, tag="direct"):
     to: str
     text: str
     ref: int | None = None  # only on the sender's copy
+    offline: bool = False  # the recipient was offline: kept and delivered when they join
 
 
 class Joined(Event, tag="joined"):
@@ -243,6 +266,17 @@ class RoomList(Event, tag="rooms"):
     ref: int | None = None
 
 
+class History(Event, tag="history"):
+    """Stored room events, oldest first, each exactly as it was published."""
+
+    room: str
+    events: list[msgspec.Raw]
+    after: int  # the range asked for: after < seq <= upto
+    upto: int
+    lost: int = 0  # seqs in a bounded range (after > 0) no longer in storage
+    ref: int | None = None
+
+
 class Heartbeat(Event, tag="heartbeat"):
     epoch: str
     interval: float
@@ -255,7 +289,15 @@ class Shutdown(Event, tag="shutdown"):
 
 
 EventType = (Welcome | Message | Action | Direct | Joined | Left | Renamed | Error | WhoReply | RoomList
-             | Heartbeat | Shutdown)
+             | History | Heartbeat | Shutdown)
+
+
+def decode_event(data: bytes | msgspec.Raw) -> EventType:
+    """Decode one event body (e.g. an entry of History.events)."""
+    try:
+        return _event_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(Code.BAD_REQUEST, str(exc)) from None
 
 # --- error codes --------------------------------------------------------------
 
@@ -272,6 +314,7 @@ class Code:
     ALREADY_IN_ROOM = "already_in_room"
     TOO_MANY_ROOMS = "too_many_rooms"
     NO_SUCH_USER = "no_such_user"
+    MAILBOX_FULL = "mailbox_full"
     EMPTY_TEXT = "empty_text"
     RATE_LIMITED = "rate_limited"
 

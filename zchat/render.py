@@ -57,7 +57,8 @@ def mentions(event: ClientEvent, me: str | None) -> bool:
     """Does someone else's message or action name `me` as a word?"""
     if not me or not isinstance(event, (Message, Action, Direct)) or event.name == me:
         return False
-    return re.search(rf"(?<![\w.-]){re.escape(me)}(?![\w-])", event.text, re.IGNORECASE) is not None
+    pattern = rf"(?<![\w.-]){re.escape(me)}(?![\w-]|\.\w)"
+    return re.search(pattern, event.text, re.IGNORECASE) is not None
 
 
 def render(event: ClientEvent, view: View = View()) -> str | None:
@@ -77,26 +78,28 @@ def _name(name: str, view: View) -> str:
     if not view.color:
         return name
     weight = "1;" if name == view.me else ""
-    return f"\x1b[{weight}{name_color(name)}m{name}{_RESET}"
+    # Reset only what we set (weight, colour), so a reverse-video mention line stays reversed.
+    return f"\x1b[{weight}{name_color(name)}m{name}\x1b[22;39m"
 
 
 def _body(event: ClientEvent, view: View) -> str | None:
     n = lambda name: _name(name, view)  # noqa: E731
+    r = lambda room: "#" + clean_text(room)  # noqa: E731  (a broker should have cleaned it; trust nothing)
     if isinstance(event, Message):
-        tag = f"#{event.room} " if view.room and event.room != view.room else ""
+        tag = f"{r(event.room)} " if view.room and event.room != view.room else ""
         return f"{tag}{n(event.name)}: {clean_text(event.text)}"
     if isinstance(event, Action):
-        tag = f"#{event.room} " if view.room and event.room != view.room else ""
+        tag = f"{r(event.room)} " if view.room and event.room != view.room else ""
         return f"{tag}* {n(event.name)} {clean_text(event.text)}"
     if isinstance(event, Direct):
         if view.me is not None and event.name == view.me:
             return f"-> {n(event.to)}: {clean_text(event.text)}"
         return f"<- {n(event.name)}: {clean_text(event.text)}"
     if isinstance(event, Joined):
-        where = "the chat" if event.chat else f"#{event.room}"
+        where = "the chat" if event.chat else r(event.room)
         return f"- {n(event.name)} has joined {where}."
     if isinstance(event, Left):
-        where = f"#{event.room}" if event.reason == "part" else "the chat"
+        where = r(event.room) if event.reason == "part" else "the chat"
         said = f" ({clean_text(event.message)})" if event.message else ""
         return f"- {n(event.name)} has left {where}.{said}"
     if isinstance(event, Renamed):
@@ -104,12 +107,12 @@ def _body(event: ClientEvent, view: View) -> str | None:
     if isinstance(event, Error):
         return f"! {clean_text(event.detail)}"
     if isinstance(event, WhoReply):
-        where = f" in #{event.room}" if event.room else ""
+        where = f" in {r(event.room)}" if event.room else ""
         names = ", ".join(n(name) for name in event.names) or "nobody"
         more = f", and {event.count - len(event.names)} more" if event.count > len(event.names) else ""
         return f"* Online{where} ({event.count}): {names}{more}"
     if isinstance(event, RoomList):
-        rooms = ", ".join(f"#{room} ({size})" for room, size in event.rooms.items()) or "none"
+        rooms = ", ".join(f"{r(room)} ({size})" for room, size in event.rooms.items()) or "none"
         more = f", and {event.count - len(event.rooms)} more" if event.count > len(event.rooms) else ""
         return f"* Rooms: {rooms}{more}"
     if isinstance(event, Welcome):
@@ -124,9 +127,9 @@ def _body(event: ClientEvent, view: View) -> str | None:
             "shutdown": "The broker is shutting down.",
         }.get(event.state, event.detail)
     if isinstance(event, Gap):
-        where = event.topic
+        where = clean_text(event.topic)
         if where.startswith(ROOM_PREFIX):
-            where = "#" + where[len(ROOM_PREFIX):].rstrip("/")
+            where = r(where[len(ROOM_PREFIX):].rstrip("/"))
         plural = "s" if event.missing != 1 else ""
         return f"! {event.missing} event{plural} missed on {where}"
     return None

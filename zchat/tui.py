@@ -197,7 +197,7 @@ def _completer(session: Session):  # type: ignore[no-untyped-def]
                 rooms = snapshot(client.known_rooms)
                 candidates = ["#" + room for room in rooms] if word.startswith("#") else rooms
             else:
-                candidates = snapshot(client.members)
+                candidates = [name for name in snapshot(client.members) if name != client.name]
             for candidate in candidates:
                 if candidate.lower().startswith(word.lower()) and candidate != word:
                     yield Completion(candidate, start_position=-len(word))

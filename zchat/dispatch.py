@@ -1,0 +1,94 @@
+"""Carrying out what the core decided, once per broker loop turn.
+
+The core returns publications and storage requests (`Out` records). This
+collects them during a turn, then: writes every public event, kept mail and
+remembered name in one SQLite transaction, and only then sends, in order,
+answering history fetches and mail deliveries from storage on the way. So
+nothing is ever published that a crash right after could lose, and history
+handed to a joiner reaches exactly up to the live events that follow it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+from zchat import limits as L
+from zchat.core import BrokerCore, DeliverMail, Fetch, Mail, Out, Publish, Remember
+from zchat.history import HistoryStore, StoredEvent
+from zchat.protocol import ROOM_PREFIX, Direct, History, Joined, Left, decode_event, room_topic
+
+log = logging.getLogger("zchat.broker")
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Dispatcher:
+    def __init__(self, core: BrokerCore, store: HistoryStore, send: Callable[[bytes], object]) -> None:
+        self.core = core
+        self.store = store
+        self.send = send
+        self.pending: list[Out] = []
+
+    def add(self, out: list[Out]) -> None:
+        if out:
+            self.pending.extend(out)
+
+    def flush(self, now: float) -> None:
+        """Persist this turn's output, then publish it in order."""
+        if not self.pending:
+            return
+        items, self.pending = self.pending, []
+        frames: list[bytes | None] = []
+        rows: list[StoredEvent] = []
+        mail: list[tuple[str, float, bytes]] = []
+        names: list[tuple[str, str]] = []
+        for item in items:
+            if isinstance(item, Publish):
+                body = _encode(item.event)
+                frames.append(item.topic.encode() + b" " + body)
+                if item.topic.startswith(ROOM_PREFIX):
+                    event = item.event
+                    rows.append(StoredEvent(item.topic, event.seq, event.ts, type(event).__name__.lower(),
+                                            getattr(event, "room", ""), getattr(event, "name", None),
+                                            getattr(event, "text", None), body))
+                    if isinstance(event, (Joined, Left)):
+                        log.info("%s %s #%s", event.name, "joined" if isinstance(event, Joined) else
+                                 f"left ({event.reason})", event.room)
+            else:
+                frames.append(None)
+                if isinstance(item, Mail):
+                    mail.append((item.recipient, item.event.ts, _encode(item.event)))
+                elif isinstance(item, Remember):
+                    names.append((item.name_key, item.identity))
+        self.store.write(rows, mail, names, now)
+        for item, frame in zip(items, frames, strict=True):
+            if frame is not None:
+                self.send(frame)
+            elif isinstance(item, Fetch):
+                self._answer_fetch(item, now)
+            elif isinstance(item, DeliverMail):
+                self._deliver_mail(item, now)
+
+    def _answer_fetch(self, fetch: Fetch, now: float) -> None:
+        bodies = self.store.range(room_topic(fetch.room), fetch.after, fetch.upto, fetch.limit)
+        lost = 0
+        if fetch.after > 0:  # a bounded range: say how much of it is gone
+            lost = max(0, min(fetch.upto - fetch.after, fetch.limit) - len(bodies))
+        events = [msgspec.Raw(body) for body in bodies]
+        self._send_reply(fetch.identity, lambda seq: History(
+            seq=seq, ts=now, room=fetch.room, events=events, after=fetch.after, upto=fetch.upto,
+            lost=lost, ref=fetch.ref))
+
+    def _deliver_mail(self, request: DeliverMail, now: float) -> None:
+        for body in self.store.take_mail(request.identity)[-L.MAILBOX_PER_USER:]:
+            kept = decode_event(body)
+            if isinstance(kept, Direct):
+                self._send_reply(request.identity, lambda seq, kept=kept: Direct(
+                    seq=seq, ts=kept.ts, name=kept.name, to=kept.to, text=kept.text, offline=True))
+
+    def _send_reply(self, identity: str, make) -> None:  # type: ignore[no-untyped-def]
+        reply = self.core.reply(identity, make)
+        self.send(reply.topic.encode() + b" " + _encode(reply.event))

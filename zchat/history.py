@@ -1,0 +1,201 @@
+"""Stored history: SQLite (stdlib sqlite3, WAL) under the broker's data directory.
+
+What is kept:
+- every public event (topic r/<room>/), exactly as published, with its
+  per-topic sequence number: late joiners and gap backfills read it;
+- each topic's last sequence number, so numbering continues after a restart
+  even when retention has pruned every event of a room;
+- private messages for offline users (bounded per user), deleted once
+  delivered: they are never written to the public events table, and
+  `zchat history` cannot show them;
+- which key last held each name, so a message to an offline name reaches
+  that key.
+
+The broker writes one transaction per loop turn, before it publishes what
+the turn produced: an event a client has seen is on disk (kill -9 safe; WAL
+with synchronous=NORMAL gives up only the last commits on power loss).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from zchat import limits as L
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    topic TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    type TEXT NOT NULL,
+    room TEXT NOT NULL,
+    name TEXT,
+    text TEXT,
+    body BLOB NOT NULL,
+    PRIMARY KEY (topic, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE TABLE IF NOT EXISTS topic_seq (topic TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailbox (
+    id INTEGER PRIMARY KEY,
+    recipient TEXT NOT NULL,
+    ts REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, id);
+CREATE TABLE IF NOT EXISTS names (name_key TEXT PRIMARY KEY, identity TEXT NOT NULL, seen REAL NOT NULL)
+    WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Retention:
+    per_room: int = L.HISTORY_KEEP_PER_ROOM  # newest events kept per room (0: no count limit)
+    days: float = L.HISTORY_KEEP_DAYS  # events older than this are dropped (0: no age limit)
+    mailbox: int = L.MAILBOX_PER_USER
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One row of the public record: what the broker writes, what `zchat history` reads."""
+
+    topic: str
+    seq: int
+    ts: float
+    type: str
+    room: str
+    name: str | None
+    text: str | None
+    body: bytes
+
+
+def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    else:
+        db = sqlite3.connect(str(path), timeout=5.0, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+    return db
+
+
+class HistoryStore:
+    def __init__(self, path: Path | str, retention: Retention | None = None) -> None:
+        self.path = path
+        self.retention = retention or Retention()
+        self.db = connect(path)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- start-up --------------------------------------------------------------
+
+    def last_seqs(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT topic, last_seq FROM topic_seq"))
+
+    def known_names(self, limit: int = L.KNOWN_NAMES) -> dict[str, str]:
+        rows = self.db.execute("SELECT name_key, identity FROM names ORDER BY seen DESC LIMIT ?", (limit,))
+        return {key: identity for key, identity in reversed(rows.fetchall())}
+
+    # --- one transaction per broker loop turn ------------------------------------
+
+    def write(self, events: list[StoredEvent], mail: list[tuple[str, float, bytes]],
+              names: list[tuple[str, str]], now: float) -> None:
+        if not (events or mail or names):
+            return
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            if events:
+                db.executemany(
+                    "INSERT OR REPLACE INTO events (topic, seq, ts, type, room, name, text, body) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(e.topic, e.seq, e.ts, e.type, e.room, e.name, e.text, e.body) for e in events])
+                last: dict[str, int] = {}
+                for e in events:
+                    last[e.topic] = max(e.seq, last.get(e.topic, 0))
+                db.executemany(
+                    "INSERT INTO topic_seq (topic, last_seq) VALUES (?, ?) ON CONFLICT(topic) "
+                    "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)", list(last.items()))
+            for recipient, ts, body in mail:
+                db.execute("INSERT INTO mailbox (recipient, ts, body) VALUES (?, ?, ?)",
+                           (recipient, ts, body))
+                # Bounded per user: the oldest go first.
+                db.execute("DELETE FROM mailbox WHERE recipient = ? AND id NOT IN (SELECT id FROM mailbox "
+                           "WHERE recipient = ? ORDER BY id DESC LIMIT ?)",
+                           (recipient, recipient, self.retention.mailbox))
+            if names:
+                db.executemany(
+                    "INSERT INTO names (name_key, identity, seen) VALUES (?, ?, ?) ON CONFLICT(name_key) "
+                    "DO UPDATE SET identity = excluded.identity, seen = excluded.seen",
+                    [(key, identity, now) for key, identity in names])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # --- reads -------------------------------------------------------------------
+
+    def range(self, topic: str, after: int, upto: int, limit: int) -> list[bytes]:
+        """Bodies of the newest `limit` events with after < seq <= upto, oldest first."""
+        rows = self.db.execute(
+            "SELECT body FROM events WHERE topic = ? AND seq > ? AND seq <= ? ORDER BY seq DESC LIMIT ?",
+            (topic, after, upto, limit)).fetchall()
+        return [bytes(body) for (body,) in reversed(rows)]
+
+    def take_mail(self, recipient: str) -> list[bytes]:
+        db = self.db
+        rows = db.execute("SELECT id, body FROM mailbox WHERE recipient = ? ORDER BY id",
+                          (recipient,)).fetchall()
+        if rows:
+            db.execute("DELETE FROM mailbox WHERE recipient = ? AND id <= ?", (recipient, rows[-1][0]))
+        return [bytes(body) for _, body in rows]
+
+    # --- retention -------------------------------------------------------------------
+
+    def prune(self, now: float | None = None) -> int:
+        """Apply retention; returns how many events were dropped."""
+        now = time.time() if now is None else now
+        db = self.db
+        dropped = 0
+        if self.retention.days > 0:
+            cutoff = now - self.retention.days * 86400
+            dropped += db.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
+        if self.retention.per_room > 0:
+            for topic, last in db.execute("SELECT topic, last_seq FROM topic_seq").fetchall():
+                dropped += db.execute("DELETE FROM events WHERE topic = ? AND seq <= ?",
+                                      (topic, last - self.retention.per_room)).rowcount
+        return dropped
+
+
+def search(path: Path | str, room: str | None = None, since: float | None = None,
+           grep: str | None = None, limit: int | None = None) -> Iterable[StoredEvent]:
+    """Read the public record directly (works while the broker runs: WAL readers)."""
+    db = connect(path, readonly=True)
+    try:
+        clauses, args = [], []
+        if room is not None:
+            clauses.append("topic = ?")
+            args.append(f"r/{room}/")
+        if since is not None:
+            clauses.append("ts >= ?")
+            args.append(since)
+        if grep:
+            clauses.append("instr(lower(coalesce(text, '') || ' ' || coalesce(name, '')), lower(?)) > 0")
+            args.append(grep)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = f"SELECT topic, seq, ts, type, room, name, text, body FROM events {where}"
+        if limit is None:
+            rows = db.execute(query + " ORDER BY ts, topic, seq", args).fetchall()
+        else:  # the newest `limit`, shown oldest first
+            rows = db.execute(query + " ORDER BY ts DESC, seq DESC LIMIT ?", [*args, limit]).fetchall()
+            rows.reverse()
+        for row in rows:
+            yield StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]))
+    finally:
+        db.close()
