@@ -292,6 +292,16 @@ sys.exit(serve(BrokerSettings(endpoints=Endpoints(port=port, pub_port=pub_port),
 """
 
 
+class ServiceDied(RuntimeError):
+    """The system under test exited during a measurement (e.g. a libzmq assertion)."""
+
+    def __init__(self, svc: Service, detail: str = "") -> None:
+        self.log_tail = svc.log_path.read_text(errors="replace")[-1500:]
+        self.exit_code = svc.proc.poll()
+        super().__init__(f"{svc.name} died (exit {self.exit_code}){': ' + detail if detail else ''}\n"
+                         f"--- log tail ---\n{self.log_tail}")
+
+
 class Service:
     """The zchat broker or the C proxy, running as a separate process on loopback."""
 
@@ -719,7 +729,10 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
         cpu1 = thread_ticks(svc.pid)
         outs = collect(results, len(procs), 60 + duration, procs)
     except RuntimeError as exc:
-        raise RuntimeError(f"{exc}\n--- {svc.name} log (tail) ---\n{svc.log_path.read_text()[-3000:]}") from None
+        if not svc.alive():
+            raise ServiceDied(svc, str(exc).splitlines()[0]) from None
+        tail = svc.log_path.read_text()[-3000:]
+        raise RuntimeError(f"{exc}\n--- {svc.name} log (tail) ---\n{tail}") from None
     finally:
         for p in procs:
             p.join(10)
@@ -748,7 +761,7 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
     if rate is not None:
         result.update(percentiles(lat))
     if not svc.alive():
-        raise RuntimeError(f"{svc.name} died during the run:\n{svc.log_path.read_text()[-2000:]}")
+        raise ServiceDied(svc, "during the run")
     return result
 
 
@@ -876,7 +889,7 @@ def run_scale(workdir: Path, asked: int, broker_args: list[str] | None) -> dict:
             "probe": percentiles(lat),
         }
         if not svc.alive():
-            raise RuntimeError(f"broker died:\n{svc.log_path.read_text()[-2000:]}")
+            raise ServiceDied(svc, "during the run")
         return result
     finally:
         svc.stop(graceful=False)
@@ -1017,7 +1030,7 @@ def run_chatty(workdir: Path, n: int, warmup: float, duration: float, broker_arg
         }
         result.update(percentiles(lat))
         if not svc.alive():
-            raise RuntimeError(f"broker died:\n{svc.log_path.read_text()[-2000:]}")
+            raise ServiceDied(svc, "during the run")
         return result
     finally:
         svc.stop(graceful=False)
@@ -1256,6 +1269,9 @@ def print_report(res: dict) -> list[str]:
         p("  inclusive:")
         for f, share in prof["inclusive"]:
             p(f"    {share:5.1f}%  {f}")
+    for crash in res.get("crashes", []):
+        last = crash["log_tail"].strip().splitlines()[-1] if crash["log_tail"].strip() else "?"
+        p(f"CRASH: {crash['system']} died during {crash['during']} (exit {crash['exit_code']}): {last}")
     p("")
     p(summary_line(res))
     print("\n".join(lines), flush=True)
@@ -1315,6 +1331,8 @@ def summary_line(res: dict) -> str:
         parts.append(f"{s['rss_per_client_kb']:.1f} KB RSS/client at {s['rss_clients']} clients")
     if "join_median_ms" in s:
         parts.append(f"join median {s['join_median_ms']:.1f} ms")
+    if res.get("crashes"):
+        parts.append(f"{len(res['crashes'])} crash(es) of the system under test (see CRASH lines)")
     return "SUMMARY: " + "; ".join(parts)
 
 
@@ -1407,7 +1425,7 @@ def main(argv: list[str] | None = None) -> int:
         "broker": ("python -m zchat broker ... " + args.broker_args) if broker_args is not None
         else "launcher: zchat.broker.serve(BrokerSettings(limits=Limits(rate_burst=10**9, "
              "rate_per_second=1e9)))",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), **cfg}}
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), **cfg}, "crashes": []}
     workdir = Path(tempfile.mkdtemp(prefix="zchat-bench-"))
     t_start = time.monotonic()
 
@@ -1418,47 +1436,85 @@ def main(argv: list[str] | None = None) -> int:
     services: list[Service] = []
     try:
         if only & {"throughput", "latency"}:
-            zc = Service("zchat", workdir, broker_args)
-            px = Service("proxy", workdir)
-            services += [zc, px]
+            live = {"zchat": Service("zchat", workdir, broker_args), "proxy": Service("proxy", workdir)}
+            services += live.values()
+
+            def flow(kind: str, what: str, *a, **kw):  # type: ignore[no-untyped-def]
+                """run_flow; if the system under test dies, record it, restart it and retry once."""
+                for attempt in (1, 2):
+                    try:
+                        return run_flow(live[kind], *a, **kw)
+                    except ServiceDied as exc:
+                        crash = {"system": kind, "during": what, "attempt": attempt,
+                                 "exit_code": exc.exit_code, "log_tail": exc.log_tail}
+                        res["crashes"].append(crash)
+                        print(f"  !! {live[kind].name} died during {what} (exit {exc.exit_code}): "
+                              f"{exc.log_tail.strip().splitlines()[-1]}; restarting it", flush=True)
+                        live[kind].stop(graceful=False)
+                        live[kind] = Service(kind, workdir, broker_args) if kind == "zchat" \
+                            else Service("proxy", workdir)
+                        services.append(live[kind])
+                return None
+
             if "throughput" in only:
                 res["throughput"] = []
                 for s, n in THROUGHPUT_CONFIGS:
-                    for svc in (px, zc):
-                        r = run_flow(svc, s, n, cfg["tp_warmup"], cfg["tp_duration"])
+                    for kind in ("proxy", "zchat"):
+                        r = flow(kind, f"throughput {s}x{n}", s, n, cfg["tp_warmup"], cfg["tp_duration"])
+                        if r is None:
+                            continue
                         res["throughput"].append(r)
-                        print(f"  throughput {svc.kind:5} {s}x{n:<2}: in {fmt_rate(r['in_per_s'])}/s, "
+                        print(f"  throughput {kind:5} {s}x{n:<2}: in {fmt_rate(r['in_per_s'])}/s, "
                               f"out {fmt_rate(r['out_per_s'])}/s, loss {fmt_loss(r['loss'])}", flush=True)
             if "latency" in only:
                 res["latency"] = []
                 for load in LATENCY_LOADS:
-                    for svc in (px, zc):
-                        r = run_flow(svc, 1, LATENCY_SUBSCRIBERS, cfg["lat_warmup"], cfg["lat_duration"],
-                                     rate=load)
+                    for kind in ("proxy", "zchat"):
+                        r = flow(kind, f"latency {load}/s", 1, LATENCY_SUBSCRIBERS, cfg["lat_warmup"],
+                                 cfg["lat_duration"], rate=load)
+                        if r is None:
+                            continue
                         res["latency"].append(r)
-                        print(f"  latency {svc.kind:5} {fmt_rate(load)}/s: p50 {fmt_ms(r['p50_ms'])} "
+                        print(f"  latency {kind:5} {fmt_rate(load)}/s: p50 {fmt_ms(r['p50_ms'])} "
                               f"p99 {fmt_ms(r['p99_ms'])} p99.9 {fmt_ms(r['p999_ms'])} ms", flush=True)
             if args.profile is not None:
                 args.profile.parent.mkdir(parents=True, exist_ok=True)
                 res["profile"] = []
                 for i, (label, senders, subs, rate) in enumerate(PROFILE_SCENARIOS):
                     out = args.profile.with_name(f"{args.profile.name}-{i + 1}")
-                    res["profile"].append(run_profile(zc, cfg["profile_duration"], out, label,
-                                                      senders, subs, rate))
+                    try:
+                        res["profile"].append(run_profile(live["zchat"], cfg["profile_duration"], out, label,
+                                                          senders, subs, rate))
+                    except ServiceDied as exc:
+                        res["profile"].append({"label": label, "error": str(exc).splitlines()[0]})
+                        live["zchat"] = Service("zchat", workdir, broker_args)
+                        services.append(live["zchat"])
                     print(f"  profiled: {label}", flush=True)
-            for svc in (zc, px):
+            for svc in live.values():
                 svc.stop()
         if "scale" in only:
             res["scale"] = []
             for n in cfg["scale"]:
-                r = run_scale(workdir, n, broker_args)
+                try:
+                    r = run_scale(workdir, n, broker_args)
+                except ServiceDied as exc:
+                    res["crashes"].append({"system": "zchat", "during": f"scale {n}",
+                                           "exit_code": exc.exit_code, "log_tail": exc.log_tail})
+                    print(f"  !! broker died during scale {n}: {exc.log_tail.strip().splitlines()[-1]}")
+                    continue
                 res["scale"].append(r)
                 print(f"  scale {n}: {r['joined']} joined, {r['rss_per_client_kb']} KB/client, "
                       f"probe {r['probe_delivered']}/{r['probe_expected']}", flush=True)
         if "chatty" in only:
             res["chatty"] = []
             for n in cfg["chatty"]:
-                r = run_chatty(workdir, n, cfg["chatty_warmup"], cfg["chatty_duration"], broker_args)
+                try:
+                    r = run_chatty(workdir, n, cfg["chatty_warmup"], cfg["chatty_duration"], broker_args)
+                except ServiceDied as exc:
+                    res["crashes"].append({"system": "zchat", "during": f"chatty {n}",
+                                           "exit_code": exc.exit_code, "log_tail": exc.log_tail})
+                    print(f"  !! broker died during chatty {n}: {exc.log_tail.strip().splitlines()[-1]}")
+                    continue
                 res["chatty"].append(r)
                 print(f"  chatty {n}: {fmt_rate(r['deliveries_per_s'])} deliveries/s, "
                       f"p99 {fmt_ms(r['p99_ms'])} ms", flush=True)

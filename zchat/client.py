@@ -35,6 +35,7 @@ from zchat.endpoints import Endpoints
 from zchat.keys import KeyPair
 from zchat.protocol import (
     DEFAULT_ROOM,
+    ROOM_PREFIX,
     SYSTEM_TOPIC,
     Action,
     ClientMessage,
@@ -44,6 +45,8 @@ from zchat.protocol import (
     Error,
     Event,
     Heartbeat,
+    History,
+    HistoryRequest,
     Join,
     Joined,
     Leave,
@@ -63,6 +66,7 @@ from zchat.protocol import (
     Welcome,
     Who,
     WhoReply,
+    decode_event,
     decode_publication,
     encode_client_message,
     private_topic,
@@ -90,7 +94,21 @@ class Gap:
     ts: float
 
 
-ClientEvent = Event | Status | Gap
+@dataclass(frozen=True)
+class Replay:
+    """Stored events shown out of the live flow: `kind` is history (on joining a room or
+    /history), missed (while we were away) or backfill (recovering a gap)."""
+
+    kind: str
+    room: str
+    events: list[Event]
+    lost: int  # events of the range that storage no longer has
+    ts: float
+
+
+ClientEvent = Event | Status | Gap | Replay
+
+BACKFILL_WAIT = 3.0  # seconds to hold a room's live events while a gap is being recovered
 
 
 class JoinError(Exception):
@@ -111,6 +129,7 @@ class ClientSettings:
     server_key: bytes  # z85
     keypair: KeyPair
     rooms: list[str] = field(default_factory=lambda: [DEFAULT_ROOM])
+    history: int = L.DEFAULT_HISTORY  # events of each room's history shown on joining it
     max_unconfirmed: int = 1000
 
 
@@ -178,7 +197,11 @@ class ChatClient:
         return self._tracked(lambda ref: Msg(to=to, text=text, ref=ref))
 
     def nick(self, name: str) -> None:
-        self._command("send", Nick(name=name))
+        self._command("nick", name)
+
+    def history(self, room: str, count: int = L.DEFAULT_HISTORY) -> None:
+        """Ask for the last `count` stored events of `room`; they arrive as a Replay."""
+        self._command("send", HistoryRequest(room=room, limit=min(count, L.MAX_HISTORY_PER_REQUEST)))
 
     def who(self, room: str | None = None) -> None:
         self._command("send", Who(room=room))
@@ -277,6 +300,10 @@ class ChatClient:
         self._next_ping = 0.0
         self._lost = False
         self._rejoin_reason = ""
+        self._rejoin_failed = False
+        self._backfills: dict[str, tuple[int, float, list[Event]]] = {}  # topic -> (ref, deadline, held)
+        self._gap_start: dict[str, int] = {}
+        self._backfill_refs = itertools.count(1 << 40)  # apart from message refs
         self._last_seq: dict[str, int] = {}
         self._outbox: deque[ClientMessage] = deque()
         self._recent_notices: deque[tuple[object, ...]] = deque(maxlen=64)
@@ -316,6 +343,7 @@ class ChatClient:
             deadlines.append(self._next_join)
         if self._outbox and self._tokens < 1:
             deadlines.append(now + (1 - self._tokens) / self._rate[1])
+        deadlines += [deadline for _, deadline, _ in self._backfills.values()]
         return max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _run_commands(self) -> None:
@@ -329,7 +357,12 @@ class ChatClient:
                 self._outbox.append(arg)  # type: ignore[arg-type]
             elif kind == "enter":
                 self._subscribe(room_topic(str(arg)))  # before the request: the broker waits for it
-                self._outbox.append(Enter(room=str(arg)))
+                self._outbox.append(Enter(room=str(arg), history=self.settings.history))
+            elif kind == "nick":
+                if self._rejoin_failed:  # our old name was taken while we were away
+                    self._start_join(str(arg), "reconnected")
+                else:
+                    self._outbox.append(Nick(name=str(arg)))
             elif kind == "close":
                 if arg is not None and self.name is not None and self.epoch is not None:
                     self._send(Leave(message=str(arg)))
@@ -338,10 +371,19 @@ class ChatClient:
         self._flush_outbox()
 
     def _start_join(self, name: str, reason: str) -> None:
-        self._pending_join = Join(name=name, rooms=list(self.rooms))
+        # Rejoining: `seen` asks for exactly what we missed instead of recent history.
+        seen = {}
+        for room in self.rooms if reason else []:
+            topic = room_topic(room)
+            if topic in self._backfills:  # a gap was being recovered: ask from before it
+                seen[room] = self._gap_start[topic]
+            elif topic in self._last_seq:
+                seen[room] = self._last_seq[topic]
+        self._pending_join = Join(name=name, rooms=list(self.rooms), history=self.settings.history, seen=seen)
         self._join_attempts = 0
         self._next_join = 0.0
         self._rejoin_reason = reason
+        self._rejoin_failed = False
 
     def _timers(self) -> None:
         now = time.monotonic()
@@ -360,6 +402,8 @@ class ChatClient:
             self.connected = False
             self.lost_since = time.time()
             self._emit(Status("lost", "connection to the broker lost; reconnecting", self.lost_since))
+        if self._backfills:
+            self._expire_backfills()
         self._flush_outbox()
 
     def _flush_outbox(self) -> None:
@@ -409,10 +453,21 @@ class ChatClient:
                 return
             if isinstance(event, Error) and self._on_error(event):
                 return
-        if self.epoch is None:
-            return  # traffic from before our first welcome is not ours to show
-        if not self._track_seq(topic, event.seq, event.ts):
+        if self.epoch is None or self._pending_join is not None:
+            # Before our (re)welcome: anything up to its baseline comes as history instead.
             return
+        if not self._track_seq(topic, event.seq, event.ts, event):
+            return
+        if isinstance(event, History):
+            self._on_history(event)
+            return
+        pending = self._backfills.get(topic)
+        if pending is not None:
+            pending[2].append(event)  # shown after the events that fill the gap before it
+            return
+        self._emit_live(event)
+
+    def _emit_live(self, event: Event) -> None:
         if isinstance(event, (Message, Action, Direct)) and event.ref is not None and event.name == self.name:
             self._confirm(event.ref)
         self._follow(event)
@@ -459,6 +514,46 @@ class ChatClient:
         self._recent_notices.append(key)
         return False
 
+    def _on_history(self, history: History) -> None:
+        events = []
+        for raw in history.events:
+            try:
+                events.append(decode_event(raw))
+            except ProtocolError:
+                continue
+        topic = room_topic(history.room)
+        pending = self._backfills.get(topic)
+        if pending is not None and history.ref == pending[0]:
+            del self._backfills[topic]
+            self._emit(Replay("backfill", history.room, events, history.lost, history.ts))
+            for held in pending[2]:
+                self._emit_live(held)
+            return
+        kind = "missed" if history.after > 0 and history.ref is None else "history"
+        lost = history.lost
+        if history.after > 0 and events and events[0].seq > history.after + 1:
+            lost += events[0].seq - history.after - 1  # more was missed than we asked to see
+        self._emit(Replay(kind, history.room, events, lost, history.ts))
+
+    def _start_backfill(self, topic: str, last: int, event: Event) -> None:
+        """Ask storage for (last, event.seq) and hold the room's live events meanwhile."""
+        ref = next(self._backfill_refs)
+        room = topic[len(ROOM_PREFIX):-1]
+        missing = event.seq - last - 1
+        self._backfills[topic] = (ref, time.monotonic() + BACKFILL_WAIT, [event])
+        self._send(HistoryRequest(room=room, after=last, before=event.seq,
+                                  limit=min(missing, L.MAX_HISTORY_PER_REQUEST), ref=ref))
+
+    def _expire_backfills(self) -> None:
+        now = time.monotonic()
+        for topic, (_, deadline, held) in list(self._backfills.items()):
+            if now >= deadline:  # no answer: say what is missing, then go on
+                del self._backfills[topic]
+                missing = held[0].seq - self._gap_start.get(topic, held[0].seq - 1) - 1
+                self._emit(Gap(topic, max(missing, 1), held[0].ts))
+                for event in held:
+                    self._emit_live(event)
+
     def _on_heartbeat(self, topic: str, beat: Heartbeat) -> None:
         self._last_heartbeat = time.monotonic()
         self.online = beat.online
@@ -470,9 +565,12 @@ class ChatClient:
             self._start_join(self.name or "", "reconnected")
 
     def _on_welcome(self, welcome: Welcome) -> None:
+        if self._pending_join is None and welcome.epoch == self.epoch:
+            return  # a repeat: a resent join crossed the first welcome; nothing is new
         first = self.epoch is None
         if welcome.epoch != self.epoch:
             self._last_seq.clear()
+        self._backfills.clear()  # whatever they held is at or below the new baselines
         self.epoch = welcome.epoch
         self.name = welcome.name
         # Stay a little under the broker's bucket: network jitter bunches messages up.
@@ -504,9 +602,14 @@ class ChatClient:
     def _on_error(self, error: Error) -> bool:
         """Handle join-related errors; True when consumed here."""
         if self._pending_join is not None and error.code in JOIN_ERRORS:
+            name = self._pending_join.name
             self._pending_join = None
             self._join_result = JoinError(error.code, error.detail)
             self._join_done.set()
+            if self.epoch is not None:  # an automatic rejoin failed: say so, offer a way out
+                self._rejoin_failed = True
+                self._emit(Status("rejoin_failed", f"could not rejoin as {name}: {error.detail}; "
+                                  "choose another name with /nick NEW", error.ts))
             return True
         if error.code == Code.NOT_JOINED and self.epoch is not None:
             if self._pending_join is None:
@@ -521,7 +624,7 @@ class ChatClient:
             self._unconfirmed.pop(ref, None)
             self._confirmed.notify_all()
 
-    def _track_seq(self, topic: str, seq: int, ts: float) -> bool:
+    def _track_seq(self, topic: str, seq: int, ts: float, event: Event) -> bool:
         """Record `seq`; report a jump as a gap. False for an old or repeated event."""
         last = self._last_seq.get(topic)
         self._last_seq[topic] = max(seq, last or 0)
@@ -530,6 +633,10 @@ class ChatClient:
         if seq <= last:
             return False
         if seq > last + 1:
+            if topic.startswith(ROOM_PREFIX) and topic not in self._backfills:
+                self._gap_start[topic] = last
+                self._start_backfill(topic, last, event)
+                return False  # held: shown once the gap before it is filled
             self._emit(Gap(topic, seq - last - 1, ts))
         return True
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zchat.limits import MAX_HISTORY_PER_REQUEST
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -22,6 +24,7 @@ COMMANDS: dict[str, Spec] = {
     "/join": Spec("ROOM", "join a room (or switch to it) and talk there", 1),
     "/leave": Spec("[ROOM]", "leave ROOM (default: the current room)", 0),
     "/rooms": Spec("", "list the rooms and how many are in each", 0),
+    "/history": Spec("[N]", "show the last N stored events of the current room (default 50)", 0),
     "/quit": Spec("[MESSAGE]", "leave the chat; others see MESSAGE", 0, True),
     "/help": Spec("[COMMAND]", "list the commands, or explain one", 0),
 }
@@ -69,6 +72,9 @@ def parse(line: str) -> Command:
         optional = spec.usage.count("[")
         if not required <= len(args) <= required + optional:
             raise UsageError(usage(command))
+        if command == "/history" and args and not (
+                args[0].isdigit() and 0 < int(args[0]) <= MAX_HISTORY_PER_REQUEST):
+            raise UsageError(f"usage: /history [N], N from 1 to {MAX_HISTORY_PER_REQUEST}")
     return Command(command[1:], args)
 
 

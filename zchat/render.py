@@ -13,7 +13,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from zchat.client import ClientEvent, Gap, Status
+from zchat.client import ClientEvent, Gap, Replay, Status
 from zchat.protocol import (
     ROOM_PREFIX,
     Action,
@@ -62,7 +62,9 @@ def mentions(event: ClientEvent, me: str | None) -> bool:
 
 
 def render(event: ClientEvent, view: View = View()) -> str | None:
-    """The display line for an event, or None for events not shown."""
+    """The display line(s) for an event, or None for events not shown."""
+    if isinstance(event, Replay):
+        return _replay(event, view)
     body = _body(event, view)
     if body is None:
         return None
@@ -71,6 +73,26 @@ def render(event: ClientEvent, view: View = View()) -> str | None:
     if view.color and mentions(event, view.me):
         line = f"\x1b[7m{line}{_RESET}"  # reverse video: hard to miss
     return line
+
+
+def _replay(replay: Replay, view: View) -> str | None:
+    """Stored events between two marker lines, so nobody takes them for live ones."""
+    room = "#" + clean_text(replay.room)
+    lines = [render(event, view) for event in replay.events]
+    shown = [line for line in lines if line is not None]
+    lost = f"; {replay.lost} no longer stored" if replay.lost else ""
+    if replay.kind == "backfill":
+        head = f"--- {len(shown)} missed event(s) recovered in {room}{lost} ---"
+    elif replay.kind == "missed":
+        head = f"--- {len(shown)} event(s) in {room} while you were away{lost} ---"
+    else:
+        if not shown and not lost:
+            return None
+        head = f"--- history of {room}: {len(shown)} event(s){lost} ---"
+    tail = f"--- end of {'history' if replay.kind == 'history' else 'missed events'} ---"
+    if view.color:
+        head, tail = f"\x1b[2m{head}\x1b[22m", f"\x1b[2m{tail}\x1b[22m"
+    return "\n".join([head, *shown, tail] if shown else [head])
 
 
 def _name(name: str, view: View) -> str:
@@ -93,8 +115,10 @@ def _body(event: ClientEvent, view: View) -> str | None:
         return f"{tag}* {n(event.name)} {clean_text(event.text)}"
     if isinstance(event, Direct):
         if view.me is not None and event.name == view.me:
-            return f"-> {n(event.to)}: {clean_text(event.text)}"
-        return f"<- {n(event.name)}: {clean_text(event.text)}"
+            note = " (offline: delivered when they next join)" if event.offline else ""
+            return f"-> {n(event.to)}{note}: {clean_text(event.text)}"
+        note = " (while you were away)" if event.offline else ""
+        return f"<- {n(event.name)}{note}: {clean_text(event.text)}"
     if isinstance(event, Joined):
         where = "the chat" if event.chat else r(event.room)
         return f"- {n(event.name)} has joined {where}."
@@ -125,6 +149,7 @@ def _body(event: ClientEvent, view: View) -> str | None:
             "lost": "Connection to the broker lost; reconnecting...",
             "reconnected": f"Reconnected ({event.detail}).",
             "shutdown": "The broker is shutting down.",
+            "rejoin_failed": f"Could not rejoin: {clean_text(event.detail)}",
         }.get(event.state, event.detail)
     if isinstance(event, Gap):
         where = clean_text(event.topic)

@@ -110,6 +110,8 @@ class Session:
             client.who(args[0] if args else None)
         elif name == "rooms":
             client.list_rooms()
+        elif name == "history":
+            client.history(self._current(), int(args[0]) if args else 50)
         elif name == "join":
             self._join(args[0])
         elif name == "leave":
