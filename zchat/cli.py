@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from zchat import keys
+from zchat import limits as L
+from zchat.core import Limits
 from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
+from zchat.history import Retention
 from zchat.launcher import AUTOSTART_IDLE_EXIT
 
 
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-exit", type=float, default=AUTOSTART_IDLE_EXIT, metavar="SECONDS",
                         help="a broker started here stops this long after the last user leaves "
                         f"(default {AUTOSTART_IDLE_EXIT:g})")
-    sub = parser.add_subparsers(dest="command", metavar="{broker,client,send,tap}")
+    sub = parser.add_subparsers(dest="command", metavar="{broker,client,send,tap,history}")
 
     broker = sub.add_parser("broker", help="run the broker in the foreground")
     _common(broker)
@@ -48,6 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop after this long with nobody online")
     broker.add_argument("--stop", action="store_true", help="stop the broker running for this config dir")
     broker.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    broker.add_argument("--db", type=Path, default=None,
+                        help="history database (default <config>/broker/history.sqlite3; "
+                        ":memory: keeps none)")
+    broker.add_argument("--history-keep", type=int, default=L.HISTORY_KEEP_PER_ROOM, metavar="N",
+                        help=f"events kept per room, 0 = no limit (default {L.HISTORY_KEEP_PER_ROOM})")
+    broker.add_argument("--history-days", type=float, default=L.HISTORY_KEEP_DAYS, metavar="DAYS",
+                        help=f"drop events older than this, 0 = never (default {L.HISTORY_KEEP_DAYS:g})")
+    broker.add_argument("--rate-burst", type=int, default=L.RATE_BURST, metavar="N",
+                        help=f"messages a sender may send at once (default {L.RATE_BURST})")
+    broker.add_argument("--rate-per-second", type=float, default=L.RATE_PER_SECOND, metavar="R",
+                        help=f"sustained messages per second per sender, 0 = unlimited (default "
+                        f"{L.RATE_PER_SECOND:g})")
+
+    history = sub.add_parser("history", help="search and export the stored public history")
+    history.add_argument("--config-dir", type=Path, default=None, help="the broker's config dir")
+    history.add_argument("--db", type=Path, default=None, help="the database (default: the broker's)")
+    history.add_argument("--room", help="only this room")
+    history.add_argument("--since", help="only events since a date (2026-11-26, '2026-11-26 14:00') "
+                         "or an age (90m, 2h, 7d)")
+    history.add_argument("--grep", metavar="TEXT", help="only events whose text or name contains TEXT")
+    history.add_argument("--limit", type=int, default=None, metavar="N", help="only the newest N events")
+    history.add_argument("--json", action="store_true", help="one JSON object per line")
 
     client = sub.add_parser("client", help="join the chat (terminal UI; plain lines when piped)")
     _common(client)
@@ -102,8 +128,48 @@ def cmd_broker(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    unlimited = args.rate_per_second <= 0
+    limits = Limits(rate_burst=10**9 if unlimited else args.rate_burst,
+                    rate_per_second=1e9 if unlimited else args.rate_per_second)
     return serve(BrokerSettings(endpoints=_endpoints(args), config_dir=_config_dir(args),
-                                idle_exit=args.idle_exit))
+                                idle_exit=args.idle_exit, limits=limits, db_path=args.db,
+                                retention=Retention(per_room=args.history_keep, days=args.history_days)))
+
+
+def parse_since(text: str, now: float) -> float:
+    """An absolute local date/time, or an age like 90m, 2h, 7d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * units[text[-1]]
+    for layout in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
+        try:
+            return time.mktime(time.strptime(text, layout))
+        except ValueError:
+            continue
+    raise ValueError(f"--since {text!r}: use a date like 2026-11-26 or '2026-11-26 14:00', or an age like 2h")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from zchat.history import search
+    from zchat.logline import text_record
+    from zchat.protocol import decode_event, normalize_room
+
+    db = args.db or keys.broker_dir(_config_dir(args)) / "history.sqlite3"
+    if not db.exists():
+        print(f"zchat history: no history database at {db}", file=sys.stderr)
+        return 1
+    room = None
+    if args.room:
+        room = normalize_room(args.room)
+        if room is None:
+            raise ValueError(f"invalid room {args.room!r}")
+    since = parse_since(args.since, time.time()) if args.since else None
+    for row in search(db, room=room, since=since, grep=args.grep, limit=args.limit):
+        if args.json:
+            sys.stdout.write('{"topic":"' + row.topic + '","event":' + row.body.decode() + "}\n")
+        else:
+            sys.stdout.write(text_record(decode_event(row.body)) + "\n")
+    return 0
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -161,7 +227,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"broker": cmd_broker, "client": cmd_client, "send": cmd_send, "tap": cmd_tap}
+    handlers = {"broker": cmd_broker, "client": cmd_client, "send": cmd_send, "tap": cmd_tap,
+                "history": cmd_history}
     try:
         return handlers.get(args.command, cmd_start)(args)
     except ValueError as exc:  # bad key text, unreadable key file
