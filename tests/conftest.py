@@ -66,10 +66,12 @@ class Proc:
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
+            scanned = start
             while True:
-                for line in self.lines[start:]:
+                for line in self.lines[scanned:]:  # only lines not looked at yet
                     if regex.search(line):
                         return line
+                scanned = max(scanned, len(self.lines))
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
                     raise AssertionError(

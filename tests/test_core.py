@@ -510,7 +510,7 @@ def test_member_silent_longer_than_client_timeout_is_timed_out() -> None:
     core = make(client_timeout=3.0, heartbeat_interval=100.0)
     joined(core, A, "alice", now=0.0)
     joined(core, B, "bob", now=2.0)
-    assert kinds(core.tick(0.0)) == [(SYS, "Heartbeat")]
+    assert kinds(core.tick(0.0)) == [(SYS, "Heartbeat"), (LOBBY, "Mark")]  # the joins made lobby busy
     assert core.tick(1.0) == []
     assert core.tick(3.0) == []  # exactly at the limit: not yet
     out = checked(core.tick(3.6))
@@ -661,7 +661,8 @@ def test_sequence_numbers_are_per_topic_and_consecutive() -> None:
         out += core.tick(1.0 + i)
     assert [type(p.event).__name__ for p in out].count("Left") == 0
     for pub in checked(out):
-        seen.setdefault(pub.topic, []).append(pub.event.seq)
+        if type(pub.event).__name__ != "Mark":  # marks repeat a seq: tested below
+            seen.setdefault(pub.topic, []).append(pub.event.seq)
     assert seen[LOBBY] == list(range(3, 13))      # joined alice 1, joined bob 2
     assert seen["r/dev/"] == list(range(2, 7))    # joined alice 1
     assert seen[u(B)] == list(range(2, 7))        # welcome 1
@@ -777,3 +778,16 @@ def test_shutdown_publishes_on_sys() -> None:
     out = checked(core.shutdown(9.5, "broker stopping"))
     assert kinds(out) == [(SYS, "Shutdown")]
     assert out[0].event == Shutdown(seq=2, ts=9.5, epoch=EPOCH, detail="broker stopping")
+
+
+def test_marks_repeat_the_last_seq_of_busy_rooms_once_per_heartbeat() -> None:
+    core = make(heartbeat_interval=1.0)
+    joined(core, A, "alice")
+    core.tick(0.0)  # the join's mark
+    send(core, A, 0.2, type="say", room="lobby", text="one")
+    send(core, A, 0.3, type="say", room="lobby", text="two")
+    out = checked(core.tick(1.0))
+    marks = [p for p in out if p.topic != SYS]
+    assert [(p.topic, type(p.event).__name__, p.event.seq) for p in marks] == [(LOBBY, "Mark", 3)]
+    assert core.seqs[LOBBY] == 3  # a mark takes no number
+    assert [p.topic for p in checked(core.tick(2.0))] == [SYS]  # idle rooms: no marks

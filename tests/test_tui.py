@@ -8,7 +8,6 @@ screen for an observable state with a deadline.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -22,18 +21,53 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CLOCK, ROOT, Chat, Proc
+from conftest import CLOCK, ROOT, Chat
+from peers import RawPeer, broker_key
+
+from zchat.protocol import Heartbeat, Left
 
 pytestmark = pytest.mark.timeout(60)
 
 TMUX = shutil.which("tmux")
 WIDTH, HEIGHT = 100, 30
 PROMPT = "#lobby>"
+EXITED = "[client exited with status"
 SGR = re.compile(r"\x1b\[([0-9;]*)m")
 
 
 def last_line(lines: list[str]) -> str:
     return next((line for line in reversed(lines) if line), "")
+
+
+def reverse_video(raw: str) -> bool:
+    """Does this captured line (capture-pane -e) switch on reverse video (SGR 7)?"""
+    for sgr in SGR.findall(raw):
+        params = [int(p) if p.isdigit() else 0 for p in sgr.split(";")]
+        i = 0
+        while i < len(params):
+            if params[i] in (38, 48, 58):  # extended colours: skip their arguments
+                i += 3 if params[i + 1:i + 2] == [5] else 5
+                continue
+            if params[i] == 7:
+                return True
+            i += 1
+    return False
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` running (a zombie is not: it has exited, only its parent has not reaped it)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class Tmux:
@@ -43,9 +77,10 @@ class Tmux:
         assert TMUX is not None
         self.socket = f"zchat-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.conf = tmp / "tmux.conf"
-        # remain-on-exit: the pane stays (dead) when the client exits, so we
-        # can read its last screen and its exit status.
-        self.conf.write_text("set -g remain-on-exit on\n"
+        # remain-on-exit: the pane stays (dead) when its shell exits, so we
+        # can still read the last screen.
+        self.conf.write_text("set -g default-shell /bin/sh\n"
+                             "set -g remain-on-exit on\n"
                              "set -g status off\n"
                              "set -g history-limit 5000\n"
                              "set -sg escape-time 0\n")
@@ -86,14 +121,10 @@ class Tmux:
             args += ["-S", "-"]
         lines = []
         for raw in self.tmux(*args).split("\n"):
-            if any("7" in sgr.split(";") for sgr in SGR.findall(raw)):
+            if reverse_video(raw):
                 continue
             lines.append(SGR.sub("", raw).rstrip())
         return lines
-
-    def last_line(self) -> str:
-        """The last non-empty line: where the input line must be."""
-        return last_line(self.screen())
 
     def wait_until(self, check: Callable[[list[str]], bool], what: str, timeout: float = 10.0) -> list[str]:
         """Poll the screen every 50 ms until `check(lines)` holds; fail after `timeout`."""
@@ -120,42 +151,48 @@ class Tmux:
         self.wait_until(lambda ls: last_line(ls) == want, f"last line {want!r}", timeout)
 
     def wait_exit(self, timeout: float = 10.0) -> int:
-        """Wait for the pane's process to end; its exit status.
+        """Wait for the client to end; its exit status, as the pane's shell reports it.
 
-        tmux marks the pane dead when the pty closes and fills in the status
-        once it has reaped the process: wait for the status itself.
+        Not tmux's #{pane_dead_status}: a tmux built with utempter can miss the
+        SIGCHLD and never reap the pane's process (tmux/tmux#311, #4559).
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.tmux("display-message", "-p", "-t", self.target,
-                               "#{pane_dead}:#{pane_dead_status}").strip()
-            dead, _, code = status.partition(":")
-            if dead == "1" and code:
-                return int(code)
-            if time.monotonic() > deadline:
-                raise AssertionError(f"client still running after {timeout} s ({status!r}); screen:\n"
-                                     + "\n".join(self.screen()))
-            time.sleep(0.05)
+        line = self.wait_for(rf"^{re.escape(EXITED)} \d+\]$", timeout)
+        return int(line[len(EXITED):].strip(" ]"))
+
+    def _processes(self) -> list[int]:
+        """The pane's process and all its descendants (Linux /proc; else just the pane's)."""
+        if self.pane_pid is None:
+            return []
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        found, todo = [], [self.pane_pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
 
     def kill(self) -> None:
-        self.tmux("kill-server", check=False)
+        """Stop the server; make sure the client it ran is really gone."""
+        pids = self._processes()
+        self.tmux("kill-server", check=False)  # hangs up the pane's processes
         if self.socket_path is not None:
             self.socket_path.unlink(missing_ok=True)
-        pid = self.pane_pid
-        if pid is None:
-            return
-        # kill-server hangs up the pane; make sure the client really went away.
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in pids:
+            while alive(pid):
+                if time.monotonic() > deadline:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    break
+                time.sleep(0.05)
 
 
 @pytest.fixture
@@ -176,9 +213,9 @@ def client_command(chat: Chat, name: str | None = None) -> str:
     if name is not None:
         args += ["--name", name]
     root = shlex.quote(str(ROOT))
-    # exec: the pane's pid is the client's, so teardown can check it is gone.
-    return (f"cd {root} && exec env PYTHONPATH={root} NO_COLOR=1 "
-            + " ".join(shlex.quote(a) for a in args))
+    # The shell reaps the client and shows its exit status, like a user's shell.
+    return (f"cd {root} && env PYTHONPATH={root} NO_COLOR=1 "
+            + " ".join(shlex.quote(a) for a in args) + f'; echo "{EXITED} $?]"')
 
 
 def join_in_tmux(chat: Chat, tmux: Tmux, name: str) -> None:
@@ -192,19 +229,16 @@ def join_in_tmux(chat: Chat, tmux: Tmux, name: str) -> None:
     tmux.wait_last_line(PROMPT)
 
 
-def start_tap(chat: Chat) -> Proc:
-    """A tap (a JSON line per public event), returned once it is live: it has seen a heartbeat."""
-    tap = Proc(["-m", "zchat", "tap", "--heartbeats", "--port", str(chat.port),
-                "--pub-port", str(chat.pub_port), "--config-dir", str(chat.config_dir)],
-               env=chat.env, stdin=False)
-    chat.procs.append(tap)
-    tap.wait_for(r'"type":"heartbeat"', timeout=10)
-    return tap
-
-
-def left_event(tap: Proc, name: str) -> dict:
-    line = tap.wait_for(rf'"type":"left".*"name":"{re.escape(name)}"', timeout=5)
-    return json.loads(line)["event"]
+@pytest.fixture
+def spy(chat: Chat) -> Iterator[RawPeer]:
+    """A CURVE SUB on every room and the system topic, live (it has seen a heartbeat)."""
+    chat.start_broker()
+    peer = RawPeer(chat.port, chat.pub_port, broker_key(chat.config_dir), [b"r/", b"sys/"])
+    try:
+        peer.wait_for(lambda topic, event: isinstance(event, Heartbeat), timeout=10)
+        yield peer
+    finally:
+        peer.close()
 
 
 def test_asks_for_the_name_then_welcomes_and_prompts(chat: Chat, tmux: Tmux) -> None:
@@ -234,12 +268,13 @@ def test_input_line_survives_incoming_messages_and_is_sent_intact(chat: Chat, tm
     # message is shown, the prompt with the half-typed text is back at the bottom.
     tmux.wait_last_line(f"{PROMPT} half a line", timeout=5)
 
-    # Nothing garbled on the way: the screen shows exactly the messages the
-    # broker published (the spammer's own echo), each as one clean line, in
-    # order, and no stale copy of the prompt or the half line is left behind.
+    # Nothing garbled on the way: the screen (scrollback included) shows exactly
+    # the messages the broker published (the spammer's own echo: all 30), each
+    # as one clean line, in order, and no stale copy of the prompt or of the
+    # half line is left behind.
     published = [line.split(": ", 1)[1] for line in spammer.lines
                  if re.fullmatch(rf"{CLOCK} spammer: spam \d+", line)]
-    assert published[-1] == "spam 29"
+    assert published == [f"spam {i}" for i in range(30)], spammer.lines
     history = [line for line in tmux.screen(history=True) if line]
     spam_lines = [line for line in history if re.search(r"\bspam \d", line)]
     assert [line.split(": ", 1)[-1] for line in spam_lines] == published, history
@@ -278,9 +313,7 @@ def test_help_lists_commands_and_quit_leaves_with_a_message(chat: Chat, tmux: Tm
 
 
 @pytest.mark.parametrize("key", ["C-d", "C-c"])
-def test_ctrl_key_on_empty_line_leaves_cleanly(chat: Chat, tmux: Tmux, key: str) -> None:
-    chat.start_broker()
-    tap = start_tap(chat)
+def test_ctrl_key_on_empty_line_leaves_cleanly(chat: Chat, spy: RawPeer, tmux: Tmux, key: str) -> None:
     watcher = chat.joined_client("watcher")
     join_in_tmux(chat, tmux, "typist")
     watcher.wait_for(rf"^{CLOCK} - typist has joined the chat\.$")
@@ -290,5 +323,7 @@ def test_ctrl_key_on_empty_line_leaves_cleanly(chat: Chat, tmux: Tmux, key: str)
     watcher.wait_for(rf"^{CLOCK} - typist has left the chat\.$", timeout=2.0)
     assert time.monotonic() - pressed < 2.0
     # A real leave sent by the client, not the broker noticing a dropped connection.
-    assert left_event(tap, "typist")["reason"] == "quit"
+    _, left = spy.wait_for(lambda topic, event: isinstance(event, Left) and event.name == "typist",
+                           timeout=5)
+    assert left.reason == "quit"
     assert tmux.wait_exit(5) == 0

@@ -249,6 +249,8 @@ class Broker:
                 continue
             if data[0] == 1:
                 allowed, out = core.on_subscribe(identity, topic, now)
+                log.debug("subscription %r from %s: %s", topic[:80], (identity or "?")[:12],
+                          "installed" if allowed else "refused")
                 if allowed:
                     # Manual mode: applies to the peer whose subscription we just read.
                     xpub.setsockopt(zmq.SUBSCRIBE, data[1:])

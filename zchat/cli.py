@@ -88,9 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     send.add_argument("text", nargs="+", help="the message")
 
-    tap = sub.add_parser("tap", help="print every public event as JSON lines")
+    tap = sub.add_parser("tap", help="log every public event (JSON lines or text), gaps backfilled or "
+                         "recorded, with size or time rotation")
     _common(tap)
-    _client_options(tap)
+    tap.add_argument("--name", help="use the key kept for this name (default: tap); a tap never joins")
+    tap.add_argument("--server-key", help="the broker's public key (hex or z85); found by itself when the "
+                     "broker runs on this machine with the same config dir")
+    tap.add_argument("--key", type=Path, help="secret key file to use instead")
+    tap.add_argument("--format", choices=("jsonl", "text"), default="jsonl",
+                     help="jsonl: one JSON object per event (default); text: [date time] #room name: text")
+    tap.add_argument("--output", "-o", type=Path, metavar="FILE", help="append to FILE (default stdout)")
+    rotation = tap.add_mutually_exclusive_group()
+    rotation.add_argument("--rotate-bytes", type=int, metavar="N",
+                          help="rotate FILE when it would exceed N bytes")
+    rotation.add_argument("--rotate-when", metavar="WHEN",
+                          help="rotate FILE by time: S, M, H, D, W0-W6 or midnight")
+    tap.add_argument("--backups", type=int, default=5, metavar="K",
+                     help="rotated files to keep (default 5; with --rotate-when, 0 keeps all)")
     tap.add_argument("--heartbeats", action="store_true", help="include broker heartbeats")
     return parser
 
@@ -206,10 +220,16 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
-    from zchat.tap import run_tap
+    from zchat.tap import TapLog, make_handler, run_tap
 
+    endpoints, server_key = _endpoints(args), _server_key(args)
     keypair = _keypair(args, args.name or "tap")
-    return run_tap(_endpoints(args), _server_key(args), keypair, heartbeats=args.heartbeats)
+    try:
+        handler = make_handler(args.output, args.rotate_bytes, args.rotate_when, args.backups)
+    except OSError as exc:
+        print(f"zchat tap: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return run_tap(endpoints, server_key, keypair, TapLog(handler, args.format), heartbeats=args.heartbeats)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

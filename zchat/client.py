@@ -51,6 +51,7 @@ from zchat.protocol import (
     Joined,
     Leave,
     Left,
+    Mark,
     Me,
     Message,
     Msg,
@@ -104,11 +105,31 @@ class Replay:
     events: list[Event]
     lost: int  # events of the range that storage no longer has
     ts: float
+    skipped: int = 0  # older events of the range not fetched (past the request limit)
 
 
 ClientEvent = Event | Status | Gap | Replay
 
 BACKFILL_WAIT = 3.0  # seconds to hold a room's live events while a gap is being recovered
+BACKFILL_PAGES = 20  # history requests per gap (of up to MAX_HISTORY_PER_REQUEST events each)
+
+
+@dataclass
+class _Backfill:
+    """A gap (after, before) on a room being recovered from storage, page by page."""
+
+    room: str
+    after: int
+    before: int
+    ref: int
+    deadline: float
+    held: list[Event]  # live events after the gap, shown once it is filled
+    recovered: list[Event] = field(default_factory=list)
+    pages: int = 1
+
+    @property
+    def missing(self) -> int:
+        return self.before - self.after - 1
 
 
 class JoinError(Exception):
@@ -301,8 +322,7 @@ class ChatClient:
         self._lost = False
         self._rejoin_reason = ""
         self._rejoin_failed = False
-        self._backfills: dict[str, tuple[int, float, list[Event]]] = {}  # topic -> (ref, deadline, held)
-        self._gap_start: dict[str, int] = {}
+        self._backfills: dict[str, _Backfill] = {}  # by room topic
         self._backfill_refs = itertools.count(1 << 40)  # apart from message refs
         self._last_seq: dict[str, int] = {}
         self._outbox: deque[ClientMessage] = deque()
@@ -343,7 +363,7 @@ class ChatClient:
             deadlines.append(self._next_join)
         if self._outbox and self._tokens < 1:
             deadlines.append(now + (1 - self._tokens) / self._rate[1])
-        deadlines += [deadline for _, deadline, _ in self._backfills.values()]
+        deadlines += [backfill.deadline for backfill in self._backfills.values()]
         return max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _run_commands(self) -> None:
@@ -376,7 +396,7 @@ class ChatClient:
         for room in self.rooms if reason else []:
             topic = room_topic(room)
             if topic in self._backfills:  # a gap was being recovered: ask from before it
-                seen[room] = self._gap_start[topic]
+                seen[room] = self._backfills[topic].after
             elif topic in self._last_seq:
                 seen[room] = self._last_seq[topic]
         self._pending_join = Join(name=name, rooms=list(self.rooms), history=self.settings.history, seen=seen)
@@ -461,13 +481,15 @@ class ChatClient:
         if isinstance(event, History):
             self._on_history(event)
             return
-        pending = self._backfills.get(topic)
-        if pending is not None:
-            pending[2].append(event)  # shown after the events that fill the gap before it
+        backfill = self._backfills.get(topic)
+        if backfill is not None:
+            backfill.held.append(event)  # shown after the events that fill the gap before it
             return
         self._emit_live(event)
 
     def _emit_live(self, event: Event) -> None:
+        if isinstance(event, Mark):
+            return  # only there to reveal lost tails
         if isinstance(event, (Message, Action, Direct)) and event.ref is not None and event.name == self.name:
             self._confirm(event.ref)
         self._follow(event)
@@ -522,36 +544,55 @@ class ChatClient:
             except ProtocolError:
                 continue
         topic = room_topic(history.room)
-        pending = self._backfills.get(topic)
-        if pending is not None and history.ref == pending[0]:
-            del self._backfills[topic]
-            self._emit(Replay("backfill", history.room, events, history.lost, history.ts))
-            for held in pending[2]:
-                self._emit_live(held)
+        backfill = self._backfills.get(topic)
+        if backfill is not None and history.ref == backfill.ref:
+            self._on_backfill_page(topic, backfill, events, history)
             return
         kind = "missed" if history.after > 0 and history.ref is None else "history"
-        lost = history.lost
-        if history.after > 0 and events and events[0].seq > history.after + 1:
-            lost += events[0].seq - history.after - 1  # more was missed than we asked to see
-        self._emit(Replay(kind, history.room, events, lost, history.ts))
+        skipped = 0
+        if history.after > 0 and events and events[0].seq > history.after + 1 + history.lost:
+            skipped = events[0].seq - history.after - 1 - history.lost  # more than we asked to see
+        self._emit(Replay(kind, history.room, events, history.lost, history.ts, skipped))
+
+    def _on_backfill_page(self, topic: str, backfill: _Backfill, events: list[Event],
+                          history: History) -> None:
+        backfill.recovered[:0] = events  # pages come newest first
+        oldest = events[0].seq if events else backfill.before
+        full_page = len(history.events) >= L.MAX_HISTORY_PER_REQUEST  # storage may hold more
+        if full_page and oldest > backfill.after + 1 and backfill.pages < BACKFILL_PAGES:
+            backfill.pages += 1
+            backfill.ref = next(self._backfill_refs)
+            backfill.deadline = time.monotonic() + BACKFILL_WAIT
+            self._request_range(backfill.room, backfill.after, oldest, backfill.ref)
+            return
+        del self._backfills[topic]
+        lost = max(0, backfill.missing - len(backfill.recovered))  # pruned, or past the pages
+        self._emit(Replay("backfill", backfill.room, backfill.recovered, lost, history.ts))
+        for held in backfill.held:
+            self._emit_live(held)
 
     def _start_backfill(self, topic: str, last: int, event: Event) -> None:
-        """Ask storage for (last, event.seq) and hold the room's live events meanwhile."""
+        """Ask storage for the gap before `event` and hold the room's live events meanwhile."""
         ref = next(self._backfill_refs)
         room = topic[len(ROOM_PREFIX):-1]
-        missing = event.seq - last - 1
-        self._backfills[topic] = (ref, time.monotonic() + BACKFILL_WAIT, [event])
-        self._send(HistoryRequest(room=room, after=last, before=event.seq,
-                                  limit=min(missing, L.MAX_HISTORY_PER_REQUEST), ref=ref))
+        before = event.seq + 1 if isinstance(event, Mark) else event.seq  # a mark's seq was missed too
+        self._backfills[topic] = _Backfill(room, last, before, ref, time.monotonic() + BACKFILL_WAIT, [event])
+        self._request_range(room, last, before, ref)
+
+    def _request_range(self, room: str, after: int, before: int, ref: int) -> None:
+        limit = min(before - after - 1, L.MAX_HISTORY_PER_REQUEST)
+        self._send(HistoryRequest(room=room, after=after, before=before, limit=limit, ref=ref))
 
     def _expire_backfills(self) -> None:
         now = time.monotonic()
-        for topic, (_, deadline, held) in list(self._backfills.items()):
-            if now >= deadline:  # no answer: say what is missing, then go on
+        for topic, backfill in list(self._backfills.items()):
+            if now >= backfill.deadline:  # no answer: show what we have, say what is missing
                 del self._backfills[topic]
-                missing = held[0].seq - self._gap_start.get(topic, held[0].seq - 1) - 1
-                self._emit(Gap(topic, max(missing, 1), held[0].ts))
-                for event in held:
+                if backfill.recovered:
+                    self._emit(Replay("backfill", backfill.room, backfill.recovered, 0, time.time()))
+                missing = backfill.missing - len(backfill.recovered)
+                self._emit(Gap(topic, max(missing, 1), backfill.held[0].ts))
+                for event in backfill.held:
                     self._emit_live(event)
 
     def _on_heartbeat(self, topic: str, beat: Heartbeat) -> None:
@@ -568,6 +609,7 @@ class ChatClient:
         if self._pending_join is None and welcome.epoch == self.epoch:
             return  # a repeat: a resent join crossed the first welcome; nothing is new
         first = self.epoch is None
+        restarted = not first and welcome.epoch != self.epoch
         if welcome.epoch != self.epoch:
             self._last_seq.clear()
         self._backfills.clear()  # whatever they held is at or below the new baselines
@@ -594,7 +636,7 @@ class ChatClient:
             # Resend what the broker never confirmed, in order, then say we are back.
             with self._confirmed:
                 self._outbox = deque(self._unconfirmed[ref] for ref in sorted(self._unconfirmed))
-            detail = "the broker restarted; rejoined" if self._rejoin_reason == "restarted" else "rejoined"
+            detail = "the broker restarted; rejoined" if restarted else "rejoined"
             self._emit(Status("reconnected", detail, welcome.ts))
         self._emit(welcome)
         self._flush_outbox()
@@ -632,12 +674,12 @@ class ChatClient:
             return True
         if seq <= last:
             return False
-        if seq > last + 1:
+        missing = seq - last - (0 if isinstance(event, Mark) else 1)  # a mark's own seq is missing
+        if missing > 0:
             if topic.startswith(ROOM_PREFIX) and topic not in self._backfills:
-                self._gap_start[topic] = last
                 self._start_backfill(topic, last, event)
                 return False  # held: shown once the gap before it is filled
-            self._emit(Gap(topic, seq - last - 1, ts))
+            self._emit(Gap(topic, missing, ts))
         return True
 
     def _drain_monitor(self) -> None:

@@ -33,6 +33,7 @@ from zchat.protocol import (
     Joined,
     Leave,
     Left,
+    Mark,
     Me,
     Message,
     Msg,
@@ -159,6 +160,7 @@ class BrokerCore:
         self.seqs: dict[str, int] = dict(seqs or {})
         self.next_heartbeat = now
         self.next_expiry_scan = now
+        self.busy_rooms: set[str] = set()  # room topics published on since the last marks
 
     # --- queries -----------------------------------------------------------
 
@@ -253,6 +255,10 @@ class BrokerCore:
             out.append(self._publish(SYSTEM_TOPIC, lambda seq: Heartbeat(
                 seq=seq, ts=now, epoch=self.epoch,
                 interval=self.limits.heartbeat_interval, online=self.online)))
+            # Marks repeat the last seq of each busy room (taking no number themselves).
+            out += [Publish(topic, Mark(seq=self.seqs[topic], ts=now, room=room_of_topic(topic) or ""))
+                    for topic in self.busy_rooms]
+            self.busy_rooms.clear()
         if now >= self.next_expiry_scan:
             self.next_expiry_scan = now + min(0.5, self.limits.client_timeout / 4)
             member_deadline = now - self.limits.client_timeout
@@ -574,4 +580,6 @@ class BrokerCore:
     def _publish(self, topic: str, make) -> Publish:  # type: ignore[no-untyped-def]
         seq = self.seqs.get(topic, 0) + 1
         self.seqs[topic] = seq
+        if topic.startswith(ROOM_PREFIX):
+            self.busy_rooms.add(topic)
         return Publish(topic, make(seq))

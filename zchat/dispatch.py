@@ -18,7 +18,7 @@ import msgspec
 from zchat import limits as L
 from zchat.core import BrokerCore, DeliverMail, Fetch, Mail, Out, Publish, Remember
 from zchat.history import HistoryStore, StoredEvent
-from zchat.protocol import ROOM_PREFIX, Direct, History, Joined, Left, decode_event, room_topic
+from zchat.protocol import ROOM_PREFIX, Direct, History, Joined, Left, Mark, decode_event, room_topic
 
 log = logging.getLogger("zchat.broker")
 
@@ -49,8 +49,8 @@ class Dispatcher:
             if isinstance(item, Publish):
                 body = _encode(item.event)
                 frames.append(item.topic.encode() + b" " + body)
-                if item.topic.startswith(ROOM_PREFIX):
-                    event = item.event
+                event = item.event
+                if item.topic.startswith(ROOM_PREFIX) and not isinstance(event, Mark):
                     rows.append(StoredEvent(item.topic, event.seq, event.ts, type(event).__name__.lower(),
                                             getattr(event, "room", ""), getattr(event, "name", None),
                                             getattr(event, "text", None), body))

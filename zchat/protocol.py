@@ -277,6 +277,13 @@ class History(Event, tag="history"):
     ref: int | None = None
 
 
+class Mark(Event, tag="mark"):
+    """Re-announces a room's latest seq (this event takes no number of its own), about once
+    a second while the room is busy: a receiver that lost the tail of a burst notices."""
+
+    room: str
+
+
 class Heartbeat(Event, tag="heartbeat"):
     epoch: str
     interval: float
@@ -289,7 +296,7 @@ class Shutdown(Event, tag="shutdown"):
 
 
 EventType = (Welcome | Message | Action | Direct | Joined | Left | Renamed | Error | WhoReply | RoomList
-             | History | Heartbeat | Shutdown)
+             | History | Mark | Heartbeat | Shutdown)
 
 
 def decode_event(data: bytes | msgspec.Raw) -> EventType:

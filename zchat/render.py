@@ -80,7 +80,9 @@ def _replay(replay: Replay, view: View) -> str | None:
     room = "#" + clean_text(replay.room)
     lines = [render(event, view) for event in replay.events]
     shown = [line for line in lines if line is not None]
-    lost = f"; {replay.lost} no longer stored" if replay.lost else ""
+    lost = f"; {replay.lost} could not be recovered" if replay.lost else ""
+    if replay.skipped:
+        lost += f"; {replay.skipped} older not shown (/history N shows more)"
     if replay.kind == "backfill":
         head = f"--- {len(shown)} missed event(s) recovered in {room}{lost} ---"
     elif replay.kind == "missed":
