@@ -16,12 +16,14 @@ from itertools import islice
 import msgspec
 
 from zchat import limits as L
+from zchat.auth import Account
 from zchat.protocol import (
     DEFAULT_ROOM,
     PRIVATE_PREFIX,
     ROOM_PREFIX,
     SYSTEM_TOPIC,
     Action,
+    Ban,
     Code,
     Direct,
     Enter,
@@ -31,12 +33,15 @@ from zchat.protocol import (
     HistoryRequest,
     Join,
     Joined,
+    Kick,
     Leave,
     Left,
     Mark,
     Me,
     Message,
     Msg,
+    Mute,
+    Muted,
     Nick,
     Part,
     Ping,
@@ -122,7 +127,21 @@ class Remember:
     identity: str
 
 
-Out = Publish | Fetch | Mail | DeliverMail | Remember
+@dataclass(slots=True)
+class Disconnect:
+    """Cut this identity's connections (kicked, banned, or its key was revoked)."""
+
+    identity: str
+
+
+@dataclass(slots=True)
+class Banned:
+    """Refuse this identity from now on, across restarts."""
+
+    identity: str
+
+
+Out = Publish | Fetch | Mail | DeliverMail | Remember | Disconnect | Banned
 
 
 @dataclass(slots=True)
@@ -130,6 +149,7 @@ class Member:
     name: str
     rooms: list[str]
     history: int = L.DEFAULT_HISTORY  # events of history wanted when entering a room
+    muted_until: float = 0.0
 
 
 @dataclass(slots=True)
@@ -149,9 +169,14 @@ class Peer:
 
 class BrokerCore:
     def __init__(self, epoch: str, now: float, limits: Limits | None = None,
-                 seqs: dict[str, int] | None = None, known_names: dict[str, str] | None = None) -> None:
-        """`seqs` and `known_names` come from storage, so numbering continues after a restart."""
+                 seqs: dict[str, int] | None = None, known_names: dict[str, str] | None = None,
+                 accounts: dict[str, Account] | None = None, banned: set[str] | None = None) -> None:
+        """`seqs` and `known_names` come from storage, so numbering continues after a restart.
+        `accounts` (closed mode) fixes who may be here, with which name and role; None is
+        open mode. `banned` identities are refused in both modes."""
         self.epoch = epoch
+        self.accounts = accounts
+        self.banned: set[str] = set(banned or ())
         self.limits = limits or Limits()
         self.peers: dict[str, Peer] = {}
         self.names: dict[str, str] = {}  # name_key(name) -> identity, online members
@@ -198,9 +223,19 @@ class BrokerCore:
         if peer is not None:
             peer.topics.discard(topic)
 
-    @staticmethod
-    def _topic_allowed(identity: str, topic: str) -> bool:
-        if topic == SYSTEM_TOPIC or topic == ROOM_PREFIX:  # "r/" = every public room
+    def _admitted(self, identity: str) -> bool:
+        return identity not in self.banned and (self.accounts is None or identity in self.accounts)
+
+    def _role(self, identity: str) -> str:
+        account = self.accounts.get(identity) if self.accounts is not None else None
+        return account.role if account is not None else "user"
+
+    def _topic_allowed(self, identity: str, topic: str) -> bool:
+        if not self._admitted(identity):
+            return False
+        if topic == ROOM_PREFIX:  # every public room at once: taps; in closed mode, by role
+            return self.accounts is None or self._role(identity) in ("tap", "admin")
+        if topic == SYSTEM_TOPIC:
             return True
         if topic.startswith(PRIVATE_PREFIX):
             return topic == private_topic(identity)
@@ -211,7 +246,7 @@ class BrokerCore:
     def on_message(
         self, identity: str | None, body: bytes | memoryview, frames: int, now: float
     ) -> list[Out]:
-        if identity is None:  # no ZAP identity: never trust it, nowhere to answer
+        if identity is None or not self._admitted(identity):  # never trust it; nowhere to answer
             return []
         peer = self._peer(identity, now)
         if peer is None:
@@ -283,6 +318,8 @@ class BrokerCore:
     # --- handlers ------------------------------------------------------------
 
     def _join(self, peer: Peer, join: Join, now: float) -> list[Out]:
+        if self.accounts is not None:  # closed mode: the operator's file names each key
+            join = msgspec.structs.replace(join, name=self.accounts[peer.identity].name)
         if not valid_name(join.name):
             return self._refuse(peer, now, Code.INVALID_NAME, invalid_name_detail(join.name))
         rooms: list[str] = []
@@ -382,6 +419,8 @@ class BrokerCore:
         return text, ([] if text else self._error(peer, now, Code.EMPTY_TEXT, "message is empty", ref))
 
     def _say(self, peer: Peer, member: Member, say: Say, now: float) -> list[Out]:
+        if member.muted_until > now:
+            return self._muted(peer, member, now, member.ref)
         room, error = self._room_of(peer, member, say.room, now, say.ref)
         if room is None:
             return error
@@ -392,6 +431,8 @@ class BrokerCore:
             seq=seq, ts=now, room=room, name=member.name, text=text, ref=say.ref))]
 
     def _me(self, peer: Peer, member: Member, me: Me, now: float) -> list[Out]:
+        if member.muted_until > now:
+            return self._muted(peer, member, now, member.ref)
         room, error = self._room_of(peer, member, me.room, now, me.ref)
         if room is None:
             return error
@@ -402,6 +443,8 @@ class BrokerCore:
             seq=seq, ts=now, room=room, name=member.name, text=text, ref=me.ref))]
 
     def _msg(self, peer: Peer, member: Member, msg: Msg, now: float) -> list[Out]:
+        if member.muted_until > now:
+            return self._muted(peer, member, now, member.ref)
         target = self.names.get(name_key(msg.to))
         text, empty = self._text(peer, msg.text, now, msg.ref)
         if target is None:
@@ -429,6 +472,8 @@ class BrokerCore:
         return out
 
     def _nick(self, peer: Peer, member: Member, nick: Nick, now: float) -> list[Out]:
+        if self.accounts is not None:
+            return self._error(peer, now, Code.NAMES_FIXED, "names are fixed by the operator here")
         if not valid_name(nick.name):
             return self._error(peer, now, Code.INVALID_NAME, invalid_name_detail(nick.name))
         if nick.name == member.name:
@@ -497,6 +542,72 @@ class BrokerCore:
             return error
         return [self._remove_from_room(peer, member, room, "part", clean_text(part.message), now)]
 
+    # --- moderation ---------------------------------------------------------------
+
+    def _muted(self, peer: Peer, member: Member, now: float, ref: int | None) -> list[Out]:
+        return self._error(peer, now, Code.MUTED,
+                           f"you are muted for {member.muted_until - now:.0f} more seconds", ref)
+
+    def _moderated(self, peer: Peer, name: str, now: float) -> tuple[Peer | None, list[Out]]:
+        """The online member an admin command names, or the error to answer instead."""
+        if self._role(peer.identity) != "admin":
+            return None, self._error(peer, now, Code.FORBIDDEN, "only admins may do that")
+        target = self.names.get(name_key(name))
+        if target is None:
+            return None, self._error(peer, now, Code.NO_SUCH_USER,
+                                     f"nobody called {clean_text(name)!r} is online")
+        return self.peers[target], []
+
+    def _kick(self, peer: Peer, member: Member, kick: Kick | Ban, now: float) -> list[Out]:
+        target, error = self._moderated(peer, kick.name, now)
+        if target is None:
+            return error
+        banned = isinstance(kick, Ban)
+        code, verb = (Code.BANNED, "banned") if banned else (Code.KICKED, "kicked")
+        reason = clean_text(kick.reason)
+        said = f": {reason}" if reason else ""
+        out = self._error(target, now, code, f"you were {verb} by {member.name}{said}")
+        out += self._leave(target, verb, reason, now, by=member.name)
+        if banned:
+            self.banned.add(target.identity)
+            out.append(Banned(target.identity))
+        out.append(Disconnect(target.identity))
+        return out
+
+    def _mute(self, peer: Peer, member: Member, mute: Mute, now: float) -> list[Out]:
+        target, error = self._moderated(peer, mute.name, now)
+        if target is None or target.member is None:
+            return error
+        victim = target.member
+        victim.muted_until = now + mute.seconds
+        reason = clean_text(mute.reason)
+        topics = [room_topic(room) for room in victim.rooms] or [private_topic(target.identity)]
+        return [self._publish(topic, lambda seq, topic=topic: Muted(
+            seq=seq, ts=now, room=room_of_topic(topic) or "", name=victim.name, by=member.name,
+            seconds=mute.seconds, reason=reason)) for topic in topics]
+
+    def set_accounts(self, accounts: dict[str, Account], now: float) -> list[Out]:
+        """Closed mode's file was re-read: revoked keys leave and are cut off; renamed ones
+        take their new names. Everyone else stays connected."""
+        self.accounts = accounts
+        out: list[Out] = []
+        for identity, peer in list(self.peers.items()):
+            account = accounts.get(identity)
+            if account is None:
+                if peer.member is not None:
+                    out += self._error(peer, now, Code.REVOKED, "your key is no longer authorized here")
+                    out += self._leave(peer, "revoked", "", now)
+                del self.peers[identity]
+                out.append(Disconnect(identity))
+            elif peer.member is not None and peer.member.name != account.name:
+                holder = self.names.get(name_key(account.name))
+                if holder is not None and holder != identity:  # the new name's holder loses it
+                    other = self.peers[holder]
+                    out += self._leave(other, "revoked", "", now)
+                    out.append(Disconnect(holder))
+                out += self._rename(peer, peer.member, account.name, now)
+        return out
+
     def _quit(self, peer: Peer, member: Member, leave: Leave, now: float) -> list[Out]:
         return self._leave(peer, "quit", clean_text(leave.message), now)
 
@@ -507,7 +618,7 @@ class BrokerCore:
             seq=seq, ts=now, room=room, name=member.name, chat=chat))]
 
     def _remove_from_room(self, peer: Peer, member: Member, room: str, reason: str, message: str,
-                          now: float) -> Publish:
+                          now: float, by: str = "") -> Publish:
         member.rooms.remove(room)
         occupants = self.rooms.get(room)
         if occupants is not None:
@@ -515,9 +626,9 @@ class BrokerCore:
             if not occupants:
                 del self.rooms[room]
         return self._publish(room_topic(room), lambda seq: Left(
-            seq=seq, ts=now, room=room, name=member.name, reason=reason, message=message))
+            seq=seq, ts=now, room=room, name=member.name, reason=reason, message=message, by=by))
 
-    def _leave(self, peer: Peer, reason: str, message: str, now: float) -> list[Out]:
+    def _leave(self, peer: Peer, reason: str, message: str, now: float, by: str = "") -> list[Out]:
         member = peer.member
         if member is None:
             return []
@@ -526,12 +637,12 @@ class BrokerCore:
         # peer.topics stays: libzmq keeps those subscriptions installed until the
         # connection closes, so errors (not_joined) still reach this peer.
         del self.names[name_key(member.name)]
-        return [self._remove_from_room(peer, member, room, reason, message, now)
+        return [self._remove_from_room(peer, member, room, reason, message, now, by)
                 for room in list(member.rooms)]
 
     _handlers: dict[type, Callable[..., list[Out]]] = {
         Say: _say, Me: _me, Msg: _msg, Nick: _nick, Who: _who, Rooms: _rooms,
-        Enter: _enter, Part: _part, Leave: _quit,
+        Enter: _enter, Part: _part, Leave: _quit, Kick: _kick, Ban: _kick, Mute: _mute,
     }
 
     # --- helpers -------------------------------------------------------------

@@ -170,6 +170,28 @@ class Part(ClientMessage, tag="part"):
     message: ReasonField = ""
 
 
+class Kick(ClientMessage, tag="kick"):
+    """Admin: remove NAME from the chat (they may come back)."""
+
+    name: NameField
+    reason: ReasonField = ""
+
+
+class Ban(ClientMessage, tag="ban"):
+    """Admin: remove NAME and refuse their key from now on."""
+
+    name: NameField
+    reason: ReasonField = ""
+
+
+class Mute(ClientMessage, tag="mute"):
+    """Admin: NAME may not speak for `seconds` (0 lifts a mute)."""
+
+    name: NameField
+    seconds: Annotated[int, Meta(ge=0, le=7 * 86400)] = 300
+    reason: ReasonField = ""
+
+
 class Leave(ClientMessage, tag="leave"):
     message: ReasonField = ""
 
@@ -178,8 +200,8 @@ class Ping(ClientMessage, tag="ping"):
     pass
 
 
-ClientMessageType = (Join | Say | Me | Msg | Nick | Who | Rooms | Enter | Part | HistoryRequest | Leave
-                     | Ping)
+ClientMessageType = (Join | Say | Me | Msg | Nick | Who | Rooms | Enter | Part | HistoryRequest | Kick | Ban
+                     | Mute | Leave | Ping)
 
 # --- broker -> client ---------------------------------------------------------
 
@@ -237,14 +259,23 @@ class Joined(Event, tag="joined"):
 class Left(Event, tag="left"):
     room: str
     name: str
-    reason: str  # quit | part | timeout | disconnected
+    reason: str  # quit | part | timeout | disconnected | kicked | banned | revoked
     message: str = ""
+    by: str = ""  # the admin, for kicked and banned
 
 
 class Renamed(Event, tag="renamed"):
     room: str
     old: str
     new: str
+
+
+class Muted(Event, tag="muted"):
+    room: str
+    name: str
+    by: str
+    seconds: int  # 0: the mute was lifted
+    reason: str = ""
 
 
 class Error(Event, tag="error"):
@@ -295,8 +326,8 @@ class Shutdown(Event, tag="shutdown"):
     detail: str
 
 
-EventType = (Welcome | Message | Action | Direct | Joined | Left | Renamed | Error | WhoReply | RoomList
-             | History | Mark | Heartbeat | Shutdown)
+EventType = (Welcome | Message | Action | Direct | Joined | Left | Renamed | Muted | Error | WhoReply
+             | RoomList | History | Mark | Heartbeat | Shutdown)
 
 
 def decode_event(data: bytes | msgspec.Raw) -> EventType:
@@ -322,6 +353,12 @@ class Code:
     TOO_MANY_ROOMS = "too_many_rooms"
     NO_SUCH_USER = "no_such_user"
     MAILBOX_FULL = "mailbox_full"
+    FORBIDDEN = "forbidden"  # an admin command from a non-admin
+    NAMES_FIXED = "names_fixed"  # closed mode: the operator's file fixes each key's name
+    MUTED = "muted"
+    KICKED = "kicked"  # sent to the one removed, who should not rejoin by itself
+    BANNED = "banned"
+    REVOKED = "revoked"  # the key was removed from the authorized-keys file
     EMPTY_TEXT = "empty_text"
     RATE_LIMITED = "rate_limited"
 
