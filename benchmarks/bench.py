@@ -306,8 +306,10 @@ class Service:
     """The zchat broker or the C proxy, running as a separate process on loopback."""
 
     def __init__(self, kind: str, workdir: Path, broker_args: list[str] | None = None,
-                 real_cli: bool = False) -> None:
+                 label: str | None = None) -> None:
+        """zchat: `python -m zchat broker ... ARGS` when `broker_args` is a list, else the launcher."""
         self.kind = kind
+        self.label = label or kind
         self.port, self.pub_port = free_port(), free_port()
         self.input = f"tcp://127.0.0.1:{self.port}"
         self.publish = f"tcp://127.0.0.1:{self.pub_port}"
@@ -316,9 +318,9 @@ class Service:
         env = dict(os.environ, PYTHONPATH=path)
         ports = [str(self.port), str(self.pub_port)]
         if kind == "zchat":
-            if broker_args is not None or real_cli:
+            if broker_args is not None:
                 argv = [sys.executable, "-m", "zchat", "broker", "--port", ports[0], "--pub-port", ports[1],
-                        "--config-dir", str(self.dir), *(broker_args or [])]
+                        "--config-dir", str(self.dir), *broker_args]
             else:
                 argv = [sys.executable, "-c", BROKER_LAUNCHER, *ports, str(self.dir)]
             ready = "Server started"
@@ -340,7 +342,7 @@ class Service:
             time.sleep(0.02)
         if kind == "zchat":
             self.server_key = keys.load_public(keys.broker_public_key_path(self.dir))
-        self.name = "zchat broker" if kind == "zchat" else "C zmq.proxy"
+        self.name = f"zchat broker ({self.label})" if kind == "zchat" else "C zmq.proxy"
 
     @property
     def pid(self) -> int:
@@ -749,7 +751,7 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
     for o in senders:
         errors.update(o["errors"])
     result = {
-        "system": svc.kind, "senders": n_senders, "subscribers": n_subs, "offered": rate,
+        "system": svc.label, "senders": n_senders, "subscribers": n_subs, "offered": rate,
         "in_per_s": round(sum(o["window"] for o in senders) / duration),
         "out_per_s": round(sum(o["window"] for o in subs) / duration),
         "sent": sent, "delivered": received,
@@ -1062,8 +1064,8 @@ def chatclient_proc(svc: dict, count: int, results) -> None:  # type: ignore[no-
     results.put({"join_ms": times})
 
 
-def run_joins(workdir: Path, count: int, broker_args: list[str] | None) -> dict:
-    svc = Service("zchat", workdir, broker_args, real_cli=True)  # stock broker: joins need no tuning
+def run_joins(workdir: Path, count: int, broker_args: list[str]) -> dict:
+    svc = Service("zchat", workdir, broker_args)  # the stock broker: joins need no tuning
     procs: list = []
     try:
         results = MP.Queue()
@@ -1217,6 +1219,23 @@ def print_report(res: dict) -> list[str]:
               f"{fmt_rate(r['out_per_s']):>8} {fmt_loss(r['loss']):>6} | {fmt_ms(r['p50_ms']):>7} "
               f"{fmt_ms(r['p99_ms']):>7} {fmt_ms(r['p999_ms']):>7} {fmt_ms(r['max_ms']):>7} | "
               f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}%")
+    ab = res.get("ablation", [])
+    if ab:
+        p("")
+        p("The same zchat broker with --db :memory: (no SQLite history write per loop turn):")
+        for r in ab:
+            base = [x for x in (tp if r["offered"] is None else lat)
+                    if x["system"] == "zchat" and x["senders"] == r["senders"]
+                    and x["subscribers"] == r["subscribers"] and x["offered"] == r["offered"]]
+            ref = base[0] if base else {}
+            if r["offered"] is None:
+                p(f"  {r['what']:>15}: in {fmt_rate(r['in_per_s'])}/s "
+                  f"(with history {fmt_rate(ref.get('in_per_s'))}/s), "
+                  f"main thread {r['cpu']['main']:.0f}% CPU")
+            else:
+                p(f"  {r['what']:>15}: p50 {fmt_ms(r['p50_ms'])} p99 {fmt_ms(r['p99_ms'])} p99.9 "
+                  f"{fmt_ms(r['p999_ms'])} ms (with history p99 {fmt_ms(ref.get('p99_ms'))} ms), "
+                  f"main thread {r['cpu']['main']:.0f}% CPU")
     sc = res.get("scale", [])
     if sc:
         p("")
@@ -1412,17 +1431,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the broker as `python -m zchat broker --port P --pub-port Q --config-dir D "
                         "ARGS` (e.g. its rate-limit option) instead of the built-in launcher")
     parser.add_argument("--only", default="throughput,latency,scale,chatty,joins",
-                        help="comma-separated subset of: throughput,latency,scale,chatty,joins")
+                        help="comma-separated subset of: throughput,latency,scale,chatty,joins,profile "
+                        "(default: all but profile, which --profile adds)")
     args = parser.parse_args(argv)
     cfg = PROFILES["quick" if args.quick else "full"]
     only = set(args.only.split(","))
-    broker_args = shlex.split(args.broker_args) if args.broker_args is not None else None
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    broker_help = subprocess.run([sys.executable, "-m", "zchat", "broker", "--help"], capture_output=True,
+                                 text=True, cwd=ROOT, env=env).stdout
+    if args.broker_args is not None:
+        broker_args: list[str] | None = shlex.split(args.broker_args)
+    elif "--rate-per-second" in broker_help:
+        broker_args = ["--rate-per-second", "0"]  # the stock broker, per-sender rate limit off
+    else:
+        broker_args = None  # an older broker without the option: the launcher sets Limits directly
+    join_args = shlex.split(args.broker_args) if args.broker_args is not None else []
+    memdb = broker_args is not None and "--db" in broker_help and "--db" not in broker_args
     soft, hard = raise_nofile()
     res: dict = {"meta": {
         "mode": "quick" if args.quick else "full", "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "nofile": [soft, hard],
-        "broker": ("python -m zchat broker ... " + args.broker_args) if broker_args is not None
+        "broker": ("python -m zchat broker --port P --pub-port Q --config-dir TMP " + shlex.join(broker_args))
+        if broker_args is not None
         else "launcher: zchat.broker.serve(BrokerSettings(limits=Limits(rate_burst=10**9, "
              "rate_per_second=1e9)))",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), **cfg}, "crashes": []}
@@ -1435,7 +1467,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     services: list[Service] = []
     try:
-        if only & {"throughput", "latency"}:
+        if "profile" in only and args.profile is None:
+            args.profile = ROOT / "benchmarks" / "results" / "profile"
+        if only & {"throughput", "latency"} or args.profile is not None:
             live = {"zchat": Service("zchat", workdir, broker_args), "proxy": Service("proxy", workdir)}
             services += live.values()
 
@@ -1477,6 +1511,30 @@ def main(argv: list[str] | None = None) -> int:
                         res["latency"].append(r)
                         print(f"  latency {kind:5} {fmt_rate(load)}/s: p50 {fmt_ms(r['p50_ms'])} "
                               f"p99 {fmt_ms(r['p99_ms'])} p99.9 {fmt_ms(r['p999_ms'])} ms", flush=True)
+            if memdb and only & {"throughput", "latency"}:
+                # Same broker without its SQLite history: what the per-turn history write costs.
+                nodb = Service("zchat", workdir, [*broker_args, "--db", ":memory:"], label="zchat-memdb")
+                services.append(nodb)
+                res["ablation"] = []
+                for what, s, n, kw in (("throughput 1x1", 1, 1, {}),
+                                       ("latency 10k/s", 1, LATENCY_SUBSCRIBERS, {"rate": 10_000})):
+                    warm, dur = (cfg["tp_warmup"], cfg["tp_duration"]) if not kw else \
+                        (cfg["lat_warmup"], cfg["lat_duration"])
+                    try:
+                        r = run_flow(nodb, s, n, warm, dur, **kw)
+                    except ServiceDied as exc:
+                        res["crashes"].append({"system": "zchat-memdb", "during": what, "attempt": 1,
+                                               "exit_code": exc.exit_code, "log_tail": exc.log_tail})
+                        nodb.stop(graceful=False)
+                        nodb = Service("zchat", workdir, [*broker_args, "--db", ":memory:"],
+                                       label="zchat-memdb")
+                        services.append(nodb)
+                        continue
+                    r["what"] = what
+                    res["ablation"].append(r)
+                    print(f"  zchat --db :memory: {what}: in {fmt_rate(r['in_per_s'])}/s, "
+                          f"p99 {fmt_ms(r.get('p99_ms'))} ms", flush=True)
+                nodb.stop()
             if args.profile is not None:
                 args.profile.parent.mkdir(parents=True, exist_ok=True)
                 res["profile"] = []
@@ -1519,7 +1577,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  chatty {n}: {fmt_rate(r['deliveries_per_s'])} deliveries/s, "
                       f"p99 {fmt_ms(r['p99_ms'])} ms", flush=True)
         if "joins" in only:
-            res["joins"] = run_joins(workdir, cfg["joins"], broker_args)
+            res["joins"] = run_joins(workdir, cfg["joins"], join_args)
         res["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
         res["summary"] = summary(res)
         print("")

@@ -18,10 +18,16 @@ def broker_key(config_dir: Path) -> bytes:
 class RawPeer:
     """A CURVE (or plaintext) PUSH + SUB pair with its own key, driven by hand."""
 
-    def __init__(self, port: int, pub_port: int, server_key: bytes | None, topics: list[bytes]) -> None:
-        self.ctx = zmq.Context()
+    @staticmethod
+    def keypair() -> keys.KeyPair:
         public, secret = zmq.curve_keypair()
-        self.keypair = keys.KeyPair(public, secret)
+        return keys.KeyPair(public, secret)
+
+    def __init__(self, port: int, pub_port: int, server_key: bytes | None, topics: list[bytes],
+                 keypair: keys.KeyPair | None = None) -> None:
+        self.ctx = zmq.Context()
+        self.keypair = keypair or RawPeer.keypair()
+        public, secret = self.keypair.public, self.keypair.secret
         self.identity = self.keypair.identity
         self.sub = self.ctx.socket(zmq.SUB)
         self.push = self.ctx.socket(zmq.PUSH)

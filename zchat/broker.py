@@ -24,7 +24,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zchat import keys
 from zchat import limits as L
-from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, zap_reply
+from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, KeyFileError, load_authorized_keys, zap_reply
+from zchat.connections import Connections
 from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
@@ -35,6 +36,7 @@ log = logging.getLogger("zchat.broker")
 DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
 STATE_FILE = "broker.json"
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
+CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
 
 
 @dataclass
@@ -45,6 +47,7 @@ class BrokerSettings:
     limits: Limits = field(default_factory=Limits)
     db_path: Path | None = None  # default: <config>/broker/history.sqlite3; ":memory:" keeps nothing
     retention: Retention = field(default_factory=Retention)
+    authorized_keys: Path | None = None  # closed mode: only these keys, with fixed names and roles
 
 
 class BrokerError(Exception):
@@ -56,6 +59,13 @@ def user_id(frame: zmq.Frame) -> str | None:
         return frame.get("User-Id")
     except zmq.ZMQError:  # no ZAP identity (e.g. unsubscribes on disconnect)
         return None
+
+
+def read_bans(path: Path) -> set[str]:
+    try:
+        return {line.split()[0] for line in path.read_text().splitlines() if line.strip()}
+    except OSError:
+        return set()
 
 
 def state_path(config_dir: Path) -> Path:
@@ -82,12 +92,21 @@ class Broker:
             self.store = HistoryStore(db_path, settings.retention)
         except sqlite3.Error as exc:
             raise BrokerError(f"cannot open the history database {db_path}: {exc}") from None
+        accounts = None
+        if settings.authorized_keys is not None:
+            try:
+                accounts = load_authorized_keys(settings.authorized_keys)
+            except KeyFileError as exc:
+                raise BrokerError(str(exc)) from None
+        self.bans_path = keys.broker_dir(settings.config_dir) / "banned-keys"
         self.core = BrokerCore(self.epoch, time.time(), settings.limits,
-                               seqs=self.store.last_seqs(), known_names=self.store.known_names())
+                               seqs=self.store.last_seqs(), known_names=self.store.known_names(),
+                               accounts=accounts, banned=read_bans(self.bans_path))
         self.ctx = zmq.Context()
         self._stopping = False
-        self._identity_by_fd: dict[int, str] = {}
-        self._fd_by_identity: dict[str, int] = {}
+        self._reload_requested = False
+        self.connections = Connections()
+        self._pending_cuts: list[tuple[float, str]] = []
         self._sockets_open = False
 
     # --- start-up ------------------------------------------------------------
@@ -105,7 +124,8 @@ class Broker:
         self.xpub.sndhwm = L.XPUB_SNDHWM
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.monitor = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.dispatch = Dispatcher(self.core, self.store, self.xpub.send)
+        self.xpub_monitor = self.xpub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.dispatch = Dispatcher(self.core, self.store, self.xpub.send, self._cut, self._ban)
         self._sockets_open = True
         ep = self.settings.endpoints
         for sock, endpoint in ((self.pull, ep.input), (self.xpub, ep.publish)):
@@ -167,6 +187,45 @@ class Broker:
     def request_stop(self, *_: object) -> None:
         self._stopping = True
 
+    def request_reload(self, *_: object) -> None:
+        self._reload_requested = True
+
+    def reload(self, now: float) -> None:
+        """SIGHUP: re-read the authorized-keys file without dropping anyone still listed."""
+        path = self.settings.authorized_keys
+        if path is None:
+            log.info("SIGHUP: open mode, no authorized-keys file to re-read")
+            return
+        try:
+            accounts = load_authorized_keys(path)
+        except KeyFileError as exc:
+            log.error("SIGHUP: keeping the current keys: %s", exc)
+            return
+        log.info("SIGHUP: %d authorized keys (was %d)", len(accounts), len(self.core.accounts or {}))
+        self._publish(self.core.set_accounts(accounts, now))
+
+    def _admit(self, identity: str) -> bool:
+        accounts = self.core.accounts
+        if identity in self.core.banned or (accounts is not None and identity not in accounts):
+            log.info("refused key %s at the handshake", identity[:12])
+            return False
+        return True
+
+    def _cut(self, identity: str) -> None:
+        # A moment's grace so the notice telling them why leaves the queue first.
+        self._pending_cuts.append((time.monotonic() + CUT_GRACE, identity))
+
+    def _run_cuts(self) -> None:
+        now = time.monotonic()
+        while self._pending_cuts and self._pending_cuts[0][0] <= now:
+            _, identity = self._pending_cuts.pop(0)
+            count = self.connections.cut(identity)
+            log.info("cut %d connection(s) of %s", count, identity[:12])
+
+    def _ban(self, identity: str) -> None:
+        with open(self.bans_path, "a") as bans:
+            bans.write(identity + "\n")
+
     def run(self) -> int:
         """Serve until a signal, --idle-exit or request_stop; returns the exit code."""
         wake_r, wake_w = socket.socketpair()
@@ -174,8 +233,9 @@ class Broker:
         wake_w.setblocking(False)
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         old_handlers = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.request_reload)
         poller = zmq.Poller()
-        for sock in (self.zap, self.xpub, self.pull, self.monitor):
+        for sock in (self.zap, self.xpub, self.pull, self.monitor, self.xpub_monitor):
             poller.register(sock, zmq.POLLIN)
         poller.register(wake_r.fileno(), zmq.POLLIN)
         idle_since = time.time()
@@ -193,7 +253,12 @@ class Broker:
                 if self.pull in ready:
                     self._drain_messages(now)
                 if self.monitor in ready:
-                    self._drain_monitor(now)
+                    self._drain_monitor(self.monitor, now, presence=True)
+                if self.xpub_monitor in ready:
+                    self._drain_monitor(self.xpub_monitor, now, presence=False)
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload(now)
                 if wake_r.fileno() in ready:
                     try:
                         wake_r.recv(512)
@@ -202,6 +267,8 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + L.TICK_INTERVAL
                     self._publish(self.core.tick(now))
+                    if self._pending_cuts:
+                        self._run_cuts()
                     if self.core.online:
                         idle_since = now
                     elif self.settings.idle_exit is not None and now - idle_since >= self.settings.idle_exit:
@@ -230,7 +297,7 @@ class Broker:
                 request = self.zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.zap.send_multipart(zap_reply(request))
+            self.zap.send_multipart(zap_reply(request, self._admit))
 
     def _drain_subscriptions(self, now: float) -> None:
         xpub, core = self.xpub, self.core
@@ -248,6 +315,8 @@ class Broker:
             except UnicodeDecodeError:
                 continue
             if data[0] == 1:
+                if identity is not None:
+                    self._remember_fd(frame, identity)
                 allowed, out = core.on_subscribe(identity, topic, now)
                 log.debug("subscription %r from %s: %s", topic[:80], (identity or "?")[:12],
                           "installed" if allowed else "refused")
@@ -274,7 +343,7 @@ class Broker:
                 part = pull.recv(copy=False)
                 frames += 1
             identity = user_id(frame)
-            if identity is not None and identity not in self._fd_by_identity:
+            if identity is not None and not self.connections.knows(identity):
                 self._remember_fd(frame, identity)
             try:
                 out = core.on_message(identity, frame.buffer, frames, now)
@@ -285,26 +354,21 @@ class Broker:
 
     def _remember_fd(self, frame: zmq.Frame, identity: str) -> None:
         try:
-            fd = frame.get(zmq.SRCFD)
+            self.connections.seen(identity, frame.get(zmq.SRCFD))
         except zmq.ZMQError:
-            return
-        self._identity_by_fd[fd] = identity
-        self._fd_by_identity[identity] = fd
+            pass
 
-    def _drain_monitor(self, now: float) -> None:
+    def _drain_monitor(self, monitor: zmq.Socket, now: float, presence: bool) -> None:
         while True:
             try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
-            identity = self._identity_by_fd.pop(event["value"], None)
-            if identity is None:
-                continue
-            if self._fd_by_identity.get(identity) == event["value"]:
-                del self._fd_by_identity[identity]
-            self._publish(self.core.on_disconnect(identity, now))
+            identity = self.connections.closed(event["value"])
+            if identity is not None and presence:  # the input connection is the one that counts
+                self._publish(self.core.on_disconnect(identity, now))
 
     def _publish(self, out: list[Out]) -> None:
         self.dispatch.add(out)  # sent at the end of the loop turn, after storage
@@ -313,7 +377,8 @@ class Broker:
         if self._sockets_open:
             self._sockets_open = False
             self.pull.disable_monitor()
-            for sock in (self.monitor, self.pull, self.zap):
+            self.xpub.disable_monitor()
+            for sock in (self.monitor, self.xpub_monitor, self.pull, self.zap):
                 sock.close(0)
             self.xpub.close(linger_ms)
             try:

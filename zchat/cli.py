@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-exit", type=float, default=AUTOSTART_IDLE_EXIT, metavar="SECONDS",
                         help="a broker started here stops this long after the last user leaves "
                         f"(default {AUTOSTART_IDLE_EXIT:g})")
-    sub = parser.add_subparsers(dest="command", metavar="{broker,client,send,tap,history}")
+    sub = parser.add_subparsers(dest="command", metavar="{broker,client,send,tap,history,keygen}")
 
     broker = sub.add_parser("broker", help="run the broker in the foreground")
     _common(broker)
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop after this long with nobody online")
     broker.add_argument("--stop", action="store_true", help="stop the broker running for this config dir")
     broker.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    broker.add_argument("--authorized-keys", type=Path, default=None, metavar="FILE",
+                        help="closed mode: only keys in FILE ('name public-key [role]' lines; roles "
+                        "user, tap, admin) may connect; re-read on SIGHUP")
     broker.add_argument("--db", type=Path, default=None,
                         help="history database (default <config>/broker/history.sqlite3; "
                         ":memory: keeps none)")
@@ -64,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--rate-per-second", type=float, default=L.RATE_PER_SECOND, metavar="R",
                         help=f"sustained messages per second per sender, 0 = unlimited (default "
                         f"{L.RATE_PER_SECOND:g})")
+
+    keygen = sub.add_parser("keygen", help="make a key pair and print the line for an operator's "
+                            "authorized-keys file")
+    keygen.add_argument("--config-dir", type=Path, default=None, help="where client keys live")
+    keygen.add_argument("--name", help="the chat name the key is for (default: your login name)")
+    keygen.add_argument("--output", type=Path, metavar="PATH",
+                        help="secret key file to write (default: the key zchat uses for NAME)")
 
     history = sub.add_parser("history", help="search and export the stored public history")
     history.add_argument("--config-dir", type=Path, default=None, help="the broker's config dir")
@@ -147,6 +157,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
                     rate_per_second=1e9 if unlimited else args.rate_per_second)
     return serve(BrokerSettings(endpoints=_endpoints(args), config_dir=_config_dir(args),
                                 idle_exit=args.idle_exit, limits=limits, db_path=args.db,
+                                authorized_keys=args.authorized_keys,
                                 retention=Retention(per_room=args.history_keep, days=args.history_days)))
 
 
@@ -161,6 +172,28 @@ def parse_since(text: str, now: float) -> float:
         except ValueError:
             continue
     raise ValueError(f"--since {text!r}: use a date like 2026-11-26 or '2026-11-26 14:00', or an age like 2h")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import getpass
+
+    from zchat.protocol import valid_name
+
+    name = args.name or getpass.getuser()
+    if not valid_name(name):
+        raise ValueError(f"invalid name {name!r}: ASCII letters, digits, '.', '-' or '_'")
+    if args.output is not None:
+        path = args.output if args.output.name.endswith(".key_secret") else \
+            args.output.with_name(args.output.name + ".key_secret")
+        if path.exists():
+            raise ValueError(f"{path} exists; not overwriting a key")
+        keypair = keys.load_or_create(path.parent, path.name.removesuffix(".key_secret"))
+    else:
+        path = keys.client_keys_dir(_config_dir(args)) / (keys.client_key_file_name(name) + ".key_secret")
+        keypair = keys.load_or_create(path.parent, path.name.removesuffix(".key_secret"))
+    print(f"{name} {keypair.identity}")
+    print(f"# secret key: {path} (keep it private; use it with --key)", file=sys.stderr)
+    return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -248,7 +281,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"broker": cmd_broker, "client": cmd_client, "send": cmd_send, "tap": cmd_tap,
-                "history": cmd_history}
+                "history": cmd_history, "keygen": cmd_keygen}
     try:
         return handlers.get(args.command, cmd_start)(args)
     except ValueError as exc:  # bad key text, unreadable key file

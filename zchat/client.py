@@ -38,6 +38,7 @@ from zchat.protocol import (
     ROOM_PREFIX,
     SYSTEM_TOPIC,
     Action,
+    Ban,
     ClientMessage,
     Code,
     Direct,
@@ -49,12 +50,14 @@ from zchat.protocol import (
     HistoryRequest,
     Join,
     Joined,
+    Kick,
     Leave,
     Left,
     Mark,
     Me,
     Message,
     Msg,
+    Mute,
     Nick,
     Part,
     Ping,
@@ -75,6 +78,7 @@ from zchat.protocol import (
 )
 
 JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM}
+REMOVED = {Code.KICKED, Code.BANNED, Code.REVOKED}
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,17 @@ class ChatClient:
     def nick(self, name: str) -> None:
         self._command("nick", name)
 
+    def moderate(self, action: str, name: str, reason: str = "", seconds: int = 300) -> None:
+        """Admin commands: kick, ban or mute `name`."""
+        message: ClientMessage
+        if action == "kick":
+            message = Kick(name=name, reason=reason)
+        elif action == "ban":
+            message = Ban(name=name, reason=reason)
+        else:
+            message = Mute(name=name, seconds=seconds, reason=reason)
+        self._command("send", message)
+
     def history(self, room: str, count: int = L.DEFAULT_HISTORY) -> None:
         """Ask for the last `count` stored events of `room`; they arrive as a Replay."""
         self._command("send", HistoryRequest(room=room, limit=min(count, L.MAX_HISTORY_PER_REQUEST)))
@@ -322,6 +337,7 @@ class ChatClient:
         self._lost = False
         self._rejoin_reason = ""
         self._rejoin_failed = False
+        self._removed = False
         self._backfills: dict[str, _Backfill] = {}  # by room topic
         self._backfill_refs = itertools.count(1 << 40)  # apart from message refs
         self._last_seq: dict[str, int] = {}
@@ -598,7 +614,7 @@ class ChatClient:
     def _on_heartbeat(self, topic: str, beat: Heartbeat) -> None:
         self._last_heartbeat = time.monotonic()
         self.online = beat.online
-        if self.epoch is None or self._pending_join is not None:
+        if self.epoch is None or self._pending_join is not None or self._removed:
             return
         if beat.epoch != self.epoch:
             self._start_join(self.name or "", "restarted")
@@ -653,8 +669,13 @@ class ChatClient:
                 self._emit(Status("rejoin_failed", f"could not rejoin as {name}: {error.detail}; "
                                   "choose another name with /nick NEW", error.ts))
             return True
+        if error.code in REMOVED:
+            self._removed = True  # an admin or the operator removed us: do not come back by ourselves
+            self.connected = False
+            self._emit(Status("removed", error.detail, error.ts))
+            return True
         if error.code == Code.NOT_JOINED and self.epoch is not None:
-            if self._pending_join is None:
+            if self._pending_join is None and not self._removed:
                 self._start_join(self.name or "", "reconnected")
             return True
         if error.ref is not None:

@@ -25,6 +25,9 @@ COMMANDS: dict[str, Spec] = {
     "/leave": Spec("[ROOM]", "leave ROOM (default: the current room)", 0),
     "/rooms": Spec("", "list the rooms and how many are in each", 0),
     "/history": Spec("[N]", "show the last N stored events of the current room (default 50)", 0),
+    "/kick": Spec("NAME [REASON]", "admin: remove NAME from the chat", 1, True),
+    "/ban": Spec("NAME [REASON]", "admin: remove NAME and refuse their key from now on", 1, True),
+    "/mute": Spec("NAME [SECONDS]", "admin: NAME may not speak for SECONDS (default 300; 0 lifts it)", 1),
     "/quit": Spec("[MESSAGE]", "leave the chat; others see MESSAGE", 0, True),
     "/help": Spec("[COMMAND]", "list the commands, or explain one", 0),
 }
@@ -72,6 +75,8 @@ def parse(line: str) -> Command:
         optional = spec.usage.count("[")
         if not required <= len(args) <= required + optional:
             raise UsageError(usage(command))
+        if command == "/mute" and len(args) > 1 and not (args[1].isdigit() and int(args[1]) <= 7 * 86400):
+            raise UsageError("usage: /mute NAME [SECONDS], SECONDS from 0 to 604800")
         if command == "/history" and args and not (
                 args[0].isdigit() and 0 < int(args[0]) <= MAX_HISTORY_PER_REQUEST):
             raise UsageError(f"usage: /history [N], N from 1 to {MAX_HISTORY_PER_REQUEST}")

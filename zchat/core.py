@@ -420,7 +420,7 @@ class BrokerCore:
 
     def _say(self, peer: Peer, member: Member, say: Say, now: float) -> list[Out]:
         if member.muted_until > now:
-            return self._muted(peer, member, now, member.ref)
+            return self._muted(peer, member, now, say.ref)
         room, error = self._room_of(peer, member, say.room, now, say.ref)
         if room is None:
             return error
@@ -432,7 +432,7 @@ class BrokerCore:
 
     def _me(self, peer: Peer, member: Member, me: Me, now: float) -> list[Out]:
         if member.muted_until > now:
-            return self._muted(peer, member, now, member.ref)
+            return self._muted(peer, member, now, me.ref)
         room, error = self._room_of(peer, member, me.room, now, me.ref)
         if room is None:
             return error
@@ -444,7 +444,7 @@ class BrokerCore:
 
     def _msg(self, peer: Peer, member: Member, msg: Msg, now: float) -> list[Out]:
         if member.muted_until > now:
-            return self._muted(peer, member, now, member.ref)
+            return self._muted(peer, member, now, msg.ref)
         target = self.names.get(name_key(msg.to))
         text, empty = self._text(peer, msg.text, now, msg.ref)
         if target is None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import msgspec
 
 from zchat import limits as L
-from zchat.core import BrokerCore, DeliverMail, Fetch, Mail, Out, Publish, Remember
+from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
 from zchat.history import HistoryStore, StoredEvent
 from zchat.protocol import ROOM_PREFIX, Direct, History, Joined, Left, Mark, decode_event, room_topic
 
@@ -26,10 +26,14 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Dispatcher:
-    def __init__(self, core: BrokerCore, store: HistoryStore, send: Callable[[bytes], object]) -> None:
+    def __init__(self, core: BrokerCore, store: HistoryStore, send: Callable[[bytes], object],
+                 cut: Callable[[str], None] = lambda identity: None,
+                 ban: Callable[[str], None] = lambda identity: None) -> None:
         self.core = core
         self.store = store
         self.send = send
+        self.cut = cut  # shut an identity's connections down
+        self.ban = ban  # remember a banned identity across restarts
         self.pending: list[Out] = []
 
     def add(self, out: list[Out]) -> None:
@@ -71,6 +75,10 @@ class Dispatcher:
                 self._answer_fetch(item, now)
             elif isinstance(item, DeliverMail):
                 self._deliver_mail(item, now)
+            elif isinstance(item, Banned):
+                self.ban(item.identity)
+            elif isinstance(item, Disconnect):
+                self.cut(item.identity)  # after the notices above have been sent
 
     def _answer_fetch(self, fetch: Fetch, now: float) -> None:
         bodies = self.store.range(room_topic(fetch.room), fetch.after, fetch.upto, fetch.limit)

@@ -22,6 +22,7 @@ from zchat.protocol import (
     Joined,
     Left,
     Message,
+    Muted,
     Renamed,
     RoomList,
     Welcome,
@@ -125,9 +126,16 @@ def _body(event: ClientEvent, view: View) -> str | None:
         where = "the chat" if event.chat else r(event.room)
         return f"- {n(event.name)} has joined {where}."
     if isinstance(event, Left):
-        where = r(event.room) if event.reason == "part" else "the chat"
         said = f" ({clean_text(event.message)})" if event.message else ""
+        if event.reason in ("kicked", "banned"):
+            return f"- {n(event.name)} was {event.reason} by {n(event.by)}.{said}"
+        where = r(event.room) if event.reason == "part" else "the chat"
         return f"- {n(event.name)} has left {where}.{said}"
+    if isinstance(event, Muted):
+        if not event.seconds:
+            return f"- {n(event.name)} may speak again ({n(event.by)})."
+        said = f" ({clean_text(event.reason)})" if event.reason else ""
+        return f"- {n(event.name)} was muted for {event.seconds} s by {n(event.by)}.{said}"
     if isinstance(event, Renamed):
         return f"- {n(event.old)} is now known as {n(event.new)}."
     if isinstance(event, Error):
@@ -152,6 +160,7 @@ def _body(event: ClientEvent, view: View) -> str | None:
             "reconnected": f"Reconnected ({event.detail}).",
             "shutdown": "The broker is shutting down.",
             "rejoin_failed": f"Could not rejoin: {clean_text(event.detail)}",
+            "removed": f"{clean_text(event.detail).capitalize()}. Type /quit to leave.",
         }.get(event.state, event.detail)
     if isinstance(event, Gap):
         where = clean_text(event.topic)

@@ -110,6 +110,10 @@ class Session:
             client.who(args[0] if args else None)
         elif name == "rooms":
             client.list_rooms()
+        elif name in ("kick", "ban"):
+            client.moderate(name, args[0], reason=args[1])
+        elif name == "mute":
+            client.moderate("mute", args[0], seconds=int(args[1]) if len(args) > 1 else 300)
         elif name == "history":
             client.history(self._current(), int(args[0]) if args else 50)
         elif name == "join":

@@ -1,0 +1,125 @@
+"""End to end: closed mode (authorized keys, fixed names, roles), moderation, SIGHUP reload."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import CLOCK, Chat
+from peers import RawPeer, broker_key
+
+from zchat import keys
+from zchat.protocol import Message
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _key(chat: Chat, name: str) -> keys.KeyPair:
+    """The key the client will pick for `name` in the shared config dir."""
+    return keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name(name))
+
+
+def _write_keys(path: Path, entries: list[tuple[str, keys.KeyPair, str]]) -> None:
+    path.write_text("# name public-key role\n" + "".join(
+        f"{name} {pair.identity} {role}\n" for name, pair, role in entries))
+
+
+@pytest.fixture
+def closed(chat: Chat, tmp_path: Path) -> tuple[Chat, Path]:
+    entries = [("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user"),
+               ("carol", _key(chat, "carol"), "user")]
+    path = tmp_path / "authorized_keys"
+    _write_keys(path, entries)
+    chat.start_broker("--authorized-keys", str(path))
+    return chat, path
+
+
+def test_unknown_key_is_refused_plainly(closed: tuple[Chat, Path]) -> None:
+    chat, _ = closed
+    mallory = chat.client("mallory")  # gets a fresh key nobody authorized
+    mallory.wait_for(r"the broker refused this key", timeout=15)
+    assert mallory.wait_exit(10) == 1
+
+
+def test_names_are_fixed_by_the_file(closed: tuple[Chat, Path]) -> None:
+    chat, _ = closed
+    alice_key = keys.client_keys_dir(chat.config_dir) / (keys.client_key_file_name("alice") + ".key_secret")
+    impostor = chat.client("queen", "--key", str(alice_key))
+    impostor.wait_for(rf"{CLOCK} \* Welcome, alice!", timeout=15)  # the key decides, not the request
+    impostor.send("/nick queen")
+    impostor.wait_for(r"! names are fixed by the operator here")
+
+
+def test_only_the_tap_role_may_read_every_room(chat: Chat, tmp_path: Path) -> None:
+    reader, tapper = RawPeer.keypair(), RawPeer.keypair()
+    path = tmp_path / "authorized_keys"
+    _write_keys(path, [("alice", _key(chat, "alice"), "user"), ("reader", reader, "user"),
+                       ("tapper", tapper, "tap")])
+    chat.start_broker("--authorized-keys", str(path))
+    key = broker_key(chat.config_dir)
+    user_peer = RawPeer(chat.port, chat.pub_port, key, [b"r/", b"sys/"], keypair=reader)
+    tap_peer = RawPeer(chat.port, chat.pub_port, key, [b"r/", b"sys/"], keypair=tapper)
+    try:
+        for peer in (user_peer, tap_peer):  # both connected and subscribed to what they may
+            peer.wait_for(lambda t, e: t == "sys/", timeout=10)
+        alice = chat.joined_client("alice")
+        alice.send("visible to taps")
+        tap_peer.wait_for(lambda t, e: isinstance(e, Message) and e.text == "visible to taps")
+        user_peer.poll(0.3)
+        assert not [d for d in user_peer.received if d.startswith(b"r/")]
+    finally:
+        user_peer.close()
+        tap_peer.close()
+
+
+def test_admin_kicks_mutes_and_bans(closed: tuple[Chat, Path]) -> None:
+    chat, _ = closed
+    alice = chat.joined_client("alice")
+    bob = chat.joined_client("bob")
+    carol = chat.joined_client("carol")
+    carol.send("/kick bob no reason")
+    carol.wait_for(rf"{CLOCK} ! only admins may do that")
+
+    alice.send("/mute bob 60")
+    for proc in (alice, bob, carol):
+        proc.wait_for(rf"{CLOCK} - bob was muted for 60 s by alice\.")
+    bob.send("can I talk?")
+    bob.wait_for(rf"{CLOCK} ! you are muted for \d+ more seconds")
+    alice.send("/mute bob 0")
+    bob.wait_for(rf"{CLOCK} - bob may speak again \(alice\)\.")
+    bob.send("I can talk")
+    carol.wait_for(rf"{CLOCK} bob: I can talk$")
+
+    alice.send("/kick bob be nice")
+    bob.wait_for(rf"{CLOCK} \* You were kicked by alice: be nice\. Type /quit to leave\.")
+    carol.wait_for(rf"{CLOCK} - bob was kicked by alice\. \(be nice\)$")
+    bob.send("/quit")
+    assert bob.wait_exit(10) == 0
+    assert carol.count("bob has joined") == 1  # a kicked client does not come back by itself
+
+    bob = chat.joined_client("bob")  # a kick is not a ban
+    alice.send("/ban bob for good")
+    bob.wait_for(rf"{CLOCK} \* You were banned by alice: for good\.")
+    carol.wait_for(rf"{CLOCK} - bob was banned by alice\. \(for good\)$")
+    bob.send("/quit")
+    bob.wait_exit(10)
+    again = chat.client("bob")
+    again.wait_for(r"the broker refused this key", timeout=15)
+    assert again.wait_exit(10) == 1
+
+
+def test_sighup_rereads_the_file_and_disconnects_removed_keys(closed: tuple[Chat, Path]) -> None:
+    chat, path = closed
+    alice = chat.joined_client("alice")
+    carol = chat.joined_client("carol")
+    _write_keys(path, [("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user")])
+    chat.broker.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    carol.wait_for(rf"{CLOCK} \* Your key is no longer authorized here\.", timeout=10)
+    alice.wait_for(rf"{CLOCK} - carol has left the chat\.", timeout=10)
+    alice.send("still here after the reload")
+    alice.wait_for(rf"{CLOCK} alice: still here after the reload$")
+    carol.send("/quit")
+    carol.wait_exit(10)
+    again = chat.client("carol")
+    again.wait_for(r"the broker refused this key", timeout=15)

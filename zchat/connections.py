@@ -1,0 +1,57 @@
+"""Which TCP connections belong to which identity, so the broker can cut them.
+
+ZeroMQ has no call to drop one peer of a socket. The broker learns each
+connection's file descriptor from the frames it receives (ZMQ_SRCFD) and
+forgets it on the monitor's DISCONNECTED event; to cut an identity off
+(kicked, banned, key revoked) it shuts those sockets down. shutdown(2)
+leaves the descriptor to libzmq, which sees the connection end and cleans up
+as for any peer that went away.
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+class Connections:
+    def __init__(self) -> None:
+        self._identity_by_fd: dict[int, str] = {}
+        self._fds_by_identity: dict[str, set[int]] = {}
+
+    def knows(self, identity: str) -> bool:
+        return identity in self._fds_by_identity
+
+    def seen(self, identity: str, fd: int) -> None:
+        previous = self._identity_by_fd.get(fd)
+        if previous is not None and previous != identity:
+            self.closed(fd)  # the descriptor was reused before we heard it close
+        self._identity_by_fd[fd] = identity
+        self._fds_by_identity.setdefault(identity, set()).add(fd)
+
+    def closed(self, fd: int) -> str | None:
+        """Forget `fd`; return its identity if we knew it."""
+        identity = self._identity_by_fd.pop(fd, None)
+        if identity is not None:
+            fds = self._fds_by_identity.get(identity)
+            if fds is not None:
+                fds.discard(fd)
+                if not fds:
+                    del self._fds_by_identity[identity]
+        return identity
+
+    def cut(self, identity: str) -> int:
+        """Shut down every connection of `identity`; returns how many."""
+        count = 0
+        for fd in list(self._fds_by_identity.get(identity, ())):
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                count += 1
+            except OSError:
+                pass
+            finally:
+                sock.detach()  # the descriptor stays libzmq's
+        return count
