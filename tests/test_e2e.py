@@ -174,9 +174,10 @@ def test_tap_reads_complete_timestamped_records(chat: Chat) -> None:
     tap = Proc(["-m", "zchat", "tap", "--port", str(chat.port), "--pub-port", str(chat.pub_port),
                 "--config-dir", str(chat.config_dir)], env=chat.env, stdin=False)
     chat.procs.append(tap)
+    tap.wait_for(r'"type": ?"epoch"', timeout=10)  # it heard a heartbeat: its subscriptions are in
     alice = chat.client("alice")
     alice.wait_for(r"\* Welcome, alice!")
-    tap.wait_for(r'"type": ?"joined"', timeout=10)  # the tap is live once it sees a join
+    tap.wait_for(r'"type": ?"joined"', timeout=10)
     alice.send("for the record")
     line = tap.wait_for(r"for the record")
     record = json.loads(line)

@@ -400,6 +400,9 @@ class ChatClient:
                 else:
                     self._outbox.append(Nick(name=str(arg)))
             elif kind == "close":
+                if self.epoch is not None and not self._lost:
+                    while self._outbox:  # what was asked before closing still goes, in order
+                        self._send(self._outbox.popleft())
                 if arg is not None and self.name is not None and self.epoch is not None:
                     self._send(Leave(message=str(arg)))
                 self._stop = True
@@ -483,6 +486,8 @@ class ChatClient:
             self.lost_since = event.ts
             self._emit(Status("shutdown", event.detail, event.ts))
             return
+        if topic == SYSTEM_TOPIC:
+            return  # other broker notices (stats): not for the chat, and not numbered for us
         if topic == self.private_topic:
             if isinstance(event, Welcome):
                 self._on_welcome(event)

@@ -70,6 +70,9 @@ def invalid_name_detail(name: str) -> str:
             "or '_', starting with a letter or digit")
 
 
+MARKS_AFTER_ACTIVITY = 3  # heartbeats that repeat a room's last seq after its last event
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Tunable limits; defaults come from zchat.limits."""
@@ -185,7 +188,12 @@ class BrokerCore:
         self.seqs: dict[str, int] = dict(seqs or {})
         self.next_heartbeat = now
         self.next_expiry_scan = now
-        self.busy_rooms: set[str] = set()  # room topics published on since the last marks
+        self.busy_rooms: dict[str, int] = {}  # room topic -> marks still to send after its last event
+        # For the broker's stats: frames refused as invalid (by error code); senders refused
+        # for rate since the shell last emptied the set, and how many messages that refused.
+        self.rejected: dict[str, int] = {}
+        self.rate_limited: set[str] = set()
+        self.rate_limited_total = 0
 
     # --- queries -----------------------------------------------------------
 
@@ -255,6 +263,7 @@ class BrokerCore:
         try:
             message = decode_client_message(body, frames)
         except ProtocolError as exc:
+            self.rejected[exc.code] = self.rejected.get(exc.code, 0) + 1
             return self._refuse(peer, now, exc.code, exc.detail)
         if isinstance(message, Ping) and peer.member is not None:
             return []  # members' pings are free: they only keep presence alive
@@ -291,9 +300,10 @@ class BrokerCore:
                 seq=seq, ts=now, epoch=self.epoch,
                 interval=self.limits.heartbeat_interval, online=self.online)))
             # Marks repeat the last seq of each busy room (taking no number themselves).
+            # A few of them after a room's last event, in case a mark is lost with the tail.
             out += [Publish(topic, Mark(seq=self.seqs[topic], ts=now, room=room_of_topic(topic) or ""))
                     for topic in self.busy_rooms]
-            self.busy_rooms.clear()
+            self.busy_rooms = {topic: left - 1 for topic, left in self.busy_rooms.items() if left > 1}
         if now >= self.next_expiry_scan:
             self.next_expiry_scan = now + min(0.5, self.limits.client_timeout / 4)
             member_deadline = now - self.limits.client_timeout
@@ -310,6 +320,10 @@ class BrokerCore:
         """An event for `identity`'s private stream, numbered in its sequence (for the shell's
         answers to Fetch and DeliverMail)."""
         return self._publish(private_topic(identity), make)
+
+    def publish_system(self, make: Callable[[int], Event]) -> Publish:
+        """An event on sys/, numbered in its sequence (for the shell's stats)."""
+        return self._publish(SYSTEM_TOPIC, make)
 
     def shutdown(self, now: float, detail: str) -> list[Out]:
         return [self._publish(SYSTEM_TOPIC, lambda seq: Shutdown(
@@ -669,6 +683,9 @@ class BrokerCore:
             peer.tokens -= 1.0
             peer.throttled = False
             return None
+        self.rate_limited_total += 1
+        if len(self.rate_limited) < self.limits.max_peers:
+            self.rate_limited.add(peer.identity)
         if peer.throttled:
             return []
         peer.throttled = True
@@ -692,5 +709,5 @@ class BrokerCore:
         seq = self.seqs.get(topic, 0) + 1
         self.seqs[topic] = seq
         if topic.startswith(ROOM_PREFIX):
-            self.busy_rooms.add(topic)
+            self.busy_rooms[topic] = MARKS_AFTER_ACTIVITY
         return Publish(topic, make(seq))
