@@ -546,7 +546,7 @@ def join_members(ctx: zmq.Context, svc: dict, specs: list[tuple[str, list[str], 
 
 
 def sender_proc(svc: dict, kind: str, name: str, idx: int, rate: float | None, snd_ready, sub_ready,
-                n_sub_procs: int, go, times, results) -> None:  # type: ignore[no-untyped-def]
+                n_sub_procs: int, go, times, drained, results) -> None:  # type: ignore[no-untyped-def]
     ctx = zmq.Context()
     member = None
     if kind == "zchat":
@@ -615,6 +615,14 @@ def sender_proc(svc: dict, kind: str, name: str, idx: int, rate: float | None, s
             send(prefix + b"%020d" % mono() + SAY_SUFFIX)
             sent += 1
             n += 1
+    if drained is not None:
+        # Stay connected until the subscribers have heard everything: closing while the system
+        # still holds a backlog of our messages (in the TCP buffers) would throw that backlog away.
+        next_ping = 0.0
+        while not drained.wait(0.1):
+            if member is not None and time.monotonic() >= next_ping:
+                member.ping()
+                next_ping = time.monotonic() + 0.5
     errors: Counter[str] = Counter()
     if member is not None:  # anything the broker said to us privately (e.g. rate_limited)
         while True:
@@ -668,7 +676,7 @@ def subscriber_proc(svc: dict, n_socks: int, latency: bool, sub_ready, go, times
     lat = array.array("q")
     size = 0
     last_rx = mono()
-    hard_end = stop + 5_000_000_000
+    hard_end = stop + 20_000_000_000
     while True:
         ready = poller.poll(50)
         now = mono()
@@ -702,19 +710,22 @@ def subscriber_proc(svc: dict, n_socks: int, latency: bool, sub_ready, go, times
 
 
 def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration: float,
-             rate: float | None = None, on_window=None) -> dict:  # type: ignore[no-untyped-def]
+             rate: float | None = None, on_window=None,  # type: ignore[no-untyped-def]
+             abrupt: bool = False) -> dict:
     """One measurement: subscribers up, senders joined, then a timed window."""
     run_flow.counter = getattr(run_flow, "counter", 0) + 1  # type: ignore[attr-defined]
     spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
     sub_ready, snd_ready = MP.Value("i", 0), MP.Value("i", 0)
     times = MP.Array("q", 4)
     go = MP.Event()
+    drained = MP.Event()
     results = MP.Queue()
     groups = [min(SUBS_PER_PROCESS, n_subs - i) for i in range(0, n_subs, SUBS_PER_PROCESS)]
     procs = [spawn(subscriber_proc, spec, g, rate is not None, sub_ready, go, times, results) for g in groups]
     per_sender = None if rate is None else rate / n_senders
     procs += [spawn(sender_proc, spec, svc.kind, f"s{run_flow.counter}x{i}", i, per_sender,  # type: ignore[attr-defined]
-                    snd_ready, sub_ready, len(groups), go, times, results) for i in range(n_senders)]
+                    snd_ready, sub_ready, len(groups), go, times, None if abrupt else drained, results)
+              for i in range(n_senders)]
     try:
         wait_value(snd_ready, n_senders, 60, procs, results)
         wait_value(sub_ready, len(groups), 60, procs, results)
@@ -729,7 +740,11 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
             on_window()
         sleep_until(w1)
         cpu1 = thread_ticks(svc.pid)
-        outs = collect(results, len(procs), 60 + duration, procs)
+        outs: list[dict] = []
+        while sum(o["role"] == "sub" for o in outs) < len(groups):  # subscribers stop when idle
+            outs += collect(results, 1, 60 + duration, procs)
+        drained.set()  # now the senders may leave
+        outs += collect(results, len(procs) - len(outs), 60, procs)
     except RuntimeError as exc:
         if not svc.alive():
             raise ServiceDied(svc, str(exc).splitlines()[0]) from None
@@ -1430,6 +1445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker-args", metavar="ARGS", default=None,
                         help="run the broker as `python -m zchat broker --port P --pub-port Q --config-dir D "
                         "ARGS` (e.g. its rate-limit option) instead of the built-in launcher")
+    parser.add_argument("--abrupt-close", action="store_true",
+                        help="senders close right after the window instead of waiting for the subscribers "
+                        "to drain (reproduces a libzmq assertion crash in the broker, see README)")
     parser.add_argument("--only", default="throughput,latency,scale,chatty,joins",
                         help="comma-separated subset of: throughput,latency,scale,chatty,joins,profile "
                         "(default: all but profile, which --profile adds)")
@@ -1477,7 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
                 """run_flow; if the system under test dies, record it, restart it and retry once."""
                 for attempt in (1, 2):
                     try:
-                        return run_flow(live[kind], *a, **kw)
+                        return run_flow(live[kind], *a, abrupt=args.abrupt_close, **kw)
                     except ServiceDied as exc:
                         crash = {"system": kind, "during": what, "attempt": attempt,
                                  "exit_code": exc.exit_code, "log_tail": exc.log_tail}

@@ -122,7 +122,9 @@ class Chat:
         self.pub_port = free_port()
         self.procs: list[Proc] = []
         self.broker: Proc | None = None
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+        # The developer's own ZCHAT_* settings must not reach the processes under test.
+        clean = {key: value for key, value in os.environ.items() if not key.startswith("ZCHAT_")}
+        self.env = {**clean, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
 
     def endpoint_args(self) -> list[str]:
         return ["--port", str(self.port), "--pub-port", str(self.pub_port),

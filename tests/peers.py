@@ -140,3 +140,158 @@ class RecordingProxy:
                 s.close()
             except OSError:
                 pass
+
+
+class FaultyProxy:
+    """A TCP forwarder on loopback whose link can be slowed, stalled and cut.
+
+    - `delay`: seconds each chunk waits before it is passed on (both directions, order kept);
+    - `stall()` / `resume()`: hold every byte in the proxy (a link that loses all packets:
+      nothing arrives, nothing is reset; TCP-level buffering keeps what was sent) and then let
+      it through;
+    - `cut()` / `restore()`: reset every connection and refuse new ones (each accepted
+      connection is closed at once) until restored.
+
+    Every thread and socket is closed by `close()`.
+    """
+
+    def __init__(self, target_port: int, delay: float = 0.0) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.delay = delay
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.1)  # so the accept loop notices close()
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._down = False
+        self._closed = False
+        self._links: list[tuple[socket.socket, socket.socket]] = []
+        self._threads: list[threading.Thread] = []
+        self.accepted = 0  # connections accepted (refused ones included)
+        self._spawn(self._accept)
+
+    def _spawn(self, target, *args) -> None:  # type: ignore[no-untyped-def]
+        import threading
+
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        with self._lock:
+            self._threads.append(thread)
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed:
+            try:
+                downstream, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            downstream.settimeout(None)
+            self.accepted += 1
+            if self._down or self._closed:
+                _reset(downstream)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+                upstream.settimeout(None)
+            except OSError:
+                _reset(downstream)
+                continue
+            with self._lock:
+                self._links.append((downstream, upstream))
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                self._spawn(self._pump, source, sink)
+
+    def _pump(self, source, sink) -> None:  # type: ignore[no-untyped-def]
+        """Read chunks from `source`; a writer passes them on after `delay`, unless stalled."""
+        import queue
+        import time
+
+        chunks: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+
+        def write() -> None:
+            while True:
+                item = chunks.get()
+                if item is None:
+                    break
+                due, data = item
+                while (wait := due - time.monotonic()) > 0 and not self._closed:
+                    time.sleep(min(wait, 0.05))
+                while not self._flowing.wait(0.05):
+                    if self._closed:
+                        return
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    return
+            try:
+                sink.shutdown(1)
+            except OSError:
+                pass
+
+        self._spawn(write)
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                chunks.put(None)
+                return
+            chunks.put((time.monotonic() + self.delay, data))
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def cut(self) -> None:
+        """Reset every open connection; refuse new ones until `restore()`."""
+        self._down = True
+        with self._lock:
+            links, self._links = self._links, []
+        for pair in links:
+            for sock in pair:
+                _reset(sock)
+
+    def restore(self) -> None:
+        self._down = False
+
+    def close(self) -> None:
+        self._closed = True
+        self._flowing.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        self.cut()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(2)
+
+
+def _reset(sock) -> None:  # type: ignore[no-untyped-def]
+    """Wake whoever reads `sock`, then close it with an RST (SO_LINGER 0): a link that went away."""
+    import socket
+    import struct
+
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

@@ -155,25 +155,9 @@ def test_size_rotation(chat: Chat, tmp_path: Path) -> None:
 
 # A real broker process, configured like `zchat broker` but with a rate limit (and member
 # timeout) high enough for a few raw peers to flood it. `zchat broker` has no option for that.
-FAST_BROKER = """
-import sys
-from pathlib import Path
-from zchat.broker import BrokerSettings, serve
-from zchat.core import Limits
-from zchat.endpoints import Endpoints
-port, pub_port, config = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-limits = Limits(rate_burst=10**6, rate_per_second=1e6, client_timeout=600.0)
-sys.exit(serve(BrokerSettings(Endpoints(port=port, pub_port=pub_port), config, limits=limits)))
-"""
-
-
 def start_fast_broker(chat: Chat) -> Proc:
-    broker = Proc(["-c", FAST_BROKER, str(chat.port), str(chat.pub_port), str(chat.config_dir)],
-                  env=chat.env, stdin=False)
-    chat.procs.append(broker)
-    broker.wait_for("clients on other machines", timeout=15)
-    chat.broker = broker
-    return broker
+    """A broker that lets raw senders flood (no rate limit) and stay silent (no pings)."""
+    return chat.start_broker("--rate-per-second", "0", "--client-timeout", "600")
 
 
 def join_raw(chat: Chat, name: str, rooms: list[str]) -> RawPeer:

@@ -16,13 +16,15 @@ import socket
 import sqlite3
 import sys
 import time
-from dataclasses import dataclass, field
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from zchat import keys
+from zchat import keys, logsetup
 from zchat import limits as L
 from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, KeyFileError, load_authorized_keys, zap_reply
 from zchat.connections import Connections
@@ -30,6 +32,7 @@ from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention
+from zchat.protocol import SYSTEM_TOPIC, Stats
 
 log = logging.getLogger("zchat.broker")
 
@@ -37,6 +40,8 @@ DRAIN_BATCH = 5000  # messages taken from one socket before looking at the other
 STATE_FILE = "broker.json"
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
+STATS_INTERVAL = 5.0  # default seconds between stats events on sys/
+STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
 
 
 @dataclass
@@ -48,6 +53,13 @@ class BrokerSettings:
     db_path: Path | None = None  # default: <config>/broker/history.sqlite3; ":memory:" keeps nothing
     retention: Retention = field(default_factory=Retention)
     authorized_keys: Path | None = None  # closed mode: only these keys, with fixed names and roles
+    stats_interval: float = STATS_INTERVAL  # seconds between stats events on sys/; 0 = none
+    log_level: str = "INFO"
+    log_json: bool = False
+    # The settings as the operator wrote them (zchat.config keys): what a reload compares.
+    config: dict = field(default_factory=dict)
+    # SIGHUP: settings read afresh (raises zchat.config.ConfigError when they are invalid).
+    reload: Callable[[], BrokerSettings] | None = None
 
 
 class BrokerError(Exception):
@@ -105,9 +117,16 @@ class Broker:
         self.ctx = zmq.Context()
         self._stopping = False
         self._reload_requested = False
-        self.connections = Connections()
+        # Input (PULL) and output (XPUB) connections apart: presence follows the input one.
+        self.inputs, self.outputs = Connections(), Connections()
         self._pending_cuts: list[tuple[float, str]] = []
         self._sockets_open = False
+        # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
+        self.started = time.time()
+        self.frames_in = 0
+        self._stats_at = self.started
+        self._stats_last = (0, 0, 0)  # frames_in, messages, published at _stats_at
+        self._next_stats = self.started + (settings.stats_interval or STATS_INTERVAL)
 
     # --- start-up ------------------------------------------------------------
 
@@ -192,6 +211,7 @@ class Broker:
 
     def reload(self, now: float) -> None:
         """SIGHUP: re-read the authorized-keys file without dropping anyone still listed."""
+        self._reload_settings(now)
         path = self.settings.authorized_keys
         if path is None:
             log.info("SIGHUP: open mode, no authorized-keys file to re-read")
@@ -219,7 +239,7 @@ class Broker:
         now = time.monotonic()
         while self._pending_cuts and self._pending_cuts[0][0] <= now:
             _, identity = self._pending_cuts.pop(0)
-            count = self.connections.cut(identity)
+            count = self.inputs.cut(identity) + self.outputs.cut(identity)
             log.info("cut %d connection(s) of %s", count, identity[:12])
 
     def _ban(self, identity: str) -> None:
@@ -253,9 +273,9 @@ class Broker:
                 if self.pull in ready:
                     self._drain_messages(now)
                 if self.monitor in ready:
-                    self._drain_monitor(self.monitor, now, presence=True)
+                    self._drain_monitor(self.monitor, self.inputs, now)
                 if self.xpub_monitor in ready:
-                    self._drain_monitor(self.xpub_monitor, now, presence=False)
+                    self._drain_monitor(self.xpub_monitor, self.outputs, now)
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload(now)
@@ -274,6 +294,8 @@ class Broker:
                     elif self.settings.idle_exit is not None and now - idle_since >= self.settings.idle_exit:
                         log.info("nobody online for %.0f s: stopping", self.settings.idle_exit)
                         break
+                if now >= self._next_stats:
+                    self._stats(now)
                 self.dispatch.flush(now)
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL
@@ -316,13 +338,15 @@ class Broker:
                 continue
             if data[0] == 1:
                 if identity is not None:
-                    self._remember_fd(frame, identity)
+                    self._remember_fd(self.outputs, frame, identity)
                 allowed, out = core.on_subscribe(identity, topic, now)
                 log.debug("subscription %r from %s: %s", topic[:80], (identity or "?")[:12],
                           "installed" if allowed else "refused")
                 if allowed:
                     # Manual mode: applies to the peer whose subscription we just read.
                     xpub.setsockopt(zmq.SUBSCRIBE, data[1:])
+                    if topic == SYSTEM_TOPIC:  # e.g. `zchat stats` or `health`: answer it soon
+                        self._next_stats = min(self._next_stats, max(now, self._stats_at + STATS_MIN_GAP))
                 else:
                     log.info("refused subscription %r from %s", topic[:80], (identity or "?")[:12])
                 self._publish(out)
@@ -342,23 +366,27 @@ class Broker:
             while part.more:  # a multipart message arrives whole: drain it, reject below
                 part = pull.recv(copy=False)
                 frames += 1
+            self.frames_in += 1
             identity = user_id(frame)
-            if identity is not None and not self.connections.knows(identity):
-                self._remember_fd(frame, identity)
+            if identity is not None and not self.inputs.knows(identity):
+                self._remember_fd(self.inputs, frame, identity)
             try:
                 out = core.on_message(identity, frame.buffer, frames, now)
-            except Exception:  # a bug must not take the chat down for everyone
-                log.exception("internal error handling a message from %s", identity)
+            except Exception as exc:  # a bug must not take the chat down for everyone
+                # The stack and the exception's type, not its message: that could quote the text.
+                log.error("internal error handling a message from %s: %s\n%s", (identity or "?")[:12],
+                          type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)).rstrip())
                 continue
             self._publish(out)
 
-    def _remember_fd(self, frame: zmq.Frame, identity: str) -> None:
+    @staticmethod
+    def _remember_fd(connections: Connections, frame: zmq.Frame, identity: str) -> None:
         try:
-            self.connections.seen(identity, frame.get(zmq.SRCFD))
+            connections.seen(identity, frame.get(zmq.SRCFD))
         except zmq.ZMQError:
             pass
 
-    def _drain_monitor(self, monitor: zmq.Socket, now: float, presence: bool) -> None:
+    def _drain_monitor(self, monitor: zmq.Socket, connections: Connections, now: float) -> None:
         while True:
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
@@ -366,12 +394,74 @@ class Broker:
                 return
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
-            identity = self.connections.closed(event["value"])
-            if identity is not None and presence:  # the input connection is the one that counts
+            identity = connections.closed(event["value"])
+            if identity is not None and connections is self.inputs:  # the input one counts
                 self._publish(self.core.on_disconnect(identity, now))
 
     def _publish(self, out: list[Out]) -> None:
         self.dispatch.add(out)  # sent at the end of the loop turn, after storage
+
+    # --- statistics and reloading ----------------------------------------------------
+
+    def _stats(self, now: float) -> None:
+        """Publish a stats event on sys/ (unless disabled) and start a new interval."""
+        interval = self.settings.stats_interval
+        self._next_stats = now + (interval or STATS_INTERVAL)
+        core, dispatch = self.core, self.dispatch
+        totals = (self.frames_in, dispatch.messages, dispatch.published)
+        span = max(now - self._stats_at, 1e-3)
+        frames_rate, messages_rate, published_rate = (
+            round((total - last) / span, 3) for total, last in zip(totals, self._stats_last, strict=True))
+        limited = len(core.rate_limited)
+        core.rate_limited.clear()  # emptied even when disabled: it must not grow
+        self._stats_at, self._stats_last = now, totals
+        if interval <= 0:
+            return
+        self._publish([core.publish_system(lambda seq: Stats(
+            seq=seq, ts=now, epoch=self.epoch, uptime=round(now - self.started, 3),
+            interval=round(span, 3), online=core.online, rooms=len(core.rooms),
+            messages_in=dispatch.messages, messages_in_rate=messages_rate,
+            frames_in=self.frames_in, frames_in_rate=frames_rate,
+            published=dispatch.published, published_rate=published_rate,
+            drops=sum(core.rejected.values()), drops_by_kind=dict(core.rejected),
+            rate_limited=limited, rate_limited_total=core.rate_limited_total,
+            errors=dict(dispatch.errors), history=self.store.stored))])
+
+    def _reload_settings(self, now: float) -> None:
+        """SIGHUP: read the settings again; apply what can change live, log the rest."""
+        if self.settings.reload is None:
+            return
+        try:
+            new = self.settings.reload()
+        except Exception as exc:  # an invalid file: one line, and nothing changes
+            log.error("SIGHUP: keeping the current settings: %s", exc)
+            return
+        old_config, new_config = self.settings.config, new.config
+        changed = [key for key in new_config if new_config[key] != old_config.get(key)]
+        from zchat.config import OPTIONS
+
+        live = [key for key in changed if OPTIONS[key].live]
+        later = [key for key in changed if not OPTIONS[key].live]
+        kept = {key: old_config[key] for key in later if key in old_config}
+        self.settings = replace(
+            self.settings, idle_exit=new.idle_exit, retention=new.retention,
+            stats_interval=new.stats_interval, log_level=new.log_level, log_json=new.log_json,
+            limits=replace(self.core.limits, rate_burst=new.limits.rate_burst,
+                           rate_per_second=new.limits.rate_per_second,
+                           client_timeout=new.limits.client_timeout),
+            config={**new_config, **kept})  # what needs a restart still differs next time
+        logsetup.configure(new.log_level, new.log_json)
+        self.core.limits = self.settings.limits
+        self.store.retention = new.retention
+        if "stats_interval" in live:
+            self._next_stats = now + (new.stats_interval or STATS_INTERVAL)
+        for key in live:
+            log.info("SIGHUP: %s: %s -> %s (applied)", key, old_config.get(key), new_config[key])
+        for key in later:
+            log.warning("SIGHUP: %s: %s -> %s needs a restart (not applied)", key, old_config.get(key),
+                        new_config[key])
+        if not changed:
+            log.info("SIGHUP: settings unchanged")
 
     def close(self, linger_ms: int = 0) -> None:
         if self._sockets_open:
@@ -400,4 +490,10 @@ def serve(settings: BrokerSettings) -> int:
         print(f"zchat broker: {exc}", file=sys.stderr)
         return 1
     print(broker.banner(), flush=True)
-    return broker.run()
+    ep = settings.endpoints
+    log.info("broker started: pid %d, input %s, publish %s, epoch %s, key %s, %s mode, history %s",
+             os.getpid(), ep.input, ep.publish, broker.epoch, broker.keypair.identity,
+             "open" if settings.authorized_keys is None else "closed", broker.store.path)
+    code = broker.run()
+    log.info("broker stopped (exit %d)", code)
+    return code

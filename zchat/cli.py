@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from zchat import keys
+from zchat import config, keys
 from zchat import limits as L
 from zchat.core import Limits
 from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
@@ -17,9 +17,12 @@ from zchat.launcher import AUTOSTART_IDLE_EXIT
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=DEFAULT_HOST,
+    # Settings default to None here: zchat.config fills them in from env, file and defaults.
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="settings file (default $ZCHAT_CONFIG, else <config dir>/zchat.toml)")
+    parser.add_argument("--host", default=None,
                         help=f"broker address (default {DEFAULT_HOST}; broker: 0.0.0.0 for all interfaces)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=int, default=None,
                         help=f"input (PULL) port (default {DEFAULT_PORT})")
     parser.add_argument("--pub-port", type=int, default=None,
                         help="publish (XPUB) port (default: --port + 1)")
@@ -44,27 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-exit", type=float, default=AUTOSTART_IDLE_EXIT, metavar="SECONDS",
                         help="a broker started here stops this long after the last user leaves "
                         f"(default {AUTOSTART_IDLE_EXIT:g})")
-    sub = parser.add_subparsers(dest="command", metavar="{broker,client,send,tap,history,keygen}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{broker,client,send,tap,history,keygen,stats,health}")
 
     broker = sub.add_parser("broker", help="run the broker in the foreground")
     _common(broker)
     broker.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                         help="stop after this long with nobody online")
     broker.add_argument("--stop", action="store_true", help="stop the broker running for this config dir")
-    broker.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    broker.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    broker.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
+                        help="log one JSON object per line")
+    broker.add_argument("--client-timeout", type=float, default=None, metavar="SECONDS",
+                        help=f"announce a silent client as left after this long (default "
+                        f"{L.CLIENT_TIMEOUT:g})")
+    broker.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS",
+                        help=f"seconds between stats events on sys/, 0 = none (default "
+                        f"{config.STATS_INTERVAL:g})")
+    broker.add_argument("--print-config", action="store_true",
+                        help="print the effective settings and where each came from, then exit")
     broker.add_argument("--authorized-keys", type=Path, default=None, metavar="FILE",
                         help="closed mode: only keys in FILE ('name public-key [role]' lines; roles "
                         "user, tap, admin) may connect; re-read on SIGHUP")
     broker.add_argument("--db", type=Path, default=None,
                         help="history database (default <config>/broker/history.sqlite3; "
                         ":memory: keeps none)")
-    broker.add_argument("--history-keep", type=int, default=L.HISTORY_KEEP_PER_ROOM, metavar="N",
+    broker.add_argument("--history-keep", type=int, default=None, metavar="N",
                         help=f"events kept per room, 0 = no limit (default {L.HISTORY_KEEP_PER_ROOM})")
-    broker.add_argument("--history-days", type=float, default=L.HISTORY_KEEP_DAYS, metavar="DAYS",
+    broker.add_argument("--history-days", type=float, default=None, metavar="DAYS",
                         help=f"drop events older than this, 0 = never (default {L.HISTORY_KEEP_DAYS:g})")
-    broker.add_argument("--rate-burst", type=int, default=L.RATE_BURST, metavar="N",
+    broker.add_argument("--rate-burst", type=int, default=None, metavar="N",
                         help=f"messages a sender may send at once (default {L.RATE_BURST})")
-    broker.add_argument("--rate-per-second", type=float, default=L.RATE_PER_SECOND, metavar="R",
+    broker.add_argument("--rate-per-second", type=float, default=None, metavar="R",
                         help=f"sustained messages per second per sender, 0 = unlimited (default "
                         f"{L.RATE_PER_SECOND:g})")
 
@@ -77,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = sub.add_parser("history", help="search and export the stored public history")
     history.add_argument("--config-dir", type=Path, default=None, help="the broker's config dir")
+    history.add_argument("--config", type=Path, default=None, metavar="FILE", help="settings file")
     history.add_argument("--db", type=Path, default=None, help="the database (default: the broker's)")
     history.add_argument("--room", help="only this room")
     history.add_argument("--since", help="only events since a date (2026-11-26, '2026-11-26 14:00') "
@@ -115,8 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
                           help="rotate FILE by time: S, M, H, D, W0-W6 or midnight")
     tap.add_argument("--backups", type=int, default=5, metavar="K",
                      help="rotated files to keep (default 5; with --rotate-when, 0 keeps all)")
-    tap.add_argument("--heartbeats", action="store_true", help="include broker heartbeats")
+    tap.add_argument("--heartbeats", action="store_true", help="include broker heartbeats and stats")
+
+    stats = sub.add_parser("stats", help="show the broker's live statistics (from sys/)")
+    _common(stats)
+    _monitor_options(stats)
+    stats.add_argument("--watch", action="store_true", help="keep printing each stats event")
+    stats.add_argument("--json", action="store_true", help="print the stats events as JSON lines")
+    stats.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
+                       help="give up when no stats arrive within this long (default 15)")
+
+    health = sub.add_parser("health", help="exit 0 when the broker answers, else non-zero with the reason")
+    _common(health)
+    _monitor_options(health)
+    health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long to wait for the broker (default 5)")
     return parser
+
+
+def _monitor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server-key", help="the broker's public key (hex or z85); found by itself when "
+                        "the broker runs on this machine with the same config dir")
+    parser.add_argument("--key", type=Path, help="secret key file to use (default: a 'monitor' key made in "
+                        "the config dir)")
 
 
 def _endpoints(args: argparse.Namespace) -> Endpoints:
@@ -150,15 +186,29 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.stop:
         print(stop_broker(_config_dir(args)))
         return 0
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    unlimited = args.rate_per_second <= 0
-    limits = Limits(rate_burst=10**9 if unlimited else args.rate_burst,
-                    rate_per_second=1e9 if unlimited else args.rate_per_second)
-    return serve(BrokerSettings(endpoints=_endpoints(args), config_dir=_config_dir(args),
-                                idle_exit=args.idle_exit, limits=limits, db_path=args.db,
-                                authorized_keys=args.authorized_keys,
-                                retention=Retention(per_room=args.history_keep, days=args.history_days)))
+    if args.print_config:
+        print(config.render(args.settings))
+        return 0
+    from zchat import logsetup
+
+    def settings_from(resolved: config.Settings) -> BrokerSettings:
+        v = resolved.values
+        unlimited = v["rate_per_second"] <= 0
+        limits = Limits(rate_burst=10**9 if unlimited else v["rate_burst"],
+                        rate_per_second=1e9 if unlimited else v["rate_per_second"],
+                        client_timeout=v["client_timeout"])
+        return BrokerSettings(
+            endpoints=Endpoints(host=v["host"], port=v["port"], pub_port=v["pub_port"]),
+            config_dir=v["config_dir"], idle_exit=v["idle_exit"] or None, limits=limits, db_path=v["db"],
+            authorized_keys=v["authorized_keys"],
+            retention=Retention(per_room=v["history_keep"], days=v["history_days"]),
+            stats_interval=v["stats_interval"], log_level=v["log_level"], log_json=v["log_json"],
+            config=dict(v))
+
+    settings = settings_from(args.settings)
+    settings.reload = lambda: settings_from(config.load("broker", args.flags))  # SIGHUP
+    logsetup.configure(settings.log_level, settings.log_json)
+    return serve(settings)
 
 
 def parse_since(text: str, now: float) -> float:
@@ -265,9 +315,37 @@ def cmd_tap(args: argparse.Namespace) -> int:
     return run_tap(endpoints, server_key, keypair, TapLog(handler, args.format), heartbeats=args.heartbeats)
 
 
+def _monitor_keypair(args: argparse.Namespace) -> keys.KeyPair:
+    """--key, else the config dir's 'monitor' key (made on first use), else a throwaway one."""
+    if args.key:
+        return keys.load(args.key)
+    try:
+        return keys.load_or_create(keys.client_keys_dir(_config_dir(args)), "monitor")
+    except OSError:  # a read-only config dir: any key does in open mode
+        import zmq
+
+        public, secret = zmq.curve_keypair()
+        return keys.KeyPair(public, secret)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from zchat.stats import run_stats
+
+    return run_stats(_endpoints(args), _server_key(args), _monitor_keypair(args), watch=args.watch,
+                     as_json=args.json, timeout=args.timeout)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from zchat.stats import run_health
+
+    return run_health(_endpoints(args), _server_key(args), _monitor_keypair(args), timeout=args.timeout)
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from zchat.launcher import ensure_broker
 
+    if args.config is not None:  # a broker started in the background reads the same file
+        os.environ[config.CONFIG_ENV] = str(args.config)
     try:
         note = ensure_broker(_config_dir(args), _endpoints(args), args.idle_exit)
     except RuntimeError as exc:
@@ -278,10 +356,24 @@ def cmd_start(args: argparse.Namespace) -> int:
     return cmd_client(args)
 
 
+def _settings(args: argparse.Namespace) -> None:
+    """Resolve the command's settings (flag > env > file > default) into `args`."""
+    args.flags = {key: value for key, value in vars(args).items() if value is not None}
+    args.settings = config.load(args.command, args.flags)
+    for key, value in args.settings.values.items():
+        setattr(args, key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"broker": cmd_broker, "client": cmd_client, "send": cmd_send, "tap": cmd_tap,
-                "history": cmd_history, "keygen": cmd_keygen}
+                "history": cmd_history, "keygen": cmd_keygen, "stats": cmd_stats, "health": cmd_health}
+    try:
+        _settings(args)
+    except config.ConfigError as exc:
+        if not getattr(args, "stop", False):  # `broker --stop` still works with a broken file
+            print(f"zchat: {exc}", file=sys.stderr)
+            return 2
     try:
         return handlers.get(args.command, cmd_start)(args)
     except ValueError as exc:  # bad key text, unreadable key file

@@ -411,7 +411,7 @@ class BrokerCore:
         old = member.name
         remembered: list[Out] = []
         if name_key(old) != name_key(new):
-            del self.names[name_key(old)]
+            self.names.pop(name_key(old), None)  # already released by set_accounts' renames
             self.names[name_key(new)] = peer.identity
             remembered = self._remember(new, peer.identity)
         member.name = new
@@ -605,6 +605,7 @@ class BrokerCore:
         take their new names. Everyone else stays connected."""
         self.accounts = accounts
         out: list[Out] = []
+        renamed: list[tuple[Peer, str]] = []
         for identity, peer in list(self.peers.items()):
             account = accounts.get(identity)
             if account is None:
@@ -614,12 +615,14 @@ class BrokerCore:
                 del self.peers[identity]
                 out.append(Disconnect(identity))
             elif peer.member is not None and peer.member.name != account.name:
-                holder = self.names.get(name_key(account.name))
-                if holder is not None and holder != identity:  # the new name's holder loses it
-                    other = self.peers[holder]
-                    out += self._leave(other, "revoked", "", now)
-                    out.append(Disconnect(holder))
-                out += self._rename(peer, peer.member, account.name, now)
+                renamed.append((peer, account.name))
+        # Names in the file are unique, so once every renamed member lets go of its old
+        # name, every new one is free: a chain (bob -> carol, carol -> dave) just works.
+        for peer, _ in renamed:
+            self.names.pop(name_key(peer.member.name), None)  # type: ignore[union-attr]
+        for peer, name in renamed:
+            out += self._rename(peer, peer.member, name, now)  # type: ignore[arg-type]
+            self.names[name_key(name)] = peer.identity  # also when only the case changed
         return out
 
     def _quit(self, peer: Peer, member: Member, leave: Leave, now: float) -> list[Out]:

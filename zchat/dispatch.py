@@ -18,11 +18,29 @@ import msgspec
 from zchat import limits as L
 from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
 from zchat.history import HistoryStore, StoredEvent
-from zchat.protocol import ROOM_PREFIX, Direct, History, Joined, Left, Mark, decode_event, room_topic
+from zchat.protocol import (
+    PRIVATE_PREFIX,
+    ROOM_PREFIX,
+    Action,
+    Code,
+    Direct,
+    Error,
+    History,
+    Joined,
+    Left,
+    Mark,
+    Message,
+    decode_event,
+    name_key,
+    private_topic,
+    room_topic,
+)
 
 log = logging.getLogger("zchat.broker")
 
 _encode = msgspec.json.Encoder().encode
+# Errors about a frame's form: their details name the problem, never the content.
+_INPUT_ERRORS = {Code.BAD_REQUEST, Code.TOO_LARGE, Code.TOO_MANY_FRAMES}
 
 
 class Dispatcher:
@@ -35,6 +53,10 @@ class Dispatcher:
         self.cut = cut  # shut an identity's connections down
         self.ban = ban  # remember a banned identity across restarts
         self.pending: list[Out] = []
+        # For the broker's stats (totals since start-up).
+        self.published = 0  # frames sent
+        self.messages = 0  # chat messages accepted: room messages and actions, private ones once
+        self.errors: dict[str, int] = {}  # error events sent, by code
 
     def add(self, out: list[Out]) -> None:
         if out:
@@ -61,6 +83,7 @@ class Dispatcher:
                     if isinstance(event, (Joined, Left)):
                         log.info("%s %s #%s", event.name, "joined" if isinstance(event, Joined) else
                                  f"left ({event.reason})", event.room)
+                self._count(item.topic, event)
             else:
                 frames.append(None)
                 if isinstance(item, Mail):
@@ -71,6 +94,7 @@ class Dispatcher:
         for item, frame in zip(items, frames, strict=True):
             if frame is not None:
                 self.send(frame)
+                self.published += 1
             elif isinstance(item, Fetch):
                 self._answer_fetch(item, now)
             elif isinstance(item, DeliverMail):
@@ -100,3 +124,20 @@ class Dispatcher:
     def _send_reply(self, identity: str, make) -> None:  # type: ignore[no-untyped-def]
         reply = self.core.reply(identity, make)
         self.send(reply.topic.encode() + b" " + _encode(reply.event))
+        self.published += 1
+
+    def _count(self, topic: str, event: object) -> None:
+        """Stats, and a log line for each error sent (its code, never anyone's text)."""
+        if isinstance(event, (Message, Action)):
+            self.messages += 1
+        elif isinstance(event, Direct):
+            sender = self.core.names.get(name_key(event.name))
+            if sender is not None and topic == private_topic(sender):  # the sender's copy: once
+                self.messages += 1
+        elif isinstance(event, Error):
+            self.errors[event.code] = self.errors.get(event.code, 0) + 1
+            who = topic.removeprefix(PRIVATE_PREFIX)[:12]
+            if event.code in _INPUT_ERRORS:  # the detail says what was wrong with the frame
+                log.info("refused input from %s: %s: %.200s", who, event.code, event.detail)
+            else:
+                log.info("error to %s: %s", who, event.code)

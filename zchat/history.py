@@ -89,6 +89,8 @@ class HistoryStore:
         self.path = path
         self.retention = retention or Retention()
         self.db = connect(path)
+        # Events stored, for stats: counted once here, then kept up to date by write and prune.
+        self.stored: int = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
 
     def close(self) -> None:
         self.db.close()
@@ -138,6 +140,7 @@ class HistoryStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self.stored += len(events)
 
     # --- reads -------------------------------------------------------------------
 
@@ -170,6 +173,7 @@ class HistoryStore:
             for topic, last in db.execute("SELECT topic, last_seq FROM topic_seq").fetchall():
                 dropped += db.execute("DELETE FROM events WHERE topic = ? AND seq <= ?",
                                       (topic, last - self.retention.per_room)).rowcount
+        self.stored = max(0, self.stored - dropped)
         return dropped
 
 

@@ -326,8 +326,32 @@ class Shutdown(Event, tag="shutdown"):
     detail: str
 
 
+class Stats(Event, tag="stats"):
+    """The broker's live statistics on sys/, every few seconds (`zchat stats`). Chat clients
+    ignore it. Rates are per second over the last `interval` seconds; the rest are totals
+    since start-up unless said otherwise."""
+
+    epoch: str
+    uptime: float  # seconds since the broker started
+    interval: float  # seconds the rates cover
+    online: int  # members online
+    rooms: int  # rooms with someone in them
+    messages_in: int  # chat messages accepted (room messages, actions, private messages)
+    messages_in_rate: float
+    frames_in: int  # everything received on the input socket (joins, pings, commands, bad input)
+    frames_in_rate: float
+    published: int  # frames sent on the publish socket
+    published_rate: float
+    drops: int  # frames refused as invalid: bad input, too large, too many frames
+    drops_by_kind: dict[str, int]  # by error code
+    rate_limited: int  # senders refused for rate during the interval
+    rate_limited_total: int  # messages refused for rate
+    errors: dict[str, int]  # error events sent, by code
+    history: int  # events in the history store
+
+
 EventType = (Welcome | Message | Action | Direct | Joined | Left | Renamed | Muted | Error | WhoReply
-             | RoomList | History | Mark | Heartbeat | Shutdown)
+             | RoomList | History | Mark | Heartbeat | Shutdown | Stats)
 
 
 def decode_event(data: bytes | msgspec.Raw) -> EventType:

@@ -446,7 +446,7 @@ class Tap:
                 self.out.epoch(epoch, previous, ev.get("ts") or time.time())
                 if previous is not None:
                     self.apply(self.tracker.restarted(now))
-            if kind != "heartbeat" or self.heartbeats:
+            if kind not in ("heartbeat", "stats") or self.heartbeats:  # the broker's pulse: opt-in
                 self.out.event(topic, ev)
         elif topic == self.private:
             if kind == "history" and type(ev.get("ref")) is int and type(ev.get("after")) is int:
