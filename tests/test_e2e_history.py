@@ -156,10 +156,10 @@ def test_zchat_history_searches_and_exports(chat: Chat) -> None:
     assert re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] #lobby alice: the deploy went fine", lines[0])
     ops = history("--room", "ops")
     assert [line.split("] ", 1)[1] for line in ops] == [
-        "#ops - alice joined", "#ops alice: ops only: rotate keys"]
+        "#ops -> alice entered", "#ops alice: ops only: rotate keys"]
     exported = [json.loads(line) for line in history("--json", "--since", "1h")]
     assert {record["topic"] for record in exported} == {"r/lobby/", "r/ops/"}
-    assert any(record["event"]["text"] == "the deploy went fine" for record in exported
-               if record["event"]["type"] == "message")
-    assert all(isinstance(record["event"]["seq"], int) for record in exported)
+    assert any(record["text"] == "the deploy went fine" for record in exported
+               if record["type"] == "message")
+    assert all(isinstance(record["seq"], int) for record in exported)
     assert len(history("--limit", "2")) == 2

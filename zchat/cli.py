@@ -247,9 +247,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    import json
+
     from zchat.history import search
-    from zchat.logline import text_record
-    from zchat.protocol import decode_event, normalize_room
+    from zchat.protocol import normalize_room
+    from zchat.tap import text_line
 
     db = args.db or keys.broker_dir(_config_dir(args)) / "history.sqlite3"
     if not db.exists():
@@ -263,9 +265,10 @@ def cmd_history(args: argparse.Namespace) -> int:
     since = parse_since(args.since, time.time()) if args.since else None
     for row in search(db, room=room, since=since, grep=args.grep, limit=args.limit):
         if args.json:
-            sys.stdout.write('{"topic":"' + row.topic + '","event":' + row.body.decode() + "}\n")
+            # The tap's jsonl shape: the event's own fields with its topic first.
+            sys.stdout.write('{"topic":"' + row.topic + '",' + row.body.decode()[1:] + "\n")
         else:
-            sys.stdout.write(text_record(decode_event(row.body)) + "\n")
+            sys.stdout.write(text_line(row.topic, json.loads(row.body)) + "\n")  # as the tap writes it
     return 0
 
 
