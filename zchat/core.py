@@ -423,7 +423,7 @@ class BrokerCore:
     def _room_of(self, peer: Peer, member: Member, raw: str, now: float,
                  ref: int | None = None) -> tuple[str | None, list[Out]]:
         """The member's room named `raw`, or an error to send instead."""
-        room = normalize_room(raw)
+        room = raw if raw in member.rooms else normalize_room(raw)  # clients send it normalized
         if room is None or room not in member.rooms:
             return None, self._error(peer, now, Code.NOT_IN_ROOM, f"you are not in room {raw!r}", ref)
         return room, []

@@ -17,7 +17,7 @@ import msgspec
 
 from zchat import limits as L
 from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
-from zchat.history import HistoryStore, StoredEvent
+from zchat.history import EventRow, HistoryStore
 from zchat.protocol import (
     PRIVATE_PREFIX,
     ROOM_PREFIX,
@@ -68,22 +68,24 @@ class Dispatcher:
             return
         items, self.pending = self.pending, []
         frames: list[bytes | None] = []
-        rows: list[StoredEvent] = []
+        rows: list[EventRow] = []
         mail: list[tuple[str, float, bytes]] = []
         names: list[tuple[str, str]] = []
         for item in items:
-            if isinstance(item, Publish):
-                body = _encode(item.event)
-                frames.append(item.topic.encode() + b" " + body)
-                event = item.event
-                if item.topic.startswith(ROOM_PREFIX) and not isinstance(event, Mark):
-                    rows.append(StoredEvent(item.topic, event.seq, event.ts, type(event).__name__.lower(),
-                                            getattr(event, "room", ""), getattr(event, "name", None),
-                                            getattr(event, "text", None), body))
+            if type(item) is Publish:
+                event, topic = item.event, item.topic
+                body = _encode(event)
+                frames.append(topic.encode() + b" " + body)
+                if type(event) is Message:  # the hot path: stored, counted, nothing else
+                    rows.append((topic, event.seq, event.ts, body))
+                    self.messages += 1
+                    continue
+                if topic.startswith(ROOM_PREFIX) and not isinstance(event, Mark):
+                    rows.append((topic, event.seq, event.ts, body))
                     if isinstance(event, (Joined, Left)):
                         log.info("%s %s #%s", event.name, "joined" if isinstance(event, Joined) else
                                  f"left ({event.reason})", event.room)
-                self._count(item.topic, event)
+                self._count(topic, event)
             else:
                 frames.append(None)
                 if isinstance(item, Mail):

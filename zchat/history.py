@@ -19,6 +19,7 @@ with synchronous=NORMAL gives up only the last commits on power loss).
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,16 +27,14 @@ from pathlib import Path
 
 from zchat import limits as L
 
+CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (off the broker's thread)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     topic TEXT NOT NULL,
     seq INTEGER NOT NULL,
     ts REAL NOT NULL,
-    type TEXT NOT NULL,
-    room TEXT NOT NULL,
-    name TEXT,
-    text TEXT,
-    body BLOB NOT NULL,
+    body BLOB NOT NULL,  -- the event's JSON exactly as published; searched with json_extract
     PRIMARY KEY (topic, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
@@ -61,16 +60,15 @@ class Retention:
 
 @dataclass(frozen=True)
 class StoredEvent:
-    """One row of the public record: what the broker writes, what `zchat history` reads."""
+    """One row of the public record, as `zchat history` reads it."""
 
     topic: str
     seq: int
     ts: float
-    type: str
-    room: str
-    name: str | None
-    text: str | None
     body: bytes
+
+
+EventRow = tuple[str, int, float, bytes]  # topic, seq, ts, body: what the broker writes
 
 
 def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
@@ -80,8 +78,33 @@ def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
         db = sqlite3.connect(str(path), timeout=5.0, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        columns = [row[1] for row in db.execute("PRAGMA table_info(events)")]
+        if columns and columns != ["topic", "seq", "ts", "body"]:
+            db.close()
+            raise sqlite3.DatabaseError(f"{path} was written by an older zchat; move it aside to "
+                                        "start afresh")
         db.executescript(SCHEMA)
     return db
+
+
+class Checkpointer(threading.Thread):
+    """Moves the WAL into the database from a thread of its own, so the broker's commits
+    never stop to do it inline (SQLite's auto-checkpoint would, now and then, for ms)."""
+
+    def __init__(self, path: Path | str, interval: float = CHECKPOINT_INTERVAL) -> None:
+        super().__init__(name="zchat-checkpoint", daemon=True)
+        self.path, self.interval = path, interval
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        db = sqlite3.connect(str(self.path), timeout=5.0, isolation_level=None)
+        try:
+            while not self.stopping.wait(self.interval):
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # never blocks the writer
+        except sqlite3.Error:
+            pass  # the broker's own writes still work; the WAL just grows until restart
+        finally:
+            db.close()
 
 
 class HistoryStore:
@@ -91,8 +114,16 @@ class HistoryStore:
         self.db = connect(path)
         # Events stored, for stats: counted once here, then kept up to date by write and prune.
         self.stored: int = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+        self.checkpointer: Checkpointer | None = None
+        if str(path) != ":memory:":
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+            self.checkpointer = Checkpointer(path)
+            self.checkpointer.start()
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stopping.set()
+            self.checkpointer.join(5)
         self.db.close()
 
     # --- start-up --------------------------------------------------------------
@@ -106,7 +137,7 @@ class HistoryStore:
 
     # --- one transaction per broker loop turn ------------------------------------
 
-    def write(self, events: list[StoredEvent], mail: list[tuple[str, float, bytes]],
+    def write(self, events: list[EventRow], mail: list[tuple[str, float, bytes]],
               names: list[tuple[str, str]], now: float) -> None:
         if not (events or mail or names):
             return
@@ -114,13 +145,11 @@ class HistoryStore:
         db.execute("BEGIN")
         try:
             if events:
-                db.executemany(
-                    "INSERT OR REPLACE INTO events (topic, seq, ts, type, room, name, text, body) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(e.topic, e.seq, e.ts, e.type, e.room, e.name, e.text, e.body) for e in events])
+                db.executemany("INSERT OR REPLACE INTO events (topic, seq, ts, body) VALUES (?, ?, ?, ?)",
+                               events)
                 last: dict[str, int] = {}
-                for e in events:
-                    last[e.topic] = max(e.seq, last.get(e.topic, 0))
+                for topic, seq, _, _ in events:  # in seq order per topic: the last one wins
+                    last[topic] = seq
                 db.executemany(
                     "INSERT INTO topic_seq (topic, last_seq) VALUES (?, ?) ON CONFLICT(topic) "
                     "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)", list(last.items()))
@@ -190,16 +219,17 @@ def search(path: Path | str, room: str | None = None, since: float | None = None
             clauses.append("ts >= ?")
             args.append(since)
         if grep:
-            clauses.append("instr(lower(coalesce(text, '') || ' ' || coalesce(name, '')), lower(?)) > 0")
+            clauses.append("instr(lower(coalesce(json_extract(body, '$.text'), '') || ' ' || "
+                           "coalesce(json_extract(body, '$.name'), '')), lower(?)) > 0")
             args.append(grep)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        query = f"SELECT topic, seq, ts, type, room, name, text, body FROM events {where}"
+        query = f"SELECT topic, seq, ts, body FROM events {where}"
         if limit is None:
             rows = db.execute(query + " ORDER BY ts, topic, seq", args).fetchall()
         else:  # the newest `limit`, shown oldest first
             rows = db.execute(query + " ORDER BY ts DESC, seq DESC LIMIT ?", [*args, limit]).fetchall()
             rows.reverse()
         for row in rows:
-            yield StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]))
+            yield StoredEvent(row[0], row[1], row[2], bytes(row[3]))
     finally:
         db.close()
