@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from zchat import limits as L
 from zchat.endpoints import Endpoints
@@ -76,6 +75,7 @@ from zchat.protocol import (
     private_topic,
     room_topic,
 )
+from zchat.transport import HandshakeWatch, curve_client
 
 JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM}
 REMOVED = {Code.KICKED, Code.BANNED, Code.REVOKED}
@@ -296,26 +296,13 @@ class ChatClient:
     # --- the I/O thread --------------------------------------------------------
 
     def _make_sockets(self) -> None:
-        keypair = self.settings.keypair
-        ep = self.settings.endpoints
-
-        def curve_client(kind: int) -> zmq.Socket:
-            sock = self.ctx.socket(kind)
-            sock.curve_serverkey = self.settings.server_key
-            sock.curve_publickey = keypair.public
-            sock.curve_secretkey = keypair.secret
-            sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
-            sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
-            if ep.ipv6:
-                sock.ipv6 = True
-            return sock
-
-        self.push = curve_client(zmq.PUSH)
+        settings, ep = self.settings, self.settings.endpoints
+        # A linger on PUSH lets a final leave reach the broker after close.
+        self.push = curve_client(self.ctx, zmq.PUSH, ep, settings.server_key, settings.keypair, linger=1000)
         self.push.sndhwm = L.CLIENT_SNDHWM
-        self.push.linger = 1000
-        self.sub = curve_client(zmq.SUB)
-        self.sub.linger = 0
-        self.monitor = self.push.get_monitor_socket()
+        self.sub = curve_client(self.ctx, zmq.SUB, ep, settings.server_key, settings.keypair)
+        self._watch = HandshakeWatch(self.push)
+        self.monitor = self._watch.monitor
         self._subscribed: dict[str, int] = {}
         for topic in [SYSTEM_TOPIC, self.private_topic] + [room_topic(r) for r in self.rooms]:
             self._subscribe(topic)
@@ -346,8 +333,6 @@ class ChatClient:
         self._tokens = float(L.RATE_BURST)
         self._rate = (float(L.RATE_BURST), L.RATE_PER_SECOND)
         self._refilled = time.monotonic()
-        self._handshake: str = "none"  # none | ok | auth | failed
-        self._connect_attempts = 0
         poller = zmq.Poller()
         for sock in (self.sub, self.monitor, self._wake_rx):
             poller.register(sock, zmq.POLLIN)
@@ -709,23 +694,8 @@ class ChatClient:
         return True
 
     def _drain_monitor(self) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind = event["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshake = "ok"
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._handshake = "auth"
-                self._fail_join("auth", "the broker refused this key (closed mode: ask its operator "
-                                "to add your public key)")
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                if self._handshake != "ok":
-                    self._handshake = "failed"
-            elif kind == zmq.EVENT_CONNECT_RETRIED:
-                self._connect_attempts += 1
+        if "auth" in self._watch.drain():
+            self._fail_join(*self._diagnose())
 
     def _fail_join(self, code: str, message: str) -> None:
         if self._pending_join is not None:
@@ -734,17 +704,8 @@ class ChatClient:
             self._join_done.set()
 
     def _diagnose(self) -> tuple[str, str]:
-        """Why a join timed out, as (code, message), from what the monitor saw."""
-        ep = self.settings.endpoints
-        if self._handshake == "auth":
-            return "auth", "the broker refused this key"
-        if self._handshake == "failed":
-            return "handshake", (f"the security handshake with {ep.input} failed: "
-                                 "is --server-key the broker's public key?")
-        if self._handshake == "none":
-            return "unreachable", (f"no broker answers at {ep.input}: is it running? "
-                                   "(start one with: zchat broker)")
-        return "timeout", "the broker accepted the connection but did not answer the join"
+        """Why a join failed or timed out, as (code, message), from what the monitor saw."""
+        return self._watch.explain(self.settings.endpoints.input)
 
     def _emit(self, event: ClientEvent) -> None:
         try:

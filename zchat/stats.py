@@ -20,12 +20,11 @@ from collections.abc import Callable
 
 import msgspec
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from zchat import limits as L
 from zchat.endpoints import Endpoints
 from zchat.keys import KeyPair
 from zchat.protocol import SYSTEM_TOPIC, Event, Heartbeat, ProtocolError, Stats, decode_publication
+from zchat.transport import HandshakeWatch, curve_client
 
 EXIT_OK = 0
 EXIT_NO_ANSWER = 1
@@ -48,31 +47,17 @@ class SysListener:
     def __init__(self, endpoints: Endpoints, server_key: bytes, keypair: KeyPair) -> None:
         self.endpoints = endpoints
         self.ctx = zmq.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.linger = 0
-        self.sub.curve_serverkey = server_key
-        self.sub.curve_publickey = keypair.public
-        self.sub.curve_secretkey = keypair.secret
-        self.sub.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
-        self.sub.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
-        if endpoints.ipv6:
-            self.sub.ipv6 = True
-        self.monitor = self.sub.get_monitor_socket()
+        self.sub = curve_client(self.ctx, zmq.SUB, endpoints, server_key, keypair)
+        self.watch = HandshakeWatch(self.sub)
+        self.monitor = self.watch.monitor
         self.sub.subscribe(SYSTEM_TOPIC.encode())
         self.sub.connect(endpoints.publish)
-        self.connected = False  # a TCP connection was made
-        self.refused = 0  # connection attempts that failed (nothing listening)
-        self.handshake = "none"  # none | ok | auth | failed
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
 
     def close(self) -> None:
-        try:
-            self.sub.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(0)
+        self.watch.close(self.sub)
         self.sub.close(0)
         self.ctx.term()
 
@@ -102,42 +87,19 @@ class SysListener:
         return None
 
     def _drain_monitor(self) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind = event["event"]
-            if kind == zmq.EVENT_CONNECTED:
-                self.connected = True
-            elif kind == zmq.EVENT_CONNECT_RETRIED:
-                self.refused += 1
-            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.handshake = "ok"
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.handshake != "ok":
-                self.handshake = "auth"
-                raise NoAnswer(EXIT_REFUSED, f"the broker at {self.endpoints.publish} refused this key "
-                               f"(ZAP status {event['value']}; closed mode: ask its operator to add it, "
-                               "or pass --key)")
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                if self.handshake != "ok":
-                    self.handshake = "failed"
-                    raise NoAnswer(EXIT_REFUSED, f"the security handshake with {self.endpoints.publish} "
-                                   "failed: is --server-key the broker's public key?")
+        if self.watch.drain():  # refused or failed: no point waiting any longer
+            raise NoAnswer(EXIT_REFUSED, self.watch.explain(self.endpoints.publish)[1])
 
     def silence(self, timeout: float) -> NoAnswer:
         """Why nothing arrived within `timeout` seconds."""
-        ep = self.endpoints.publish
-        if self.handshake == "ok":
+        ep, watch = self.endpoints.publish, self.watch
+        if watch.handshake == "ok":
             return NoAnswer(EXIT_NO_ANSWER, f"no answer from {ep} within {timeout:g} s: connected, "
                             "but no heartbeat arrived")
-        if self.connected:
-            return NoAnswer(EXIT_NO_ANSWER, f"no answer from {ep} within {timeout:g} s: connected, but "
-                            "the security handshake never completed (wrong --server-key?)")
-        if self.refused:
+        if watch.refused and not watch.connected:
             return NoAnswer(EXIT_NO_ANSWER, f"no answer from {ep} within {timeout:g} s: connection "
                             "refused (is the broker running?)")
-        return NoAnswer(EXIT_NO_ANSWER, f"no answer from {ep} within {timeout:g} s: unreachable")
+        return NoAnswer(EXIT_NO_ANSWER, f"no answer within {timeout:g} s: {watch.explain(ep)[1]}")
 
 
 # --- formatting (pure) ------------------------------------------------------------------------

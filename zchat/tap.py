@@ -48,6 +48,7 @@ from zchat.protocol import (
     private_topic,
     room_of_topic,
 )
+from zchat.transport import curve_client
 
 log = logging.getLogger("zchat.tap")
 
@@ -482,26 +483,12 @@ class Tap:
                     pass  # the broker is unreachable: the deadline turns this into a gap record
 
 
-def _curve_client(ctx: zmq.Context, kind: int, endpoints: Endpoints, server_key: bytes,
-                  keypair: KeyPair) -> zmq.Socket:
-    sock = ctx.socket(kind)
-    sock.curve_serverkey = server_key
-    sock.curve_publickey = keypair.public
-    sock.curve_secretkey = keypair.secret
-    sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
-    sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
-    sock.linger = 0
-    if endpoints.ipv6:
-        sock.ipv6 = True
-    return sock
-
-
 def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapLog,
             heartbeats: bool = False) -> int:
     """Log until SIGINT or SIGTERM; then write what is held, flush, close and return 0."""
     ctx = zmq.Context()
-    sub = _curve_client(ctx, zmq.SUB, endpoints, server_key, keypair)
-    push = _curve_client(ctx, zmq.PUSH, endpoints, server_key, keypair)
+    sub = curve_client(ctx, zmq.SUB, endpoints, server_key, keypair)
+    push = curve_client(ctx, zmq.PUSH, endpoints, server_key, keypair)
     push.sndhwm = L.CLIENT_SNDHWM
     # In this order: once a heartbeat (sys/) arrives, the earlier subscriptions are installed too.
     for topic in (private_topic(keypair.identity), ROOM_PREFIX, SYSTEM_TOPIC):

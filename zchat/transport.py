@@ -1,0 +1,83 @@
+"""Client-side sockets: a CURVE client socket, and what its monitor says about the handshake.
+
+Shared by the client library, the tap and `zchat stats`/`health`, so they all
+connect the same way and explain silence the same way (nothing listening,
+key refused, wrong server key).
+"""
+
+from __future__ import annotations
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from zchat import limits as L
+from zchat.endpoints import Endpoints
+from zchat.keys import KeyPair
+
+
+def curve_client(ctx: zmq.Context, kind: int, endpoints: Endpoints, server_key: bytes,
+                 keypair: KeyPair, linger: int = 0) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.linger = linger
+    sock.curve_serverkey = server_key
+    sock.curve_publickey = keypair.public
+    sock.curve_secretkey = keypair.secret
+    sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
+    sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+    if endpoints.ipv6:
+        sock.ipv6 = True  # without it a tcp://[::1] connect silently never happens
+    return sock
+
+
+class HandshakeWatch:
+    """Reads a client socket's monitor and remembers how far connecting got."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.monitor = sock.get_monitor_socket()
+        self.connected = False  # a TCP connection was made
+        self.refused = 0  # connection attempts that failed (nothing listening)
+        self.handshake = "none"  # none | ok | auth | failed
+
+    def drain(self) -> list[str]:
+        """Read pending monitor events; return the handshake failures among them
+        ("auth": the broker refused our key; "failed": wrong server key or protocol)."""
+        failures = []
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return failures
+            kind = event["event"]
+            if kind == zmq.EVENT_CONNECTED:
+                self.connected = True
+            elif kind == zmq.EVENT_CONNECT_RETRIED:
+                self.refused += 1
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshake = "ok"
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.handshake != "ok":
+                self.handshake = "auth"
+                failures.append("auth")
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                if self.handshake != "ok":
+                    self.handshake = "failed"
+                    failures.append("failed")
+
+    def explain(self, endpoint: str) -> tuple[str, str]:
+        """Why nothing came back, as (code, one line for the user)."""
+        if self.handshake == "auth":
+            return "auth", (f"the broker refused this key ({endpoint}; closed mode: ask its operator "
+                            "to add your public key, or pass --key)")
+        if self.handshake == "failed" or (self.connected and self.handshake == "none"):
+            return "handshake", (f"the security handshake with {endpoint} failed: is --server-key the "
+                                 "broker's public key?")
+        if self.handshake == "none":
+            return "unreachable", (f"no broker answers at {endpoint}: is it running? "
+                                   "(start one with: zchat broker)")
+        return "timeout", f"the broker at {endpoint} accepted the connection but did not answer"
+
+    def close(self, sock: zmq.Socket) -> None:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
