@@ -59,11 +59,12 @@ def test_decode_join_with_rooms() -> None:
     assert msg == Join(name="alice", rooms=["lobby", "#Dev"])
 
 
-def test_decode_join_rooms_default_to_empty_list() -> None:
+def test_decode_join_rooms_default_to_none_meaning_the_default_room() -> None:
     msg = decode_client_message(js(type="join", name="alice"))
     assert isinstance(msg, Join)
     assert msg.name == "alice"
-    assert msg.rooms == []
+    assert msg.rooms is None  # the core reads None as [lobby]; [] is "no room at all"
+    assert decode_client_message(js(type="join", name="alice", rooms=[])).rooms == []
 
 
 def test_decode_say_with_and_without_ref() -> None:
@@ -229,7 +230,6 @@ def test_missing_required_fields_is_bad_request(fields: dict[str, object]) -> No
     {"type": "join", "name": ["alice"]},
     {"type": "join", "name": "alice", "rooms": "lobby"},
     {"type": "join", "name": "alice", "rooms": [1]},
-    {"type": "join", "name": "alice", "rooms": None},
     {"type": "join", "name": "alice", "rooms": {"lobby": 1}},
     {"type": "say", "room": 1, "text": "hi"},
     {"type": "say", "room": None, "text": "hi"},

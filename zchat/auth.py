@@ -14,6 +14,7 @@ Banned keys are refused in both modes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ def parse_authorized_keys(text: str, source: str = "authorized-keys") -> dict[st
     accounts: dict[str, Account] = {}
     names: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        # A comment starts a line or follows a space: z85 keys may contain '#' themselves.
+        line = re.split(r"(?:^|\s)#", raw, maxsplit=1)[0].strip()
         if not line:
             continue
         fields = line.split()

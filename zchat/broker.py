@@ -395,6 +395,8 @@ class Broker:
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
             identity = connections.closed(event["value"])
+            if identity is not None and connections is self.outputs and not self.outputs.knows(identity):
+                self.core.on_unsubscribed_all(identity)
             if identity is not None and connections is self.inputs:  # the input one counts
                 self._publish(self.core.on_disconnect(identity, now))
 

@@ -152,7 +152,6 @@ class Member:
     name: str
     rooms: list[str]
     history: int = L.DEFAULT_HISTORY  # events of history wanted when entering a room
-    muted_until: float = 0.0
 
 
 @dataclass(slots=True)
@@ -180,6 +179,7 @@ class BrokerCore:
         self.epoch = epoch
         self.accounts = accounts
         self.banned: set[str] = set(banned or ())
+        self.muted: dict[str, float] = {}  # identity -> until when it may not speak
         self.limits = limits or Limits()
         self.peers: dict[str, Peer] = {}
         self.names: dict[str, str] = {}  # name_key(name) -> identity, online members
@@ -224,6 +224,14 @@ class BrokerCore:
         if peer.pending_rooms and peer.member is not None:
             return True, self._try_enter(peer, peer.member, now)
         return True, []
+
+    def on_unsubscribed_all(self, identity: str) -> None:
+        """Its publish-side connection closed: none of its subscriptions is installed any
+        more. A join must now wait for the new connection's subscriptions again, or what
+        the welcome brings (history, kept mail) would go nowhere."""
+        peer = self.peers.get(identity)
+        if peer is not None:
+            peer.topics.clear()
 
     def on_unsubscribe(self, identity: str | None, topic: str) -> None:
         # Unsubscribes without an identity come from closing connections: ignore.
@@ -337,7 +345,7 @@ class BrokerCore:
         if not valid_name(join.name):
             return self._refuse(peer, now, Code.INVALID_NAME, invalid_name_detail(join.name))
         rooms: list[str] = []
-        for raw in join.rooms or [DEFAULT_ROOM]:
+        for raw in [DEFAULT_ROOM] if join.rooms is None else join.rooms:
             room = normalize_room(raw)
             if room is None:
                 return self._refuse(peer, now, Code.INVALID_ROOM, f"invalid room {raw!r}")
@@ -367,16 +375,17 @@ class BrokerCore:
             throttled = self._charge(peer, now)
             if throttled is not None:
                 return throttled
+        current = member.rooms if member is not None else []
+        new_rooms = [room for room in join.rooms if room not in current]
+        if len(current) + len(new_rooms) > L.MAX_ROOMS_PER_MEMBER:  # checked before changing anything
+            return self._error(peer, now, Code.TOO_MANY_ROOMS,
+                               f"at most {L.MAX_ROOMS_PER_MEMBER} rooms; /leave one first")
         if member is None:
             member = peer.member = Member(name=join.name, rooms=[], history=join.history)
             self.names[name_key(join.name)] = peer.identity
             out += self._remember(join.name, peer.identity)
         elif member.name != join.name:
             out += self._rename(peer, member, join.name, now)
-        new_rooms = [room for room in join.rooms if room not in member.rooms]
-        if len(member.rooms) + len(new_rooms) > L.MAX_ROOMS_PER_MEMBER:
-            return self._error(peer, now, Code.TOO_MANY_ROOMS,
-                               f"at most {L.MAX_ROOMS_PER_MEMBER} rooms; /leave one first")
         baseline = {room: self.seqs.get(room_topic(room), 0) for room in member.rooms + new_rooms}
         arriving = resumed is False
         joined: list[Out] = []
@@ -384,9 +393,13 @@ class BrokerCore:
             joined += self._add_to_room(peer, member, room, now, chat=arriving)
         # History goes out after the welcome and before the joined notices: the seam
         # between what was stored (seq <= baseline) and live traffic is exact.
+        # New rooms: recent history (or what came after `seen`); rooms kept across a resumed
+        # rejoin: only what came after `seen`, if the client says what it has.
         fetches: list[Out] = [
             Fetch(peer.identity, room, join.seen.get(room, 0), baseline[room], join.history)
-            for room in new_rooms if join.history and join.seen.get(room, 0) < baseline[room]]
+            for room in join.rooms
+            if join.history and (room in new_rooms or room in join.seen)
+            and join.seen.get(room, 0) < baseline[room]]
         if arriving:
             fetches.append(DeliverMail(peer.identity))
         out.append(self._publish(private_topic(peer.identity), lambda seq: Welcome(
@@ -407,11 +420,13 @@ class BrokerCore:
             del self.known_names[next(iter(self.known_names))]
         return [Remember(key, identity)]
 
-    def _rename(self, peer: Peer, member: Member, new: str, now: float) -> list[Out]:
+    def _rename(self, peer: Peer, member: Member, new: str, now: float,
+                 release_old: bool = True) -> list[Out]:
         old = member.name
         remembered: list[Out] = []
         if name_key(old) != name_key(new):
-            self.names.pop(name_key(old), None)  # already released by set_accounts' renames
+            if release_old:  # set_accounts releases every old name first, itself
+                del self.names[name_key(old)]
             self.names[name_key(new)] = peer.identity
             remembered = self._remember(new, peer.identity)
         member.name = new
@@ -433,8 +448,8 @@ class BrokerCore:
         return text, ([] if text else self._error(peer, now, Code.EMPTY_TEXT, "message is empty", ref))
 
     def _say(self, peer: Peer, member: Member, say: Say, now: float) -> list[Out]:
-        if member.muted_until > now:
-            return self._muted(peer, member, now, say.ref)
+        if self.muted.get(peer.identity, 0.0) > now:
+            return self._muted(peer, now, say.ref)
         room, error = self._room_of(peer, member, say.room, now, say.ref)
         if room is None:
             return error
@@ -445,8 +460,8 @@ class BrokerCore:
             seq=seq, ts=now, room=room, name=member.name, text=text, ref=say.ref))]
 
     def _me(self, peer: Peer, member: Member, me: Me, now: float) -> list[Out]:
-        if member.muted_until > now:
-            return self._muted(peer, member, now, me.ref)
+        if self.muted.get(peer.identity, 0.0) > now:
+            return self._muted(peer, now, me.ref)
         room, error = self._room_of(peer, member, me.room, now, me.ref)
         if room is None:
             return error
@@ -457,12 +472,16 @@ class BrokerCore:
             seq=seq, ts=now, room=room, name=member.name, text=text, ref=me.ref))]
 
     def _msg(self, peer: Peer, member: Member, msg: Msg, now: float) -> list[Out]:
-        if member.muted_until > now:
-            return self._muted(peer, member, now, msg.ref)
+        if self.muted.get(peer.identity, 0.0) > now:
+            return self._muted(peer, now, msg.ref)
         target = self.names.get(name_key(msg.to))
+        last_key = self.known_names.get(name_key(msg.to)) if target is None else None
+        if target is None and last_key is None:
+            return self._error(peer, now, Code.NO_SUCH_USER,
+                               f"unknown user {clean_text(msg.to)!r}: nobody of that name has been here",
+                               msg.ref)
         text, empty = self._text(peer, msg.text, now, msg.ref)
         if target is None:
-            last_key = self.known_names.get(name_key(msg.to))
             if last_key is None:
                 return self._error(peer, now, Code.NO_SUCH_USER,
                                    f"unknown user {clean_text(msg.to)!r}: nobody of that name has been here",
@@ -558,9 +577,9 @@ class BrokerCore:
 
     # --- moderation ---------------------------------------------------------------
 
-    def _muted(self, peer: Peer, member: Member, now: float, ref: int | None) -> list[Out]:
+    def _muted(self, peer: Peer, now: float, ref: int | None) -> list[Out]:
         return self._error(peer, now, Code.MUTED,
-                           f"you are muted for {member.muted_until - now:.0f} more seconds", ref)
+                           f"you are muted for {self.muted[peer.identity] - now:.0f} more seconds", ref)
 
     def _moderated(self, peer: Peer, name: str, now: float) -> tuple[Peer | None, list[Out]]:
         """The online member an admin command names, or the error to answer instead."""
@@ -593,7 +612,12 @@ class BrokerCore:
         if target is None or target.member is None:
             return error
         victim = target.member
-        victim.muted_until = now + mute.seconds
+        # By key, not membership: leaving and coming back does not lift it.
+        self.muted = {key: until for key, until in self.muted.items() if until > now}
+        if mute.seconds:
+            self.muted[target.identity] = now + mute.seconds
+        else:
+            self.muted.pop(target.identity, None)
         reason = clean_text(mute.reason)
         topics = [room_topic(room) for room in victim.rooms] or [private_topic(target.identity)]
         return [self._publish(topic, lambda seq, topic=topic: Muted(
@@ -614,14 +638,20 @@ class BrokerCore:
                     out += self._leave(peer, "revoked", "", now)
                 del self.peers[identity]
                 out.append(Disconnect(identity))
-            elif peer.member is not None and peer.member.name != account.name:
-                renamed.append((peer, account.name))
+            else:
+                if ROOM_PREFIX in peer.topics and account.role not in ("tap", "admin"):
+                    # Demoted: an installed subscription cannot be withdrawn from one peer, so
+                    # cut it; it reconnects and subscribes again under the new rules.
+                    peer.topics.clear()
+                    out.append(Disconnect(identity))
+                if peer.member is not None and peer.member.name != account.name:
+                    renamed.append((peer, account.name))
         # Names in the file are unique, so once every renamed member lets go of its old
         # name, every new one is free: a chain (bob -> carol, carol -> dave) just works.
         for peer, _ in renamed:
             self.names.pop(name_key(peer.member.name), None)  # type: ignore[union-attr]
         for peer, name in renamed:
-            out += self._rename(peer, peer.member, name, now)  # type: ignore[arg-type]
+            out += self._rename(peer, peer.member, name, now, release_old=False)  # type: ignore[arg-type]
             self.names[name_key(name)] = peer.identity  # also when only the case changed
         return out
 

@@ -104,7 +104,8 @@ Seq = Annotated[int, Meta(ge=0, le=2**53)]
 
 class Join(ClientMessage, tag="join"):
     name: NameField
-    rooms: Annotated[list[RoomField], Meta(max_length=limits.MAX_ROOMS_PER_JOIN)] = []
+    # None: the default room (lobby); [] joins the chat in no room.
+    rooms: Annotated[list[RoomField], Meta(max_length=limits.MAX_ROOMS_PER_JOIN)] | None = None
     # Recent history wanted per room on joining it; `seen` (room -> last seq the
     # client already has, when rejoining) asks for what came after instead.
     history: HistoryCount = limits.DEFAULT_HISTORY
@@ -376,7 +377,6 @@ class Code:
     ALREADY_IN_ROOM = "already_in_room"
     TOO_MANY_ROOMS = "too_many_rooms"
     NO_SUCH_USER = "no_such_user"
-    MAILBOX_FULL = "mailbox_full"
     FORBIDDEN = "forbidden"  # an admin command from a non-admin
     NAMES_FIXED = "names_fixed"  # closed mode: the operator's file fixes each key's name
     MUTED = "muted"
