@@ -490,7 +490,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     sub = curve_client(ctx, zmq.SUB, endpoints, server_key, keypair)
     push = curve_client(ctx, zmq.PUSH, endpoints, server_key, keypair)
     push.sndhwm = L.CLIENT_SNDHWM
-    # In this order: once a heartbeat (sys/) arrives, the earlier subscriptions are installed too.
+    # libzmq sends a SUB's subscriptions in byte order (r/, sys/, u/...), so a first heartbeat
+    # proves r/ is installed; u/<id>/ follows within the same batch.
     for topic in (private_topic(keypair.identity), ROOM_PREFIX, SYSTEM_TOPIC):
         sub.subscribe(topic.encode())
     sub.connect(endpoints.publish)
