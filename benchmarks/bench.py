@@ -56,18 +56,18 @@ LATENCY_LOADS = [1_000, 10_000, 50_000]  # offered msg/s, one sender, 10 subscri
 LATENCY_SUBSCRIBERS = 10
 PROFILES = {
     "quick": dict(tp_warmup=0.5, tp_duration=1.0, lat_warmup=0.5, lat_duration=1.5,
-                  scale=[1_000], chatty=[100], chatty_warmup=0.5, chatty_duration=2.0,
-                  joins=10, profile_duration=3.0),
+                  scale=[1_000], scale_join_timeout=45.0, chatty=[100], chatty_warmup=0.5,
+                  chatty_duration=2.0, joins=10, profile_duration=3.0),
     "full": dict(tp_warmup=1.0, tp_duration=3.0, lat_warmup=1.0, lat_duration=4.0,
-                 scale=[1_000, 5_000, 10_000], chatty=[100, 300, 1_000], chatty_warmup=1.0,
-                 chatty_duration=5.0, joins=30, profile_duration=6.0),
+                 scale=[1_000, 5_000, 10_000], scale_join_timeout=60.0, chatty=[100, 300, 1_000],
+                 chatty_warmup=1.0, chatty_duration=5.0, joins=30, profile_duration=6.0),
 }
 SUBS_PER_PROCESS = 5  # subscriber sockets per load-generator process (throughput/latency)
 CLIENTS_PER_GENERATOR = 2_500  # scale: each client holds 4 fds in its generator (2 sockets x (tcp + mailbox))
 SCALE_ROOM_SIZE = 100  # scale clients join rooms of this many (see README: no N^2 join storm)
-JOIN_WINDOW = 100  # joins in flight per generator process
+JOIN_WINDOW = 25  # joins in flight per generator process (the broker listens with ZMQ_BACKLOG 100)
 BROKER_FD_HEADROOM = 100  # fds the broker keeps for itself (listeners, mailboxes, std streams)
-PING_INTERVAL_NS = 800_000_000  # members must be heard from within CLIENT_TIMEOUT (3 s)
+PING_INTERVAL_NS = int(L.CLIENT_PING_INTERVAL * 1e9)  # app pings, as the client library sends them
 JOIN_RETRY_NS = int(L.JOIN_RETRY_INTERVAL * 1e9)
 
 # --- the messages ----------------------------------------------------------------
@@ -254,6 +254,19 @@ def cpu_percent(before: dict[str, int], after: dict[str, int], seconds: float) -
            for role in ("main", "io")}
     out["total"] = round(100.0 * (sum(after.values()) - sum(before.values())) / hz / seconds, 1)
     return out
+
+
+def listen_overflows() -> int:
+    """System-wide count of connections dropped because a listen queue was full (Linux)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return -1
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        names, nums = head.split(), values.split()
+        if names and names[0] == "TcpExt:" and "ListenOverflows" in names:
+            return int(nums[names.index("ListenOverflows")])
+    return -1
 
 
 def percentiles(samples_ns: list[int] | array.array) -> dict[str, float | int | None]:
@@ -736,10 +749,13 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
         go.set()
         sleep_until(w0)
         cpu0 = thread_ticks(svc.pid)
+        gen0 = [thread_ticks(p.pid) for p in procs]
         if on_window is not None:
             on_window()
         sleep_until(w1)
         cpu1 = thread_ticks(svc.pid)
+        gen_cpu = round(sum(cpu_percent(g0, thread_ticks(p.pid), duration)["total"]
+                            for g0, p in zip(gen0, procs, strict=True)))
         outs: list[dict] = []
         while sum(o["role"] == "sub" for o in outs) < len(groups):  # subscribers stop when idle
             outs += collect(results, 1, 60 + duration, procs)
@@ -773,7 +789,7 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
         "loss": round(max(0.0, 1.0 - received / (sent * n_subs)), 4) if sent else None,
         "skipped": sum(o["skipped"] for o in senders),
         "frame_bytes_out": max(o["frame_bytes"] for o in subs),
-        "cpu": cpu_percent(cpu0, cpu1, duration), "errors": dict(errors),
+        "cpu": cpu_percent(cpu0, cpu1, duration), "generators_cpu": gen_cpu, "errors": dict(errors),
     }
     if rate is not None:
         result.update(percentiles(lat))
@@ -785,17 +801,17 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
 # --- scale: many joined clients ------------------------------------------------------------------
 
 
-def scale_gen_proc(svc: dict, gen: int, first: int, count: int, armed, fire_ready, stop,
-                   results) -> None:  # type: ignore[no-untyped-def]
+def scale_gen_proc(svc: dict, gen: int, first: int, count: int, join_timeout: float, armed, fire_ready,
+                   stop, results) -> None:  # type: ignore[no-untyped-def]
     raise_nofile()
     ctx = zmq.Context()
     ctx.max_sockets = 2 * count + 64
     specs = [(f"g{gen}c{i}", [f"s{(first + i) // SCALE_ROOM_SIZE}"], (b"r/all/",)) for i in range(count)]
     t_begin = mono()
-    members, join_ms, failed = join_members(ctx, svc, specs, timeout=240)
+    members, join_ms, failed = join_members(ctx, svc, specs, timeout=join_timeout)
     joined = [m for m in members if m.joined_ns and not m.error]
-    results.put({"role": "joined", "gen": gen, "join_ms": join_ms, "failed": failed,
-                 "seconds": (mono() - t_begin) / 1e9})
+    results.put({"role": "joined", "gen": gen, "join_ms": join_ms, "joined": len(joined),
+                 "not_joined": count - len(joined), "seconds": (mono() - t_begin) / 1e9})
     next_ping = 0
     while not armed.wait(0.05):
         if mono() >= next_ping:
@@ -842,11 +858,13 @@ def scale_gen_proc(svc: dict, gen: int, first: int, count: int, armed, fire_read
 
 def prober_proc(svc: dict, fire, results) -> None:  # type: ignore[no-untyped-def]
     ctx = zmq.Context()
-    members, _, failed = join_members(ctx, svc, [("prober", ["all"], ())], timeout=30)
-    if failed:
-        raise RuntimeError("the prober could not join")
+    members, _, failed = join_members(ctx, svc, [("prober", ["all"], ())], timeout=PROBER_JOIN_TIMEOUT)
     member = members[0]
-    results.put({"role": "prober_ready"})
+    results.put({"role": "prober_ready", "ok": not failed})
+    if failed:
+        member.close()
+        ctx.term()
+        return
     while not fire.wait(0.2):
         member.ping()
     member.push.send(say_prefix("all") + b"%020d" % mono() + b"|PROBE" + b'"}')
@@ -856,7 +874,10 @@ def prober_proc(svc: dict, fire, results) -> None:  # type: ignore[no-untyped-de
     ctx.term()
 
 
-def run_scale(workdir: Path, asked: int, broker_args: list[str] | None) -> dict:
+PROBER_JOIN_TIMEOUT = 30.0
+
+
+def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_timeout: float) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fit = (hard - BROKER_FD_HEADROOM) // 2
     n = min(asked, fit)
@@ -873,36 +894,48 @@ def run_scale(workdir: Path, asked: int, broker_args: list[str] | None) -> dict:
         sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
         firsts = [sum(sizes[:g]) for g in range(gens)]
         t_begin = time.monotonic()
-        procs = [spawn(scale_gen_proc, spec, g, firsts[g], sizes[g], armed, fire_ready, stop, results)
-                 for g in range(gens)]
-        joined = collect(results, gens, 300, procs)
+        overflows0 = listen_overflows()
+        procs = [spawn(scale_gen_proc, spec, g, firsts[g], sizes[g], join_timeout, armed, fire_ready, stop,
+                       results) for g in range(gens)]
+        joined = collect(results, gens, join_timeout + 60, procs)
         join_wall = time.monotonic() - t_begin
+        overflows = listen_overflows() - overflows0
         join_ms = sorted(x for o in joined for x in o["join_ms"])
-        failed = sum(o["failed"] for o in joined)
+        members = sum(o["joined"] for o in joined)
         time.sleep(2.0)  # settle: pings flowing, nothing joining
         rss1, fds1 = vmrss_kb(svc.pid), fd_count(svc.pid)
+        connected = max(0, (fds1 - fds0) // 2)  # two TCP connections per client
         cpu0 = thread_ticks(svc.pid)
-        time.sleep(1.0)
-        idle_cpu = cpu_percent(cpu0, thread_ticks(svc.pid), 1.0)
+        gen0 = [thread_ticks(p.pid) for p in procs]
+        time.sleep(2.0)
+        idle_cpu = cpu_percent(cpu0, thread_ticks(svc.pid), 2.0)
+        gen_cpu = round(sum(cpu_percent(g0, thread_ticks(p.pid), 2.0)["total"] for g0, p in zip(gen0, procs,
+                                                                                             strict=True)))
         procs.append(spawn(prober_proc, spec, fire, results))
-        collect(results, 1, 30, procs)  # prober joined
+        prober = collect(results, 1, PROBER_JOIN_TIMEOUT + 30, procs)[0]
         armed.set()
-        wait_value(fire_ready, gens, 60, procs, results)
-        fire.set()
-        outs = collect(results, gens + 1, 60, procs)
+        probe_error = None
+        if prober["ok"]:
+            wait_value(fire_ready, gens, 60, procs, results)
+            fire.set()
+            outs = collect(results, gens + 1, 60, procs)
+        else:  # the broker is too busy to admit one more member: report, do not hang
+            probe_error = f"the prober could not join within {PROBER_JOIN_TIMEOUT:.0f} s"
+            stop.set()
+            outs = collect(results, gens, 60, procs)
         probe = [o for o in outs if o["role"] == "probe"]
         delivered = sum(o["received"] for o in probe)
         lat = [x for o in probe for x in o["lat"]]
-        members = n - failed
         result = {
-            "asked": asked, "clients": n, "joined": members, "failed": failed, "generators": gens,
-            "fd_limit": hard, "fit": fit,
+            "asked": asked, "clients": n, "joined": members, "not_joined": n - members,
+            "connected": connected, "generators": gens, "fd_limit": hard, "fit": fit,
+            "join_timeout_s": join_timeout,
             "join_p50_ms": round(pct(join_ms, 0.5), 1), "join_p99_ms": round(pct(join_ms, 0.99), 1),
-            "join_wall_s": round(join_wall, 2),
+            "join_wall_s": round(join_wall, 2), "listen_overflows": overflows,
             "rss_before_kb": rss0, "rss_after_kb": rss1, "fds_before": fds0, "fds_after": fds1,
-            "rss_per_client_kb": round((rss1 - rss0) / max(1, members), 1),
-            "idle_cpu": idle_cpu,
-            "probe_delivered": delivered, "probe_expected": members,
+            "rss_per_client_kb": round((rss1 - rss0) / max(1, connected), 1),
+            "idle_cpu": idle_cpu, "generators_cpu": gen_cpu,
+            "probe_delivered": delivered, "probe_expected": members, "probe_error": probe_error,
             "probe": percentiles(lat),
         }
         if not svc.alive():
@@ -1026,8 +1059,11 @@ def run_chatty(workdir: Path, n: int, warmup: float, duration: float, broker_arg
         go.set()
         sleep_until(w0)
         cpu0 = thread_ticks(svc.pid)
+        gen0 = [thread_ticks(p.pid) for p in procs]
         sleep_until(w1)
         cpu1 = thread_ticks(svc.pid)
+        gen_cpu = round(sum(cpu_percent(g0, thread_ticks(p.pid), duration)["total"]
+                            for g0, p in zip(gen0, procs, strict=True)))
         outs = collect(results, gens, 60 + duration, procs)
         members = sum(o["joined"] for o in outs)
         lat = array.array("q")
@@ -1043,7 +1079,7 @@ def run_chatty(workdir: Path, n: int, warmup: float, duration: float, broker_arg
             "expected_per_s": round(sum(o["sent_window"] for o in outs) / duration * members),
             "deliveries_per_s": round(sum(o["window"] for o in outs) / duration),
             "loss": round(max(0.0, 1 - received / (sent * members)), 4) if sent and members else None,
-            "cpu": cpu_percent(cpu0, cpu1, duration),
+            "cpu": cpu_percent(cpu0, cpu1, duration), "generators": gens, "generators_cpu": gen_cpu,
         }
         result.update(percentiles(lat))
         if not svc.alive():
@@ -1116,8 +1152,8 @@ def run_profile(svc: Service, duration: float, out_path: Path, label: str, sende
     raw = out_path.with_suffix(".txt")
     svg = out_path.with_suffix(".svg")
     spies: list[subprocess.Popen] = []
-    common = [pyspy, "record", "--pid", str(svc.pid), "--duration", str(int(duration)), "--rate", "200",
-              "--idle"]
+    common = [pyspy, "record", "--pid", str(svc.pid), "--duration", str(int(duration)), "--rate", "100",
+              "--idle", "--threads"]
 
     def start() -> None:
         # --native needs py-spy to pause the process for each sample; the SVG sampler does not.
@@ -1138,22 +1174,30 @@ def run_profile(svc: Service, duration: float, out_path: Path, label: str, sende
         return {"label": label, "error": f"py-spy failed: {err.strip()[:500]}"}
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         n = int(count)
-        frames = [f for f in (_frame_name(f) for f in stack.split(";")) if f]
+        head, _, rest = stack.partition(";")
+        thread = head.rpartition(": ")[2] if head.startswith("thread ") else "?"
+        threads[thread] += n
+        if thread != "MainThread":  # the broker loop; helper threads are counted, not profiled
+            continue
+        frames = [f for f in (_frame_name(f) for f in rest.split(";")) if f]
         if not frames:
             continue
         total += n
         self_time[frames[-1]] += n
         for f in set(frames):
             inclusive[f] += n
+    if not total:
+        return {"label": label, "error": "py-spy saw no samples of the main thread"}
     return {
         "label": label, "samples": total, "in_per_s": flow["in_per_s"], "cpu": flow["cpu"],
-        "raw": str(raw), "flamegraph": str(svg),
+        "threads": dict(threads), "raw": str(raw), "flamegraph": str(svg),
         "self": [(f, round(100 * c / total, 1)) for f, c in self_time.most_common(15)],
         "inclusive": [(f, round(100 * c / total, 1)) for f, c in inclusive.most_common(30)],
     }
@@ -1193,7 +1237,7 @@ def print_report(res: dict) -> list[str]:
     p(f"zchat benchmark ({meta['mode']}): {meta['cpus']} CPUs, Python {meta['python']}, "
       f"pyzmq {meta['pyzmq']}, libzmq {meta['libzmq']}; CURVE on, text {TEXT_BYTES} B, "
       f"HWM PULL {L.PULL_RCVHWM} / PUB {L.XPUB_SNDHWM} / PUSH {L.CLIENT_SNDHWM} / SUB 1000")
-    p(f"  broker: {meta['broker']}")
+    p(f"  broker: {meta['broker']} (commit {meta.get('git', '?')})")
     p("  CAVEAT: 2-core machine: the system under test, its libzmq I/O thread and every load generator "
       "share the same 2 cores.")
     tp = res.get("throughput", [])
@@ -1202,7 +1246,7 @@ def print_report(res: dict) -> list[str]:
         p(f"Throughput ({meta['tp_duration']:g} s window; in = msgs accepted from senders per s, "
           "out = deliveries to subscribers per s)")
         p(f"{'snd':>3} {'subs':>4} | {'proxy in':>9} {'out':>9} {'loss':>6} | {'zchat in':>9} {'out':>9} "
-          f"{'loss':>6} | ratio in/out | zchat CPU main/io | proxy CPU main/io")
+          f"{'loss':>6} | ratio in/out | zchat CPU main/io gens | proxy CPU main/io gens")
         for s, n in THROUGHPUT_CONFIGS:
             px = _find(tp, "proxy", s, n)
             zc = _find(tp, "zchat", s, n)
@@ -1213,8 +1257,8 @@ def print_report(res: dict) -> list[str]:
             p(f"{s:>3} {n:>4} | {fmt_rate(px['in_per_s']):>9} {fmt_rate(px['out_per_s']):>9} "
               f"{fmt_loss(px['loss']):>6} | {fmt_rate(zc['in_per_s']):>9} {fmt_rate(zc['out_per_s']):>9} "
               f"{fmt_loss(zc['loss']):>6} | {r_in:5.2f} {r_out:5.2f}  | "
-              f"{zc['cpu']['main']:6.0f}% {zc['cpu']['io']:4.0f}%      | "
-              f"{px['cpu']['main']:6.0f}% {px['cpu']['io']:4.0f}%")
+              f"{zc['cpu']['main']:6.0f}% {zc['cpu']['io']:4.0f}% {zc['generators_cpu']:4d}% | "
+              f"{px['cpu']['main']:6.0f}% {px['cpu']['io']:4.0f}% {px['generators_cpu']:4d}%")
         errs = Counter()
         for r in tp:
             errs.update(r["errors"])
@@ -1228,12 +1272,12 @@ def print_report(res: dict) -> list[str]:
         p(f"Latency, one-way send->subscriber, 1 sender, {LATENCY_SUBSCRIBERS} subscribers "
           f"({meta['lat_duration']:g} s window)")
         p(f"{'offered':>8} {'system':>6} | {'in/s':>8} {'deliv/s':>8} {'loss':>6} | "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'p99.9':>7} {'max':>7} | CPU main/io")
+          f"{'p50 ms':>7} {'p99 ms':>7} {'p99.9':>7} {'max':>7} | CPU main/io gens")
         for r in lat:
             p(f"{fmt_rate(r['offered']):>8} {r['system']:>6} | {fmt_rate(r['in_per_s']):>8} "
               f"{fmt_rate(r['out_per_s']):>8} {fmt_loss(r['loss']):>6} | {fmt_ms(r['p50_ms']):>7} "
               f"{fmt_ms(r['p99_ms']):>7} {fmt_ms(r['p999_ms']):>7} {fmt_ms(r['max_ms']):>7} | "
-              f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}%")
+              f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}% {r['generators_cpu']:4d}%")
     ab = res.get("ablation", [])
     if ab:
         p("")
@@ -1254,35 +1298,42 @@ def print_report(res: dict) -> list[str]:
     sc = res.get("scale", [])
     if sc:
         p("")
-        p(f"Scale: joined clients (SUB+PUSH each, rooms of {SCALE_ROOM_SIZE}, all subscribed to r/all/), "
-          "zchat broker")
-        p(f"{'asked':>6} {'ran':>6} {'joined':>6} | {'join p50':>8} {'p99':>7} {'all in':>7} | "
-          f"{'RSS before':>10} {'after':>8} {'KB/client':>9} | {'probe got':>9} {'p50 ms':>7} "
-          f"{'max ms':>7} | idle CPU")
+        p(f"Scale: joined clients (SUB+PUSH each, app ping 1/s, rooms of {SCALE_ROOM_SIZE}, all on "
+          f"r/all/), zchat broker; {JOIN_WINDOW} joins in flight per generator process")
+        p(f"{'asked':>6} {'ran':>6} {'joined':>6} {'conn':>6} | {'join p50':>8} {'p99':>7} {'all in':>6} "
+          f"{'ovfl':>6} | {'RSS before':>10} {'after':>8} {'KB/client':>9} | {'probe got':>11} {'p50 ms':>7} "
+          f"{'max ms':>7} | idle CPU main/io (gens)")
         for r in sc:
-            p(f"{r['asked']:>6} {r['clients']:>6} {r['joined']:>6} | {r['join_p50_ms']:>6.1f}ms "
-              f"{r['join_p99_ms']:>5.0f}ms {r['join_wall_s']:>6.1f}s | {r['rss_before_kb'] / 1024:>8.1f}MB "
+            p(f"{r['asked']:>6} {r['clients']:>6} {r['joined']:>6} {r['connected']:>6} | "
+              f"{r['join_p50_ms']:>6.0f}ms {r['join_p99_ms'] / 1000:>6.1f}s {r['join_wall_s']:>5.0f}s "
+              f"{r['listen_overflows']:>6} | {r['rss_before_kb'] / 1024:>8.1f}MB "
               f"{r['rss_after_kb'] / 1024:>6.1f}MB {r['rss_per_client_kb']:>9.1f} | "
-              f"{r['probe_delivered']:>9} {fmt_ms(r['probe']['p50_ms']):>7} "
-              f"{fmt_ms(r['probe']['max_ms']):>7} | "
-              f"{r['idle_cpu']['total']:.0f}%")
+              f"{r['probe_delivered']:>5}/{r['probe_expected']:<5} {fmt_ms(r['probe']['p50_ms']):>7} "
+              f"{fmt_ms(r['probe']['max_ms']):>7} | {r['idle_cpu']['main']:.0f}% {r['idle_cpu']['io']:.0f}% "
+              f"({r['generators_cpu']}%)")
             if r["clients"] < r["asked"]:
                 p(f"  {r['asked']} asked: only {r['clients']} fit: broker RLIMIT_NOFILE hard limit "
-                  f"{r['fd_limit']}, "
-                  f"2 connections per client, {BROKER_FD_HEADROOM} fds kept for the broker itself")
+                  f"{r['fd_limit']}, 2 connections per client, {BROKER_FD_HEADROOM} fds kept for the broker")
+            if r["not_joined"]:
+                p(f"  {r['not_joined']} of {r['clients']} not joined within {r['join_timeout_s']:.0f} s")
+            if r.get("probe_error"):
+                p(f"  probe: {r['probe_error']}")
+        p("  conn = client connection pairs held by the broker (its fds); KB/client = RSS growth / conn; "
+          "ovfl = listen-queue overflows (SYNs dropped, retried after 1, 3, 7... s) while joining; "
+          "idle CPU = broker threads, all joined, nobody talking (gens = the load generators, all threads)")
     ch = res.get("chatty", [])
     if ch:
         p("")
         p("Chatty room: N members in one room, each says 1 msg/s; every member receives every message")
         p(f"{'N':>5} | {'join p50':>8} {'all in':>7} | {'sent/s':>7} {'expected':>9} {'deliv/s':>9} "
           f"{'loss':>6} | "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'max':>7} | CPU main/io")
+          f"{'p50 ms':>7} {'p99 ms':>7} {'max':>7} | CPU main/io (gens)")
         for r in ch:
             p(f"{r['n']:>5} | {r['join_p50_ms']:>6.1f}ms {r['join_wall_s']:>6.1f}s | "
               f"{fmt_rate(r['sent_per_s']):>7} {fmt_rate(r['expected_per_s']):>9} "
               f"{fmt_rate(r['deliveries_per_s']):>9} {fmt_loss(r['loss']):>6} | "
               f"{fmt_ms(r['p50_ms']):>7} {fmt_ms(r['p99_ms']):>7} {fmt_ms(r['max_ms']):>7} | "
-              f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}%")
+              f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}% ({r['generators_cpu']}%)")
     jn = res.get("joins")
     if jn:
         p("")
@@ -1293,9 +1344,9 @@ def print_report(res: dict) -> list[str]:
         if "error" in prof:
             p(f"Profile ({prof['label']}): {prof['error']}")
             continue
-        p(f"Profile of the broker's main thread, {prof['label']} ({fmt_rate(prof['in_per_s'])} msg/s in, "
-          f"main {prof['cpu']['main']:.0f}% io {prof['cpu']['io']:.0f}% CPU; py-spy --native --idle, "
-          f"{prof['samples']} samples)")
+        p(f"Profile of the broker's main thread, {prof['label']} ({fmt_rate(prof['in_per_s'])} msg/s in "
+          f"while sampled, main {prof['cpu']['main']:.0f}% io {prof['cpu']['io']:.0f}% CPU; py-spy --native "
+          f"--idle at 100 Hz, {prof['samples']} samples; waiting in poll counts as time)")
         p(f"  flamegraph {prof['flamegraph']}")
         p("  self time:")
         for f, share in prof["self"]:
@@ -1432,6 +1483,18 @@ def plot(res: dict, path: Path) -> None:
 MP = mp.get_context("fork")
 
 
+def git_describe() -> str:
+    """The commit measured, with '+dirty' when the work tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return f"{head}{'+dirty' if dirty else ''}" if head else "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute: shorter windows, fewer sizes")
@@ -1475,7 +1538,7 @@ def main(argv: list[str] | None = None) -> int:
         if broker_args is not None
         else "launcher: zchat.broker.serve(BrokerSettings(limits=Limits(rate_burst=10**9, "
              "rate_per_second=1e9)))",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), **cfg}, "crashes": []}
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_describe(), **cfg}, "crashes": []}
     workdir = Path(tempfile.mkdtemp(prefix="zchat-bench-"))
     t_start = time.monotonic()
 
@@ -1572,7 +1635,7 @@ def main(argv: list[str] | None = None) -> int:
             res["scale"] = []
             for n in cfg["scale"]:
                 try:
-                    r = run_scale(workdir, n, broker_args)
+                    r = run_scale(workdir, n, broker_args, cfg["scale_join_timeout"])
                 except ServiceDied as exc:
                     res["crashes"].append({"system": "zchat", "during": f"scale {n}",
                                            "exit_code": exc.exit_code, "log_tail": exc.log_tail})

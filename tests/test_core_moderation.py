@@ -574,6 +574,24 @@ def test_account_rename_into_a_name_another_listed_member_is_leaving_keeps_both(
     assert core.member_name(C) == "dave"
 
 
+def test_accounts_swapping_names_keep_both_names_held() -> None:
+    """alice's key becomes bob and bob's becomes alice in one reload (names stay unique in the
+    file). Both must be renamed and both new names held: a name missing from `names` while
+    its member is online breaks /msg and /who, and the member's leave then fails."""
+    core = everyone(closed())
+    out = core.set_accounts(accounts(A=Account("bob", "admin"), B=Account("alice")), 9.0)
+    assert control(out) == [], kinds(out)
+    assert (core.member_name(A), core.member_name(B)) == ("bob", "alice")
+    assert core.names == {"bob": A, "alice": B, "carol": C}
+    direct = pubs(send(core, C, 10.0, type="msg", to="bob", text="which one are you?"))
+    assert [p.topic for p in direct] == [u(C), u(A)]
+    # Leaving, and expiring, work for both.
+    assert kinds(send(core, A, 11.0, type="leave")) == [(LOBBY, "Left")]
+    out = core.tick(20.0)
+    assert {p.event.name for p in pubs(out) if isinstance(p.event, Left)} == {"alice", "carol"}
+    assert core.names == {}
+
+
 def test_role_change_takes_effect_at_once() -> None:
     core = everyone(closed())
     core.set_accounts(accounts(A=Account("alice"), B=Account("bob", "admin")), 9.0)

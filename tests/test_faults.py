@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import CLOCK, Chat, Proc
 from peers import FaultyProxy
+from test_e2e_closed import _key, _write_keys
 
 from zchat import keys
+from zchat.protocol import decode_event
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,6 +81,7 @@ def test_lost_link_is_reported_and_recovered(chat: Chat, proxies: list[FaultyPro
     bob.wait_for(rf"^{CLOCK} - alice has joined the chat\.$")
     alice.send("before the fault")
     bob.wait_for(rf"^{CLOCK} alice: before the fault$")
+    alice.wait_for(rf"^{CLOCK} alice: before the fault$")  # confirmed: not to be resent
 
     for proxy in proxies:
         proxy.cut() if fault == "cut" else proxy.stall()
@@ -105,9 +108,35 @@ def test_lost_link_is_reported_and_recovered(chat: Chat, proxies: list[FaultyPro
     bob.send("welcome back")
     alice.wait_for(rf"^{CLOCK} bob: welcome back$", timeout=10)
     assert bob.count(r"alice: typed while the link was down$") == 1
-    assert alice.count(r"alice: before the fault$") == 1  # nothing shown twice
+    assert bob.count(r"alice: before the fault$") == 1, "\n".join(bob.lines)  # nothing sent twice
     assert bob.count("Connection to the broker lost") == 0
     assert broker_alive(chat)
+
+
+def test_message_whose_echo_was_lost_is_not_published_twice(chat: Chat, proxies: list[FaultyProxy]) -> None:
+    """The broker published alice's message, but the link died before its echo reached her.
+    After the rejoin she is shown it among the missed events (with her ref): resending it
+    as unconfirmed makes everyone see it twice."""
+    chat.start_broker()
+    bob = chat.joined_client("bob")
+    alice = proxied_client(chat, proxies, "alice")
+    bob.wait_for(rf"^{CLOCK} - alice has joined the chat\.$")
+    into, out_of = proxies
+    out_of.stall()  # broker -> alice: held, so the echo cannot arrive
+    alice.send("echo lost in transit")
+    bob.wait_for(rf"^{CLOCK} alice: echo lost in transit$")  # the broker published it
+    into.cut()
+    out_of.cut()  # drops the held echo with the connection
+    alice.wait_for(LOST, timeout=8)
+    mark = len(bob.lines)
+    out_of.resume()
+    into.restore()
+    out_of.restore()
+    alice.wait_for(RECONNECTED, timeout=15)
+    bob.wait_for(rf"^{CLOCK} - alice has joined the chat\.$", timeout=10, start=mark)
+    alice.send("marker after the rejoin")
+    bob.wait_for(rf"^{CLOCK} alice: marker after the rejoin$", timeout=10)
+    assert bob.count(r"alice: echo lost in transit$") == 1, "\n".join(bob.lines)
 
 
 def test_short_stall_below_the_timeouts_goes_unnoticed(chat: Chat, proxies: list[FaultyProxy]) -> None:
@@ -141,8 +170,9 @@ def test_flapping_link_never_crashes_the_broker(chat: Chat, proxies: list[Faulty
             proxy.cut()
         for proxy in proxies:
             proxy.restore()
+        mark = len(bob.lines)
         bob.send("/who")  # a round trip through the broker between flaps
-        bob.wait_for(r"\* Online", timeout=10, start=len(bob.lines))
+        bob.wait_for(r"\* Online", timeout=10, start=mark)
     assert broker_alive(chat)
     mark = len(bob.lines)
     alice.send("still here after flapping")
@@ -226,17 +256,48 @@ def test_messages_typed_while_the_broker_is_down_arrive_once(chat: Chat) -> None
     assert alice.count("said into the void") == 1
 
 
+def test_broker_survives_a_client_crash_after_a_name_swap_reload(chat: Chat, tmp_path: Path) -> None:
+    """The operator swaps two names in the authorized-keys file and sends SIGHUP; then one of
+    the two clients crashes. The broker must announce it, not crash itself."""
+    path = tmp_path / "authorized_keys"
+    alice_key, bob_key = _key(chat, "alice"), _key(chat, "bob")
+    _write_keys(path, [("alice", alice_key, "admin"), ("bob", bob_key, "user")])
+    broker = chat.start_broker("--authorized-keys", str(path))
+    alice = chat.joined_client("alice")
+    bob = chat.joined_client("bob")
+    alice.wait_for(rf"^{CLOCK} - bob has joined the chat\.$")
+    _write_keys(path, [("bob", alice_key, "admin"), ("alice", bob_key, "user")])
+    broker.proc.send_signal(signal.SIGHUP)
+    bob.wait_for(r"is now known as", timeout=10)
+    mark = len(bob.lines)
+    alice.proc.kill()  # alice's key, now called bob
+    alice.wait_exit(5)
+    try:
+        bob.wait_for(rf"^{CLOCK} - bob has left the chat\.$", timeout=5, start=mark)
+    finally:
+        assert broker.proc.poll() is None, "broker died:\n" + "\n".join(broker.lines[-12:])
+
+
 # --- (d) SIGTERM -----------------------------------------------------------------------------
 
 
 def _stored_texts(chat: Chat) -> list[tuple[str, str, str | None, str | None]]:
+    """(type, room, name, text) of every stored event, decoded from the JSON body exactly as
+    it was published, in (topic, seq) order."""
     path = keys.broker_dir(chat.config_dir) / "history.sqlite3"
     assert Path(path).exists()
     db = sqlite3.connect(str(path), timeout=5)
     try:
-        return db.execute("SELECT type, room, name, text FROM events ORDER BY topic, seq").fetchall()
+        rows = db.execute("SELECT topic, seq, body FROM events ORDER BY topic, seq").fetchall()
     finally:
         db.close()
+    out = []
+    for topic, seq, body in rows:
+        event = decode_event(bytes(body))
+        assert event.seq == seq and topic == f"r/{event.room}/", (topic, seq, event)  # type: ignore[union-attr]
+        out.append((type(event).__name__.lower(), getattr(event, "room", ""), getattr(event, "name", None),
+                    getattr(event, "text", None)))
+    return out
 
 
 def test_sigterm_notifies_everyone_flushes_history_and_exits_0(chat: Chat) -> None:

@@ -409,8 +409,8 @@ class CoreMachine(RuleBasedStateMachine):
         self._apply(identity, self.core.on_message(identity, body, 1, self.now), "message")
 
     @precondition(lambda self: self.core is not None and self.core.online > 0)
-    @rule(data=st.data(), kind=st.sampled_from(["say", "say", "me", "msg", "msg", "msg", "kick", "ban", "mute",
-                                                 "mute", "who", "rooms", "enter", "part", "nick"]),
+    @rule(data=st.data(), kind=st.sampled_from(["say", "say", "me", "msg", "msg", "msg", "kick", "ban",
+                                                 "mute", "mute", "who", "rooms", "enter", "part", "nick"]),
           room=st.sampled_from(["lobby", "ops", "dev"]), seconds=st.sampled_from([0, 1, 60]))
     def command(self, data: st.DataObject, kind: str, room: str, seconds: int) -> None:
         """Well-formed commands from members, about members, so that moderation and messaging

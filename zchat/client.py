@@ -115,6 +115,7 @@ class Replay:
 ClientEvent = Event | Status | Gap | Replay
 
 BACKFILL_WAIT = 3.0  # seconds to hold a room's live events while a gap is being recovered
+RESEND_WAIT = 2.0  # seconds to wait for missed-event replays before resending after a rejoin
 BACKFILL_PAGES = 20  # history requests per gap (of up to MAX_HISTORY_PER_REQUEST events each)
 
 
@@ -325,6 +326,9 @@ class ChatClient:
         self._rejoin_reason = ""
         self._rejoin_failed = False
         self._removed = False
+        self._replays_due: set[str] = set()  # rooms whose missed-events replay is on its way
+        self._resend_at: float | None = None  # resend unconfirmed messages then (after a rejoin)
+        self._resend_refs: set[int] = set()
         self._backfills: dict[str, _Backfill] = {}  # by room topic
         self._backfill_refs = itertools.count(1 << 40)  # apart from message refs
         self._last_seq: dict[str, int] = {}
@@ -364,6 +368,8 @@ class ChatClient:
             deadlines.append(self._next_join)
         if self._outbox and self._tokens < 1:
             deadlines.append(now + (1 - self._tokens) / self._rate[1])
+        if self._resend_at is not None:
+            deadlines.append(self._resend_at)
         deadlines += [backfill.deadline for backfill in self._backfills.values()]
         return max(0, int((min(deadlines) - now) * 1000) + 1)
 
@@ -428,11 +434,15 @@ class ChatClient:
             self._emit(Status("lost", "connection to the broker lost; reconnecting", self.lost_since))
         if self._backfills:
             self._expire_backfills()
+        if self._resend_at is not None and now >= self._resend_at:
+            self._resend_unconfirmed()
         self._flush_outbox()
 
     def _flush_outbox(self) -> None:
         if not self._outbox or self._pending_join is not None or self.epoch is None or self._lost:
             return
+        if self._resend_at is not None:
+            return  # after a rejoin, earlier messages go first: wait for the resend
         burst, rate = self._rate
         now = time.monotonic()
         self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
@@ -554,6 +564,13 @@ class ChatClient:
         if backfill is not None and history.ref == backfill.ref:
             self._on_backfill_page(topic, backfill, events, history)
             return
+        for event in events:  # our own words, published before an echo got lost
+            if isinstance(event, (Message, Action)) and event.ref is not None and event.name == self.name:
+                self._confirm(event.ref)
+        if self._resend_at is not None and history.ref is None:
+            self._replays_due.discard(history.room)
+            if not self._replays_due:
+                self._resend_unconfirmed()
         kind = "missed" if history.after > 0 and history.ref is None else "history"
         skipped = 0
         if history.after > 0 and events and events[0].seq > history.after + 1 + history.lost:
@@ -619,6 +636,7 @@ class ChatClient:
         if welcome.epoch != self.epoch:
             self._last_seq.clear()
         self._backfills.clear()  # whatever they held is at or below the new baselines
+        seen = self._pending_join.seen if self._pending_join is not None else {}
         self.epoch = welcome.epoch
         self.name = welcome.name
         # Stay a little under the broker's bucket: network jitter bunches messages up.
@@ -638,14 +656,30 @@ class ChatClient:
         self._last_heartbeat = time.monotonic()
         self._join_result = welcome
         self._join_done.set()
-        if not first:
-            # Resend what the broker never confirmed, in order, then say we are back.
-            with self._confirmed:
-                self._outbox = deque(self._unconfirmed[ref] for ref in sorted(self._unconfirmed))
+        if first:
+            self._emit(welcome)
+        else:
             detail = "the broker restarted; rejoined" if restarted else "rejoined"
             self._emit(Status("reconnected", detail, welcome.ts))
-        self._emit(welcome)
+            # What we said may have been published with its echo lost on the way: the replay
+            # of what we missed (it follows the welcome) shows it. Resend the rest after that.
+            self._replays_due = {room for room, seq in welcome.rooms.items() if seen.get(room, seq) < seq}
+            self._resend_at = time.monotonic() + RESEND_WAIT
+            with self._confirmed:
+                self._resend_refs = set(self._unconfirmed)
+            if not self._replays_due:
+                self._resend_unconfirmed()
         self._flush_outbox()
+
+    def _resend_unconfirmed(self) -> None:
+        """Put what was sent before the rejoin and never confirmed back in front, in order."""
+        self._resend_at = None
+        queued = {id(message) for message in self._outbox}
+        with self._confirmed:
+            again = [self._unconfirmed[ref] for ref in sorted(self._resend_refs)
+                     if ref in self._unconfirmed and id(self._unconfirmed[ref]) not in queued]
+        self._outbox = deque(again + list(self._outbox))
+        self._resend_refs = set()
 
     def _on_error(self, error: Error) -> bool:
         """Handle join-related errors; True when consumed here."""
