@@ -234,6 +234,7 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     quit_message = ""
     chat_prompt: PromptSession[str] = PromptSession(
         completer=_completer(session), complete_while_typing=False,
+        erase_when_done=True,  # the broker's echo shows what was sent: no second copy
         bottom_toolbar=session.status, refresh_interval=1.0)
     with patch_stdout(raw=True):
         while True:
