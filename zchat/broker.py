@@ -7,6 +7,7 @@ turn, and installs the subscriptions the core approves (XPUB_MANUAL).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -164,8 +165,13 @@ class Broker:
         sock.curve_publickey = self.keypair.public
         sock.zap_domain = ZAP_DOMAIN  # must precede bind, or it is ignored
         sock.handshake_ivl = L.HANDSHAKE_IVL_MS
-        sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
-        sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+        sock.backlog = L.LISTEN_BACKLOG  # a crowd joining at once must not overflow the accept queue
+        if kind == zmq.XPUB:
+            # ZMTP heartbeats close dead subscribers' pipes. Not on PULL: there libzmq 4.3.5 can
+            # abort (stream_engine_base.cpp:310 !_io_error) when a flooding sender goes away,
+            # and presence comes from application pings and the socket monitor anyway.
+            sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
+            sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
         if self.settings.endpoints.ipv6:
             sock.ipv6 = True
         return sock
@@ -248,6 +254,7 @@ class Broker:
 
     def run(self) -> int:
         """Serve until a signal, --idle-exit or request_stop; returns the exit code."""
+        gc.freeze()  # start-up objects never need collecting: keep them out of every GC pass
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -268,14 +275,16 @@ class Broker:
                 now = time.time()
                 if self.zap in ready:
                     self._serve_zap()
-                if self.xpub in ready:
-                    self._drain_subscriptions(now)
-                if self.pull in ready:
-                    self._drain_messages(now)
+                # Disconnects first: a closed connection's descriptor may already serve a new
+                # connection whose frames are waiting; its old events must not apply to them.
                 if self.monitor in ready:
                     self._drain_monitor(self.monitor, self.inputs, now)
                 if self.xpub_monitor in ready:
                     self._drain_monitor(self.xpub_monitor, self.outputs, now)
+                if self.xpub in ready:
+                    self._drain_subscriptions(now)
+                if self.pull in ready:
+                    self._drain_messages(now)
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload(now)

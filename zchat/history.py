@@ -129,7 +129,12 @@ class HistoryStore:
     # --- start-up --------------------------------------------------------------
 
     def last_seqs(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT topic, last_seq FROM topic_seq"))
+        """Each room's last sequence number: from its newest event, or from topic_seq, which
+        prune() updates before it deletes (so numbers survive even an emptied room)."""
+        seqs = dict(self.db.execute("SELECT topic, last_seq FROM topic_seq"))
+        for topic, last in self.db.execute("SELECT topic, max(seq) FROM events GROUP BY topic"):
+            seqs[topic] = max(last, seqs.get(topic, 0))
+        return seqs
 
     def known_names(self, limit: int = L.KNOWN_NAMES) -> dict[str, str]:
         rows = self.db.execute("SELECT name_key, identity FROM names ORDER BY seen DESC LIMIT ?", (limit,))
@@ -147,12 +152,6 @@ class HistoryStore:
             if events:
                 db.executemany("INSERT OR REPLACE INTO events (topic, seq, ts, body) VALUES (?, ?, ?, ?)",
                                events)
-                last: dict[str, int] = {}
-                for topic, seq, _, _ in events:  # in seq order per topic: the last one wins
-                    last[topic] = seq
-                db.executemany(
-                    "INSERT INTO topic_seq (topic, last_seq) VALUES (?, ?) ON CONFLICT(topic) "
-                    "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)", list(last.items()))
             for recipient, ts, body in mail:
                 db.execute("INSERT INTO mailbox (recipient, ts, body) VALUES (?, ?, ?)",
                            (recipient, ts, body))
@@ -195,11 +194,15 @@ class HistoryStore:
         now = time.time() if now is None else now
         db = self.db
         dropped = 0
+        # Keep each room's last number before its events may go (see last_seqs).
+        db.execute("INSERT INTO topic_seq (topic, last_seq) SELECT topic, max(seq) FROM events "
+                   "WHERE true GROUP BY topic ON CONFLICT(topic) DO UPDATE SET "
+                   "last_seq = max(last_seq, excluded.last_seq)")
         if self.retention.days > 0:
             cutoff = now - self.retention.days * 86400
             dropped += db.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
         if self.retention.per_room > 0:
-            for topic, last in db.execute("SELECT topic, last_seq FROM topic_seq").fetchall():
+            for topic, last in db.execute("SELECT topic, last_seq FROM topic_seq").fetchall():  # now current
                 dropped += db.execute("DELETE FROM events WHERE topic = ? AND seq <= ?",
                                       (topic, last - self.retention.per_room)).rowcount
         self.stored = max(0, self.stored - dropped)
