@@ -6,12 +6,11 @@ are copied from tests/test_core.py (which does not expose them as a module).
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from corekit import LOBBY, SYS, body, checked, u
 
 from zchat import limits as L
-from zchat.core import BrokerCore, DeliverMail, Fetch, Limits, Mail, Publish, Remember
+from zchat.core import BrokerCore, Limits, Mail, Publish
 from zchat.protocol import (
     Action,
     Code,
@@ -24,8 +23,6 @@ from zchat.protocol import (
     RoomList,
     Welcome,
     WhoReply,
-    decode_publication,
-    encode_publication,
 )
 
 A = "a1" * 32
@@ -33,37 +30,17 @@ B = "b2" * 32
 C = "c3" * 32
 D = "d4" * 32
 EPOCH = "epoch-1"
-SYS = "sys/"
-LOBBY = "r/lobby/"
 EVERY_ROOM = "r/"
 
 
-def u(identity: str) -> str:
-    return f"u/{identity}/"
 
 
 def r(room: str) -> str:
     return f"r/{room}/"
 
 
-def body(**fields: object) -> bytes:
-    return json.dumps(fields).encode()
 
 
-def checked(out: list) -> list[Publish]:
-    """The publications in `out` (storage requests are tested in test_core_history.py);
-    every publication must survive the wire encoding unchanged."""
-    assert isinstance(out, list)
-    publications = []
-    for item in out:
-        if not isinstance(item, Publish):
-            assert isinstance(item, (Fetch, Mail, DeliverMail, Remember)), item
-            continue
-        topic, event = decode_publication(encode_publication(item.topic.encode(), item.event))
-        assert topic == item.topic
-        assert event == item.event
-        publications.append(item)
-    return publications
 
 
 def make(now: float = 0.0, **limits: float) -> BrokerCore:
