@@ -512,6 +512,9 @@ class ChatClient:
         if self._repeated_notice(event):
             return  # the same arrival/departure/rename, seen again through another shared room
         self._emit(event)
+        if isinstance(event, Error) and event.ref is not None:
+            # Refused: settled too. After the emit, so a waiter sees the refusal first.
+            self._confirm(event.ref)
 
     def _follow(self, event: Event) -> None:
         """Keep our own rooms, name and the list of known names in step with events."""
@@ -702,9 +705,7 @@ class ChatClient:
             if self._pending_join is None and not self._removed:
                 self._start_join(self.name or "", "reconnected")
             return True
-        if error.ref is not None:
-            self._confirm(error.ref)
-        return False
+        return False  # shown, then its ref confirmed, by _emit_live
 
     def _confirm(self, ref: int) -> None:
         with self._confirmed:
