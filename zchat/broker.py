@@ -357,7 +357,8 @@ class Broker:
                     if topic == SYSTEM_TOPIC:  # e.g. `zchat stats` or `health`: answer it soon
                         self._next_stats = min(self._next_stats, max(now, self._stats_at + STATS_MIN_GAP))
                 else:
-                    log.info("refused subscription %r from %s", topic[:80], (identity or "?")[:12])
+                    # DEBUG: subscriptions are not rate-limited, so one peer could flood the log.
+                    log.debug("refused subscription %r from %s", topic[:80], (identity or "?")[:12])
                 self._publish(out)
             elif identity is not None:
                 core.on_unsubscribe(identity, topic)

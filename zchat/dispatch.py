@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import msgspec
 
-from zchat import limits as L
 from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
 from zchat.history import EventRow, HistoryStore
 from zchat.protocol import (
@@ -117,7 +116,7 @@ class Dispatcher:
             lost=lost, ref=fetch.ref))
 
     def _deliver_mail(self, request: DeliverMail, now: float) -> None:
-        for body in self.store.take_mail(request.identity)[-L.MAILBOX_PER_USER:]:
+        for body in self.store.take_mail(request.identity):  # bounded by the store
             kept = decode_event(body)
             if isinstance(kept, Direct):
                 self._send_reply(request.identity, lambda seq, kept=kept: Direct(

@@ -69,8 +69,7 @@ def render(event: ClientEvent, view: View = View()) -> str | None:
     body = _body(event, view)
     if body is None:
         return None
-    ts = getattr(event, "ts", None) or time.time()
-    line = f"[{clock(ts)}] {body}"
+    line = f"[{clock(event.ts)}] {body}"
     if view.color and mentions(event, view.me):
         line = f"\x1b[7m{line}{_RESET}"  # reverse video: hard to miss
     return line

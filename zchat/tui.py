@@ -22,7 +22,6 @@ from zchat.render import View, clock, mentions, render
 
 ClientFactory = Callable[[str, Callable[[ClientEvent], None]], ChatClient]
 RETRY_NAME = {Code.NAME_TAKEN, Code.INVALID_NAME}
-HELP = help_text()
 
 
 def use_color(stream: TextIO) -> bool:
@@ -79,10 +78,7 @@ class Session:
                 continue
             try:
                 quit_message = self._execute_line(line)
-            except UsageError as exc:
-                self.show(f"! {exc}")
-                continue
-            except SendError as exc:
+            except (UsageError, SendError) as exc:
                 self.show(f"! {exc}")
                 continue
             if quit_message is not None:
