@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -116,6 +117,7 @@ ClientEvent = Event | Status | Gap | Replay
 
 BACKFILL_WAIT = 3.0  # seconds to hold a room's live events while a gap is being recovered
 RESEND_WAIT = 2.0  # seconds to wait for missed-event replays before resending after a rejoin
+REF_START_SPAN = 1 << 39  # message refs stay below the backfill refs (from 1 << 40)
 BACKFILL_PAGES = 20  # history requests per gap (of up to MAX_HISTORY_PER_REQUEST events each)
 
 
@@ -180,7 +182,10 @@ class ChatClient:
         self._wake_rx = self.ctx.socket(zmq.PAIR)
         self._wake_rx.bind(f"inproc://wake-{id(self)}")
         self._wake_tx.connect(f"inproc://wake-{id(self)}")
-        self._refs = itertools.count(1)
+        # Refs start at a random point: another session with the same key (an earlier
+        # `zchat send`, a second terminal) shares our private stream and our words in room
+        # history, and its refs must not be mistaken for confirmations of ours.
+        self._refs = itertools.count(secrets.randbelow(REF_START_SPAN) + 1)
         # Messages (say, me, msg) the broker has not yet echoed back, by ref.
         self._unconfirmed: dict[int, ClientMessage] = {}
         self.members: set[str] = set()  # names known to be online, for completion
@@ -283,6 +288,8 @@ class ChatClient:
         if self._thread is not None and self._thread.is_alive():
             self._command("close", message if leave else None)
             self._thread.join(linger + 2.0)
+        elif self._thread is None:
+            self._wake_rx.close(0)  # never started: no I/O thread owns it
         self._wake_tx.close(0)
         self.ctx.term()
 
@@ -567,8 +574,9 @@ class ChatClient:
         if backfill is not None and history.ref == backfill.ref:
             self._on_backfill_page(topic, backfill, events, history)
             return
-        for event in events:  # our own words, published before an echo got lost
-            if isinstance(event, (Message, Action)) and event.ref is not None and event.name == self.name:
+        for event in events:  # our own words, published before an echo got lost in a rejoin
+            if (isinstance(event, (Message, Action)) and event.ref in self._resend_refs
+                    and event.name == self.name):
                 self._confirm(event.ref)
         if self._resend_at is not None and history.ref is None:
             self._replays_due.discard(history.room)
