@@ -417,7 +417,13 @@ def proxy_main(port: str, pub_port: str, public: str, secret: str) -> None:
     frontend.bind(f"tcp://127.0.0.1:{port}")
     backend.bind(f"tcp://127.0.0.1:{pub_port}")
     print("proxy ready", flush=True)
-    zmq.proxy(frontend, backend)
+    while True:
+        try:
+            zmq.proxy(frontend, backend)
+        except zmq.Again:
+            # libzmq's proxy can give up with EAGAIN (libzmq#1653; seen here with 1,000 CURVE
+            # clients connecting at once): carry on, as a real forwarder would.
+            continue
 
 
 # --- clients of either system ----------------------------------------------------------------
@@ -951,6 +957,72 @@ def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_tim
                 p.kill()
 
 
+def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None:  # type: ignore[no-untyped-def]
+    """Client socket pairs like the scale test's (same keys, options and subscriptions), with no
+    join: what the C proxy holds for them is libzmq's own cost per client."""
+    raise_nofile()
+    ctx = zmq.Context()
+    ctx.max_sockets = 2 * count + 64
+    pairs = []
+    for i in range(count):
+        public, secret = zmq.curve_keypair()
+        sub = curve_client(ctx, zmq.SUB, svc["key"], public, secret)
+        sub.linger = 0
+        utopic = f"u/{keys.identity_of(public)}/".encode()
+        for topic in (b"sys/", utopic, f"r/s{(first + i) // SCALE_ROOM_SIZE}/".encode(), b"r/all/"):
+            sub.subscribe(topic)
+        push = curve_client(ctx, zmq.PUSH, svc["key"], public, secret)
+        push.sndhwm = L.CLIENT_SNDHWM
+        push.linger = 0
+        sub.connect(svc["publish"])
+        push.connect(svc["input"])
+        pairs.append((sub, push))
+    with connected.get_lock():
+        connected.value += 1
+    while not stop.wait(1.0):  # pings, as the clients of the scale test send them
+        for _, push in pairs:
+            try:
+                push.send(PING, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+    for sub, push in pairs:
+        sub.close(0)
+        push.close(0)
+    ctx.term()
+
+
+def run_floor(workdir: Path, asked: int) -> dict:
+    """libzmq's floor: the C proxy's RSS growth per client holding `asked` CURVE connection pairs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = min(asked, (hard - BROKER_FD_HEADROOM) // 2)
+    stop = MP.Event()
+    connected = MP.Value("i", 0)
+    svc = Service("proxy", workdir)
+    procs: list = []
+    try:
+        time.sleep(1.0)
+        rss0, fds0 = vmrss_kb(svc.pid), fd_count(svc.pid)
+        spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
+        gens = math.ceil(n / CLIENTS_PER_GENERATOR)
+        sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
+        procs = [spawn(floor_gen_proc, spec, sizes[g], sum(sizes[:g]), connected, stop) for g in range(gens)]
+        deadline = time.monotonic() + 120
+        while fd_count(svc.pid) < fds0 + 2 * n and time.monotonic() < deadline:
+            time.sleep(0.2)  # every connection accepted (handshakes done or not: RSS below waits)
+        time.sleep(3.0)  # handshakes finish, pings and subscriptions flow
+        rss1, fds1 = vmrss_kb(svc.pid), fd_count(svc.pid)
+        conn = max(0, (fds1 - fds0) // 2)
+        return {"clients": n, "connected": conn, "rss_before_kb": rss0, "rss_after_kb": rss1,
+                "rss_per_client_kb": round((rss1 - rss0) / max(1, conn), 1)}
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+        svc.stop(graceful=False)
+
+
 def pct(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -1141,6 +1213,7 @@ def run_joins(workdir: Path, count: int, broker_args: list[str]) -> dict:
 PROFILE_SCENARIOS = [  # (label, senders, subscribers, offered msg/s or None for flat out)
     ("flat out, 1 sender x 1 subscriber", 1, 1, None),
     ("10k msg/s, 1 sender x 10 subscribers", 1, LATENCY_SUBSCRIBERS, 10_000),
+    ("1k msg/s, 1 sender x 10 subscribers", 1, LATENCY_SUBSCRIBERS, 1_000),
 ]
 
 
@@ -1320,6 +1393,12 @@ def print_report(res: dict) -> list[str]:
                 p(f"  {r['not_joined']} of {r['clients']} not joined within {r['join_timeout_s']:.0f} s")
             if r.get("probe_error"):
                 p(f"  probe: {r['probe_error']}")
+        fl = res.get("scale_floor")
+        if fl:
+            mine = next((r for r in sc if r["clients"] == fl["clients"]), None)
+            ratio = f"; zchat {mine['rss_per_client_kb'] / fl['rss_per_client_kb']:.2f}x that" if mine else ""
+            p(f"  libzmq floor: the C proxy holding {fl['connected']} such client pairs (same keys, options, "
+              f"subscriptions; no join) grows {fl['rss_per_client_kb']:.1f} KB/client{ratio}")
         p("  conn = client connection pairs held by the broker (its fds); KB/client = RSS growth / conn; "
           "ovfl = listen-queue overflows (SYNs dropped, retried after 1, 3, 7... s) while joining; "
           "idle CPU = broker threads, all joined, nobody talking (gens = the load generators, all threads)")
@@ -1398,6 +1477,8 @@ def summary(res: dict) -> dict:
         big = sc[-1]
         out["rss_per_client_kb"] = big["rss_per_client_kb"]
         out["rss_clients"] = big["joined"]
+    if res.get("scale_floor"):
+        out["rss_floor_per_client_kb"] = res["scale_floor"]["rss_per_client_kb"]
     if res.get("joins"):
         out["join_median_ms"] = res["joins"]["median_ms"]
     return out
@@ -1415,7 +1496,9 @@ def summary_line(res: dict) -> str:
         parts.append(f"p99 at 10k msg/s x10 subs {fmt_ms(s['p99_10k_zchat_ms'])} ms "
                      f"(proxy {fmt_ms(s.get('p99_10k_proxy_ms'))} ms{ratio})")
     if "rss_per_client_kb" in s:
-        parts.append(f"{s['rss_per_client_kb']:.1f} KB RSS/client at {s['rss_clients']} clients")
+        floor = (f" (libzmq alone: {s['rss_floor_per_client_kb']:.1f})"
+                 if "rss_floor_per_client_kb" in s else "")
+        parts.append(f"{s['rss_per_client_kb']:.1f} KB RSS/client at {s['rss_clients']} clients{floor}")
     if "join_median_ms" in s:
         parts.append(f"join median {s['join_median_ms']:.1f} ms")
     if res.get("crashes"):
@@ -1646,6 +1729,10 @@ def main(argv: list[str] | None = None) -> int:
                 res["scale"].append(r)
                 print(f"  scale {n}: {r['joined']} joined, {r['rss_per_client_kb']} KB/client, "
                       f"probe {r['probe_delivered']}/{r['probe_expected']}", flush=True)
+            floor_n = cfg["scale"][0]
+            res["scale_floor"] = run_floor(workdir, floor_n)
+            print(f"  libzmq floor at {floor_n}: {res['scale_floor']['rss_per_client_kb']} KB/client",
+                  flush=True)
         if "chatty" in only:
             res["chatty"] = []
             for n in cfg["chatty"]:
