@@ -341,6 +341,9 @@ class ChatClient:
         self._last_seq: dict[str, int] = {}
         self._outbox: deque[ClientMessage] = deque()
         self._recent_notices: deque[tuple[object, ...]] = deque(maxlen=64)
+        # Rooms asked for with /join and not yet confirmed: their live events before our
+        # `joined` are also in the history that precedes it, so they are not shown live.
+        self._entering: set[str] = set()
         self._tokens = float(L.RATE_BURST)
         self._rate = (float(L.RATE_BURST), L.RATE_PER_SECOND)
         self._refilled = time.monotonic()
@@ -390,6 +393,8 @@ class ChatClient:
             elif kind == "send":
                 self._outbox.append(arg)  # type: ignore[arg-type]
             elif kind == "enter":
+                if str(arg) not in self.rooms:
+                    self._entering.add(room_topic(str(arg)))
                 self._subscribe(room_topic(str(arg)))  # before the request: the broker waits for it
                 self._outbox.append(Enter(room=str(arg), history=self.settings.history))
             elif kind == "nick":
@@ -499,6 +504,11 @@ class ChatClient:
         if self.epoch is None or self._pending_join is not None:
             # Before our (re)welcome: anything up to its baseline comes as history instead.
             return
+        if topic in self._entering:
+            if not (isinstance(event, Joined) and event.name == self.name):
+                return  # before our arrival: the room's history (sent first) has it
+            self._entering.discard(topic)
+            self._last_seq[topic] = event.seq - 1  # the baseline: live from our arrival on
         if not self._track_seq(topic, event.seq, event.ts, event):
             return
         if isinstance(event, History):
@@ -574,6 +584,10 @@ class ChatClient:
         if backfill is not None and history.ref == backfill.ref:
             self._on_backfill_page(topic, backfill, events, history)
             return
+        if history.ref is None and topic in self._entering:
+            # The room's past up to our arrival: live from here on (should our `joined` be lost).
+            self._entering.discard(topic)
+            self._last_seq[topic] = history.upto
         for event in events:  # our own words, published before an echo got lost in a rejoin
             if (isinstance(event, (Message, Action)) and event.ref in self._resend_refs
                     and event.name == self.name):
@@ -658,6 +672,7 @@ class ChatClient:
         self.known_rooms.update(self.rooms)
         for room, seq in welcome.rooms.items():
             self._last_seq[room_topic(room)] = seq
+            self._entering.discard(room_topic(room))  # in it: the welcome's baseline counts
         self._last_seq[self.private_topic] = welcome.seq
         self._pending_join = None
         self._lost = False
