@@ -629,7 +629,9 @@ class ChatClient:
 
     def _request_range(self, room: str, after: int, before: int, ref: int) -> None:
         limit = min(before - after - 1, L.MAX_HISTORY_PER_REQUEST)
-        self._send(HistoryRequest(room=room, after=after, before=before, limit=limit, ref=ref))
+        # Paced like everything we say (the broker charges requests too), but ahead of the
+        # queue: the room's live events wait for this answer.
+        self._outbox.appendleft(HistoryRequest(room=room, after=after, before=before, limit=limit, ref=ref))
 
     def _expire_backfills(self) -> None:
         now = time.monotonic()
