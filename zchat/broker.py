@@ -33,7 +33,7 @@ from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention
-from zchat.protocol import SYSTEM_TOPIC, Stats
+from zchat.protocol import ROOM_PREFIX, SYSTEM_TOPIC, Stats
 
 log = logging.getLogger("zchat.broker")
 
@@ -308,7 +308,8 @@ class Broker:
                 self.dispatch.flush(now)
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL
-                    dropped = self.store.prune(now)
+                    rooms = [topic for topic in self.core.seqs if topic.startswith(ROOM_PREFIX)]
+                    dropped = self.store.prune(now, rooms)
                     if dropped:
                         log.info("retention: dropped %d old events", dropped)
             self._publish(self.core.shutdown(time.time(), "the broker is shutting down"))

@@ -1,0 +1,99 @@
+"""The SQLite history store on a real file: retention by count and by age, numbering that
+survives pruning, and the operator's search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zchat.history import HistoryStore, Retention, search
+
+NOW = 1_800_000_000.0
+DAY = 86400.0
+
+
+def body(room: str, seq: int, ts: float) -> bytes:
+    return json.dumps({"type": "message", "seq": seq, "ts": ts, "room": room, "name": "alice",
+                       "text": f"{room} {seq}"}).encode()
+
+
+def fill(store: HistoryStore, room: str, stamps: list[float]) -> None:
+    topic = f"r/{room}/"
+    store.write([(topic, seq, ts, body(room, seq, ts)) for seq, ts in enumerate(stamps, 1)], [], [], NOW)
+
+
+def kept(store: HistoryStore, room: str) -> list[int]:
+    return [row[0] for row in store.db.execute("SELECT seq FROM events WHERE topic = ? ORDER BY seq",
+                                               (f"r/{room}/",))]
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = HistoryStore(tmp_path / "history.sqlite3", Retention(per_room=0, days=0))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["rooms given", "rooms found"])
+def test_count_retention_keeps_the_newest_of_each_room(store: HistoryStore, told: bool) -> None:
+    store.retention = Retention(per_room=10, days=0)
+    fill(store, "big", [NOW - 60 + i for i in range(30)])
+    fill(store, "small", [NOW - 60 + i for i in range(5)])
+    dropped = store.prune(NOW, ["r/big/", "r/small/"] if told else None)
+    assert dropped == 20
+    assert kept(store, "big") == list(range(21, 31))
+    assert kept(store, "small") == [1, 2, 3, 4, 5]
+    assert store.stored == 15
+    assert store.prune(NOW, ["r/big/", "r/small/"] if told else None) == 0
+
+
+def test_age_retention_drops_only_what_is_older_than_the_limit(store: HistoryStore) -> None:
+    store.retention = Retention(per_room=0, days=1)
+    fill(store, "mixed", [NOW - 3 * DAY, NOW - 2 * DAY, NOW - DAY - 1, NOW - DAY + 1, NOW - 60])
+    fill(store, "fresh", [NOW - 10, NOW - 5])
+    assert store.prune(NOW, ["r/mixed/", "r/fresh/"]) == 3
+    assert kept(store, "mixed") == [4, 5]
+    assert kept(store, "fresh") == [1, 2]
+
+
+def test_count_and_age_together_take_the_stricter(store: HistoryStore) -> None:
+    store.retention = Retention(per_room=3, days=1)
+    fill(store, "lobby", [NOW - 2 * DAY] * 2 + [NOW - 60] * 6)
+    assert store.prune(NOW, ["r/lobby/"]) == 5
+    assert kept(store, "lobby") == [6, 7, 8]
+
+
+def test_numbering_survives_a_room_emptied_by_age_and_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    store = HistoryStore(path, Retention(per_room=0, days=1))
+    fill(store, "quiet", [NOW - 5 * DAY] * 7)
+    assert store.prune(NOW, ["r/quiet/"]) == 7
+    assert kept(store, "quiet") == []
+    store.close()
+    reopened = HistoryStore(path)
+    try:
+        assert reopened.last_seqs()["r/quiet/"] == 7  # the next event is 8, never 1 again
+        assert reopened.stored == 0
+    finally:
+        reopened.close()
+
+
+def test_a_room_not_named_is_left_alone(store: HistoryStore) -> None:
+    store.retention = Retention(per_room=1, days=0)
+    fill(store, "a", [NOW] * 4)
+    fill(store, "b", [NOW] * 4)
+    assert store.prune(NOW, ["r/a/"]) == 3
+    assert kept(store, "a") == [4]
+    assert kept(store, "b") == [1, 2, 3, 4]
+
+
+def test_search_since_and_limit_without_a_time_index(store: HistoryStore) -> None:
+    fill(store, "a", [NOW - 30, NOW - 20, NOW - 10])
+    fill(store, "b", [NOW - 25, NOW - 15])
+    since = [(e.topic, e.seq) for e in search(store.path, since=NOW - 20)]
+    assert since == [("r/a/", 2), ("r/b/", 2), ("r/a/", 3)]  # oldest first, across rooms
+    newest = [(e.topic, e.seq) for e in search(store.path, limit=2)]
+    assert newest == [("r/b/", 2), ("r/a/", 3)]
+    assert [e.seq for e in search(store.path, room="b")] == [1, 2]
