@@ -366,29 +366,34 @@ class Broker:
                 xpub.setsockopt(zmq.UNSUBSCRIBE, data[1:])
 
     def _drain_messages(self, now: float) -> None:
-        pull, core = self.pull, self.core
+        # The hot loop: names bound once, no helper calls on the common path.
+        recv, on_message, add, inputs = self.pull.recv, self.core.on_message, self.dispatch.add, self.inputs
         for _ in range(DRAIN_BATCH):
             try:
-                frame = pull.recv(zmq.NOBLOCK, copy=False)
+                frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             frames = 1
             part = frame
             while part.more:  # a multipart message arrives whole: drain it, reject below
-                part = pull.recv(copy=False)
+                part = recv(copy=False)
                 frames += 1
             self.frames_in += 1
-            identity = user_id(frame)
-            if identity is not None and not self.inputs.knows(identity):
-                self._remember_fd(self.inputs, frame, identity)
             try:
-                out = core.on_message(identity, frame.buffer, frames, now)
+                identity: str | None = frame.get("User-Id")
+            except zmq.ZMQError:
+                identity = None
+            if identity is not None and not inputs.knows(identity):
+                self._remember_fd(inputs, frame, identity)
+            try:
+                out = on_message(identity, frame.buffer, frames, now)
             except Exception as exc:  # a bug must not take the chat down for everyone
                 # The stack and the exception's type, not its message: that could quote the text.
                 log.error("internal error handling a message from %s: %s\n%s", (identity or "?")[:12],
                           type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)).rstrip())
                 continue
-            self._publish(out)
+            if out:
+                add(out)
 
     @staticmethod
     def _remember_fd(connections: Connections, frame: zmq.Frame, identity: str) -> None:

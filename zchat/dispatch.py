@@ -70,14 +70,16 @@ class Dispatcher:
         rows: list[EventRow] = []
         mail: list[tuple[str, float, bytes]] = []
         names: list[tuple[str, str]] = []
+        add_frame, add_row = frames.append, rows.append
+        said = 0  # room messages among them, for the stats
         for item in items:
             if type(item) is Publish:
                 event, topic = item.event, item.topic
                 body = _encode(event)
-                frames.append(topic.encode() + b" " + body)
+                add_frame(topic.encode() + b" " + body)
                 if type(event) is Message:  # the hot path: stored, counted, nothing else
-                    rows.append((topic, event.seq, event.ts, body))
-                    self.messages += 1
+                    add_row((topic, event.seq, event.ts, body))
+                    said += 1
                     continue
                 if topic.startswith(ROOM_PREFIX) and not isinstance(event, Mark):
                     rows.append((topic, event.seq, event.ts, body))
@@ -92,9 +94,11 @@ class Dispatcher:
                 elif isinstance(item, Remember):
                     names.append((item.name_key, item.identity))
         self.store.write(rows, mail, names, now)
+        self.messages += said
+        send = self.send
         for item, frame in zip(items, frames, strict=True):
             if frame is not None:
-                self.send(frame)
+                send(frame)
                 self.published += 1
             elif isinstance(item, Fetch):
                 self._answer_fetch(item, now)
