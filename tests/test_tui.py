@@ -725,3 +725,27 @@ def test_status_line_shows_room_name_connection_and_online_count(chat: Chat, tmu
     tmux.type("/join games")
     tmux.key("Enter")
     wait_status(tmux, r"#games \(\+1 more\) \| typist \| connected \| 2 online", timeout=5)
+
+
+def test_lines_typed_ahead_are_sent_in_order_and_never_echoed_raw(chat: Chat, tmux: Tmux) -> None:
+    """Three lines arrive at once (fast typing, or a paste without bracketed paste): each is
+    sent, in order, and none shows up as raw typed text (the terminal stays in our hands
+    between lines, so its own echo never prints them)."""
+    chat.start_broker()
+    join_in_tmux(chat, tmux, "typist")
+    listener = chat.joined_client("listener")
+    tmux.wait_for(rf"^{CLOCK} - listener has joined the chat\.$")
+    typed = ["/me stretches", "/msg listener psst", "a third line"]
+    for text in typed:  # one burst each, as a fast typist's lines come
+        tmux.type(text)
+        tmux.key("Enter")
+    listener.wait_for(rf"^{CLOCK} <- typist: psst$")
+    listener.wait_for(rf"^{CLOCK} typist: a third line$")
+    tmux.wait_for(rf"^{CLOCK} typist: a third line$")
+    tmux.wait_last_line(PROMPT)
+    said = [line for line in listener.lines if re.match(rf"^{CLOCK} (\* typist|<- typist|typist:)", line)]
+    assert [line.split(" ", 1)[1] for line in said] == ["* typist stretches", "<- typist: psst",
+                                                        "typist: a third line"]
+    raw = [line for line in tmux.screen(history=True) if any(line.endswith(text) for text in typed)
+           and not re.match(rf"^{CLOCK} ", line)]
+    assert raw == [], tmux.screen(history=True)

@@ -209,6 +209,7 @@ def _completer(session: Session):  # type: ignore[no-untyped-def]
 
 def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     from prompt_toolkit import PromptSession
+    from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
     from prompt_toolkit.patch_stdout import patch_stdout
 
     session = Session(color=use_color(sys.stdout))
@@ -227,21 +228,28 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
             if exc.code not in RETRY_NAME:
                 return 1
             name = None
-    quit_message = ""
+    # One prompt for the whole chat: Enter runs the line and clears it, the prompt stays up.
+    # Between prompts the terminal would be back in cooked mode and echo whatever was typed
+    # ahead (a fast typist, a paste) as raw text among the messages.
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _run_line(event: KeyPressEvent) -> None:
+        line = event.current_buffer
+        text = line.text
+        line.reset(append_to_history=bool(text.strip()))  # the broker's echo shows what was sent
+        said = session.execute(text)
+        if said is not None:
+            event.app.exit(result=said)
+
     chat_prompt: PromptSession[str] = PromptSession(
-        completer=_completer(session), complete_while_typing=False,
-        erase_when_done=True,  # the broker's echo shows what was sent: no second copy
-        bottom_toolbar=session.status, refresh_interval=1.0)
+        completer=_completer(session), complete_while_typing=False, key_bindings=bindings,
+        erase_when_done=True, bottom_toolbar=session.status, refresh_interval=1.0)
     with patch_stdout(raw=True):
-        while True:
-            try:
-                text = chat_prompt.prompt(session.prompt)
-            except (EOFError, KeyboardInterrupt):
-                break
-            said = session.execute(text)
-            if said is not None:
-                quit_message = said
-                break
+        try:
+            quit_message = chat_prompt.prompt(session.prompt)
+        except (EOFError, KeyboardInterrupt):
+            quit_message = ""
     client.wait_delivered(2.0)
     client.close(quit_message)
     return 0
