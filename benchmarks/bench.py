@@ -151,6 +151,14 @@ def _child(target, *args) -> None:  # type: ignore[no-untyped-def]
         raise
 
 
+def reap(procs: list, timeout: float) -> None:
+    """Wait for each load-generator process a while, then kill what is left."""
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+
+
 def kill_children() -> None:
     for child in reversed(CHILDREN):
         try:
@@ -774,10 +782,7 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
         tail = svc.log_path.read_text()[-3000:]
         raise RuntimeError(f"{exc}\n--- {svc.name} log (tail) ---\n{tail}") from None
     finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        reap(procs, 10)
     senders = [o for o in outs if o["role"] == "sender"]
     subs = [o for o in outs if o["role"] == "sub"]
     sent = sum(o["sent"] for o in senders)
@@ -884,6 +889,13 @@ def prober_proc(svc: dict, fire, results) -> None:  # type: ignore[no-untyped-de
 PROBER_JOIN_TIMEOUT = 30.0
 
 
+def split_clients(n: int) -> tuple[list[int], list[int]]:
+    """Spread `n` clients over generator processes: each one's first client index and count."""
+    gens = math.ceil(n / CLIENTS_PER_GENERATOR)
+    sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
+    return [sum(sizes[:g]) for g in range(gens)], sizes
+
+
 def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_timeout: float) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fit = (hard - BROKER_FD_HEADROOM) // 2
@@ -897,9 +909,8 @@ def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_tim
         time.sleep(1.0)
         rss0, fds0 = vmrss_kb(svc.pid), fd_count(svc.pid)
         spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
-        gens = math.ceil(n / CLIENTS_PER_GENERATOR)
-        sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
-        firsts = [sum(sizes[:g]) for g in range(gens)]
+        firsts, sizes = split_clients(n)
+        gens = len(sizes)
         t_begin = time.monotonic()
         overflows0 = listen_overflows()
         procs = [spawn(scale_gen_proc, spec, g, firsts[g], sizes[g], join_timeout, armed, fire_ready, stop,
@@ -951,10 +962,7 @@ def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_tim
     finally:
         svc.stop(graceful=False)
         stop.set()
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
+        reap(procs, 20)
 
 
 def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None:  # type: ignore[no-untyped-def]
@@ -1003,9 +1011,8 @@ def run_floor(workdir: Path, asked: int) -> dict:
         time.sleep(1.0)
         rss0, fds0 = vmrss_kb(svc.pid), fd_count(svc.pid)
         spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
-        gens = math.ceil(n / CLIENTS_PER_GENERATOR)
-        sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
-        procs = [spawn(floor_gen_proc, spec, sizes[g], sum(sizes[:g]), connected, stop) for g in range(gens)]
+        procs = [spawn(floor_gen_proc, spec, size, first, connected, stop)
+                 for first, size in zip(*split_clients(n), strict=True)]
         deadline = time.monotonic() + 120
         while fd_count(svc.pid) < fds0 + 2 * n and time.monotonic() < deadline:
             time.sleep(0.2)  # every connection accepted (handshakes done or not: RSS below waits)
@@ -1016,10 +1023,7 @@ def run_floor(workdir: Path, asked: int) -> dict:
                 "rss_per_client_kb": round((rss1 - rss0) / max(1, conn), 1)}
     finally:
         stop.set()
-        for p in procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
+        reap(procs, 20)
         svc.stop(graceful=False)
 
 
@@ -1160,10 +1164,7 @@ def run_chatty(workdir: Path, n: int, warmup: float, duration: float, broker_arg
         return result
     finally:
         svc.stop(graceful=False)
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        reap(procs, 10)
 
 
 # --- the real client library: start() + join() -----------------------------------------------------
@@ -1201,10 +1202,7 @@ def run_joins(workdir: Path, count: int, broker_args: list[str]) -> dict:
                 "min_ms": round(ms[0], 1), "max_ms": round(ms[-1], 1), "all_ms": [round(x, 2) for x in ms]}
     finally:
         svc.stop()
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        reap(procs, 10)
 
 
 # --- profile of the broker under load (py-spy) -------------------------------------------------------

@@ -51,6 +51,7 @@ from bench import (  # noqa: E402
     pct,
     percentiles,
     raise_nofile,
+    reap,
     say_prefix,
     sleep_until,
     spawn,
@@ -263,10 +264,7 @@ def run_load(n: int, seconds: float, room_size: int, gens: int, workdir: Path) -
         log_tail = svc.log_path.read_text(errors="replace")
     finally:
         svc.stop(graceful=False)
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        reap(procs, 10)
     sent_by_room: Counter[str] = Counter()
     members_by_room: Counter[str] = Counter()
     errors: Counter[str] = Counter()
