@@ -71,9 +71,10 @@ class RawPeer:
         raise AssertionError(f"nothing matched within {timeout} s; got {self.received[-10:]}")
 
     def close(self) -> None:
-        self.sub.close(0)
-        self.push.close(0)
-        self.ctx.term()
+        if not self.sub.closed:
+            self.sub.close(0)
+            self.push.close()  # its own linger: 0 unless a test set one
+            self.ctx.term()
 
 
 class RecordingProxy:

@@ -339,3 +339,41 @@ def test_sigterm_notifies_everyone_flushes_history_and_exits_0(chat: Chat) -> No
     lobby = [text for kind, room, _, text in rows if room == "lobby" and kind == "message"
              and text and text.startswith("burst ")]
     assert lobby == [f"burst {i}" for i in range(len(lobby))]
+
+
+def test_a_leave_read_after_its_connection_closed_still_counts(chat: Chat) -> None:
+    """A client says /quit and closes at once; the broker is busy (here: stopped) and only
+    gets to it once both the leave message and the connection's close are waiting. The
+    leave must win: everyone sees "has left (bye)", not "disconnected"."""
+    from peers import RawPeer, broker_key
+
+    from zchat.protocol import Joined, Left, Welcome
+
+    broker = chat.start_broker()
+    key = broker_key(chat.config_dir)
+    spy = RawPeer(chat.port, chat.pub_port, key, [b"r/lobby/"])
+    pair = RawPeer.keypair()
+    quitter = RawPeer(chat.port, chat.pub_port, key, [f"u/{pair.identity}/".encode(), b"r/lobby/"], pair)
+    try:
+        deadline = time.monotonic() + 10
+        welcomed = False
+        while not welcomed and time.monotonic() < deadline:  # joins are resent until welcomed
+            quitter.send(b'{"type":"join","name":"quitter"}')
+            try:
+                quitter.wait_for(lambda topic, event: isinstance(event, Welcome), timeout=0.3)
+                welcomed = True
+            except AssertionError:
+                pass
+        assert welcomed
+        spy.wait_for(lambda topic, event: isinstance(event, Joined) and event.name == "quitter")
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            quitter.push.linger = 2000  # what was sent reaches the (stopped) broker's kernel
+            quitter.send(b'{"type":"leave","message":"bye"}')
+            quitter.close()  # the leave goes out, then the connection closes
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        _, left = spy.wait_for(lambda topic, event: isinstance(event, Left) and event.name == "quitter")
+        assert (left.reason, left.message) == ("quit", "bye")
+    finally:
+        spy.close()

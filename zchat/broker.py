@@ -40,6 +40,7 @@ log = logging.getLogger("zchat.broker")
 DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
 STATE_FILE = "broker.json"
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
+CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
 STATS_INTERVAL = 5.0  # default seconds between stats events on sys/
 STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
@@ -121,6 +122,11 @@ class Broker:
         # Input (PULL) and output (XPUB) connections apart: presence follows the input one.
         self.inputs, self.outputs = Connections(), Connections()
         self._pending_cuts: list[tuple[float, str]] = []
+        # Input connections seen closing, (identity, fd) -> when to announce the leave. The
+        # monitor can report a close before the main loop has read the connection's last
+        # frames (a /quit's leave message): those are read first, and do not count as a
+        # new connection of that identity.
+        self._closing: dict[tuple[str, int], float] = {}
         self._sockets_open = False
         # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
         self.started = time.time()
@@ -270,7 +276,8 @@ class Broker:
         next_prune = time.time() + PRUNE_INTERVAL
         try:
             while not self._stopping:
-                timeout_ms = max(0.0, next_tick - time.time()) * 1000
+                wake_at = min(next_tick, *self._closing.values()) if self._closing else next_tick
+                timeout_ms = max(0.0, wake_at - time.time()) * 1000
                 ready = dict(poller.poll(timeout_ms))
                 now = time.time()
                 if self.zap in ready:
@@ -285,6 +292,8 @@ class Broker:
                     self._drain_subscriptions(now)
                 if self.pull in ready:
                     self._drain_messages(now)
+                if self._closing:
+                    self._announce_closed_inputs(now)
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload(now)
@@ -384,7 +393,7 @@ class Broker:
             except zmq.ZMQError:
                 identity = None
             if identity is not None and not inputs.knows(identity):
-                self._remember_fd(inputs, frame, identity)
+                self._remember_input(frame, identity)
             try:
                 out = on_message(identity, frame.buffer, frames, now)
             except Exception as exc:  # a bug must not take the chat down for everyone
@@ -394,6 +403,24 @@ class Broker:
                 continue
             if out:
                 add(out)
+
+    def _remember_input(self, frame: zmq.Frame, identity: str) -> None:
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        if (identity, fd) not in self._closing:  # else a late frame of a connection now closed
+            self.inputs.seen(identity, fd)
+
+    def _announce_closed_inputs(self, now: float) -> None:
+        """Leave notices for identities whose input connection closed a moment ago and that
+        have not come back on another one since."""
+        for key, due in list(self._closing.items()):
+            if due <= now:
+                del self._closing[key]
+                identity = key[0]
+                if not self.inputs.knows(identity):
+                    self._publish(self.core.on_disconnect(identity, now))
 
     @staticmethod
     def _remember_fd(connections: Connections, frame: zmq.Frame, identity: str) -> None:
@@ -414,7 +441,7 @@ class Broker:
             if identity is not None and connections is self.outputs and not self.outputs.knows(identity):
                 self.core.on_unsubscribed_all(identity)
             if identity is not None and connections is self.inputs:  # the input one counts
-                self._publish(self.core.on_disconnect(identity, now))
+                self._closing[(identity, event["value"])] = now + CLOSE_GRACE
 
     def _publish(self, out: list[Out]) -> None:
         self.dispatch.add(out)  # sent at the end of the loop turn, after storage
