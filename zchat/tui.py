@@ -38,6 +38,7 @@ class Session:
         self.color = color
         self._write = write or (lambda text: print(text, flush=True))
         self._lock = threading.Lock()  # events arrive on the I/O thread
+        self._held: list[str] | None = None  # lines kept back while the screen is not ready
 
     def attach(self, client: ChatClient) -> None:
         self.client = client
@@ -47,7 +48,22 @@ class Session:
         return View(me=self.client.name if self.client else None, room=self.room, color=self.color)
 
     def show(self, text: str) -> None:
-        self._write(text)
+        if self._held is not None:
+            self._held.append(text)
+        else:
+            self._write(text)
+
+    def hold(self) -> None:
+        """Keep lines back (from now until `release`)."""
+        with self._lock:
+            self._held = []
+
+    def release(self, write: Callable[[str], None] | None = None) -> None:
+        """Show the lines kept back (with `write`, if given), then show lines as they come."""
+        with self._lock:
+            held, self._held = self._held or [], None
+            for text in held:
+                (write or self._write)(text)
 
     # --- incoming -------------------------------------------------------------
 
@@ -213,6 +229,9 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     from prompt_toolkit.patch_stdout import patch_stdout
 
     session = Session(color=use_color(sys.stdout))
+    # Until the chat prompt is up, what arrives is kept back: a line written straight to the
+    # terminal while prompt_toolkit starts drawing could be drawn over.
+    session.hold()
     prompt: PromptSession[str] = PromptSession()
     client: ChatClient | None = None
     while client is None:
@@ -224,6 +243,8 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
         try:
             client = _connect(make_client, session, name)
         except JoinError as exc:
+            session.release()  # what came before the refusal
+            session.hold()
             print(f"! {exc}", file=sys.stderr, flush=True)
             if exc.code not in RETRY_NAME:
                 return 1
@@ -246,10 +267,17 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
         completer=_completer(session), complete_while_typing=False, key_bindings=bindings,
         erase_when_done=True, bottom_toolbar=session.status, refresh_interval=1.0)
     with patch_stdout(raw=True):
+        def show_held() -> None:
+            # Called once the application is registered (later lines go through it) and
+            # before its first drawing: straight to the terminal, nothing to draw over yet.
+            session.release(lambda text: print(text, file=sys.__stdout__, flush=True))
+
         try:
-            quit_message = chat_prompt.prompt(session.prompt)
+            quit_message = chat_prompt.prompt(session.prompt, pre_run=show_held)
         except (EOFError, KeyboardInterrupt):
             quit_message = ""
+        finally:
+            session.release()  # never left holding, however the prompt ended
     client.wait_delivered(2.0)
     client.close(quit_message)
     return 0
