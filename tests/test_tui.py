@@ -749,3 +749,20 @@ def test_lines_typed_ahead_are_sent_in_order_and_never_echoed_raw(chat: Chat, tm
     raw = [line for line in tmux.screen(history=True) if any(line.endswith(text) for text in typed)
            and not re.match(rf"^{CLOCK} ", line)]
     assert raw == [], tmux.screen(history=True)
+
+
+def test_a_pasted_block_waits_for_enter_then_goes_as_separate_messages(chat: Chat, tmux: Tmux) -> None:
+    chat.start_broker()
+    join_in_tmux(chat, tmux, "typist")
+    listener = chat.joined_client("listener")
+    tmux.wait_for(rf"^{CLOCK} - listener has joined the chat\.$")
+    block = ["pasted one", "pasted two", "pasted three"]
+    tmux.tmux("set-buffer", "-b", "block", "\n".join(block))
+    tmux.tmux("paste-buffer", "-p", "-b", "block", "-t", tmux.target)  # -p: bracketed, as terminals do
+    tmux.wait_for(r"^pasted three$")  # still in the input, nothing sent yet
+    assert listener.count(r"typist: pasted") == 0
+    tmux.key("Enter")
+    listener.wait_for(rf"^{CLOCK} typist: pasted three$")
+    tmux.wait_last_line(PROMPT)
+    sent = [line.split(": ", 1)[1] for line in listener.lines if re.match(rf"^{CLOCK} typist: ", line)]
+    assert sent == block
