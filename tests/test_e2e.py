@@ -238,7 +238,7 @@ def test_unreachable_broker_is_reported_not_hung(chat: Chat) -> None:
 def test_wrong_server_key_is_reported(chat: Chat) -> None:
     chat.start_broker()
     wrong = zmq.curve_keypair()[0].decode()
-    client = chat.client("alice", "--server-key", wrong)
+    client = chat.client("alice", f"--server-key={wrong}")  # `=`: a z85 key may start with "-"
     client.wait_for(r"handshake .* failed|is --server-key", timeout=15)
     assert client.wait_exit(5) == 1
 
