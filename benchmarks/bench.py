@@ -214,6 +214,18 @@ def wait_value(value, target: int, timeout: float, procs: list, results) -> None
         time.sleep(0.01)
 
 
+def start_window(times, go, warmup: float, duration: float) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Tell the generators when to start, measure and stop (monotonic ns in `times`), let them
+    go, and return once warm-up is over: (window start, window end)."""
+    t0 = mono() + 300_000_000
+    w0 = t0 + int(warmup * 1e9)
+    w1 = w0 + int(duration * 1e9)
+    times[:] = [t0, w0, w1, w1 + 50_000_000]
+    go.set()
+    sleep_until(w0)
+    return w0, w1
+
+
 def sleep_until(t_ns: int) -> None:
     left = (t_ns - mono()) / 1e9
     if left > 0:
@@ -757,12 +769,7 @@ def run_flow(svc: Service, n_senders: int, n_subs: int, warmup: float, duration:
     try:
         wait_value(snd_ready, n_senders, 60, procs, results)
         wait_value(sub_ready, len(groups), 60, procs, results)
-        t0 = mono() + 300_000_000
-        w0 = t0 + int(warmup * 1e9)
-        w1 = w0 + int(duration * 1e9)
-        times[:] = [t0, w0, w1, w1 + 50_000_000]
-        go.set()
-        sleep_until(w0)
+        _, w1 = start_window(times, go, warmup, duration)
         cpu0 = thread_ticks(svc.pid)
         gen0 = [thread_ticks(p.pid) for p in procs]
         if on_window is not None:
@@ -889,9 +896,9 @@ def prober_proc(svc: dict, fire, results) -> None:  # type: ignore[no-untyped-de
 PROBER_JOIN_TIMEOUT = 30.0
 
 
-def split_clients(n: int) -> tuple[list[int], list[int]]:
+def split_clients(n: int, per_generator: int = CLIENTS_PER_GENERATOR) -> tuple[list[int], list[int]]:
     """Spread `n` clients over generator processes: each one's first client index and count."""
-    gens = math.ceil(n / CLIENTS_PER_GENERATOR)
+    gens = math.ceil(n / per_generator)
     sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
     return [sum(sizes[:g]) for g in range(gens)], sizes
 
@@ -1117,9 +1124,8 @@ def run_chatty(workdir: Path, n: int, warmup: float, duration: float, broker_arg
     procs: list = []
     try:
         spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
-        gens = 1 if n < 200 else 2
-        sizes = [n // gens + (1 if g < n % gens else 0) for g in range(gens)]
-        firsts = [sum(sizes[:g]) for g in range(gens)]
+        firsts, sizes = split_clients(n, per_generator=n if n < 200 else math.ceil(n / 2))  # 1 or 2 processes
+        gens = len(sizes)
         joined_count = MP.Value("i", 0)
         go = MP.Event()
         times = MP.Array("q", 4)
@@ -1129,12 +1135,7 @@ def run_chatty(workdir: Path, n: int, warmup: float, duration: float, broker_arg
                  for g in range(gens)]
         wait_value(joined_count, gens, 180, procs, results)
         join_wall = time.monotonic() - t_begin
-        t0 = mono() + 300_000_000
-        w0 = t0 + int(warmup * 1e9)
-        w1 = w0 + int(duration * 1e9)
-        times[:] = [t0, w0, w1, w1 + 50_000_000]
-        go.set()
-        sleep_until(w0)
+        _, w1 = start_window(times, go, warmup, duration)
         cpu0 = thread_ticks(svc.pid)
         gen0 = [thread_ticks(p.pid) for p in procs]
         sleep_until(w1)
