@@ -77,72 +77,6 @@ class RawPeer:
             self.ctx.term()
 
 
-class RecordingProxy:
-    """A TCP forwarder on loopback that keeps a copy of every byte it relays."""
-
-    def __init__(self, target_port: int) -> None:
-        import socket
-        import threading
-
-        self.target_port = target_port
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.captured = bytearray()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        accept = threading.Thread(target=self._accept, daemon=True)
-        accept.start()
-        self._threads.append(accept)
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while not self._closed:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self._sockets += [downstream, upstream]
-            for a, b in ((downstream, upstream), (upstream, downstream)):
-                t = threading.Thread(target=self._pump, args=(a, b), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _pump(self, source, sink) -> None:  # type: ignore[no-untyped-def]
-        while True:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                return
-            if not data:
-                break
-            with self._lock:
-                self.captured += data
-            try:
-                sink.sendall(data)
-            except OSError:
-                return
-        try:
-            sink.shutdown(1)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._closed = True
-        self.listener.close()
-        for s in self._sockets:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-
 class FaultyProxy:
     """A TCP forwarder on loopback whose link can be slowed, stalled and cut.
 
@@ -153,10 +87,11 @@ class FaultyProxy:
     - `cut()` / `restore()`: reset every connection and refuse new ones (each accepted
       connection is closed at once) until restored.
 
-    Every thread and socket is closed by `close()`.
+    Every thread and socket is closed by `close()`. With `record`, every byte relayed (both
+    directions) is also kept in `captured`.
     """
 
-    def __init__(self, target_port: int, delay: float = 0.0) -> None:
+    def __init__(self, target_port: int, delay: float = 0.0, record: bool = False) -> None:
         import socket
         import threading
 
@@ -176,6 +111,8 @@ class FaultyProxy:
         self._links: list[tuple[socket.socket, socket.socket]] = []
         self._threads: list[threading.Thread] = []
         self.accepted = 0  # connections accepted (refused ones included)
+        self.record = record
+        self.captured = bytearray()
         self._spawn(self._accept)
 
     def _spawn(self, target, *args) -> None:  # type: ignore[no-untyped-def]
@@ -248,6 +185,9 @@ class FaultyProxy:
             if not data:
                 chunks.put(None)
                 return
+            if self.record:
+                with self._lock:
+                    self.captured += data
             chunks.put((time.monotonic() + self.delay, data))
 
     def stall(self) -> None:

@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 from conftest import CLOCK, Chat, Proc
-from peers import RawPeer, RecordingProxy, broker_key
+from peers import FaultyProxy, RawPeer, broker_key
 
 from zchat.keys import identity_of, load_public
 from zchat.protocol import Error, Message, Welcome, decode_publication
@@ -152,7 +152,7 @@ def test_plaintext_sub_receives_nothing(chat: Chat) -> None:
 def test_nothing_crosses_the_wire_in_plaintext(chat: Chat) -> None:
     """Route a client through recording TCP proxies: its words must not appear in the bytes."""
     chat.start_broker()
-    into, out_of = RecordingProxy(chat.port), RecordingProxy(chat.pub_port)
+    into, out_of = FaultyProxy(chat.port, record=True), FaultyProxy(chat.pub_port, record=True)
     try:
         alice = Proc(["client.py", "--port", str(into.port), "--pub-port", str(out_of.port),
                       "--config-dir", str(chat.config_dir), "--name", "alice"], env=chat.env)
