@@ -36,6 +36,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from time import monotonic_ns as mono
 
@@ -1579,6 +1580,23 @@ def git_describe() -> str:
     return f"{head}{'+dirty' if dirty else ''}" if head else "?"
 
 
+def each_size(res: dict, phase: str, sizes: list[int], run: Callable[[int], dict],
+              describe: Callable[[dict], str]) -> list[dict]:
+    """Run one phase at each size; a broker crash is recorded (and the size skipped), not fatal."""
+    results = []
+    for n in sizes:
+        try:
+            r = run(n)
+        except ServiceDied as exc:
+            res["crashes"].append({"system": "zchat", "during": f"{phase} {n}",
+                                   "exit_code": exc.exit_code, "log_tail": exc.log_tail})
+            print(f"  !! broker died during {phase} {n}: {exc.log_tail.strip().splitlines()[-1]}")
+            continue
+        results.append(r)
+        print(f"  {phase} {n}: {describe(r)}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute: shorter windows, fewer sizes")
@@ -1716,35 +1734,20 @@ def main(argv: list[str] | None = None) -> int:
             for svc in live.values():
                 svc.stop()
         if "scale" in only:
-            res["scale"] = []
-            for n in cfg["scale"]:
-                try:
-                    r = run_scale(workdir, n, broker_args, cfg["scale_join_timeout"])
-                except ServiceDied as exc:
-                    res["crashes"].append({"system": "zchat", "during": f"scale {n}",
-                                           "exit_code": exc.exit_code, "log_tail": exc.log_tail})
-                    print(f"  !! broker died during scale {n}: {exc.log_tail.strip().splitlines()[-1]}")
-                    continue
-                res["scale"].append(r)
-                print(f"  scale {n}: {r['joined']} joined, {r['rss_per_client_kb']} KB/client, "
-                      f"probe {r['probe_delivered']}/{r['probe_expected']}", flush=True)
+            res["scale"] = each_size(
+                res, "scale", cfg["scale"],
+                lambda n: run_scale(workdir, n, broker_args, cfg["scale_join_timeout"]),
+                lambda r: f"{r['joined']} joined, {r['rss_per_client_kb']} KB/client, "
+                          f"probe {r['probe_delivered']}/{r['probe_expected']}")
             floor_n = cfg["scale"][0]
             res["scale_floor"] = run_floor(workdir, floor_n)
             print(f"  libzmq floor at {floor_n}: {res['scale_floor']['rss_per_client_kb']} KB/client",
                   flush=True)
         if "chatty" in only:
-            res["chatty"] = []
-            for n in cfg["chatty"]:
-                try:
-                    r = run_chatty(workdir, n, cfg["chatty_warmup"], cfg["chatty_duration"], broker_args)
-                except ServiceDied as exc:
-                    res["crashes"].append({"system": "zchat", "during": f"chatty {n}",
-                                           "exit_code": exc.exit_code, "log_tail": exc.log_tail})
-                    print(f"  !! broker died during chatty {n}: {exc.log_tail.strip().splitlines()[-1]}")
-                    continue
-                res["chatty"].append(r)
-                print(f"  chatty {n}: {fmt_rate(r['deliveries_per_s'])} deliveries/s, "
-                      f"p99 {fmt_ms(r['p99_ms'])} ms", flush=True)
+            res["chatty"] = each_size(
+                res, "chatty", cfg["chatty"],
+                lambda n: run_chatty(workdir, n, cfg["chatty_warmup"], cfg["chatty_duration"], broker_args),
+                lambda r: f"{fmt_rate(r['deliveries_per_s'])} deliveries/s, p99 {fmt_ms(r['p99_ms'])} ms")
         if "joins" in only:
             res["joins"] = run_joins(workdir, cfg["joins"], join_args)
         res["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
