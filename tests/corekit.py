@@ -1,11 +1,12 @@
-"""Helpers shared by the pure-core unit tests: topics, message bodies, checked output."""
+"""Helpers shared by the pure-core unit tests: topics, message bodies, checked output, and
+the usual steps (subscribe, send, read an error)."""
 
 from __future__ import annotations
 
 import json
 
-from zchat.core import Banned, DeliverMail, Disconnect, Fetch, Mail, Publish, Remember
-from zchat.protocol import decode_publication, encode_publication
+from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Publish, Remember
+from zchat.protocol import Error, decode_publication, encode_publication
 
 SYS = "sys/"
 LOBBY = "r/lobby/"
@@ -33,3 +34,36 @@ def checked(out: list) -> list[Publish]:
         assert event == item.event
         publications.append(item)
     return publications
+
+
+def sub(core: BrokerCore, identity: str | None, topic: str, now: float = 0.0) -> tuple[bool, list[Publish]]:
+    ok, out = core.on_subscribe(identity, topic, now)
+    return ok, checked(out)
+
+
+def send(core: BrokerCore, identity: str | None, now: float = 0.0, **fields: object) -> list[Publish]:
+    return checked(core.on_message(identity, body(**fields), 1, now))
+
+
+def raw(core: BrokerCore, identity: str | None, data: bytes, now: float = 0.0,
+        frames: int = 1) -> list[Publish]:
+    return checked(core.on_message(identity, data, frames, now))
+
+
+def subscribe_all(core: BrokerCore, identity: str, now: float = 0.0,
+                  topics: tuple[str, ...] = (LOBBY,)) -> None:
+    for topic in (SYS, u(identity), *topics):
+        ok, out = sub(core, identity, topic, now)
+        assert ok is True
+        assert out == []
+
+
+def kinds(out: list[Publish]) -> list[tuple[str, str]]:
+    return [(p.topic, type(p.event).__name__) for p in out]
+
+
+def error(out: list[Publish], identity: str) -> Error:
+    assert len(out) == 1, kinds(out)
+    assert out[0].topic == u(identity)
+    assert isinstance(out[0].event, Error)
+    return out[0].event

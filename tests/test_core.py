@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from corekit import LOBBY, SYS, body, checked, u
+from corekit import LOBBY, SYS, body, checked, error, kinds, raw, send, sub, subscribe_all, u
 
 from zchat import limits as L
 from zchat.core import BrokerCore, Limits, Publish
 from zchat.protocol import (
     Code,
-    Error,
     Heartbeat,
     Joined,
     Left,
@@ -26,36 +25,8 @@ D = "d4" * 32
 EPOCH = "epoch-1"
 
 
-
-
-
-
-
-
 def make(now: float = 0.0, **limits: float) -> BrokerCore:
     return BrokerCore(EPOCH, now, Limits(**limits) if limits else None)  # type: ignore[arg-type]
-
-
-def sub(core: BrokerCore, identity: str | None, topic: str, now: float = 0.0) -> tuple[bool, list[Publish]]:
-    ok, out = core.on_subscribe(identity, topic, now)
-    return ok, checked(out)
-
-
-def send(core: BrokerCore, identity: str | None, now: float = 0.0, **fields: object) -> list[Publish]:
-    return checked(core.on_message(identity, body(**fields), 1, now))
-
-
-def raw(core: BrokerCore, identity: str | None, data: bytes, now: float = 0.0,
-        frames: int = 1) -> list[Publish]:
-    return checked(core.on_message(identity, data, frames, now))
-
-
-def subscribe_all(core: BrokerCore, identity: str, now: float = 0.0,
-                  topics: tuple[str, ...] = (LOBBY,)) -> None:
-    for topic in (SYS, u(identity), *topics):
-        ok, out = sub(core, identity, topic, now)
-        assert ok is True
-        assert out == []
 
 
 def join(core: BrokerCore, identity: str, name: str, now: float = 0.0, **fields: object) -> list[Publish]:
@@ -68,17 +39,6 @@ def joined(core: BrokerCore, identity: str, name: str, now: float = 0.0) -> None
     out = join(core, identity, name, now)
     assert [type(p.event) for p in out] == [Welcome, Joined]
     assert core.member_name(identity) == name
-
-
-def kinds(out: list[Publish]) -> list[tuple[str, str]]:
-    return [(p.topic, type(p.event).__name__) for p in out]
-
-
-def error(out: list[Publish], identity: str) -> Error:
-    assert len(out) == 1, kinds(out)
-    assert out[0].topic == u(identity)
-    assert isinstance(out[0].event, Error)
-    return out[0].event
 
 
 # --- join handshake --------------------------------------------------------------------

@@ -7,7 +7,7 @@ are copied from tests/test_core.py (which does not expose them as a module).
 from __future__ import annotations
 
 import pytest
-from corekit import LOBBY, SYS, body, checked, u
+from corekit import LOBBY, SYS, body, checked, error, kinds, send, sub, subscribe_all, u
 
 from zchat import limits as L
 from zchat.core import BrokerCore, Limits, Mail, Publish
@@ -15,7 +15,6 @@ from zchat.protocol import (
     Action,
     Code,
     Direct,
-    Error,
     Joined,
     Left,
     Message,
@@ -33,37 +32,14 @@ EPOCH = "epoch-1"
 EVERY_ROOM = "r/"
 
 
-
-
 def r(room: str) -> str:
     return f"r/{room}/"
-
-
-
-
 
 
 def make(now: float = 0.0, **limits: float) -> BrokerCore:
     """A core whose rate limit stays out of the way unless a test sets it."""
     limits.setdefault("rate_burst", 100_000)
     return BrokerCore(EPOCH, now, Limits(**limits))  # type: ignore[arg-type]
-
-
-def sub(core: BrokerCore, identity: str | None, topic: str, now: float = 0.0) -> tuple[bool, list[Publish]]:
-    ok, out = core.on_subscribe(identity, topic, now)
-    return ok, checked(out)
-
-
-def send(core: BrokerCore, identity: str | None, now: float = 0.0, **fields: object) -> list[Publish]:
-    return checked(core.on_message(identity, body(**fields), 1, now))
-
-
-def subscribe_all(core: BrokerCore, identity: str, now: float = 0.0,
-                  topics: tuple[str, ...] = (LOBBY,)) -> None:
-    for topic in (SYS, u(identity), *topics):
-        ok, out = sub(core, identity, topic, now)
-        assert ok is True
-        assert out == []
 
 
 def joined(core: BrokerCore, identity: str, name: str, now: float = 0.0,
@@ -74,17 +50,6 @@ def joined(core: BrokerCore, identity: str, name: str, now: float = 0.0,
     assert kinds(out) == [(u(identity), "Welcome")] + [(r(room), "Joined") for room in rooms]
     assert core.member_name(identity) == name
     return out
-
-
-def kinds(out: list[Publish]) -> list[tuple[str, str]]:
-    return [(p.topic, type(p.event).__name__) for p in out]
-
-
-def error(out: list[Publish], identity: str) -> Error:
-    assert len(out) == 1, kinds(out)
-    assert out[0].topic == u(identity)
-    assert isinstance(out[0].event, Error)
-    return out[0].event
 
 
 def rooms_of(core: BrokerCore, identity: str) -> list[str]:

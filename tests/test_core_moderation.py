@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from corekit import LOBBY, SYS, body, u
 
 from zchat.auth import Account
 from zchat.core import (
@@ -42,13 +41,8 @@ C = "c3" * 32  # carol, user
 T = "7a" * 32  # tapper, tap
 X = "e5" * 32  # a key nobody listed
 EPOCH = "epoch-m"
-SYS = "sys/"
-LOBBY = "r/lobby/"
 OPS = "r/ops/"
 
-
-def u(identity: str) -> str:
-    return f"u/{identity}/"
 
 
 def accounts(**changes: Account | None) -> dict[str, Account]:
@@ -101,9 +95,6 @@ def control(out: list[Out]) -> list[Out]:
 def kinds(out: list[Out]) -> list[tuple[str, str]]:
     return [(p.topic, type(p.event).__name__) for p in pubs(out)]
 
-
-def body(**fields: object) -> bytes:
-    return json.dumps(fields).encode()
 
 
 def send(core: BrokerCore, identity: str, now: float = 0.0, **fields: object) -> list[Out]:
