@@ -67,6 +67,12 @@ class Output:
         return next(r for r in records if all(r.get(k) == v for k, v in fields.items()))
 
 
+def live_tap(chat: Chat, path: Path) -> tuple[Output, dict]:
+    """A jsonl tap writing to `path`, once live (its epoch record is written: subscribed)."""
+    out = Output(path, start_tap(chat, "--output", str(path)))
+    return out, out.wait_record(type="epoch")
+
+
 def coverage(records: list[dict]) -> dict[str, list[tuple[int, int]]]:
     """Per room topic, the seq spans the records account for, in written order; a reset
     starts the topic afresh. Fails on anything written twice or out of order."""
@@ -190,9 +196,8 @@ def last_seq(peer: RawPeer, room: str, ref: int) -> int:
 def test_burst_with_publishing_drops_every_seq_accounted_for(chat: Chat, tmp_path: Path) -> None:
     start_fast_broker(chat)
     path = tmp_path / "tap.jsonl"
-    tap = start_tap(chat, "--output", str(path))
-    out = Output(path, tap)
-    out.wait_record(type="epoch")
+    out, _ = live_tap(chat, path)
+    tap = out.tap
     rooms = ["b0", "b1", "b2"]
     peers = [join_raw(chat, f"pub{i}", rooms) for i in range(3)]
     try:
@@ -257,9 +262,8 @@ def test_burst_with_publishing_drops_every_seq_accounted_for(chat: Chat, tmp_pat
 def test_broker_kill_and_restart(chat: Chat, tmp_path: Path) -> None:
     chat.start_broker()
     path = tmp_path / "tap.jsonl"
-    tap = start_tap(chat, "--output", str(path))
-    out = Output(path, tap)
-    first = out.wait_record(type="epoch")
+    out, first = live_tap(chat, path)
+    tap = out.tap
     alice = chat.joined_client("alice")
     for i in range(5):
         alice.send(f"before {i}")
@@ -290,9 +294,7 @@ def test_broker_kill_and_restart(chat: Chat, tmp_path: Path) -> None:
 def test_broker_losing_its_database_is_a_reset(chat: Chat, tmp_path: Path) -> None:
     chat.start_broker()
     path = tmp_path / "tap.jsonl"
-    tap = start_tap(chat, "--output", str(path))
-    out = Output(path, tap)
-    out.wait_record(type="epoch")
+    out, _ = live_tap(chat, path)
     alice = chat.joined_client("alice")
     for i in range(3):
         alice.send(f"old {i}")
@@ -321,9 +323,8 @@ def test_broker_losing_its_database_is_a_reset(chat: Chat, tmp_path: Path) -> No
 def test_signal_flushes_and_exits_zero(chat: Chat, tmp_path: Path, sig: signal.Signals) -> None:
     chat.start_broker()
     path = tmp_path / "tap.jsonl"
-    tap = start_tap(chat, "--output", str(path))
-    out = Output(path, tap)
-    out.wait_record(type="epoch")
+    out, _ = live_tap(chat, path)
+    tap = out.tap
     alice = chat.joined_client("alice")
     for i in range(10):
         alice.send(f"message {i}")
