@@ -52,6 +52,13 @@ def broker_alive(chat: Chat) -> bool:
 # --- (a) a slow, stalled or cut link -----------------------------------------------------------
 
 
+def assert_nobody_noticed(alice: Proc, bob: Proc) -> None:
+    """Both still online, as each sees it: alice never lost the broker, bob never saw her leave."""
+    alice.send("/who")
+    alice.wait_for(rf"^{CLOCK} \* Online \(2\): alice, bob$", timeout=10)
+    assert alice.count("Connection to the broker lost") == 0
+    assert bob.count("alice has left") == 0
+
 def test_slow_link_works_just_slower(chat: Chat, proxies: list[FaultyProxy]) -> None:
     chat.start_broker()
     bob = chat.joined_client("bob")
@@ -64,10 +71,7 @@ def test_slow_link_works_just_slower(chat: Chat, proxies: list[FaultyProxy]) -> 
         bob.wait_for(rf"^{CLOCK} alice: slow line {i}$", timeout=10)
     alice.wait_for(rf"^{CLOCK} bob: fast line$", timeout=10)
     # Heartbeats arrive late but regularly: never "lost" at this delay, and nobody left.
-    alice.send("/who")
-    alice.wait_for(rf"^{CLOCK} \* Online \(2\): alice, bob$", timeout=10)
-    assert alice.count("Connection to the broker lost") == 0
-    assert bob.count("alice has left") == 0
+    assert_nobody_noticed(alice, bob)
     # The order is the order typed.
     lines = [line for line in bob.lines if "slow line" in line]
     assert lines == [f"{line.split(']')[0]}] alice: slow line {i}" for i, line in enumerate(lines)]
@@ -155,10 +159,7 @@ def test_short_stall_below_the_timeouts_goes_unnoticed(chat: Chat, proxies: list
         proxy.resume()
     bob.wait_for(rf"^{CLOCK} alice: during the hiccup$", timeout=10)
     alice.wait_for(rf"^{CLOCK} bob: bob during the hiccup$", timeout=10)
-    alice.send("/who")
-    alice.wait_for(rf"^{CLOCK} \* Online \(2\): alice, bob$", timeout=10)
-    assert alice.count("Connection to the broker lost") == 0
-    assert bob.count("alice has left") == 0
+    assert_nobody_noticed(alice, bob)
 
 
 def test_flapping_link_never_crashes_the_broker(chat: Chat, proxies: list[FaultyProxy]) -> None:
