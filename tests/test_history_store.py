@@ -97,3 +97,19 @@ def test_search_since_and_limit_without_a_time_index(store: HistoryStore) -> Non
     newest = [(e.topic, e.seq) for e in search(store.path, limit=2)]
     assert newest == [("r/b/", 2), ("r/a/", 3)]
     assert [e.seq for e in search(store.path, room="b")] == [1, 2]
+
+
+def test_a_stored_event_is_never_replaced(store: HistoryStore, caplog: pytest.LogCaptureFixture) -> None:
+    # Two writers numbering from the same seqs (issue: two brokers on one config dir) must not
+    # overwrite what was stored and shown first.
+    fill(store, "lobby", [NOW, NOW + 1])
+    clash = ("r/lobby/", 2, NOW + 5, b'{"type":"message","seq":2,"text":"second writer"}')
+    fresh = ("r/lobby/", 3, NOW + 6, body("lobby", 3, NOW + 6))
+    with caplog.at_level("ERROR", logger="zchat.broker"):
+        store.write([clash, fresh], [], [], NOW)
+    rows = dict(store.db.execute("SELECT seq, body FROM events WHERE topic = 'r/lobby/'"))
+    assert rows[2] == body("lobby", 2, NOW + 1)
+    assert rows[3] == fresh[3]
+    assert store.collisions == 1
+    assert store.stored == 3
+    assert "already stored" in caplog.text and "r/lobby/ seq 2" in caplog.text

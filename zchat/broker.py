@@ -33,12 +33,14 @@ from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention
+from zchat.lockfile import Locked, LockFile
 from zchat.protocol import ROOM_PREFIX, SYSTEM_TOPIC, Stats
 
 log = logging.getLogger("zchat.broker")
 
 DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
 STATE_FILE = "broker.json"
+LOCK_FILE = "broker.lock"
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
@@ -99,18 +101,22 @@ def read_state(config_dir: Path) -> dict | None:
 class Broker:
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
+        db_path = settings.db_path or keys.broker_dir(settings.config_dir) / "history.sqlite3"
+        self._locks = self._lock(db_path)  # before anything is created or read
         self.keypair = keys.load_or_create(keys.broker_dir(settings.config_dir), keys.BROKER_KEY_NAME)
         self.epoch = secrets.token_hex(8)
-        db_path = settings.db_path or keys.broker_dir(settings.config_dir) / "history.sqlite3"
         try:
             self.store = HistoryStore(db_path, settings.retention)
         except sqlite3.Error as exc:
+            self._unlock()
             raise BrokerError(f"cannot open the history database {db_path}: {exc}") from None
         accounts = None
         if settings.authorized_keys is not None:
             try:
                 accounts = load_authorized_keys(settings.authorized_keys)
             except KeyFileError as exc:
+                self.store.close()
+                self._unlock()
                 raise BrokerError(str(exc)) from None
         self.bans_path = keys.broker_dir(settings.config_dir) / "banned-keys"
         self.core = BrokerCore(self.epoch, time.time(), settings.limits,
@@ -136,6 +142,35 @@ class Broker:
         self._next_stats = self.started + (settings.stats_interval or STATS_INTERVAL)
 
     # --- start-up ------------------------------------------------------------
+
+    def _lock(self, db_path: Path) -> list[LockFile]:
+        """One broker per config dir and per database: a second one would number events from
+        the same stored seqs and overwrite the first one's history."""
+        ep = self.settings.endpoints
+        holder = {"pid": os.getpid(), "port": ep.port, "pub_port": ep.publish_port}
+        paths = [keys.broker_dir(self.settings.config_dir) / LOCK_FILE]
+        if str(db_path) != ":memory:":
+            paths.append(db_path.with_name(db_path.name + ".lock"))
+        locks: list[LockFile] = []
+        try:
+            for path in paths:
+                lock = LockFile(path)
+                lock.acquire(holder)
+                locks.append(lock)
+        except Locked as exc:
+            for lock in locks:
+                lock.release()
+            raise BrokerError(f"{exc.describe()}; stop it first (zchat broker --stop) or use "
+                              "another --config-dir / --db") from None
+        except OSError as exc:
+            for lock in locks:
+                lock.release()
+            raise BrokerError(f"cannot lock {exc.filename}: {exc.strerror}") from None
+        return locks
+
+    def _unlock(self) -> None:
+        for lock in self._locks:
+            lock.release()
 
     def bind(self) -> None:
         """ZAP first, then the two CURVE server sockets (zap_domain before bind)."""
@@ -524,6 +559,7 @@ class Broker:
                 pass
         self.store.close()
         self.ctx.term()
+        self._unlock()
 
 
 def serve(settings: BrokerSettings) -> int:

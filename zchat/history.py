@@ -18,6 +18,7 @@ with synchronous=NORMAL gives up only the last commits on power loss).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zchat import limits as L
+
+log = logging.getLogger("zchat.broker")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (off the broker's thread)
 
@@ -116,6 +119,7 @@ class HistoryStore:
         self.db = connect(path)
         # Events stored, for stats: counted once here, then kept up to date by write and prune.
         self.stored: int = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+        self.collisions = 0  # events refused because their (topic, seq) was already stored
         self.checkpointer: Checkpointer | None = None
         if str(path) != ":memory:":
             self.db.execute("PRAGMA wal_autocheckpoint=0")
@@ -149,11 +153,16 @@ class HistoryStore:
         if not (events or mail or names):
             return
         db = self.db
+        inserted = 0
         db.execute("BEGIN")
         try:
             if events:
-                db.executemany("INSERT OR REPLACE INTO events (topic, seq, ts, body) VALUES (?, ?, ?, ?)",
-                               events)
+                # Never over a stored event: a (topic, seq) already there means two writers
+                # numbered from the same seqs. The stored one stays; the clash is reported.
+                inserted = db.executemany("INSERT OR IGNORE INTO events (topic, seq, ts, body) "
+                                          "VALUES (?, ?, ?, ?)", events).rowcount
+                if inserted != len(events):
+                    self._report_collisions(events, inserted)
             for recipient, ts, body in mail:
                 db.execute("INSERT INTO mailbox (recipient, ts, body) VALUES (?, ?, ?)",
                            (recipient, ts, body))
@@ -170,7 +179,15 @@ class HistoryStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self.stored += len(events)
+        self.stored += inserted
+
+    def _report_collisions(self, events: list[EventRow], inserted: int) -> None:
+        clashes = len(events) - inserted
+        first = events[0]
+        log.error("history: %d event(s) not stored because their (topic, seq) is already stored "
+                  "(first of this batch: %s seq %d); is another broker writing %s?",
+                  clashes, first[0], first[1], self.path)
+        self.collisions += clashes
 
     # --- reads -------------------------------------------------------------------
 
