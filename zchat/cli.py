@@ -249,7 +249,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     import json
 
-    from zchat.history import search
+    from zchat.history import search, stored_rooms
     from zchat.protocol import normalize_room
     from zchat.tap import text_line
 
@@ -262,6 +262,11 @@ def cmd_history(args: argparse.Namespace) -> int:
         room = normalize_room(args.room)
         if room is None:
             raise ValueError(f"invalid room {args.room!r}")
+        known = stored_rooms(db)
+        if room not in known:  # a typo must not look like an empty room
+            listing = ", ".join(f"#{name}" for name in known) or "none yet"
+            print(f"zchat history: no room #{room} in the history (rooms: {listing})", file=sys.stderr)
+            return 1
     since = parse_since(args.since, time.time()) if args.since else None
     for row in search(db, room=room, since=since, grep=args.grep, limit=args.limit):
         if args.json:
@@ -306,7 +311,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
-    from zchat.tap import TapLog, make_handler, run_tap
+    from zchat.tap import ReaderGone, TapLog, make_handler, run_tap
 
     endpoints, server_key = _endpoints(args), _server_key(args)
     keypair = _keypair(args, args.name or "tap")
@@ -315,7 +320,12 @@ def cmd_tap(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"zchat tap: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return 1
-    return run_tap(endpoints, server_key, keypair, TapLog(handler, args.format), heartbeats=args.heartbeats)
+    try:
+        return run_tap(endpoints, server_key, keypair, TapLog(handler, args.format),
+                       heartbeats=args.heartbeats)
+    except ReaderGone:  # `zchat tap | head -3`
+        _silence_stdout()
+        return 0
 
 
 def _monitor_keypair(args: argparse.Namespace) -> keys.KeyPair:
@@ -382,3 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad key text, unreadable key file
         print(f"zchat: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `zchat history | head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is still buffered
+    for a reader that went away does not print a second error on the way out."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

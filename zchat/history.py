@@ -273,3 +273,14 @@ def search(path: Path | str, room: str | None = None, since: float | None = None
             yield StoredEvent(row[0], row[1], row[2], bytes(row[3]))
     finally:
         db.close()
+
+
+def stored_rooms(path: Path | str) -> list[str]:
+    """The rooms the database has ever numbered an event in, sorted."""
+    db = connect(path, readonly=True)
+    try:
+        topics = {topic for (topic,) in db.execute("SELECT topic FROM topic_seq")}
+        topics.update(topic for (topic,) in db.execute("SELECT DISTINCT topic FROM events"))
+    finally:
+        db.close()
+    return sorted(topic[2:-1] for topic in topics if topic.startswith("r/") and topic.endswith("/"))

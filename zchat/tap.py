@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import secrets
 import signal
 import socket
+import stat
 import sys
 import time
 from collections import deque
@@ -304,13 +306,33 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
 
+class ReaderGone(Exception):
+    """Standard output's reader went away (`zchat tap | head -3`): time to stop, quietly."""
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Logging reports a failed write and carries on; for a pipe whose reader is gone that would
+    print an error block for every later event, forever. This stops the tap instead."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if isinstance(sys.exc_info()[1], BrokenPipeError | ReaderGone):
+            raise ReaderGone from None
+        super().handleError(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except BrokenPipeError:
+            raise ReaderGone from None
+
+
 def make_handler(output: Path | None = None, rotate_bytes: int | None = None,
                  rotate_when: str | None = None, backups: int = 5) -> logging.Handler:
     """stdout, a file, or a file rotated by size or time; each record is flushed."""
     if output is None:
         if rotate_bytes is not None or rotate_when is not None:
             raise ValueError("rotation needs --output FILE")
-        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        handler: logging.Handler = _StdoutHandler(sys.stdout)
     elif rotate_bytes is not None:
         if rotate_bytes <= 0 or backups < 1:
             raise ValueError("--rotate-bytes needs N > 0 and --backups K >= 1")
@@ -483,6 +505,17 @@ class Tap:
                     pass  # the broker is unreachable: the deadline turns this into a gap record
 
 
+def _pipe_reader_watch(out: TapLog) -> int | None:
+    """stdout's descriptor when the tap writes to a pipe, to notice its reader leaving."""
+    if not isinstance(out.handler, _StdoutHandler):
+        return None
+    try:
+        fd = sys.stdout.fileno()
+        return fd if stat.S_ISFIFO(os.fstat(fd).st_mode) else None
+    except (OSError, ValueError):
+        return None
+
+
 def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapLog,
             heartbeats: bool = False) -> int:
     """Log until SIGINT or SIGTERM; then write what is held, flush, close and return 0."""
@@ -508,6 +541,9 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     poller = zmq.Poller()
     poller.register(sub, zmq.POLLIN)
     poller.register(wake_r.fileno(), zmq.POLLIN)
+    reader_watch = _pipe_reader_watch(out)
+    if reader_watch is not None:  # a pipe reports POLLERR once its reader has gone: stop then
+        poller.register(reader_watch, zmq.POLLERR)
     try:
         while not stopping:
             deadline = tap.tracker.deadline()
@@ -520,6 +556,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
                     except zmq.Again:
                         break
                     tap.frame(data, time.monotonic())
+            if reader_watch is not None and reader_watch in ready:
+                raise ReaderGone
             if wake_r.fileno() in ready:
                 try:
                     wake_r.recv(512)
