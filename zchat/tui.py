@@ -29,6 +29,18 @@ def use_color(stream: TextIO) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
+_output_lock = threading.Lock()  # the I/O thread and the input thread both write lines
+
+
+def write_line(text: str, stream: TextIO | None = None) -> None:
+    """One whole line, in one write, flushed: lines from two threads (or stdout and stderr
+    into one pipe) never glue together."""
+    stream = stream or sys.stdout
+    with _output_lock:
+        stream.write(text + "\n")
+        stream.flush()
+
+
 class Session:
     """One person's chat: the current room, and what each typed line does."""
 
@@ -36,7 +48,7 @@ class Session:
         self.client: ChatClient | None = None
         self.room: str | None = None
         self.color = color
-        self._write = write or (lambda text: print(text, flush=True))
+        self._write = write or write_line
         self._lock = threading.Lock()  # events arrive on the I/O thread
         self._held: list[str] | None = None  # lines kept back while the screen is not ready
 
@@ -292,7 +304,7 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
     try:
         client = _connect(make_client, session, name)
     except JoinError as exc:
-        print(f"zchat: {exc}", file=sys.stderr, flush=True)
+        write_line(f"zchat: {exc}", sys.stderr)
         return 1
     # SIGTERM leaves like EOF does: a clean leave notice, not a timeout.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -308,6 +320,6 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
     delivered = client.wait_delivered(10.0)
     client.close(quit_message)
     if not delivered:
-        print("zchat: some messages were not confirmed by the broker", file=sys.stderr)
+        write_line("zchat: some messages were not confirmed by the broker", sys.stderr)
         return 1
     return 0
