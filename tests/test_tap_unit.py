@@ -7,11 +7,15 @@ import logging
 import random
 import re
 import time
+import typing
 from pathlib import Path
 
+import msgspec
+import msgspec.inspect
 import pytest
 
 from zchat import limits as L
+from zchat.protocol import EventType
 from zchat.tap import Gap, Request, Reset, SeqTracker, TapLog, Write, make_handler, text_line
 
 T = "r/lobby/"
@@ -279,6 +283,44 @@ def clock(ts: float) -> str:
 def test_text_lines(event: dict, line: str) -> None:
     topic = "sys/" if event["type"] == "shutdown" else "r/lobby/"
     assert text_line(topic, event) == f"[{clock(TS)}] {line}"
+
+
+@pytest.mark.parametrize(("event", "line"), [
+    ({"type": "muted", "seq": 6, "ts": TS, "room": "lobby", "name": "bob", "by": "root", "seconds": 300,
+      "reason": "spam"}, "#lobby -- bob was muted by root for 300 s: spam"),
+    ({"type": "muted", "seq": 7, "ts": TS, "room": "lobby", "name": "bob", "by": "root", "seconds": 0},
+     "#lobby -- bob may speak again (by root)"),
+    ({"type": "mark", "seq": 7, "ts": TS, "room": "lobby"}, "#lobby -- latest seq 7"),
+])
+def test_text_lines_of_moderation_and_marks(event: dict, line: str) -> None:
+    assert text_line("r/lobby/", event) == f"[{clock(TS)}] {line}"
+
+
+def _sample(event_type: type) -> dict:
+    """An event of `event_type` with a plausible value in every field, as the broker would encode it."""
+    values = {str: "x", int: 1, float: 1.5, bool: True}
+    fields = {}
+    for field in msgspec.structs.fields(event_type):
+        info = msgspec.inspect.type_info(field.type)
+        kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+        kind = next(k for k in kinds if not isinstance(k, msgspec.inspect.NoneType))
+        if isinstance(kind, msgspec.inspect.ListType):
+            fields[field.encode_name] = []
+        elif isinstance(kind, msgspec.inspect.DictType):
+            fields[field.encode_name] = {}
+        else:
+            fields[field.encode_name] = next(v for t, v in values.items()
+                                             if type(kind).__name__.lower().startswith(t.__name__))
+    return {"type": event_type.__struct_config__.tag, **fields}
+
+
+@pytest.mark.parametrize("event_type", typing.get_args(EventType), ids=lambda t: t.__name__)
+def test_every_event_type_has_a_text_form(event_type: type) -> None:
+    event = _sample(event_type)
+    msgspec.convert(event, event_type)  # the sample really is one
+    line = text_line("r/lobby/", event)
+    assert '{"' not in line, line  # not the raw-JSON fallback for unknown types
+    assert line.isprintable()
 
 
 def test_text_lines_are_cleaned_and_backfill_is_marked() -> None:

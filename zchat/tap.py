@@ -379,6 +379,29 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
         body = f"-- heartbeat: epoch {_c(g('epoch'))}, {_c(g('online'))} online"
     elif kind == "shutdown":
         body = f"!! broker shutting down: {_c(g('detail'))}"
+    elif kind == "muted":
+        said = f": {_c(g('reason'))}" if g("reason") else ""
+        body = (f"{where} -- {_c(g('name'))} was muted by {_c(g('by'))} for {_c(g('seconds'))} s{said}"
+                if g("seconds") else f"{where} -- {_c(g('name'))} may speak again (by {_c(g('by'))})")
+    elif kind == "mark":
+        body = f"{where} -- latest seq {_c(g('seq'))}"
+    elif kind == "stats":
+        body = (f"-- stats: {_c(g('online'))} online, {_c(g('rooms'))} rooms, "
+                f"{_c(g('messages_in_rate'))} messages/s in, {_c(g('published_rate'))} frames/s out")
+    elif kind == "welcome":
+        body = f"-- welcome {_c(g('name'))}: {_c(g('online'))} online, epoch {_c(g('epoch'))}"
+    elif kind == "error":
+        body = f"!! {_c(g('code'))}: {_c(g('detail'))}"
+    elif kind == "who":
+        names = ", ".join(_c(name) for name in g("names") or [])
+        body = f"{where} -- {_c(g('count'))} here: {names}"
+    elif kind == "rooms":
+        rooms = ", ".join(f"#{_c(room)} ({_c(count)})" for room, count in (g("rooms") or {}).items())
+        body = f"-- {_c(g('count'))} rooms: {rooms}"
+    elif kind == "history":
+        body = f"#{_c(g('room'))} -- {len(g('events') or [])} stored events up to seq {_c(g('upto'))}"
+    elif kind == "direct":
+        body = f"{_c(g('name'))} -> {_c(g('to'))}: (private, sealed)"
     else:  # an event type this tap does not know: still on record
         body = f"{where} {_c(kind)}: {_c(_encode(ev).decode())}"
     return f"[{_clock(g('ts'))}] " + ("(backfill) " if backfill else "") + body
