@@ -291,6 +291,29 @@ def test_broker_kill_and_restart(chat: Chat, tmp_path: Path) -> None:
     assert not [r for r in records if r["type"] == "reset"]  # history survived: numbering continued
 
 
+def test_a_restarted_brokers_epoch_record_comes_before_its_events(chat: Chat, tmp_path: Path) -> None:
+    chat.start_broker()
+    out, _ = live_tap(chat, tmp_path / "tap.jsonl")
+    names = ["alice", "bob", "carol", "dave", "erin"]
+    for name in names:
+        chat.joined_client(name)
+    for name in names:
+        out.wait_record(type="joined", name=name)
+    chat.broker.proc.kill()
+    chat.broker.proc.wait(5)
+    restarted_at = time.time()
+    chat.start_broker()
+    # The clients rejoin the new broker: its first events.
+    out.wait(lambda records: {r.get("name") for r in records if r["type"] == "joined"
+                              and r["ts"] >= restarted_at} == set(names), 20)
+    records = out.records()
+    epochs = [i for i, r in enumerate(records) if r["type"] == "epoch"]
+    assert len(epochs) == 2
+    new_events = [i for i, r in enumerate(records)
+                  if r["type"] not in ("epoch", "gap", "reset") and r["ts"] >= restarted_at]
+    assert new_events and min(new_events) > epochs[1], records[epochs[1] - 3:epochs[1] + 3]
+
+
 def test_broker_losing_its_database_is_a_reset(chat: Chat, tmp_path: Path) -> None:
     chat.start_broker()
     path = tmp_path / "tap.jsonl"

@@ -60,6 +60,7 @@ BACKFILL_WAIT = 3.0  # seconds a room's live events are held while its gap is be
 REQUEST_BURST = L.RATE_BURST - 2
 REQUEST_RATE = L.RATE_PER_SECOND * 0.9
 DRAIN_BATCH = 1000  # messages read before looking at the timers again
+HOLD_MAX = 10_000  # room frames kept back while the broker's epoch is not yet known
 
 # --- bookkeeping (pure) --------------------------------------------------------
 
@@ -473,10 +474,21 @@ class Tap:
         self.heartbeats = heartbeats
         self.tracker = SeqTracker()
         self.epoch: str | None = None
+        # Until a sys/ event says which broker is speaking (at start, and after the connection
+        # dropped), room frames are kept back: a restarted broker's first events must follow
+        # its epoch record, not precede it.
+        self.epoch_known = False
+        self.held: list[bytes] = []
+
+    def connection_lost(self) -> None:
+        self.epoch_known = False
 
     def frame(self, data: bytes, now: float) -> None:
         raw_topic, _, body = data.partition(b" ")
         topic = raw_topic.decode("utf-8", "replace")
+        if not self.epoch_known and topic.startswith(ROOM_PREFIX) and len(self.held) < HOLD_MAX:
+            self.held.append(data)
+            return
         try:
             ev = _decode(body)
         except msgspec.DecodeError:
@@ -492,6 +504,11 @@ class Tap:
                 self.out.epoch(epoch, previous, ev.get("ts") or time.time())
                 if previous is not None:
                     self.apply(self.tracker.restarted(now))
+            if isinstance(epoch, str) and not self.epoch_known:
+                self.epoch_known = True
+                held, self.held = self.held, []
+                for frame in held:
+                    self.frame(frame, now)
             if kind not in ("heartbeat", "stats") or self.heartbeats:  # the broker's pulse: opt-in
                 self.out.event(topic, ev)
         elif topic == self.private:
@@ -562,7 +579,9 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     old_handlers = {sig: signal.signal(sig, lambda signum, _: stopping.append(signum))
                     for sig in (signal.SIGINT, signal.SIGTERM)}
     poller = zmq.Poller()
+    sub_monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     poller.register(sub, zmq.POLLIN)
+    poller.register(sub_monitor, zmq.POLLIN)
     poller.register(wake_r.fileno(), zmq.POLLIN)
     reader_watch = _pipe_reader_watch(out)
     if reader_watch is not None:  # a pipe reports POLLERR once its reader has gone: stop then
@@ -572,6 +591,13 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
             deadline = tap.tracker.deadline()
             timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             ready = dict(poller.poll(timeout))
+            if sub_monitor in ready:
+                while True:
+                    try:
+                        sub_monitor.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    tap.connection_lost()  # the next events may come from a restarted broker
             if sub in ready:
                 for _ in range(DRAIN_BATCH):
                     try:
@@ -595,6 +621,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
             signal.signal(sig, handler)
         wake_r.close()
         wake_w.close()
+        sub.disable_monitor()
+        sub_monitor.close(0)
         sub.close(0)
         push.close(0)
         ctx.term()
