@@ -355,7 +355,7 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
         body = f"{where} -- {_c(g('old'))} is now {_c(g('new'))}"
     elif kind == "direct":  # kept mail, from `zchat history`: its text only if opened (--key)
         said = _c(g("text")) if "text" in ev else "(private, sealed)"
-        body = f"{_c(g('name'))} -> {_c(g('to'))}: {said}"
+        body = f"mail {_c(g('name'))} -> {_c(g('to'))}: {said}"
     elif kind == "heartbeat":
         body = f"-- heartbeat: epoch {_c(g('epoch'))}, {_c(g('online'))} online"
     elif kind == "shutdown":
