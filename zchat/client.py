@@ -389,7 +389,7 @@ class ChatClient:
         self._backfills: dict[str, _Backfill] = {}  # by room topic
         self._backfill_refs = itertools.count(1 << 40)  # apart from message refs
         self._last_seq: dict[str, int] = {}
-        self._outbox: deque[ClientMessage] = deque()
+        self._outbox: deque[ClientMessage | DirectDraft] = deque()
         self._recent_notices: deque[tuple[object, ...]] = deque(maxlen=64)
         # Rooms asked for with /join and not yet confirmed: their live events before our
         # `joined` are also in the history that precedes it, so they are not shown live.
