@@ -287,6 +287,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     if not db.exists():
         print(f"zchat history: no history database at {db}", file=sys.stderr)
         return 1
+    if args.key is not None and not args.key.is_file():
+        print(f"zchat history: no key file at {args.key}", file=sys.stderr)
+        return 1
     room = None
     if args.room:
         room = normalize_room(args.room)
