@@ -7,15 +7,17 @@ are copied from tests/test_core.py (which does not expose them as a module).
 from __future__ import annotations
 
 import pytest
-from corekit import LOBBY, SYS, body, checked, error, kinds, send, sub, subscribe_all, u
+from corekit import BOX, LOBBY, SELF_BOX, SYS, body, checked, dm, error, kinds, send, sub, subscribe_all, u
 
 from zchat import limits as L
-from zchat.core import BrokerCore, Limits, Mail, Publish
+from zchat.core import BrokerCore, DeliverMail, Limits, Mail, Publish
 from zchat.protocol import (
     Action,
     Code,
     Direct,
+    Error,
     Joined,
+    KeyReply,
     Left,
     Message,
     Renamed,
@@ -179,15 +181,16 @@ def test_msg_is_published_only_on_the_two_private_streams() -> None:
     joined(core, B, "bob")
     joined(core, C, "carol")
     seqs_before = dict(core.seqs)
-    out = send(core, A, 4.0, type="msg", to="bob", text=" psst \x1b[2J", ref=11)
+    out = send(core, A, 4.0, **dm("bob", B, ref=11))
     assert kinds(out) == [(u(A), "Direct"), (u(B), "Direct")]
     for pub in out:
         assert pub.topic.startswith("u/")
         assert not pub.topic.startswith("r/")
         assert pub.topic != SYS
     sender_copy, recipient_copy = out[0].event, out[1].event
-    assert sender_copy == Direct(seq=2, ts=4.0, name="alice", to="bob", text="psst", ref=11)
-    assert recipient_copy == Direct(seq=2, ts=4.0, name="alice", to="bob", text="psst")
+    # Each reader gets the box sealed for it, and the key that sealed it.
+    assert sender_copy == Direct(seq=2, ts=4.0, name="alice", to="bob", from_=A, box=SELF_BOX, ref=11)
+    assert recipient_copy == Direct(seq=2, ts=4.0, name="alice", to="bob", from_=A, box=BOX)
     assert recipient_copy.ref is None
     # Nothing else moved: no room, no sys/, not carol.
     changed = {topic for topic, seq in core.seqs.items() if seqs_before.get(topic) != seq}
@@ -198,7 +201,7 @@ def test_msg_recipient_name_is_case_insensitive_and_canonical() -> None:
     core = make()
     joined(core, A, "alice")
     joined(core, B, "Bob")
-    out = send(core, A, type="msg", to="BOB", text="hi")
+    out = send(core, A, **dm("BOB", B))
     assert kinds(out) == [(u(A), "Direct"), (u(B), "Direct")]
     assert [p.event.to for p in out] == ["Bob", "Bob"]
 
@@ -207,7 +210,7 @@ def test_msg_reaches_a_member_in_no_shared_room() -> None:
     core = make()
     joined(core, A, "alice")
     joined(core, B, "bob", rooms=("rust",))
-    out = send(core, A, type="msg", to="bob", text="hi")
+    out = send(core, A, **dm("bob", B))
     assert kinds(out) == [(u(A), "Direct"), (u(B), "Direct")]
 
 
@@ -217,9 +220,10 @@ def test_msg_to_unknown_name_is_no_such_user_to_the_sender_only(to: str) -> None
     joined(core, A, "alice")
     joined(core, B, "bob")
     seqs_before = dict(core.seqs)
-    err = error(send(core, A, type="msg", to=to, text="hi", ref=8), A)
+    err = error(send(core, A, **dm(to, B, ref=8)), A)
     assert err.code == Code.NO_SUCH_USER
     assert err.ref == 8
+    assert "no key to encrypt to" in err.detail
     assert core.seqs == {**seqs_before, u(A): seqs_before[u(A)] + 1}
 
 
@@ -229,33 +233,92 @@ def test_msg_to_someone_who_left_is_kept_for_their_key() -> None:
     joined(core, B, "bob")
     send(core, B, type="leave")
     core.on_disconnect(B, 1.0)
-    out = core.on_message(A, body(type="msg", to="bob", text="still there?", ref=1), 1, 2.0)
-    mail = [item for item in out if isinstance(item, Mail)]
-    assert len(mail) == 1 and mail[0].recipient == B
-    assert (mail[0].event.name, mail[0].event.to, mail[0].event.text, mail[0].event.offline) == \
-        ("alice", "bob", "still there?", True)
-    echo = checked(out)
-    assert [(p.topic, p.event.ref, p.event.offline) for p in echo] == [(u(A), 1, True)]  # type: ignore[attr-defined]
+    out = core.on_message(A, body(**dm("bob", B, ref=1)), 1, 2.0)
+    assert checked(out) == []  # the shell answers the sender once the mailbox has taken it
+    [mail] = [item for item in out if isinstance(item, Mail)]
+    assert (mail.recipient, mail.sender) == (B, A)
+    assert mail.event == Direct(seq=0, ts=2.0, name="alice", to="bob", from_=A, box=BOX, offline=True)
+    assert mail.copy == Direct(seq=0, ts=2.0, name="alice", to="bob", from_=A, box=SELF_BOX, ref=1,
+                               offline=True)
     # A name nobody ever held is an error, to the sender only.
-    assert error(send(core, A, type="msg", to="ghost", text="?"), A).code == Code.NO_SUCH_USER
-
-
-def test_msg_with_empty_text() -> None:
-    core = make()
-    joined(core, A, "alice")
-    joined(core, B, "bob")
-    err = error(send(core, A, type="msg", to="bob", text=" \x1b[H\x07 ", ref=5), A)
-    assert err.code == Code.EMPTY_TEXT
-    assert err.ref == 5
-    assert core.seqs[u(B)] == 1
+    assert error(send(core, A, **dm("ghost", B)), A).code == Code.NO_SUCH_USER
 
 
 def test_msg_to_yourself_is_published_once() -> None:
     core = make()
     joined(core, A, "alice")
-    out = send(core, A, 2.0, type="msg", to="ALICE", text="note to self", ref=3)
+    out = send(core, A, 2.0, **dm("ALICE", A, ref=3))
     assert kinds(out) == [(u(A), "Direct")]
-    assert out[0].event == Direct(seq=2, ts=2.0, name="alice", to="alice", text="note to self", ref=3)
+    assert out[0].event == Direct(seq=2, ts=2.0, name="alice", to="alice", from_=A, box=SELF_BOX, ref=3)
+
+
+# --- keys and end-to-end binding -------------------------------------------------------------
+
+
+def test_key_request_answers_the_key_bound_to_a_name() -> None:
+    core = make()
+    joined(core, A, "alice")
+    joined(core, B, "Bob")
+    out = send(core, A, 3.0, type="key", name="BOB", ref=4)
+    assert kinds(out) == [(u(A), "KeyReply")]
+    assert out[0].event == KeyReply(seq=2, ts=3.0, name="Bob", key=B, online=True, ref=4)
+    send(core, B, type="leave")  # offline: the key that held the name last
+    out = send(core, A, 4.0, type="key", name="bob", ref=5)
+    assert out[0].event == KeyReply(seq=3, ts=4.0, name="bob", key=B, online=False, ref=5)
+
+
+def test_key_request_for_a_name_nobody_held_is_no_such_user() -> None:
+    core = make()
+    joined(core, A, "alice")
+    err = error(send(core, A, type="key", name="dave", ref=6), A)
+    assert (err.code, err.ref) == (Code.NO_SUCH_USER, 6)
+    assert "nobody of that name has been here" in err.detail
+
+
+def test_key_request_needs_a_join() -> None:
+    core = make()
+    subscribe_all(core, A)
+    assert error(send(core, A, type="key", name="alice", ref=1), A).code == Code.NOT_JOINED
+
+
+def test_msg_sealed_to_a_key_that_lost_the_name_is_refused_with_the_new_key() -> None:
+    """mallory took the name bob while bob was away: what alice sealed to bob's key goes to
+    nobody, and alice learns which key holds the name now (to re-seal, after a warning)."""
+    core = make()
+    joined(core, A, "alice")
+    joined(core, B, "bob")
+    send(core, B, type="leave")
+    joined(core, D, "bob")  # mallory's key
+    seqs_before = dict(core.seqs)
+    out = send(core, A, 5.0, **dm("BOB", B, ref=9))
+    assert kinds(out) == [(u(A), "Error")]
+    assert out[0].event == Error(seq=seqs_before[u(A)] + 1, ts=5.0, code=Code.KEY_CHANGED, ref=9,
+                                 key=D,
+                                 detail="bob's key changed: another key holds that name now")
+    assert core.seqs == {**seqs_before, u(A): seqs_before[u(A)] + 1}  # nothing reached mallory
+    # Offline now too: the binding is the last holder's key, mallory's, and still not bob's.
+    send(core, D, type="leave")
+    out = core.on_message(A, body(**dm("bob", B, ref=10)), 1, 6.0)
+    assert not any(isinstance(item, Mail) for item in out)
+    assert error(checked(out), A).key == D
+    # Sealed to the key bound now, it is kept for that key only.
+    [mail] = [item for item in core.on_message(A, body(**dm("bob", D)), 1, 7.0) if isinstance(item, Mail)]
+    assert mail.recipient == D
+
+
+def test_mail_kept_for_a_key_is_delivered_to_that_key_not_to_the_next_holder_of_the_name() -> None:
+    core = make()
+    joined(core, A, "alice")
+    joined(core, B, "bob")
+    send(core, B, type="leave")
+    [mail] = [item for item in core.on_message(A, body(**dm("bob", B)), 1, 2.0) if isinstance(item, Mail)]
+    assert mail.recipient == B
+    subscribe_all(core, D, 3.0)
+    out = core.on_message(D, body(type="join", name="bob"), 1, 3.0)  # mallory takes the name
+    assert DeliverMail(D) in out and DeliverMail(B) not in out  # the store has nothing for D
+    send(core, D, type="leave")
+    out = core.on_message(B, body(type="join", name="robert"), 1, 4.0)  # bob's key, any name
+    assert DeliverMail(B) in out
 
 
 # --- nick --------------------------------------------------------------------------------------
@@ -296,7 +359,7 @@ def test_after_nick_the_old_name_is_free_and_the_new_one_taken() -> None:
     assert error(send(core, B, type="nick", name="alicia"), B).code == Code.NAME_TAKEN
     # Messages now carry the new name, and the new name is how to reach the member.
     assert send(core, A, type="say", room="lobby", text="hi")[0].event.name == "alicia"
-    out = send(core, B, type="msg", to="alicia", text="hello")
+    out = send(core, B, **dm("alicia", A))
     assert kinds(out) == [(u(B), "Direct"), (u(A), "Direct")]
     assert out[0].event.name == "alice"
     who = send(core, C, type="who")
@@ -674,7 +737,8 @@ def test_leave_with_no_rooms_publishes_nothing_but_frees_the_name() -> None:
     ({"type": "say", "room": "lobby", "text": "hi", "ref": 31}, 31),
     ({"type": "say", "room": "lobby", "text": "hi"}, None),
     ({"type": "me", "room": "lobby", "text": "waves", "ref": 32}, 32),
-    ({"type": "msg", "to": "bob", "text": "hi", "ref": 33}, 33),
+    (dm("bob", B, ref=33), 33),
+    ({"type": "key", "name": "bob", "ref": 37}, 37),
     ({"type": "nick", "name": "alicia"}, None),
     ({"type": "who", "ref": 34}, 34),
     ({"type": "who", "room": "lobby", "ref": 35}, 35),

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from corekit import LOBBY, SYS, body, u
+from corekit import LOBBY, SYS, body, dm, u
 
 from zchat.auth import Account
 from zchat.core import (
@@ -365,7 +365,7 @@ def test_mute_of_a_member_in_no_room_tells_them_privately() -> None:
 @pytest.mark.parametrize("fields", [
     {"type": "say", "room": "lobby", "text": "let me speak"},
     {"type": "me", "room": "lobby", "text": "protests"},
-    {"type": "msg", "to": "alice", "text": "unmute me"},
+    dm("alice", A),
 ])
 def test_muted_member_cannot_speak_and_gets_the_ref_back(fields: dict[str, object]) -> None:
     core = everyone(closed())
@@ -374,6 +374,18 @@ def test_muted_member_cannot_speak_and_gets_the_ref_back(fields: dict[str, objec
     assert error.code == Code.MUTED
     assert error.ref == 41
     assert "50" in error.detail  # seconds left
+
+
+def test_muted_member_cannot_leave_mail_for_an_offline_key_either() -> None:
+    """A mute holds for private messages to offline users too: nothing is kept."""
+    core = everyone(closed())
+    send(core, C, 5.0, type="leave")
+    send(core, A, 10.0, type="mute", name="bob", seconds=60)
+    error = only_error(send(core, B, 20.0, ref=42, **dm("carol", C)), B)
+    assert (error.code, error.ref) == (Code.MUTED, 42)
+    assert not any(isinstance(item, Mail) for item in send(core, B, 21.0, **dm("carol", C)))
+    sent = send(core, B, 71.0, **dm("carol", C))  # the mute is over: kept for carol's key
+    assert [item.recipient for item in sent if isinstance(item, Mail)] == [C]
 
 
 def test_muted_member_may_still_do_everything_else() -> None:
@@ -401,7 +413,7 @@ def test_mute_zero_lifts_a_mute() -> None:
     assert [(type(p.event), p.event.text) for p in said] == [(Message, "free")]
     acted = pubs(send(core, B, 11.6, type="me", room="lobby", text="dances"))
     assert [type(p.event) for p in acted] == [Action]
-    direct = pubs(send(core, B, 11.7, type="msg", to="carol", text="psst"))
+    direct = pubs(send(core, B, 11.7, **dm("carol", C)))
     assert [type(p.event) for p in direct] == [Direct, Direct]
 
 
@@ -574,7 +586,7 @@ def test_accounts_swapping_names_keep_both_names_held() -> None:
     assert control(out) == [], kinds(out)
     assert (core.member_name(A), core.member_name(B)) == ("bob", "alice")
     assert core.names == {"bob": A, "alice": B, "carol": C}
-    direct = pubs(send(core, C, 10.0, type="msg", to="bob", text="which one are you?"))
+    direct = pubs(send(core, C, 10.0, **dm("bob", A)))
     assert [p.topic for p in direct] == [u(C), u(A)]
     # Leaving, and expiring, work for both.
     assert kinds(send(core, A, 11.0, type="leave")) == [(LOBBY, "Left")]

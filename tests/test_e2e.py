@@ -12,6 +12,7 @@ import zmq
 from conftest import CLOCK, Chat, Proc
 from peers import FaultyProxy, RawPeer, broker_key
 
+from zchat import limits as L
 from zchat.keys import identity_of, load_public
 from zchat.protocol import Error, Message, Welcome, decode_publication
 
@@ -198,7 +199,7 @@ def test_bad_input_gets_errors_and_nobody_else_notices(chat: Chat) -> None:
         bad = [
             (b"\xff\xfe not json",), (b"[1,2,3]",), (b'{"type":"nope"}',),
             (b'{"type":"say","room":"lobby"}',), (b'{"type":"say","room":"lobby","text":""}',),
-            (b'{"type":"say","room":"lobby","text":"' + b"x" * 9000 + b'"}',),
+            (b'{"type":"say","room":"lobby","text":"' + b"x" * (L.MAX_BODY_BYTES + 1000) + b'"}',),
             (b'{"type":"say","room":"lobby","text":"a"}', b"second frame"),
             (b'{"type":"join","name":"bad/name"}',), (b'{"type":"say","room":"elsewhere","text":"x"}',),
         ]

@@ -42,7 +42,8 @@ def test_private_message_reaches_only_its_recipient(chat: Chat) -> None:
         assert not any(isinstance(_event(d), Direct) for d in tap.received)
         # Unknown or offline recipients get an error, to the sender only.
         alice.send("/msg nobody hello?")
-        alice.wait_for(rf"^{CLOCK} ! unknown user 'nobody': nobody of that name has been here$")
+        alice.wait_for(rf"^{CLOCK} ! unknown user 'nobody': nobody of that name has been here, so there "
+                       "is no key to encrypt to$")
         assert bob.count("unknown user") == 0
     finally:
         tap.close()

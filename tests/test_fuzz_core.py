@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from corekit import BOX, SELF_BOX
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -62,7 +63,7 @@ FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 A, B, C, D, E = ("a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32, "e5" * 32)
 IDENTITIES = [A, B, C, D, E]
-TYPES = ["join", "say", "me", "msg", "nick", "who", "rooms", "enter", "history", "part", "kick", "ban",
+TYPES = ["join", "say", "me", "msg", "key", "nick", "who", "rooms", "enter", "history", "part", "kick", "ban",
          "mute", "leave", "ping"]
 NAMES = ["alice", "Alice", "ALICE", "bob", "carol", "dave", "tapper", "x" * 32, "x" * 33, "bad name",
          "", "-dash", "a.b-c_d", "\u00e9mile", "alice\n", "\x1b[31mred"]
@@ -87,6 +88,9 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "history": counts, "limit": counts, "after": counts, "before": counts | st.none(),
     "seconds": st.integers(min_value=-1, max_value=8 * 86400),
     "seen": st.dictionaries(rooms, counts, max_size=20),
+    "key": st.sampled_from(IDENTITIES) | st.text(max_size=70),
+    "box": st.sampled_from([BOX, SELF_BOX, "", "=", "A" * (L.MAX_BOX_CHARS + 4)]) | st.text(max_size=80),
+    "self_box": st.sampled_from([BOX, SELF_BOX]) | st.text(max_size=80),
 }
 
 
@@ -305,6 +309,10 @@ class CoreMachine(RuleBasedStateMachine):
                         seq=seq, ts=now, room=f.room, events=[], after=f.after, upto=f.upto, ref=f.ref)))
             elif isinstance(item, Mail):
                 assert kind == "message" and isinstance(item.event, Direct) and item.event.offline
+                # Kept for the key it was sealed to, which holds the name no more (offline).
+                assert item.sender == actor == item.event.from_ == item.copy.from_
+                recipient = core.peers.get(item.recipient)
+                assert item.recipient in IDENTITIES and (recipient is None or recipient.member is None)
         for publication in publications:
             self._check_publication(actor, kind, publication, names)
 
@@ -409,7 +417,7 @@ class CoreMachine(RuleBasedStateMachine):
         self._apply(identity, self.core.on_message(identity, body, 1, self.now), "message")
 
     @precondition(lambda self: self.core is not None and self.core.online > 0)
-    @rule(data=st.data(), kind=st.sampled_from(["say", "say", "me", "msg", "msg", "msg", "kick", "ban",
+    @rule(data=st.data(), kind=st.sampled_from(["say", "say", "me", "msg", "msg", "msg", "key", "kick", "ban",
                                                  "mute", "mute", "who", "rooms", "enter", "part", "nick"]),
           room=st.sampled_from(["lobby", "ops", "dev"]), seconds=st.sampled_from([0, 1, 60]))
     def command(self, data: st.DataObject, kind: str, room: str, seconds: int) -> None:
@@ -427,8 +435,11 @@ class CoreMachine(RuleBasedStateMachine):
         if own_rooms and data.draw(st.booleans(), label="own room"):
             room = data.draw(st.sampled_from(own_rooms), label="room")
         someone = data.draw(st.sampled_from([name for _, name in members] + ["nobody"]), label="someone")
+        bound = self.core.names.get(someone.casefold()) or self.core.known_names.get(someone.casefold())
+        key = data.draw(st.sampled_from([bound or A] * 3 + IDENTITIES), label="key")
         fields = {"say": {"room": room, "text": "hello", "ref": 7}, "me": {"room": room, "text": "waves"},
-                  "msg": {"to": someone, "text": "psst", "ref": 8}, "kick": {"name": someone, "reason": "r"},
+                  "msg": {"to": someone, "key": key, "box": BOX, "self_box": SELF_BOX, "ref": 8},
+                  "key": {"name": someone, "ref": 9}, "kick": {"name": someone, "reason": "r"},
                   "ban": {"name": someone}, "mute": {"name": someone, "seconds": seconds},
                   "who": {"room": room}, "rooms": {}, "enter": {"room": room}, "part": {"room": room},
                   "nick": {"name": someone if seconds else "renamed"}}[kind]

@@ -56,7 +56,8 @@ def _status_kb(pid: int, field: str) -> int:
 VALID = [
     {"type": "say", "room": "lobby", "text": "fuzz"},
     {"type": "me", "room": "lobby", "text": "fuzzes"},
-    {"type": "msg", "to": "alice", "text": "psst"},
+    {"type": "msg", "to": "alice", "key": "a1" * 32, "box": "QUJD" * 14, "self_box": "QUJD" * 14},
+    {"type": "key", "name": "alice"},
     {"type": "who"}, {"type": "rooms"}, {"type": "ping"},
     {"type": "history", "room": "lobby", "after": 0, "limit": 10},
     {"type": "enter", "room": "fuzzroom"}, {"type": "part", "room": "fuzzroom"},
@@ -64,7 +65,7 @@ VALID = [
     {"type": "kick", "name": "alice"}, {"type": "ban", "name": "bob"}, {"type": "mute", "name": "alice"},
 ]
 KEYS = ["type", "room", "rooms", "text", "name", "to", "ref", "history", "seen", "after", "before", "limit",
-        "seconds", "reason", "message"]
+        "seconds", "reason", "message", "key", "box", "self_box"]
 
 
 def random_value(rng: random.Random, depth: int = 0) -> object:

@@ -21,6 +21,7 @@ from conftest import ROOT, Chat, Proc
 from peers import RawPeer, broker_key
 
 from zchat import keys
+from zchat import limits as L
 from zchat.protocol import Error, Stats, Welcome
 
 pytestmark = pytest.mark.timeout(90)
@@ -84,7 +85,7 @@ def test_stats_reflect_traffic_drops_and_errors(chat: Chat) -> None:
         raw_join(fuzzer, "fuzzer")  # proves its subscriptions are installed; then it leaves
         fuzzer.send(json.dumps({"type": "leave"}).encode())
         fuzzer.send(b"\xff not json")
-        fuzzer.send(b'{"type":"say","room":"lobby","text":"' + b"x" * 9000 + b'"}')
+        fuzzer.send(b'{"type":"say","room":"lobby","text":"' + b"x" * (L.MAX_BODY_BYTES + 1000) + b'"}')
         fuzzer.send(b'{"type":"ping"}', b"second frame")
         for code in ("bad_request", "too_large", "too_many_frames"):
             fuzzer.wait_for(lambda t, e, code=code: isinstance(e, Error) and e.code == code)

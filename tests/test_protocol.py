@@ -16,9 +16,11 @@ from zchat.protocol import (
     Heartbeat,
     Join,
     Joined,
+    KeyRequest,
     Leave,
     Left,
     Message,
+    Msg,
     Ping,
     ProtocolError,
     Renamed,
@@ -492,3 +494,24 @@ def test_topic_builders() -> None:
 ])
 def test_room_of_topic(topic: str, room: str | None) -> None:
     assert room_of_topic(topic) == room
+
+
+# --- end-to-end private messages: the broker bounds what it cannot read ---------------------------
+
+
+def test_msg_carries_boxes_within_their_bounds_and_a_key() -> None:
+    key, box = "ab" * 32, "A" * limits.MIN_BOX_CHARS
+    longest = "B" * limits.MAX_BOX_CHARS
+    ok = decode_client_message(js(type="msg", to="bob", key=key, box=box, self_box=longest))
+    assert ok == Msg(to="bob", key=key, box=box, self_box=longest)
+    for fields in ({"box": "A" * (limits.MIN_BOX_CHARS - 1)}, {"self_box": "A" * (limits.MAX_BOX_CHARS + 1)},
+                   {"key": "AB" * 32}, {"key": "ab" * 31}, {"key": "ab" * 32 + "\n"}):
+        assert bad(js(**{"type": "msg", "to": "bob", "key": key, "box": box, "self_box": box,
+                         **fields})).code == Code.BAD_REQUEST, fields
+    # A clear-text msg, as before end-to-end encryption, is refused: no text ever travels.
+    assert bad(js(type="msg", to="bob", text="psst")).code == Code.BAD_REQUEST
+
+
+def test_key_request_round_trips() -> None:
+    assert decode_client_message(js(type="key", name="bob", ref=3)) == KeyRequest(name="bob", ref=3)
+    assert bad(js(type="key")).code == Code.BAD_REQUEST

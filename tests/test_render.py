@@ -11,10 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
-from zchat.client import ClientEvent, Gap, Status
+from zchat.client import ClientEvent, Gap, PrivateMessage, Status
 from zchat.protocol import (
     Action,
-    Direct,
     Error,
     Heartbeat,
     Joined,
@@ -52,8 +51,9 @@ def action(name: str = "bob", text: str = "waves", room: str = "lobby") -> Actio
     return Action(seq=1, ts=TS, room=room, name=name, text=text)
 
 
-def direct(name: str = "alice", to: str = "bob", text: str = "psst") -> Direct:
-    return Direct(seq=1, ts=TS, name=name, to=to, text=text)
+def direct(name: str = "alice", to: str = "bob", text: str | None = "psst") -> PrivateMessage:
+    """A private message as the client shows it: opened (text None: it did not open)."""
+    return PrivateMessage(seq=1, ts=TS, name=name, to=to, key=ID, text=text)
 
 
 def welcome(name: str = "alice", members: list[str] | None = None, online: int | None = None) -> Welcome:
@@ -117,6 +117,12 @@ def reverse_flags(text: str) -> list[bool]:
     (direct("alice", "bob", "text"), View(me="bob"), "<- alice: text"),
     (direct("alice", "bob", "text"), View(), "<- alice: text"),
     (direct("alice", "alice", "note"), View(me="alice"), "-> alice: note"),
+    (direct("mallory", "bob", None), View(me="bob"),
+     "! a private message from mallory could not be opened (it was not sealed to your key, or was damaged)"),
+    (Status("key_changed", "bob's key changed (now 1a2b 3c4d 5e6f 7081): another key holds that name now; "
+            "your message was encrypted to the new key", TS), PLAIN,
+     "! bob's key changed (now 1a2b 3c4d 5e6f 7081): another key holds that name now; your message was "
+     "encrypted to the new key"),
     (Joined(seq=1, ts=TS, room="lobby", name="alice", chat=True), PLAIN, "- alice has joined the chat."),
     (Joined(seq=1, ts=TS, room="rust", name="alice", chat=True), PLAIN, "- alice has joined the chat."),
     (Joined(seq=1, ts=TS, room="rust", name="alice"), PLAIN, "- alice has joined #rust."),
@@ -363,6 +369,7 @@ def test_my_own_message_is_not_a_mention() -> None:
     assert mentions(message("alice", "I am alice"), "alice") is False
     assert mentions(action("alice", "is alice"), "alice") is False
     assert mentions(direct("alice", "bob", "alice here"), "alice") is False
+    assert mentions(direct("bob", "alice", None), "alice") is False  # did not open: nothing to match
 
 
 def test_mentions_need_a_name_and_a_message() -> None:

@@ -323,6 +323,17 @@ def test_every_event_type_has_a_text_form(event_type: type) -> None:
     assert line.isprintable()
 
 
+def test_kept_mail_is_sealed_unless_opened() -> None:
+    """`zchat history` writes kept private messages with these lines: the text only when it
+    opened the box with the recipient's key (and added `text`), cleaned like any other."""
+    kept = {"type": "direct", "seq": 0, "ts": TS, "name": "alice", "to": "carol", "from": "a1" * 32,
+            "box": "QUJD" * 14, "offline": True}
+    carol = "u/" + "c3" * 32 + "/"
+    assert text_line(carol, kept) == f"[{clock(TS)}] mail alice -> carol: (private, sealed)"
+    opened = {**kept, "text": "the secret\x1b[2J is 1234"}
+    assert text_line(carol, opened) == f"[{clock(TS)}] mail alice -> carol: the secret is 1234"
+
+
 def test_text_lines_are_cleaned_and_backfill_is_marked() -> None:
     evil = {"type": "message", "seq": 1, "ts": TS, "room": "lobby", "name": "al\x1b[2Jice",
             "text": "red \x1b[31malert\x1b[0m\nfake line\u202e"}

@@ -12,7 +12,7 @@ from zchat import config, keys
 from zchat import limits as L
 from zchat.core import Limits
 from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
-from zchat.history import Retention
+from zchat.history import Retention, StoredEvent
 from zchat.launcher import AUTOSTART_IDLE_EXIT
 
 
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--output", type=Path, metavar="PATH",
                         help="secret key file to write (default: the key zchat uses for NAME)")
 
-    history = sub.add_parser("history", help="search and export the stored public history")
+    history = sub.add_parser("history", help="search and export the stored public history and the "
+                             "private messages kept for offline users (sealed)")
     history.add_argument("--config-dir", type=Path, default=None, help="the broker's config dir")
     history.add_argument("--config", type=Path, default=None, metavar="FILE", help="settings file")
     history.add_argument("--db", type=Path, default=None, help="the database (default: the broker's)")
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--grep", metavar="TEXT", help="only events whose text or name contains TEXT")
     history.add_argument("--limit", type=int, default=None, metavar="N", help="only the newest N events")
     history.add_argument("--json", action="store_true", help="one JSON object per line")
+    history.add_argument("--key", type=Path, metavar="FILE",
+                         help="a recipient's secret key file: open the kept private messages sealed to "
+                         "that key (all others show as '(private, sealed)')")
 
     client = sub.add_parser("client", help="join the chat (terminal UI; plain lines when piped)")
     _common(client)
@@ -246,16 +250,45 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_kept_mail(rows: list[StoredEvent], key_file: Path | None,
+                    grep: str | None) -> list[tuple[StoredEvent, dict | None]]:
+    """Kept private messages as (row, event): opened when sealed to `key_file`'s key, else
+    left sealed; with `grep`, those whose names (or opened text) contain it."""
+    import json
+
+    from zmq.utils import z85
+
+    from zchat.e2e import Keyring, OpenError
+
+    keyring = Keyring(z85.decode(keys.load(key_file).secret)) if key_file else None
+    mine = f"u/{keyring.identity}/" if keyring else None
+    shown: list[tuple[StoredEvent, dict | None]] = []
+    for row in rows:
+        event = json.loads(row.body)
+        if keyring is not None and row.topic == mine:
+            try:
+                event["text"] = keyring.open_from(str(event.get("from", "")), str(event.get("box", "")))
+            except OpenError:
+                pass
+        words = f"{event.get('name', '')} {event.get('to', '')} {event.get('text', '')}".lower()
+        if not grep or grep.lower() in words:
+            shown.append((row, event))
+    return shown
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     import json
 
-    from zchat.history import search, stored_rooms
+    from zchat.history import kept_mail, search, stored_rooms
     from zchat.protocol import normalize_room
     from zchat.tap import text_line
 
     db = args.db or keys.broker_dir(_config_dir(args)) / "history.sqlite3"
     if not db.exists():
         print(f"zchat history: no history database at {db}", file=sys.stderr)
+        return 1
+    if args.key is not None and not args.key.is_file():
+        print(f"zchat history: no key file at {args.key}", file=sys.stderr)
         return 1
     room = None
     if args.room:
@@ -268,12 +301,22 @@ def cmd_history(args: argparse.Namespace) -> int:
             print(f"zchat history: no room #{room} in the history (rooms: {listing})", file=sys.stderr)
             return 1
     since = parse_since(args.since, time.time()) if args.since else None
-    for row in search(db, room=room, since=since, grep=args.grep, limit=args.limit):
+    listed: list[tuple[StoredEvent, dict | None]] = [
+        (row, None) for row in search(db, room=room, since=since, grep=args.grep, limit=args.limit)]
+    if room is None:  # private messages kept for offline users belong to no room
+        mail = _open_kept_mail(kept_mail(db, since=since, limit=None if args.grep else args.limit),
+                               args.key, args.grep)
+        listed = sorted(listed + mail, key=lambda item: item[0].ts)
+        if args.limit is not None:
+            listed = listed[-args.limit:] if args.limit > 0 else []
+    for row, opened in listed:
         if args.json:
             # The tap's jsonl shape: the event's own fields with its topic first.
-            sys.stdout.write('{"topic":"' + row.topic + '",' + row.body.decode()[1:] + "\n")
+            body = row.body.decode() if opened is None else json.dumps(opened, separators=(",", ":"))
+            sys.stdout.write('{"topic":"' + row.topic + '",' + body[1:] + "\n")
         else:
-            sys.stdout.write(text_line(row.topic, json.loads(row.body)) + "\n")  # as the tap writes it
+            event = json.loads(row.body) if opened is None else opened
+            sys.stdout.write(text_line(row.topic, event) + "\n")  # as the tap writes it
     return 0
 
 

@@ -14,7 +14,11 @@ What it takes care of:
 - pacing: sends no faster than the broker's announced rate, so a paste or a
   pipe is delayed, never refused; unconfirmed messages are resent after a
   rejoin;
-- per-topic sequence numbers: a jump is reported as a gap, never silent.
+- per-topic sequence numbers: a jump is reported as a gap, never silent;
+- end-to-end private messages: `direct` asks the broker for the recipient's
+  key (kept per name for the session), seals the text to it and to ourselves,
+  and re-seals once, with a warning, if the broker says the key changed;
+  received ones are opened (zchat.e2e) before they are shown.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
+from nacl.exceptions import CryptoError
+from zmq.utils import z85
 
 from zchat import limits as L
+from zchat.e2e import Keyring, OpenError, fingerprint
 from zchat.endpoints import Endpoints
 from zchat.keys import KeyPair
 from zchat.protocol import (
@@ -50,6 +57,8 @@ from zchat.protocol import (
     HistoryRequest,
     Join,
     Joined,
+    KeyReply,
+    KeyRequest,
     Kick,
     Leave,
     Left,
@@ -73,6 +82,7 @@ from zchat.protocol import (
     decode_event,
     decode_publication,
     encode_client_message,
+    name_key,
     private_topic,
     room_topic,
 )
@@ -113,7 +123,33 @@ class Replay:
     skipped: int = 0  # older events of the range not fetched (past the request limit)
 
 
-ClientEvent = Event | Status | Gap | Replay
+@dataclass(frozen=True)
+class PrivateMessage:
+    """A `direct` as this client opened it. `text` is None when its box did not open (not
+    sealed to our key, or damaged): shown as a notice, never as garbage."""
+
+    seq: int
+    ts: float
+    name: str  # the sender
+    to: str
+    key: str  # the sender's key (the direct's `from`)
+    text: str | None
+    ref: int | None = None
+    offline: bool = False
+
+
+@dataclass(frozen=True)
+class DirectDraft:
+    """A private message as typed, until the broker confirms it: sealed when it is sent (to
+    the recipient's key, fetched first if we do not have it), and re-sealed if that key
+    changes. Never sent as it is."""
+
+    to: str
+    text: str
+    ref: int
+
+
+ClientEvent = Event | Status | Gap | Replay | PrivateMessage
 
 BACKFILL_WAIT = 3.0  # seconds to hold a room's live events while a gap is being recovered
 RESEND_WAIT = 2.0  # seconds to wait for missed-event replays before resending after a rejoin
@@ -187,7 +223,15 @@ class ChatClient:
         # history, and its refs must not be mistaken for confirmations of ours.
         self._refs = itertools.count(secrets.randbelow(REF_START_SPAN) + 1)
         # Messages (say, me, msg) the broker has not yet echoed back, by ref.
-        self._unconfirmed: dict[int, ClientMessage] = {}
+        self._unconfirmed: dict[int, ClientMessage | DirectDraft] = {}
+        # End-to-end private messages (I/O thread only): our keys, the key of each name we
+        # wrote to this session, drafts waiting for a name's key, key requests in flight
+        # (by ref: a draft's own), and drafts already re-sealed once after a key change.
+        self._keyring = Keyring(z85.decode(settings.keypair.secret))
+        self._keys: dict[str, str] = {}
+        self._awaiting_key: dict[str, list[DirectDraft]] = {}
+        self._key_requests: dict[int, str] = {}
+        self._rekeyed: set[int] = set()
         self.members: set[str] = set()  # names known to be online, for completion
         self.known_rooms: set[str] = set(settings.rooms)
         self._confirmed = threading.Condition()
@@ -225,7 +269,13 @@ class ChatClient:
         return self._tracked(lambda ref: Me(room=room or self._default_room(), text=text, ref=ref))
 
     def direct(self, to: str, text: str) -> int:
-        return self._tracked(lambda ref: Msg(to=to, text=text, ref=ref))
+        """Queue a private message; it is sealed end to end before it leaves (the broker
+        cannot check a text it cannot read, so the limits are checked here)."""
+        if not text.strip():
+            raise SendError("message is empty")
+        if len(text) > L.MAX_TEXT_CHARS:
+            raise SendError(f"message too long ({len(text)} characters, the limit is {L.MAX_TEXT_CHARS})")
+        return self._tracked(lambda ref: DirectDraft(to=to, text=text, ref=ref))
 
     def nick(self, name: str) -> None:
         self._command("nick", name)
@@ -263,7 +313,7 @@ class ChatClient:
             raise SendError("you are in no room: /join one first")
         return self.rooms[0]
 
-    def _tracked(self, make: Callable[[int], ClientMessage]) -> int:
+    def _tracked(self, make: Callable[[int], ClientMessage | DirectDraft]) -> int:
         ref = next(self._refs)
         message = make(ref)
         with self._confirmed:
@@ -339,7 +389,7 @@ class ChatClient:
         self._backfills: dict[str, _Backfill] = {}  # by room topic
         self._backfill_refs = itertools.count(1 << 40)  # apart from message refs
         self._last_seq: dict[str, int] = {}
-        self._outbox: deque[ClientMessage] = deque()
+        self._outbox: deque[ClientMessage | DirectDraft] = deque()
         self._recent_notices: deque[tuple[object, ...]] = deque(maxlen=64)
         # Rooms asked for with /join and not yet confirmed: their live events before our
         # `joined` are also in the history that precedes it, so they are not shown live.
@@ -405,7 +455,9 @@ class ChatClient:
             elif kind == "close":
                 if self.epoch is not None and not self._lost:
                     while self._outbox:  # what was asked before closing still goes, in order
-                        self._send(self._outbox.popleft())
+                        message = self._sealed(self._outbox.popleft())
+                        if message is not None:
+                            self._send(message)
                 if arg is not None and self.name is not None and self.epoch is not None:
                     self._send(Leave(message=str(arg)))
                 self._stop = True
@@ -460,8 +512,88 @@ class ChatClient:
         self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
         self._refilled = now
         while self._outbox and self._tokens >= 1:
-            self._send(self._outbox.popleft())
+            message = self._sealed(self._outbox.popleft())
+            if message is None:
+                continue  # waits for its recipient's key, asked for at the front of the queue
+            self._send(message)
             self._tokens -= 1
+
+    # --- end-to-end private messages ------------------------------------------------
+
+    def _sealed(self, message: ClientMessage | DirectDraft) -> ClientMessage | None:
+        """What goes on the wire for `message`: a draft sealed to its recipient's key, or
+        None while that key is being asked for."""
+        if not isinstance(message, DirectDraft):
+            return message
+        name = name_key(message.to)
+        key = self._keys.get(name)
+        if key is None:
+            waiting = self._awaiting_key.setdefault(name, [])
+            if not waiting:  # ask with the draft's ref: the answer, or the refusal, names it
+                self._key_requests[message.ref] = name
+                self._outbox.appendleft(KeyRequest(name=message.to, ref=message.ref))
+            waiting.append(message)
+            return None
+        try:
+            box, self_box = self._keyring.seal_for(key, message.text)
+        except (ValueError, CryptoError):  # the broker gave a key nobody can encrypt to
+            self._emit(Error(seq=0, ts=time.time(), code="bad_key", ref=message.ref,  # ours, not the broker's
+                             detail=f"cannot encrypt to {message.to}'s key ({fingerprint(key)})"))
+            self._confirm(message.ref)
+            return None
+        return Msg(to=message.to, key=key, box=box, self_box=self_box, ref=message.ref)
+
+    def _on_private(self, event: Event) -> bool:
+        """Key answers, refusals of our private messages, and directs; True when handled."""
+        if isinstance(event, Direct):
+            self._on_direct(event)
+            return True
+        if isinstance(event, KeyReply):
+            name = self._key_requests.pop(event.ref, None) if event.ref is not None else None
+            if name is not None:  # else another session's (it shares our stream): not ours
+                self._keys[name] = event.key
+                self._outbox.extendleft(reversed(self._awaiting_key.pop(name, [])))  # in order
+            return True
+        if isinstance(event, Error) and event.ref is not None:
+            if event.code == Code.KEY_CHANGED:
+                return self._on_key_changed(event)
+            name = self._key_requests.pop(event.ref, None)
+            if name is not None:  # no key for that name: every draft waiting for it is refused
+                for draft in self._awaiting_key.pop(name, []):
+                    if draft.ref != event.ref:  # that one is settled as the error is shown
+                        self._confirm(draft.ref)
+        return False
+
+    def _on_key_changed(self, error: Error) -> bool:
+        """Re-seal the draft to the key now bound to the name, once, and tell the user;
+        a second refusal is shown as it is."""
+        with self._confirmed:
+            draft = self._unconfirmed.get(error.ref)  # type: ignore[arg-type]
+        if not isinstance(draft, DirectDraft) or error.ref in self._rekeyed or not error.key:
+            return False
+        self._rekeyed.add(draft.ref)
+        name = name_key(draft.to)
+        old = self._keys.get(name)
+        if old != error.key:  # one warning per change, however many drafts it catches
+            self._keys[name] = error.key
+            was = f"was {fingerprint(old)}, " if old else ""
+            self._emit(Status("key_changed", f"{draft.to}'s key changed ({was}now "
+                              f"{fingerprint(error.key)}): another key holds that name now; your "
+                              "message was encrypted to the new key", error.ts))
+        self._outbox.appendleft(draft)
+        return True
+
+    def _on_direct(self, event: Direct) -> None:
+        """Open a private message with Box(our secret, its sender's key): right for the
+        recipient's copy and for our own (sealed to ourselves, so `from` is our key)."""
+        try:
+            text: str | None = self._keyring.open_from(event.from_, event.box)
+        except OpenError:
+            text = None
+        if event.ref is not None and event.from_ == self.identity:
+            self._confirm(event.ref)
+        self._emit(PrivateMessage(event.seq, event.ts, event.name, event.to, event.from_, text,
+                                  event.ref, event.offline))
 
     def _send(self, message: ClientMessage) -> None:
         try:
@@ -514,6 +646,8 @@ class ChatClient:
         if isinstance(event, History):
             self._on_history(event)
             return
+        if topic == self.private_topic and self._on_private(event):
+            return
         backfill = self._backfills.get(topic)
         if backfill is not None:
             backfill.held.append(event)  # shown after the events that fill the gap before it
@@ -523,7 +657,7 @@ class ChatClient:
     def _emit_live(self, event: Event) -> None:
         if isinstance(event, Mark):
             return  # only there to reveal lost tails
-        if isinstance(event, (Message, Action, Direct)) and event.ref is not None and event.name == self.name:
+        if isinstance(event, (Message, Action)) and event.ref is not None and event.name == self.name:
             self._confirm(event.ref)
         self._follow(event)
         if self._repeated_notice(event):
@@ -695,6 +829,9 @@ class ChatClient:
             self._resend_at = time.monotonic() + RESEND_WAIT
             with self._confirmed:
                 self._resend_refs = set(self._unconfirmed)
+            # Key requests in flight may be lost: the resend asks again for those drafts.
+            self._awaiting_key.clear()
+            self._key_requests.clear()
             if not self._replays_due:
                 self._resend_unconfirmed()
         self._flush_outbox()
@@ -733,6 +870,7 @@ class ChatClient:
         return False  # shown, then its ref confirmed, by _emit_live
 
     def _confirm(self, ref: int) -> None:
+        self._rekeyed.discard(ref)
         with self._confirmed:
             self._unconfirmed.pop(ref, None)
             self._confirmed.notify_all()

@@ -33,6 +33,8 @@ from zchat.protocol import (
     HistoryRequest,
     Join,
     Joined,
+    KeyReply,
+    KeyRequest,
     Kick,
     Leave,
     Left,
@@ -109,10 +111,15 @@ class Fetch:
 
 @dataclass(slots=True)
 class Mail:
-    """Keep a private message for an offline user (identity = their last key)."""
+    """Keep a private message for an offline key: `recipient` is the key the sender encrypted
+    it to, and only that key gets it. The mailbox may refuse it (the sender's share is used
+    up: `mailbox_full`) or push another sender's message out (`mail_dropped` to that one);
+    the shell then answers the sender with `copy`, numbered on its stream as it is sent."""
 
     recipient: str
-    event: Direct
+    sender: str
+    event: Direct  # the recipient's copy, as it will be delivered
+    copy: Direct  # the sender's copy (its seq is given when it is published)
 
 
 @dataclass(slots=True)
@@ -330,6 +337,14 @@ class BrokerCore:
         answers to Fetch and DeliverMail)."""
         return self._publish(private_topic(identity), make)
 
+    def notify(self, identity: str, make: Callable[[int], Event]) -> Publish | None:
+        """Like `reply`, for news a key did not ask for (its kept mail was dropped): None when
+        it would reach nobody, so an absent key costs no sequence counter."""
+        peer = self.peers.get(identity)
+        if peer is None or private_topic(identity) not in peer.topics:
+            return None
+        return self._publish(private_topic(identity), make)
+
     def publish_system(self, make: Callable[[int], Event]) -> Publish:
         """An event on sys/, numbered in its sequence (for the shell's stats)."""
         return self._publish(SYSTEM_TOPIC, make)
@@ -482,37 +497,57 @@ class BrokerCore:
         return [self._publish(room_topic(room), lambda seq: Action(
             seq=seq, ts=now, room=room, name=member.name, text=text, ref=me.ref))]
 
+    def _bound_key(self, name: str) -> tuple[str | None, str | None]:
+        """(the key bound to `name`, the online holder's name): the online holder's key, else
+        the key that held the name last; (None, None) for a name nobody has held."""
+        target = self.names.get(name_key(name))
+        if target is not None:
+            return target, self.member_name(target)
+        return self.known_names.get(name_key(name)), None
+
+    def _unknown_user(self, peer: Peer, name: str, now: float, ref: int | None) -> list[Out]:
+        return self._error(peer, now, Code.NO_SUCH_USER,
+                           f"unknown user {clean_text(name)!r}: nobody of that name has been here, "
+                           "so there is no key to encrypt to", ref)
+
+    def _key(self, peer: Peer, member: Member, request: KeyRequest, now: float) -> list[Out]:
+        key, holder = self._bound_key(request.name)
+        if key is None:
+            return self._unknown_user(peer, request.name, now, request.ref)
+        return [self._publish(private_topic(peer.identity), lambda seq: KeyReply(
+            seq=seq, ts=now, name=holder or request.name, key=key, online=holder is not None,
+            ref=request.ref))]
+
     def _msg(self, peer: Peer, member: Member, msg: Msg, now: float) -> list[Out]:
         if self.muted.get(peer.identity, 0.0) > now:
             return self._muted(peer, now, msg.ref)
-        target = self.names.get(name_key(msg.to))
-        last_key = self.known_names.get(name_key(msg.to)) if target is None else None
-        if target is None and last_key is None:
-            return self._error(peer, now, Code.NO_SUCH_USER,
-                               f"unknown user {clean_text(msg.to)!r}: nobody of that name has been here",
-                               msg.ref)
-        text, empty = self._text(peer, msg.text, now, msg.ref)
-        if target is None:
-            if last_key is None:
-                return self._error(peer, now, Code.NO_SUCH_USER,
-                                   f"unknown user {clean_text(msg.to)!r}: nobody of that name has been here",
-                                   msg.ref)
-            if empty:
-                return empty
-            # Offline: kept for the key that last held the name, delivered when it joins.
-            kept = Direct(seq=0, ts=now, name=member.name, to=msg.to, text=text, offline=True)
-            return [Mail(last_key, kept), self._publish(private_topic(peer.identity), lambda seq: Direct(
-                seq=seq, ts=now, name=member.name, to=msg.to, text=text, ref=msg.ref, offline=True))]
-        if empty:
-            return empty
-        recipient = self.peers[target].member
-        assert recipient is not None
+        bound, holder = self._bound_key(msg.to)
+        if bound is None:
+            return self._unknown_user(peer, msg.to, now, msg.ref)
+        if msg.key != bound:
+            # Encrypted to a key that no longer holds the name: the sender re-encrypts to this
+            # one (and tells its user), or gives up. Nobody gets what was meant for another key.
+            name = holder or msg.to
+            topic = private_topic(peer.identity)
+            if topic not in peer.topics:
+                return []
+            return [self._publish(topic, lambda seq: Error(
+                seq=seq, ts=now, code=Code.KEY_CHANGED, key=bound, ref=msg.ref,
+                detail=f"{clean_text(name)}'s key changed: another key holds that name now"))]
+        sender = peer.identity
+        if holder is None:
+            # Offline: kept for the key the sender encrypted to, delivered when it joins.
+            kept = Direct(seq=0, ts=now, name=member.name, to=msg.to, from_=sender, box=msg.box,
+                          offline=True)
+            copy = Direct(seq=0, ts=now, name=member.name, to=msg.to, from_=sender, box=msg.self_box,
+                          ref=msg.ref, offline=True)
+            return [Mail(bound, sender, kept, copy)]
         # Only on the two private streams: no public topic ever carries it.
-        out = [self._publish(private_topic(peer.identity), lambda seq: Direct(
-            seq=seq, ts=now, name=member.name, to=recipient.name, text=text, ref=msg.ref))]
-        if target != peer.identity:
-            out.append(self._publish(private_topic(target), lambda seq: Direct(
-                seq=seq, ts=now, name=member.name, to=recipient.name, text=text)))
+        out: list[Out] = [self._publish(private_topic(sender), lambda seq: Direct(
+            seq=seq, ts=now, name=member.name, to=holder, from_=sender, box=msg.self_box, ref=msg.ref))]
+        if bound != sender:
+            out.append(self._publish(private_topic(bound), lambda seq: Direct(
+                seq=seq, ts=now, name=member.name, to=holder, from_=sender, box=msg.box)))
         return out
 
     def _nick(self, peer: Peer, member: Member, nick: Nick, now: float) -> list[Out]:
@@ -699,7 +734,7 @@ class BrokerCore:
                 for room in list(member.rooms)]
 
     _handlers: dict[type, Callable[..., list[Out]]] = {
-        Say: _say, Me: _me, Msg: _msg, Nick: _nick, Who: _who, Rooms: _rooms,
+        Say: _say, Me: _me, Msg: _msg, KeyRequest: _key, Nick: _nick, Who: _who, Rooms: _rooms,
         Enter: _enter, Part: _part, Leave: _quit, Kick: _kick, Ban: _kick, Mute: _mute,
     }
 

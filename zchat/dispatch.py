@@ -16,7 +16,7 @@ from collections.abc import Callable
 import msgspec
 
 from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
-from zchat.history import EventRow, HistoryStore
+from zchat.history import DroppedMail, EventRow, HistoryStore, MailOutcome, MailRow
 from zchat.protocol import (
     PRIVATE_PREFIX,
     ROOM_PREFIX,
@@ -29,8 +29,9 @@ from zchat.protocol import (
     Left,
     Mark,
     Message,
+    ProtocolError,
+    clean_text,
     decode_event,
-    name_key,
     private_topic,
     room_topic,
 )
@@ -68,7 +69,7 @@ class Dispatcher:
         items, self.pending = self.pending, []
         frames: list[bytes | None] = []
         rows: list[EventRow] = []
-        mail: list[tuple[str, float, bytes]] = []
+        mail: list[MailRow] = []
         names: list[tuple[str, str]] = []
         add_frame, add_row = frames.append, rows.append
         said = 0  # room messages among them, for the stats
@@ -90,16 +91,19 @@ class Dispatcher:
             else:
                 frames.append(None)
                 if isinstance(item, Mail):
-                    mail.append((item.recipient, item.event.ts, _encode(item.event)))
+                    mail.append((item.recipient, item.sender, item.event.ts, _encode(item.event),
+                                 item.copy.ref))
                 elif isinstance(item, Remember):
                     names.append((item.name_key, item.identity))
-        self.store.write(rows, mail, names, now)
+        outcomes = iter(self.store.write(rows, mail, names, now))  # one per Mail, in order
         self.messages += said
         send = self.send
         for item, frame in zip(items, frames, strict=True):
             if frame is not None:
                 send(frame)
                 self.published += 1
+            elif isinstance(item, Mail):
+                self._answer_mail(item, next(outcomes), now)
             elif isinstance(item, Fetch):
                 self._answer_fetch(item, now)
             elif isinstance(item, DeliverMail):
@@ -121,23 +125,53 @@ class Dispatcher:
 
     def _deliver_mail(self, request: DeliverMail, now: float) -> None:
         for body in self.store.take_mail(request.identity):  # bounded by the store
-            kept = decode_event(body)
-            if isinstance(kept, Direct):
-                self._send_reply(request.identity, lambda seq, kept=kept: Direct(
-                    seq=seq, ts=kept.ts, name=kept.name, to=kept.to, text=kept.text, offline=True))
+            try:
+                kept = decode_event(body)
+            except ProtocolError:
+                continue
+            if isinstance(kept, Direct):  # sealed to this key: we pass it on as it was kept
+                self._send_reply(request.identity, lambda seq, kept=kept: msgspec.structs.replace(
+                    kept, seq=seq, ref=None, offline=True))
+
+    def _answer_mail(self, mail: Mail, outcome: MailOutcome, now: float) -> None:
+        """The sender's copy of a kept message, or why it was not kept; and a word to each
+        sender whose kept message the new one pushed out."""
+        copy = mail.copy
+        if outcome.kept:
+            self._send_reply(mail.sender, lambda seq: msgspec.structs.replace(copy, seq=seq))
+            self.messages += 1
+        else:
+            share = self.store.retention.mailbox_per_sender
+            self._send_reply(mail.sender, lambda seq: Error(
+                seq=seq, ts=now, code=Code.MAILBOX_FULL, ref=copy.ref,
+                detail=f"not kept: {clean_text(copy.to)} is offline and already has {share} unread "
+                "message(s) from you; send more once they have read those"))
+        for dropped in outcome.dropped:
+            self._tell_dropped(dropped, now)
+
+    def _tell_dropped(self, dropped: DroppedMail, now: float) -> None:
+        notice = self.core.notify(dropped.sender, lambda seq: Error(
+            seq=seq, ts=now, code=Code.MAIL_DROPPED, ref=dropped.ref,
+            detail=f"a message you left for {clean_text(dropped.to)} was dropped unread: their "
+            f"mailbox is full, and your messages were among the most numerous in it"))
+        if notice is not None:  # an offline sender is not told
+            self.send(notice.topic.encode() + b" " + _encode(notice.event))
+            self.published += 1
+            self._count(notice.topic, notice.event)
 
     def _send_reply(self, identity: str, make) -> None:  # type: ignore[no-untyped-def]
         reply = self.core.reply(identity, make)
         self.send(reply.topic.encode() + b" " + _encode(reply.event))
         self.published += 1
+        if isinstance(reply.event, Error):
+            self._count(reply.topic, reply.event)
 
     def _count(self, topic: str, event: object) -> None:
         """Stats, and a log line for each error sent (its code, never anyone's text)."""
         if isinstance(event, (Message, Action)):
             self.messages += 1
         elif isinstance(event, Direct):
-            sender = self.core.names.get(name_key(event.name))
-            if sender is not None and topic == private_topic(sender):  # the sender's copy: once
+            if topic == private_topic(event.from_):  # the sender's copy: once
                 self.messages += 1
         elif isinstance(event, Error):
             self.errors[event.code] = self.errors.get(event.code, 0) + 1

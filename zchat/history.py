@@ -5,11 +5,12 @@ What is kept:
   per-topic sequence number: late joiners and gap backfills read it;
 - each topic's last sequence number, so numbering continues after a restart
   even when retention has pruned every event of a room;
-- private messages for offline users (bounded per user), deleted once
-  delivered: they are never written to the public events table, and
-  `zchat history` cannot show them;
-- which key last held each name, so a message to an offline name reaches
-  that key.
+- private messages for offline users, sealed end to end (the broker cannot
+  read them), bound to the key the sender encrypted to and deleted once that
+  key has them: at most MAILBOX_PER_USER per key, of which at most
+  MAILBOX_PER_SENDER from one sender; never in the public events table;
+- which key last held each name, so a message to an offline name can be
+  encrypted to that key.
 
 The broker writes one transaction per loop turn, before it publishes what
 the turn produced: an event a client has seen is on disk (kill -9 safe; WAL
@@ -46,9 +47,11 @@ DROP INDEX IF EXISTS events_ts;
 CREATE TABLE IF NOT EXISTS topic_seq (topic TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
-    recipient TEXT NOT NULL,
+    recipient TEXT NOT NULL,  -- the key the sender encrypted to: only it gets the message
+    sender TEXT NOT NULL,  -- the sender's key: the mailbox's share per sender, drop notices
     ts REAL NOT NULL,
-    body BLOB NOT NULL
+    ref INTEGER,  -- the sender's ref, named in a drop notice
+    body BLOB NOT NULL  -- the recipient's `direct` event; its text is sealed (`box`)
 );
 CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, id);
 CREATE TABLE IF NOT EXISTS names (name_key TEXT PRIMARY KEY, identity TEXT NOT NULL, seen REAL NOT NULL)
@@ -61,6 +64,7 @@ class Retention:
     per_room: int = L.HISTORY_KEEP_PER_ROOM  # newest events kept per room (0: no count limit)
     days: float = L.HISTORY_KEEP_DAYS  # events older than this are dropped (0: no age limit)
     mailbox: int = L.MAILBOX_PER_USER
+    mailbox_per_sender: int = L.MAILBOX_PER_SENDER
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,28 @@ class StoredEvent:
 
 
 EventRow = tuple[str, int, float, bytes]  # topic, seq, ts, body: what the broker writes
+MailRow = tuple[str, str, float, bytes, int | None]  # recipient, sender, ts, body, the sender's ref
+
+log = logging.getLogger("zchat.broker")
+
+
+@dataclass(frozen=True)
+class DroppedMail:
+    """A kept message pushed out of a full mailbox before it was delivered."""
+
+    sender: str
+    to: str  # the name its sender wrote to
+    ts: float
+    ref: int | None
+
+
+@dataclass(frozen=True)
+class MailOutcome:
+    """What the mailbox did with one message: kept it (possibly pushing others out), or
+    refused it because its sender's share of that mailbox is used up."""
+
+    kept: bool
+    dropped: tuple[DroppedMail, ...] = ()
 
 
 def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
@@ -88,8 +114,21 @@ def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
             db.close()
             raise sqlite3.DatabaseError(f"{path} was written by an older zchat; move it aside to "
                                         "start afresh")
+        _drop_clear_mail(db)
         db.executescript(SCHEMA)
     return db
+
+
+def _drop_clear_mail(db: sqlite3.Connection) -> None:
+    """A mailbox from before end-to-end encryption holds private text in clear, which no
+    client of this version could show: delete it rather than keep it readable on disk."""
+    columns = [row[1] for row in db.execute("PRAGMA table_info(mailbox)")]
+    if columns and "sender" not in columns:
+        waiting = db.execute("SELECT count(*) FROM mailbox").fetchone()[0]
+        db.execute("DROP TABLE mailbox")
+        if waiting:
+            log.warning("deleted %d undelivered private message(s) kept in clear by an older zchat; "
+                        "private messages are now end-to-end encrypted", waiting)
 
 
 class Checkpointer(threading.Thread):
@@ -148,10 +187,11 @@ class HistoryStore:
 
     # --- one transaction per broker loop turn ------------------------------------
 
-    def write(self, events: list[EventRow], mail: list[tuple[str, float, bytes]],
-              names: list[tuple[str, str]], now: float) -> None:
+    def write(self, events: list[EventRow], mail: list[MailRow],
+              names: list[tuple[str, str]], now: float) -> list[MailOutcome]:
+        """Store one loop turn; returns what the mailbox did with each of `mail`, in order."""
         if not (events or mail or names):
-            return
+            return []
         db = self.db
         inserted = 0
         db.execute("BEGIN")
@@ -163,13 +203,7 @@ class HistoryStore:
                                           "VALUES (?, ?, ?, ?)", events).rowcount
                 if inserted != len(events):
                     self._report_collisions(events, inserted)
-            for recipient, ts, body in mail:
-                db.execute("INSERT INTO mailbox (recipient, ts, body) VALUES (?, ?, ?)",
-                           (recipient, ts, body))
-                # Bounded per user: the oldest go first.
-                db.execute("DELETE FROM mailbox WHERE recipient = ? AND id NOT IN (SELECT id FROM mailbox "
-                           "WHERE recipient = ? ORDER BY id DESC LIMIT ?)",
-                           (recipient, recipient, self.retention.mailbox))
+            outcomes = [self._keep_mail(*row) for row in mail]
             if names:
                 db.executemany(
                     "INSERT INTO names (name_key, identity, seen) VALUES (?, ?, ?) ON CONFLICT(name_key) "
@@ -180,6 +214,7 @@ class HistoryStore:
             db.execute("ROLLBACK")
             raise
         self.stored += inserted
+        return outcomes
 
     def _report_collisions(self, events: list[EventRow], inserted: int) -> None:
         clashes = len(events) - inserted
@@ -188,6 +223,32 @@ class HistoryStore:
                   "(first of this batch: %s seq %d); is another broker writing %s?",
                   clashes, first[0], first[1], self.path)
         self.collisions += clashes
+
+    def _keep_mail(self, recipient: str, sender: str, ts: float, body: bytes,
+                   ref: int | None) -> MailOutcome:
+        """Keep one message for `recipient`, fairly: each sender may hold a few of its slots
+        (more is refused), and a full mailbox pushes out the oldest message of whichever
+        sender holds the most. So junk from many keys cannot push out anyone's real
+        message before it has pushed out its own, and every sender hears of a drop."""
+        db, limit = self.db, self.retention
+        held = db.execute("SELECT count(*) FROM mailbox WHERE recipient = ? AND sender = ?",
+                          (recipient, sender)).fetchone()[0]
+        if held >= limit.mailbox_per_sender or limit.mailbox <= 0:
+            return MailOutcome(kept=False)
+        total = db.execute("SELECT count(*) FROM mailbox WHERE recipient = ?", (recipient,)).fetchone()[0]
+        dropped = []
+        for _ in range(total - limit.mailbox + 1):  # normally once at most
+            row = db.execute(
+                "SELECT id, sender, coalesce(json_extract(CAST(body AS TEXT), '$.to'), ''), ts, ref "
+                "FROM mailbox WHERE recipient = ?1 AND sender = (SELECT sender FROM mailbox "
+                "WHERE recipient = ?1 GROUP BY sender ORDER BY count(*) DESC, min(id) LIMIT 1) "
+                "ORDER BY id LIMIT 1",
+                (recipient,)).fetchone()
+            db.execute("DELETE FROM mailbox WHERE id = ?", (row[0],))
+            dropped.append(DroppedMail(*row[1:]))
+        db.execute("INSERT INTO mailbox (recipient, sender, ts, ref, body) VALUES (?, ?, ?, ?, ?)",
+                   (recipient, sender, ts, ref, body))
+        return MailOutcome(kept=True, dropped=tuple(dropped))
 
     # --- reads -------------------------------------------------------------------
 
@@ -244,6 +305,23 @@ class HistoryStore:
             raise
         self.stored = max(0, self.stored - dropped)
         return dropped
+
+
+def kept_mail(path: Path | str, since: float | None = None,
+              limit: int | None = None) -> list[StoredEvent]:
+    """The private messages waiting for offline keys, oldest first, each as the `direct` its
+    recipient will get (topic: the recipient's u/<id>/). Their text is sealed to that key."""
+    db = connect(path, readonly=True)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'mailbox'").fetchone():
+            return []
+        where, args = ("WHERE ts >= ?", [since]) if since is not None else ("", [])
+        rows = db.execute(f"SELECT recipient, ts, body FROM mailbox {where} ORDER BY id DESC"
+                          + (" LIMIT ?" if limit is not None else ""),
+                          [*args, limit] if limit is not None else args).fetchall()
+        return [StoredEvent(f"u/{recipient}/", 0, ts, bytes(body)) for recipient, ts, body in reversed(rows)]
+    finally:
+        db.close()
 
 
 def search(path: Path | str, room: str | None = None, since: float | None = None,

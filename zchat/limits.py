@@ -8,13 +8,24 @@ and the shells agree. The broker's values can be overridden through
 from __future__ import annotations
 
 # Wire sizes.
-MAX_BODY_BYTES = 8 * 1024  # one client message, checked before decoding
+# One client message, checked before decoding: room for a `msg` whose two boxes each hold
+# MAX_TEXT_CHARS of 4-byte UTF-8 (2 x MAX_BOX_CHARS = 21,440) plus its other fields.
+MAX_BODY_BYTES = 24 * 1024
 MAX_FRAME_BYTES = 64 * 1024  # ZMQ_MAXMSGSIZE on the broker's PULL socket
 MAX_TEXT_CHARS = 2000
 MAX_NAME_CHARS = 32
 MAX_ROOM_CHARS = 32
 MAX_REASON_CHARS = 200
 MAX_ROOMS_PER_JOIN = 16
+
+# End-to-end private messages: a box is NaCl crypto_box output (a 24-byte nonce, then the
+# ciphertext with its 16-byte MAC) in standard base64. The broker cannot count characters
+# of a text it cannot read, so it bounds the box: 1 to MAX_TEXT_CHARS 4-byte UTF-8
+# characters, i.e. 1 to 8,000 bytes of text.
+BOX_NONCE_BYTES = 24
+BOX_MAC_BYTES = 16
+MAX_BOX_CHARS = 4 * -(-(BOX_NONCE_BYTES + BOX_MAC_BYTES + 4 * MAX_TEXT_CHARS) // 3)  # 10,720
+MIN_BOX_CHARS = 4 * -(-(BOX_NONCE_BYTES + BOX_MAC_BYTES + 1) // 3)  # 56
 
 # Bookkeeping bounds, so one peer cannot grow the broker without bound.
 MAX_PEERS = 20_000  # identities the broker tracks at once
@@ -30,7 +41,8 @@ DEFAULT_HISTORY = 50  # events of a room shown on joining it
 MAX_HISTORY_PER_REQUEST = 500
 HISTORY_KEEP_PER_ROOM = 10_000  # retention: newest events kept per room...
 HISTORY_KEEP_DAYS = 30.0  # ...and none older than this
-MAILBOX_PER_USER = 100  # private messages kept for an offline user
+MAILBOX_PER_USER = 100  # private messages kept for an offline user (per key)...
+MAILBOX_PER_SENDER = 10  # ...of which at most this many from one sender (`mailbox_full` past it)
 KNOWN_NAMES = 100_000  # name -> last key, for messages to offline users
 
 # Flood control: a token bucket per identity.

@@ -92,6 +92,12 @@ NameField = Annotated[str, Meta(max_length=limits.MAX_NAME_CHARS)]
 TextField = Annotated[str, Meta(max_length=limits.MAX_TEXT_CHARS)]
 ReasonField = Annotated[str, Meta(max_length=limits.MAX_REASON_CHARS)]
 Ref = Annotated[int, Meta(ge=0, le=2**53)]
+# An identity: the 64 lowercase hex digits of a CURVE (= NaCl Curve25519) public key.
+IdentityField = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]  # \Z: no trailing newline
+# A NaCl box (nonce + ciphertext + MAC) in standard, padded base64 (zchat.e2e). Only its
+# length is checked: a base64 pattern costs 40-150 us per 10 KB box (Python's re), and a
+# box that is not what it should be simply does not open at the reader's end.
+BoxField = Annotated[str, Meta(min_length=limits.MIN_BOX_CHARS, max_length=limits.MAX_BOX_CHARS)]
 
 
 class ClientMessage(Struct, tag_field="type", gc=False, omit_defaults=True):
@@ -127,10 +133,21 @@ class Me(ClientMessage, tag="me"):
 
 
 class Msg(ClientMessage, tag="msg"):
-    """A private message to one online user, by name."""
+    """A private message to one name, end-to-end encrypted: the broker never sees its text.
+    `key` is the recipient key the sender encrypted `box` to (from a `key` request); the
+    broker refuses it with `key_changed` unless that key is still the one bound to `to`."""
 
     to: NameField
-    text: TextField
+    key: IdentityField
+    box: BoxField  # for the recipient: Box(sender secret, recipient public)
+    self_box: BoxField  # the sender's own readable copy: Box(sender secret, sender public)
+    ref: Ref | None = None
+
+
+class KeyRequest(ClientMessage, tag="key"):
+    """Which key holds `name` now (online), or held it last: what to encrypt a `msg` to."""
+
+    name: NameField
     ref: Ref | None = None
 
 
@@ -201,8 +218,8 @@ class Ping(ClientMessage, tag="ping"):
     pass
 
 
-ClientMessageType = (Join | Say | Me | Msg | Nick | Who | Rooms | Enter | Part | HistoryRequest | Kick | Ban
-                     | Mute | Leave | Ping)
+ClientMessageType = (Join | Say | Me | Msg | KeyRequest | Nick | Who | Rooms | Enter | Part | HistoryRequest
+                     | Kick | Ban | Mute | Leave | Ping)
 
 # --- broker -> client ---------------------------------------------------------
 
@@ -242,13 +259,24 @@ class Action(Event, tag="action"):
 
 
 class Direct(Event, tag="direct"):
-    """A private message, published on the recipient's and the sender's u/<id>/."""
+    """A private message, published on the recipient's and the sender's u/<id>/. Its text
+    is in `box`, which only the reader opens: Box(own secret, public key `from`)."""
 
     name: str  # sender
     to: str
-    text: str
+    from_: str = msgspec.field(name="from")  # the sender's key (hex identity)
+    box: str  # the recipient's copy gets the msg's box, the sender's its self_box
     ref: int | None = None  # only on the sender's copy
     offline: bool = False  # the recipient was offline: kept and delivered when they join
+
+
+class KeyReply(Event, tag="key"):
+    """The answer to a `key` request."""
+
+    name: str  # as the online holder has it, else as asked
+    key: str  # hex identity
+    online: bool
+    ref: int | None = None
 
 
 class Joined(Event, tag="joined"):
@@ -283,6 +311,7 @@ class Error(Event, tag="error"):
     code: str
     detail: str
     ref: int | None = None
+    key: str = ""  # key_changed: the key now bound to the name (re-encrypt to this one)
 
 
 class WhoReply(Event, tag="who"):
@@ -351,8 +380,8 @@ class Stats(Event, tag="stats"):
     history: int  # events in the history store
 
 
-EventType = (Welcome | Message | Action | Direct | Joined | Left | Renamed | Muted | Error | WhoReply
-             | RoomList | History | Mark | Heartbeat | Shutdown | Stats)
+EventType = (Welcome | Message | Action | Direct | KeyReply | Joined | Left | Renamed | Muted | Error
+             | WhoReply | RoomList | History | Mark | Heartbeat | Shutdown | Stats)
 
 
 def decode_event(data: bytes | msgspec.Raw) -> EventType:
@@ -377,6 +406,9 @@ class Code:
     ALREADY_IN_ROOM = "already_in_room"
     TOO_MANY_ROOMS = "too_many_rooms"
     NO_SUCH_USER = "no_such_user"
+    KEY_CHANGED = "key_changed"  # msg: `key` is not the key bound to the name any more
+    MAILBOX_FULL = "mailbox_full"  # msg to an offline key: your share of its mailbox is used up
+    MAIL_DROPPED = "mail_dropped"  # a message you left for an offline key was pushed out
     FORBIDDEN = "forbidden"  # an admin command from a non-admin
     NAMES_FIXED = "names_fixed"  # closed mode: the operator's file fixes each key's name
     MUTED = "muted"

@@ -13,11 +13,10 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from zchat.client import ClientEvent, Gap, Replay, Status
+from zchat.client import ClientEvent, Gap, PrivateMessage, Replay, Status
 from zchat.protocol import (
     ROOM_PREFIX,
     Action,
-    Direct,
     Error,
     Joined,
     Left,
@@ -56,7 +55,9 @@ def name_color(name: str) -> str:
 
 def mentions(event: ClientEvent, me: str | None) -> bool:
     """Does someone else's message or action name `me` as a word?"""
-    if not me or not isinstance(event, (Message, Action, Direct)) or event.name == me:
+    if not me or not isinstance(event, (Message, Action, PrivateMessage)) or event.name == me:
+        return False
+    if event.text is None:  # a private message that did not open
         return False
     pattern = rf"(?<![\w.-]){re.escape(me)}(?![\w-]|\.\w)"
     return re.search(pattern, event.text, re.IGNORECASE) is not None
@@ -115,7 +116,10 @@ def _body(event: ClientEvent, view: View) -> str | None:
     if isinstance(event, Action):
         tag = f"{r(event.room)} " if view.room and event.room != view.room else ""
         return f"{tag}* {n(event.name)} {clean_text(event.text)}"
-    if isinstance(event, Direct):
+    if isinstance(event, PrivateMessage):
+        if event.text is None:
+            return (f"! a private message from {n(event.name)} could not be opened "
+                    "(it was not sealed to your key, or was damaged)")
         if view.me is not None and event.name == view.me:
             note = " (offline: delivered when they next join)" if event.offline else ""
             return f"-> {n(event.to)}{note}: {clean_text(event.text)}"
@@ -154,6 +158,8 @@ def _body(event: ClientEvent, view: View) -> str | None:
         who = f"{event.online - 1} other(s) online: {shown}" if others else "nobody else is online yet"
         return f"* Welcome, {n(event.name)}! {who}. Type /help for commands."
     if isinstance(event, Status):
+        if event.state == "key_changed":  # a warning: the person should look
+            return f"! {clean_text(event.detail)}"
         return "* " + {
             "lost": "Connection to the broker lost; reconnecting...",
             "reconnected": f"Reconnected ({event.detail}).",

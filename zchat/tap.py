@@ -376,6 +376,12 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
         body = f"{where} <- {_c(g('name'))} left ({why})"
     elif kind == "renamed":
         body = f"{where} -- {_c(g('old'))} is now {_c(g('new'))}"
+    elif kind == "key":
+        state = "online" if g("online") else "offline"
+        body = f"-- key of {_c(g('name'))} ({state}): {_c(g('key'))}"
+    elif kind == "direct":  # kept mail, from `zchat history`: its text only if opened (--key)
+        said = _c(g("text")) if "text" in ev else "(private, sealed)"
+        body = f"mail {_c(g('name'))} -> {_c(g('to'))}: {said}"
     elif kind == "heartbeat":
         body = f"-- heartbeat: epoch {_c(g('epoch'))}, {_c(g('online'))} online"
     elif kind == "shutdown":
@@ -401,8 +407,6 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
         body = f"-- {_c(g('count'))} rooms: {rooms}"
     elif kind == "history":
         body = f"#{_c(g('room'))} -- {len(g('events') or [])} stored events up to seq {_c(g('upto'))}"
-    elif kind == "direct":
-        body = f"{_c(g('name'))} -> {_c(g('to'))}: (private, sealed)"
     else:  # an event type this tap does not know: still on record
         body = f"{where} {_c(kind)}: {_c(_encode(ev).decode())}"
     return f"[{_clock(g('ts'))}] " + ("(backfill) " if backfill else "") + body
