@@ -459,7 +459,7 @@ class BrokerCore:
                 return error
             room = checked
         text = say.text
-        if not text.isprintable():
+        if not (text.isascii() and text.isprintable()):  # else nothing to clean, cheaply known
             text = clean_text(text)
         text = text.strip()
         if not text:
