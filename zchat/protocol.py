@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from zchat import limits
+from zchat.confusables import ASCII_PROTOTYPES
 
 # --- topics ---------------------------------------------------------------
 
@@ -59,6 +60,42 @@ def normalize_room(room: str) -> str | None:
 def name_key(name: str) -> str:
     """Names are unique case-insensitively: 'Alice' and 'alice' collide."""
     return name.casefold()
+
+
+def _lookalike_table() -> dict[int, str]:
+    """UTS #39's skeleton, restricted to ASCII (names are ASCII, which NFD leaves as it is) and
+    closed under case: a character and its capital share a prototype (i -> l, as I -> l in
+    Unicode's data), and every prototype is folded to lower case (0 -> O -> o)."""
+    table: dict[int, str] = {}
+    for c in map(chr, range(128)):
+        if c.casefold() != c:
+            continue  # names are case-folded first
+        target = ASCII_PROTOTYPES.get(c) or ASCII_PROTOTYPES.get(c.upper()) or c
+        table[ord(c)] = target.casefold()
+    return table
+
+
+_LOOKALIKE = _lookalike_table()
+
+
+def lookalike_key(name: str) -> str:
+    """Equal for names that look alike in some capitalisation: 'aIice' and 'alice' (I looks
+    like l), 'b0b' and 'Bob', 'rnallory' and 'mallory'. Case-insensitively equal names are
+    look-alikes too. From Unicode's confusables data (zchat/confusables.py); a case-folded
+    skeleton, so 'ali' and 'all' also collide ('ALI' would look like 'ALl')."""
+    return name.casefold().translate(_LOOKALIKE)
+
+
+# Names that would speak with the broker's or the operator's voice. Only admin keys of
+# closed mode may take one (or a name that looks like one); in open mode nobody may.
+RESERVED_NAMES = ("admin", "server", "root", "system", "zchat")
+RESERVED_ROLE = "admin"
+_RESERVED_KEYS = {lookalike_key(name): name for name in RESERVED_NAMES}
+
+
+def reserved_name(name: str) -> str | None:
+    """The reserved name that `name` is or looks like, if any."""
+    return _RESERVED_KEYS.get(lookalike_key(name))
 
 
 # --- sanitising what other people typed -------------------------------------
