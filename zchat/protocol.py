@@ -129,7 +129,10 @@ _CONTROL = re.compile(f"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\x9f{FORMAT_CHARS}{FILLERS
 # it shapes emoji sequences (family, rainbow flag) and Persian or Indic words; elsewhere,
 # as between ASCII letters, it only hides something.
 _VISIBLE_NON_ASCII = r"[^\x00-\x7f\s\u200c\u200d]"
-_STRAY_JOINER = re.compile(rf"(?<!{_VISIBLE_NON_ASCII})[\u200c\u200d]|[\u200c\u200d](?!{_VISIBLE_NON_ASCII})")
+# (A joiner first, then its neighbours: a pattern that starts with a character class is
+# scanned for quickly; one that starts with a lookbehind is tried at every position.)
+_STRAY_JOINER = re.compile(
+    rf"[\u200c\u200d](?:(?<!{_VISIBLE_NON_ASCII}[\u200c\u200d])|(?!{_VISIBLE_NON_ASCII}))")
 
 
 def clean_text(text: str) -> str:
