@@ -102,24 +102,16 @@ def test_tap_output_is_private_by_default(chat: Chat, tmp_path: Path, umask_022:
     assert mode_of(path) == 0o600
 
 
-def test_tap_mode_applies_to_rotated_files(chat: Chat, tmp_path: Path) -> None:
+def test_tap_mode_chooses_the_permissions(chat: Chat, tmp_path: Path) -> None:
     old = os.umask(0o077)  # --mode wins over the umask both ways
     try:
         chat.start_broker()
         path = tmp_path / "tap.jsonl"
-        tap: Proc = start_tap(chat, "--output", str(path), "--mode", "640",
-                              "--rotate-bytes", "1500", "--backups", "2")
+        tap: Proc = start_tap(chat, "--output", str(path), "--mode", "640")
     finally:
         os.umask(old)
-    out = Output(path, tap)
-    out.wait_record(type="epoch")
-    alice = chat.joined_client("alice")
-    for i in range(10):
-        alice.send(f"line {i} " + "x" * 300)
-    out.wait(lambda records: any(r.get("text", "").startswith("line 9 ") for r in records))
-    files = sorted(tmp_path.glob("tap.jsonl*"))
-    assert [p.name for p in files] == ["tap.jsonl", "tap.jsonl.1", "tap.jsonl.2"]
-    assert {p.name: oct(mode_of(p)) for p in files} == {p.name: "0o640" for p in files}
+    Output(path, tap).wait_record(type="epoch")
+    assert mode_of(path) == 0o640  # rotated files: test_tap.py's test_size_rotation, test_handler_modes
 
 
 def test_tap_refuses_a_bad_mode(chat: Chat, tmp_path: Path) -> None:
@@ -137,11 +129,16 @@ def test_handler_modes(tmp_path: Path, umask_022: None) -> None:
     for seq in range(1, 20):
         out.event("r/lobby/", {"type": "message", "seq": seq, "ts": TS, "text": "x" * 20})
     out.close()
-    assert {p.name: mode_of(p) for p in tmp_path.iterdir()} == {
+    assert {p.name: mode_of(p) for p in tmp_path.glob("tap.log*")} == {
         "tap.log": 0o600, "tap.log.1": 0o600, "tap.log.2": 0o600}
+    chosen = TapLog(make_handler(tmp_path / "c.log", rotate_bytes=200, backups=1, file_mode=0o660), "jsonl")
+    for seq in range(1, 20):
+        chosen.event("r/lobby/", {"type": "message", "seq": seq, "ts": TS, "text": "x" * 20})
+    chosen.close()
+    assert mode_of(tmp_path / "c.log") == mode_of(tmp_path / "c.log.1") == 0o660  # not 0o640 (umask)
     timed = make_handler(tmp_path / "timed.log", rotate_when="midnight", file_mode=0o660)
     timed.close()
-    assert mode_of(tmp_path / "timed.log") == 0o660  # not 0o640, as umask 022 would make it
+    assert mode_of(tmp_path / "timed.log") == 0o660
     with pytest.raises(ValueError, match="--mode needs --output"):
         make_handler(None, file_mode=0o600)
 
