@@ -50,6 +50,7 @@ from zchat.protocol import (
     decode_client_message,
     decode_publication,
     encode_publication,
+    lookalike_key,
     name_key,
     private_topic,
     room_of_topic,
@@ -66,7 +67,7 @@ IDENTITIES = [A, B, C, D, E]
 TYPES = ["join", "say", "me", "msg", "key", "nick", "who", "rooms", "enter", "history", "part", "kick", "ban",
          "mute", "leave", "ping"]
 NAMES = ["alice", "Alice", "ALICE", "bob", "carol", "dave", "tapper", "x" * 32, "x" * 33, "bad name",
-         "", "-dash", "a.b-c_d", "\u00e9mile", "alice\n", "\x1b[31mred"]
+         "", "-dash", "a.b-c_d", "\u00e9mile", "alice\n", "\x1b[31mred", "aIice", "b0b", "root"]
 ROOMS = ["lobby", "#lobby", "#Lobby", "ops", "OPS", "dev", "", "#", "../x", "a" * 32, "a" * 33,
          "r/lobby/", "lobby/", "\x1b]0;x\x07"]
 
@@ -162,6 +163,11 @@ def check_core(core: BrokerCore) -> None:
             assert peer is not None and peer.member is not None, (room, identity)
             assert room in peer.member.rooms
     assert core.online == len(core.names)
+    for key, identity in core.lookalikes.items():  # no stale entry: each is an online holder's
+        name = core.member_name(identity)
+        assert name is not None and lookalike_key(name) == key, (key, identity, name)
+    if core.accounts is None:  # open mode: look-alikes refused, so one holder per key
+        assert len(core.lookalikes) == core.online
 
 
 # --- decoding ----------------------------------------------------------------------------

@@ -153,6 +153,7 @@ def test_size_rotation(chat: Chat, tmp_path: Path) -> None:
     files = sorted(tmp_path.glob("tap.jsonl*"))
     assert [p.name for p in files] == ["tap.jsonl", "tap.jsonl.1", "tap.jsonl.2", "tap.jsonl.3"]
     assert all(p.stat().st_size <= 1500 for p in files)
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o600}  # private, rotated files too
     records = [json.loads(line) for name in ("tap.jsonl.3", "tap.jsonl.2", "tap.jsonl.1", "tap.jsonl")
                for line in (tmp_path / name).read_text().splitlines()]
     spans = coverage(records)["r/lobby/"]

@@ -14,13 +14,16 @@ Banned keys are refused in both modes.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from zchat.keys import identity_of, parse_public_key
-from zchat.protocol import valid_name
+from zchat.protocol import RESERVED_ROLE, lookalike_key, reserved_name, valid_name
+
+log = logging.getLogger("zchat.broker")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zchat"
@@ -58,6 +61,11 @@ def parse_authorized_keys(text: str, source: str = "authorized-keys") -> dict[st
             raise KeyFileError(f"{where}: invalid name {name!r}")
         if role not in ROLES:
             raise KeyFileError(f"{where}: unknown role {role!r} (use {', '.join(ROLES)})")
+        reserved = reserved_name(name)
+        if reserved is not None and role != RESERVED_ROLE:
+            looks = "" if name.casefold() == reserved else f" (it looks like {reserved!r})"
+            raise KeyFileError(f"{where}: the name {name!r} is reserved{looks} for keys with the role "
+                               f"{RESERVED_ROLE}: give it that role, or another name")
         try:
             identity = identity_of(parse_public_key(key_text))
         except ValueError as exc:
@@ -71,12 +79,25 @@ def parse_authorized_keys(text: str, source: str = "authorized-keys") -> dict[st
     return accounts
 
 
+def lookalike_names(accounts: dict[str, Account]) -> list[list[str]]:
+    """Groups of names in the file that look alike (protocol.lookalike_key). Allowed, since
+    the operator chose them, but worth a warning: users may take one for the other."""
+    groups: dict[str, list[str]] = {}
+    for account in accounts.values():
+        groups.setdefault(lookalike_key(account.name), []).append(account.name)
+    return [sorted(names) for names in groups.values() if len(names) > 1]
+
+
 def load_authorized_keys(path: Path) -> dict[str, Account]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_authorized_keys(text, str(path))
+    accounts = parse_authorized_keys(text, str(path))
+    for names in lookalike_names(accounts):
+        log.warning("%s: these names look alike, users may take one for the other: %s",
+                    path, ", ".join(names))
+    return accounts
 
 
 def zap_reply(request: list[bytes], admit: Callable[[str], bool] = lambda identity: True) -> list[bytes]:

@@ -32,7 +32,7 @@ from zchat.connections import Connections
 from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
-from zchat.history import HistoryStore, Retention
+from zchat.history import HistoryStore, Retention, open_to_others
 from zchat.lockfile import Locked, LockFile
 from zchat.protocol import ROOM_PREFIX, SYSTEM_TOPIC, Stats
 
@@ -98,6 +98,21 @@ def read_state(config_dir: Path) -> dict | None:
         return None
 
 
+def warn_if_exposed(store: HistoryStore) -> None:
+    """The database files are 0600; say so when that had to be fixed, and warn when their
+    directory lets others in (they see the files come and go, and with write access could
+    delete or replace them)."""
+    for path in store.tightened:
+        log.warning("made %s private (mode 0600): it holds offline private messages", path)
+    if str(store.path) == ":memory:":
+        return
+    directory = Path(store.path).resolve().parent
+    if open_to_others(directory):
+        log.warning("the history database's directory %s is open to others (mode %04o): "
+                    "make it private with chmod go-rwx %s", directory,
+                    os.stat(directory).st_mode & 0o7777, directory)
+
+
 class Broker:
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
@@ -107,9 +122,10 @@ class Broker:
         self.epoch = secrets.token_hex(8)
         try:
             self.store = HistoryStore(db_path, settings.retention)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise BrokerError(f"cannot open the history database {db_path}: {exc}") from None
+        warn_if_exposed(self.store)
         accounts = None
         if settings.authorized_keys is not None:
             try:

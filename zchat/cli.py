@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--format", choices=("jsonl", "text"), default="jsonl",
                      help="jsonl: one JSON object per event (default); text: [date time] #room name: text")
     tap.add_argument("--output", "-o", type=Path, metavar="FILE", help="append to FILE (default stdout)")
+    tap.add_argument("--mode", metavar="OCTAL", help="permission bits of FILE and the rotated files "
+                     "(default 600: only you can read the log)")
     rotation = tap.add_mutually_exclusive_group()
     rotation.add_argument("--rotate-bytes", type=int, metavar="N",
                           help="rotate FILE when it would exceed N bytes")
@@ -354,12 +356,13 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
-    from zchat.tap import ReaderGone, TapLog, make_handler, run_tap
+    from zchat.tap import ReaderGone, TapLog, make_handler, parse_file_mode, run_tap
 
+    file_mode = parse_file_mode(args.mode) if args.mode is not None else None
     endpoints, server_key = _endpoints(args), _server_key(args)
     keypair = _keypair(args, args.name or "tap")
     try:
-        handler = make_handler(args.output, args.rotate_bytes, args.rotate_when, args.backups)
+        handler = make_handler(args.output, args.rotate_bytes, args.rotate_when, args.backups, file_mode)
     except OSError as exc:
         print(f"zchat tap: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return 1

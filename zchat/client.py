@@ -79,6 +79,7 @@ from zchat.protocol import (
     Welcome,
     Who,
     WhoReply,
+    clean_text,
     decode_event,
     decode_publication,
     encode_client_message,
@@ -173,6 +174,15 @@ class _Backfill:
     @property
     def missing(self) -> int:
         return self.before - self.after - 1
+
+
+def check_private_text(text: str) -> None:
+    """What the broker checks in a room message, checked by the sender for a private one (the
+    broker cannot read it): not empty once cleaned, not too long."""
+    if not clean_text(text).strip():
+        raise SendError("message is empty")
+    if len(text) > L.MAX_TEXT_CHARS:
+        raise SendError(f"message too long ({len(text)} characters, the limit is {L.MAX_TEXT_CHARS})")
 
 
 class JoinError(Exception):
@@ -271,10 +281,7 @@ class ChatClient:
     def direct(self, to: str, text: str) -> int:
         """Queue a private message; it is sealed end to end before it leaves (the broker
         cannot check a text it cannot read, so the limits are checked here)."""
-        if not text.strip():
-            raise SendError("message is empty")
-        if len(text) > L.MAX_TEXT_CHARS:
-            raise SendError(f"message too long ({len(text)} characters, the limit is {L.MAX_TEXT_CHARS})")
+        check_private_text(text)
         return self._tracked(lambda ref: DirectDraft(to=to, text=text, ref=ref))
 
     def nick(self, name: str) -> None:

@@ -20,6 +20,7 @@ from zchat.auth import Account
 from zchat.protocol import (
     DEFAULT_ROOM,
     PRIVATE_PREFIX,
+    RESERVED_ROLE,
     ROOM_PREFIX,
     SYSTEM_TOPIC,
     Action,
@@ -58,9 +59,11 @@ from zchat.protocol import (
     WhoReply,
     clean_text,
     decode_client_message,
+    lookalike_key,
     name_key,
     normalize_room,
     private_topic,
+    reserved_name,
     room_of_topic,
     room_topic,
     valid_name,
@@ -190,6 +193,9 @@ class BrokerCore:
         self.limits = limits or Limits()
         self.peers: dict[str, Peer] = {}
         self.names: dict[str, str] = {}  # name_key(name) -> identity, online members
+        # lookalike_key(name) -> identity, online members: one per key in open mode, where a
+        # look-alike of a held name is refused (closed mode's file may list two; unused there).
+        self.lookalikes: dict[str, str] = {}
         self.known_names: dict[str, str] = dict(known_names or {})  # name_key -> last identity
         self.rooms: dict[str, set[str]] = {}  # room -> member identities
         self.seqs: dict[str, int] = dict(seqs or {})
@@ -379,9 +385,9 @@ class BrokerCore:
             peer.pending_join = join  # the missing subscriptions will retry it
             return []
         peer.pending_join = None
-        holder = self.names.get(name_key(join.name))
-        if holder is not None and holder != peer.identity:
-            return self._refuse(peer, now, Code.NAME_TAKEN, f"the name {join.name!r} is taken")
+        refused = self._claim_refused(peer, join.name)
+        if refused is not None:
+            return self._refuse(peer, now, Code.NAME_TAKEN, refused)
         out: list[Out] = []
         member = peer.member
         resumed = member is not None
@@ -398,7 +404,7 @@ class BrokerCore:
                                f"at most {L.MAX_ROOMS_PER_MEMBER} rooms; /leave one first")
         if member is None:
             member = peer.member = Member(name=join.name, rooms=[], history=join.history)
-            self.names[name_key(join.name)] = peer.identity
+            self._hold(join.name, peer.identity)
             out += self._remember(join.name, peer.identity)
         elif member.name != join.name:
             out += self._rename(peer, member, join.name, now)
@@ -442,8 +448,8 @@ class BrokerCore:
         remembered: list[Out] = []
         if name_key(old) != name_key(new):
             if release_old:  # set_accounts releases every old name first, itself
-                del self.names[name_key(old)]
-            self.names[name_key(new)] = peer.identity
+                self._release(old, peer.identity)
+            self._hold(new, peer.identity)
             remembered = self._remember(new, peer.identity)
         member.name = new
         # Everyone in the member's rooms is told; with no room, the member alone.
@@ -474,7 +480,7 @@ class BrokerCore:
                 return error
             room = checked
         text = say.text
-        if not text.isprintable():
+        if not (text.isascii() and text.isprintable()):  # else nothing to clean, cheaply known
             text = clean_text(text)
         text = text.strip()
         if not text:
@@ -557,9 +563,9 @@ class BrokerCore:
             return self._error(peer, now, Code.INVALID_NAME, invalid_name_detail(nick.name))
         if nick.name == member.name:
             return []
-        holder = self.names.get(name_key(nick.name))
-        if holder is not None and holder != peer.identity:
-            return self._error(peer, now, Code.NAME_TAKEN, f"the name {nick.name!r} is taken")
+        refused = self._claim_refused(peer, nick.name)
+        if refused is not None:
+            return self._error(peer, now, Code.NAME_TAKEN, refused)
         return self._rename(peer, member, nick.name, now)
 
     def _who(self, peer: Peer, member: Member, who: Who, now: float) -> list[Out]:
@@ -695,10 +701,10 @@ class BrokerCore:
         # Names in the file are unique, so once every renamed member lets go of its old
         # name, every new one is free: a chain (bob -> carol, carol -> dave) just works.
         for peer, _ in renamed:
-            self.names.pop(name_key(peer.member.name), None)  # type: ignore[union-attr]
+            self._release(peer.member.name, peer.identity)  # type: ignore[union-attr]
         for peer, name in renamed:
             out += self._rename(peer, peer.member, name, now, release_old=False)  # type: ignore[arg-type]
-            self.names[name_key(name)] = peer.identity  # also when only the case changed
+            self._hold(name, peer.identity)  # also when only the case changed
         return out
 
     def _quit(self, peer: Peer, member: Member, leave: Leave, now: float) -> list[Out]:
@@ -729,7 +735,7 @@ class BrokerCore:
         peer.pending_rooms.clear()
         # peer.topics stays: libzmq keeps those subscriptions installed until the
         # connection closes, so errors (not_joined) still reach this peer.
-        del self.names[name_key(member.name)]
+        self._release(member.name, peer.identity)
         return [self._remove_from_room(peer, member, room, reason, message, now, by)
                 for room in list(member.rooms)]
 
@@ -739,6 +745,34 @@ class BrokerCore:
     }
 
     # --- helpers -------------------------------------------------------------
+
+    def _claim_refused(self, peer: Peer, name: str) -> str | None:
+        """Why `peer` may not take `name` (a valid name), or None. Held by another key; reserved
+        (or looking like a reserved name) unless the key's role is admin; in open mode, looking
+        like a name another key holds. Offline users' names are not protected: in open mode
+        a name belongs to a key only while it is online."""
+        holder = self.names.get(name_key(name))
+        if holder is not None and holder != peer.identity:
+            return f"the name {name!r} is taken"
+        reserved = reserved_name(name)
+        if reserved is not None and self._role(peer.identity) != RESERVED_ROLE:
+            looks = "" if name_key(name) == reserved else f" (it looks like {reserved!r})"
+            return f"the name {name!r} is reserved{looks}: only the operator's admin keys may use it"
+        if self.accounts is None:  # closed mode: the operator's file decides the names
+            other = self.lookalikes.get(lookalike_key(name))
+            if other is not None and other != peer.identity and (held := self.member_name(other)):
+                return f"the name {name!r} looks like {held!r}, who is online"
+        return None
+
+    def _hold(self, name: str, identity: str) -> None:
+        self.names[name_key(name)] = identity
+        self.lookalikes.setdefault(lookalike_key(name), identity)
+
+    def _release(self, name: str, identity: str) -> None:
+        self.names.pop(name_key(name), None)
+        key = lookalike_key(name)
+        if self.lookalikes.get(key) == identity:
+            del self.lookalikes[key]
 
     def _peer(self, identity: str, now: float) -> Peer | None:
         peer = self.peers.get(identity)

@@ -20,7 +20,9 @@ with synchronous=NORMAL gives up only the last commits on power loss).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -32,6 +34,9 @@ from zchat import limits as L
 log = logging.getLogger("zchat.broker")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (off the broker's thread)
+# The database holds offline DMs and who held which name: owner only, whatever the umask.
+PRIVATE_MODE = 0o600
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite creates these with the database's own mode
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -102,6 +107,34 @@ class MailOutcome:
     dropped: tuple[DroppedMail, ...] = ()
 
 
+def make_private(path: Path | str) -> list[str]:
+    """Create the database file 0600 if it is missing, and bring it and its side files to
+    0600 if they exist (older versions left them 0644). SQLite gives a new -wal or -shm file
+    the database file's mode, so those follow. Returns the files whose mode was changed."""
+    tightened: list[str] = []
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != PRIVATE_MODE:  # an old file, or a umask like 0277
+            os.fchmod(fd, PRIVATE_MODE)
+            tightened.append(str(path))
+    finally:
+        os.close(fd)
+    for suffix in SIDE_FILES:
+        side = f"{path}{suffix}"
+        try:
+            if stat.S_IMODE(os.stat(side).st_mode) != PRIVATE_MODE:
+                os.chmod(side, PRIVATE_MODE)
+                tightened.append(side)
+        except FileNotFoundError:
+            pass
+    return tightened
+
+
+def open_to_others(directory: Path | str) -> int:
+    """The permission bits `directory` grants its group and others (0: none)."""
+    return stat.S_IMODE(os.stat(directory).st_mode) & 0o077
+
+
 def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
@@ -155,6 +188,8 @@ class HistoryStore:
     def __init__(self, path: Path | str, retention: Retention | None = None) -> None:
         self.path = path
         self.retention = retention or Retention()
+        # Files whose mode was brought to 0600 on opening (the broker logs them).
+        self.tightened = make_private(path) if str(path) != ":memory:" else []
         self.db = connect(path)
         # Events stored, for stats: counted once here, then kept up to date by write and prune.
         self.stored: int = self.db.execute("SELECT count(*) FROM events").fetchone()[0]

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from zchat import limits
+from zchat.confusables import ASCII_PROTOTYPES
 
 # --- topics ---------------------------------------------------------------
 
@@ -61,6 +62,42 @@ def name_key(name: str) -> str:
     return name.casefold()
 
 
+def _lookalike_table() -> dict[int, str]:
+    """UTS #39's skeleton, restricted to ASCII (names are ASCII, which NFD leaves as it is) and
+    closed under case: a character and its capital share a prototype (i -> l, as I -> l in
+    Unicode's data), and every prototype is folded to lower case (0 -> O -> o)."""
+    table: dict[int, str] = {}
+    for c in map(chr, range(128)):
+        if c.casefold() != c:
+            continue  # names are case-folded first
+        target = ASCII_PROTOTYPES.get(c) or ASCII_PROTOTYPES.get(c.upper()) or c
+        table[ord(c)] = target.casefold()
+    return table
+
+
+_LOOKALIKE = _lookalike_table()
+
+
+def lookalike_key(name: str) -> str:
+    """Equal for names that look alike in some capitalisation: 'aIice' and 'alice' (I looks
+    like l), 'b0b' and 'Bob', 'rnallory' and 'mallory'. Case-insensitively equal names are
+    look-alikes too. From Unicode's confusables data (zchat/confusables.py); a case-folded
+    skeleton, so 'ali' and 'all' also collide ('ALI' would look like 'ALl')."""
+    return name.casefold().translate(_LOOKALIKE)
+
+
+# Names that would speak with the broker's or the operator's voice. Only admin keys of
+# closed mode may take one (or a name that looks like one); in open mode nobody may.
+RESERVED_NAMES = ("admin", "server", "root", "system", "zchat")
+RESERVED_ROLE = "admin"
+_RESERVED_KEYS = {lookalike_key(name): name for name in RESERVED_NAMES}
+
+
+def reserved_name(name: str) -> str | None:
+    """The reserved name that `name` is or looks like, if any."""
+    return _RESERVED_KEYS.get(lookalike_key(name))
+
+
 # --- sanitising what other people typed -------------------------------------
 
 # ESC-introduced sequences: CSI (ESC [ ... final), OSC/DCS/PM/APC/SOS strings
@@ -72,17 +109,47 @@ _ESCAPE_SEQUENCE = re.compile(
     r"|\x9b[0-?]*[ -/]*[@-~]?"
     r"|[\x9d\x90\x98\x9e\x9f][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
 )
-# Remaining C0/C1 controls, DEL, and bidi overrides that could reorder a line.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Unicode's format characters (general category Cf, as of Unicode 18.0): invisible, yet
+# they hide text (zero-width spaces, tag characters), reorder a line (bidi marks, overrides
+# and isolates) or make two equal-looking strings differ (U+FEFF, soft hyphen). The joiners
+# U+200C/U+200D are handled apart (_STRAY_JOINER). tests/test_clean_text.py checks this list
+# against the unicodedata of the Python running the tests.
+FORMAT_CHARS = ("\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b\u200e\u200f"
+                "\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+                "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+                "\U000e0020-\U000e007f")
+# Letters that draw nothing (Hangul fillers, category Lo): a "blank" name or message.
+FILLERS = "\u115f\u1160\u3164\uffa0"
+# U+2800 BRAILLE PATTERN BLANK is a space in braille text: it becomes one (so a message of
+# blanks alone is empty), rather than vanishing from between braille words.
+BRAILLE_BLANK = "\u2800"
+# Remaining C0/C1 controls and DEL, format characters, fillers.
+_CONTROL = re.compile(f"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\x9f{FORMAT_CHARS}{FILLERS}]")
+# A zero-width (non-)joiner is kept only between two visible non-ASCII characters, where
+# it shapes emoji sequences (family, rainbow flag) and Persian or Indic words; elsewhere,
+# as between ASCII letters, it only hides something.
+_VISIBLE_NON_ASCII = r"[^\x00-\x7f\s\u200c\u200d]"
+# (A joiner first, then its neighbours: a pattern that starts with a character class is
+# scanned for quickly; one that starts with a lookbehind is tried at every position.)
+_STRAY_JOINER = re.compile(
+    rf"[\u200c\u200d](?:(?<!{_VISIBLE_NON_ASCII}[\u200c\u200d])|(?!{_VISIBLE_NON_ASCII}))")
 
 
 def clean_text(text: str) -> str:
-    """Strip terminal control and escape sequences; tabs and line breaks become spaces."""
-    if text.isprintable():  # fast path: the common case has nothing to strip
+    """Strip terminal control and escape sequences, format characters (Cf) and filler
+    letters; tabs and line breaks become spaces, and so does a braille blank."""
+    if text.isprintable() and (text.isascii() or not (  # fast path: nothing to strip
+            "\u3164" in text or "\u2800" in text or "\u115f" in text or "\u1160" in text
+            or "\uffa0" in text)):
         return text
     text = _ESCAPE_SEQUENCE.sub("", text)
     text = text.replace("\t", " ").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-    return _CONTROL.sub("", text)
+    text = _CONTROL.sub("", text)
+    if BRAILLE_BLANK in text:
+        text = text.replace(BRAILLE_BLANK, " ")
+    if "\u200c" in text or "\u200d" in text:
+        text = _STRAY_JOINER.sub("", text)
+    return text
 
 
 # --- client -> broker ---------------------------------------------------------

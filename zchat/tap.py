@@ -327,22 +327,86 @@ class _StdoutHandler(logging.StreamHandler):
             raise ReaderGone from None
 
 
+# The log holds every public event and who said it: owner only unless --mode says otherwise.
+DEFAULT_FILE_MODE = 0o600
+
+
+class _ExactMode:
+    """Opens the log file, and each new one after a rotation, with exactly `file_mode`,
+    whatever the umask; an existing file is brought to it too. Rotated files are renamed,
+    so they keep it."""
+
+    file_mode: int
+    baseFilename: str
+    mode: str
+    encoding: str | None
+    errors: str | None
+
+    def __init__(self, *args: Any, file_mode: int, **kwargs: Any) -> None:
+        self.file_mode = file_mode  # before the base class opens the file
+        super().__init__(*args, **kwargs)
+
+    def _open(self) -> Any:
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=self._opener)
+
+    def _opener(self, path: str, flags: int) -> int:
+        fd = os.open(path, flags | os.O_CLOEXEC, self.file_mode)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != self.file_mode:
+                os.fchmod(fd, self.file_mode)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+
+class _FileHandler(_ExactMode, logging.FileHandler):
+    pass
+
+
+class _SizeRotatingHandler(_ExactMode, RotatingFileHandler):
+    pass
+
+
+class _TimeRotatingHandler(_ExactMode, TimedRotatingFileHandler):
+    pass
+
+
+def parse_file_mode(text: str) -> int:
+    """--mode: octal permission bits (600, 0640, 0o640); the owner must be able to write."""
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise ValueError(f"--mode {text!r}: give octal permission bits, like 600 or 640") from None
+    if not 0 <= mode <= 0o777 or not mode & 0o200:
+        raise ValueError(f"--mode {text!r}: permission bits 000-777 that let the owner write, like 600")
+    return mode
+
+
 def make_handler(output: Path | None = None, rotate_bytes: int | None = None,
-                 rotate_when: str | None = None, backups: int = 5) -> logging.Handler:
-    """stdout, a file, or a file rotated by size or time; each record is flushed."""
+                 rotate_when: str | None = None, backups: int = 5,
+                 file_mode: int | None = None) -> logging.Handler:
+    """stdout, a file, or a file rotated by size or time; each record is flushed. Files are
+    created (and kept) with `file_mode`, DEFAULT_FILE_MODE unless given."""
     if output is None:
         if rotate_bytes is not None or rotate_when is not None:
             raise ValueError("rotation needs --output FILE")
+        if file_mode is not None:
+            raise ValueError("--mode needs --output FILE")
+    mode = DEFAULT_FILE_MODE if file_mode is None else file_mode
+    if output is None:
         handler: logging.Handler = _StdoutHandler(sys.stdout)
     elif rotate_bytes is not None:
         if rotate_bytes <= 0 or backups < 1:
             raise ValueError("--rotate-bytes needs N > 0 and --backups K >= 1")
-        handler = RotatingFileHandler(output, maxBytes=rotate_bytes, backupCount=backups, encoding="utf-8")
+        handler = _SizeRotatingHandler(output, maxBytes=rotate_bytes, backupCount=backups, encoding="utf-8",
+                                       file_mode=mode)
     elif rotate_when is not None:  # ValueError for an unknown interval
-        handler = TimedRotatingFileHandler(output, when=rotate_when, backupCount=max(0, backups),
-                                           encoding="utf-8")
+        handler = _TimeRotatingHandler(output, when=rotate_when, backupCount=max(0, backups),
+                                       encoding="utf-8", file_mode=mode)
     else:
-        handler = logging.FileHandler(output, encoding="utf-8")
+        handler = _FileHandler(output, encoding="utf-8", file_mode=mode)
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
 
