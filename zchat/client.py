@@ -76,6 +76,7 @@ from zchat.protocol import (
     private_topic,
     room_topic,
 )
+from zchat.sealing import SealError, box_for, open_publication
 from zchat.transport import HandshakeWatch, curve_client
 
 JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM}
@@ -166,6 +167,9 @@ class ChatClient:
         self.settings = settings
         self.identity = settings.keypair.identity
         self.private_topic = private_topic(self.identity)
+        # The broker seals our private stream to our key (PROTOCOL.md "Sealed private streams").
+        self._box = box_for(settings.keypair.secret, settings.server_key)
+        self.unopened = 0  # u/ publications that did not open with our key: dropped
         self.events: queue.Queue[ClientEvent] = queue.Queue()
         self._on_event = on_event or self.events.put
         self.ctx = zmq.Context()
@@ -477,6 +481,11 @@ class ChatClient:
                 data = self.sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            try:
+                data = open_publication(self._box, data)  # u/ only; the rest as it is
+            except SealError:
+                self.unopened += 1  # not sealed to us (or damaged): never shown
+                continue
             try:
                 topic, event = decode_publication(data)
             except ProtocolError:

@@ -6,6 +6,9 @@ remembered name in one SQLite transaction, and only then sends, in order,
 answering history fetches and mail deliveries from storage on the way. So
 nothing is ever published that a crash right after could lose, and history
 handed to a joiner reaches exactly up to the live events that follow it.
+
+Every frame on a private topic (`u/<id>/`) is sealed to its recipient here, and
+only here (zchat.sealing): room and system traffic pays nothing for it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from zchat.protocol import (
     private_topic,
     room_topic,
 )
+from zchat.sealing import BoxCache
 
 log = logging.getLogger("zchat.broker")
 
@@ -44,9 +48,10 @@ _INPUT_ERRORS = {Code.BAD_REQUEST, Code.TOO_LARGE, Code.TOO_MANY_FRAMES}
 
 class Dispatcher:
     def __init__(self, core: BrokerCore, store: HistoryStore, send: Callable[[bytes], object],
-                 cut: Callable[[str], None] = lambda identity: None,
+                 boxes: BoxCache, cut: Callable[[str], None] = lambda identity: None,
                  ban: Callable[[str], None] = lambda identity: None) -> None:
         self.core = core
+        self.boxes = boxes  # seals private publications to their recipient
         self.store = store
         self.send = send
         self.cut = cut  # shut an identity's connections down
@@ -76,11 +81,15 @@ class Dispatcher:
             if type(item) is Publish:
                 event, topic = item.event, item.topic
                 body = _encode(event)
-                add_frame(topic.encode() + b" " + body)
                 if type(event) is Message:  # the hot path: stored, counted, nothing else
+                    add_frame(topic.encode() + b" " + body)
                     add_row((topic, event.seq, event.ts, body))
                     said += 1
                     continue
+                if topic.startswith(PRIVATE_PREFIX):
+                    add_frame(self.boxes.seal_publication(topic, body))
+                else:
+                    add_frame(topic.encode() + b" " + body)
                 if topic.startswith(ROOM_PREFIX) and not isinstance(event, Mark):
                     rows.append((topic, event.seq, event.ts, body))
                     if isinstance(event, (Joined, Left)):
@@ -128,7 +137,7 @@ class Dispatcher:
 
     def _send_reply(self, identity: str, make) -> None:  # type: ignore[no-untyped-def]
         reply = self.core.reply(identity, make)
-        self.send(reply.topic.encode() + b" " + _encode(reply.event))
+        self.send(self.boxes.seal_publication(reply.topic, _encode(reply.event)))
         self.published += 1
 
     def _count(self, topic: str, event: object) -> None:
