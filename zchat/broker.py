@@ -370,6 +370,9 @@ class Broker:
                 self._cut_data_sender(frame)
                 continue
             identity = user_id(frame)
+            if self._data_senders and self._data_senders.get(identity or "", 0.0) > time.monotonic():
+                self._cut_data_sender(frame)  # another connection of a key cut for data frames
+                continue
             try:
                 topic = data[1:].decode()
             except UnicodeDecodeError:
@@ -410,7 +413,7 @@ class Broker:
         self._remember_fd(self.outputs, frame, identity)  # its data connection may have sent nothing else
         count = self.inputs.cut(identity) + self.outputs.cut(identity)
         if not first:
-            return  # frames it queued before the cut: its connections are shut already
+            return  # frames queued before the cut, or a connection of it we had not seen before
         if len(self._data_senders) >= DATA_SENDERS_KEPT:
             for key, until in list(self._data_senders.items()):
                 if until <= now:
