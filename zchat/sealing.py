@@ -40,7 +40,7 @@ def z85_decode(text: bytes | str) -> bytes:
     """ZeroMQ's Z85 (RFC 32): 5 characters carry 4 bytes, big-endian."""
     data = text.encode("ascii") if isinstance(text, str) else text
     if len(data) % 5:
-        raise ValueError("Z85 text is a multiple of 5 characters")
+        raise ValueError("Z85 text must be a multiple of 5 characters long")
     out = bytearray()
     for start in range(0, len(data), 5):
         value = 0
@@ -84,10 +84,6 @@ def open_sealed(box: Box, payload: bytes) -> bytes:
         return crypto_box_open_easy_afternm(payload[NONCE_BYTES:], payload[:NONCE_BYTES], box.shared_key())
     except CryptoError:
         raise SealError("does not open with this key") from None
-
-
-def is_private(frame: bytes) -> bool:
-    return frame.startswith(_PRIVATE)
 
 
 def open_publication(box: Box, frame: bytes) -> bytes:
