@@ -10,7 +10,9 @@ a separate process too. Measured: throughput (1 and 4 senders x 1, 4 and 10
 subscribers), one-way latency at offered loads of 1k/10k/50k msg/s with 10
 subscribers, scale (1k/5k/10k joined clients: broker RSS per client, join
 time, a probe delivered to all), a chatty room (N members x 1 msg/s) and the
-start-to-joined time of the real ChatClient library. See benchmarks/README.md.
+start-to-joined time of the real ChatClient library, and what sealing private
+events costs (per event, and private messages through the broker). See
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import zmq  # noqa: E402
 from zchat import keys  # noqa: E402
 from zchat import limits as L  # noqa: E402
 from zchat.auth import zap_reply  # noqa: E402
+from zchat.sealing import SealError, box_for, open_publication  # noqa: E402
 
 # --- what is measured -----------------------------------------------------------
 
@@ -58,10 +61,12 @@ LATENCY_SUBSCRIBERS = 10
 PROFILES = {
     "quick": dict(tp_warmup=0.5, tp_duration=1.0, lat_warmup=0.5, lat_duration=1.5,
                   scale=[1_000], scale_join_timeout=45.0, chatty=[100], chatty_warmup=0.5,
-                  chatty_duration=2.0, joins=10, profile_duration=3.0),
+                  chatty_duration=2.0, joins=10, profile_duration=3.0, seal_events=20_000,
+                  seal_dms=5_000, seal_rate=1_000),
     "full": dict(tp_warmup=1.0, tp_duration=3.0, lat_warmup=1.0, lat_duration=4.0,
                  scale=[1_000, 5_000, 10_000], scale_join_timeout=60.0, chatty=[100, 300, 1_000],
-                 chatty_warmup=1.0, chatty_duration=5.0, joins=30, profile_duration=6.0),
+                 chatty_warmup=1.0, chatty_duration=5.0, joins=30, profile_duration=6.0, seal_events=100_000,
+                 seal_dms=30_000, seal_rate=2_000),
 }
 SUBS_PER_PROCESS = 5  # subscriber sockets per load-generator process (throughput/latency)
 CLIENTS_PER_GENERATOR = 2_500  # scale: each client holds 4 fds in its generator (2 sockets x (tcp + mailbox))
@@ -464,7 +469,7 @@ class Member:
     """One zchat client as raw sockets: a CURVE PUSH + SUB pair with its own key."""
 
     __slots__ = ("sub", "push", "identity", "utopic", "welcome", "join", "t_start", "next_join",
-                 "joined_ns", "error")
+                 "joined_ns", "error", "box")
 
     def __init__(self, ctx: zmq.Context, svc: dict, name: str, rooms: list[str],
                  extra_topics: tuple[bytes, ...] = ()) -> None:
@@ -472,6 +477,7 @@ class Member:
         self.identity = keys.identity_of(public)
         self.utopic = f"u/{self.identity}/".encode()
         self.welcome = self.utopic + b' {"type":"welcome"'
+        self.box = box_for(secret, svc["key"])  # opens our sealed private stream
         self.sub = curve_client(ctx, zmq.SUB, svc["key"], public, secret)
         self.sub.linger = 0
         for topic in [b"sys/", self.utopic, *(f"r/{r}/".encode() for r in rooms), *extra_topics]:
@@ -514,6 +520,7 @@ class Member:
                 data = self.sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return False
+            data = self.readable(data)
             if data.startswith(self.welcome):
                 self.joined_ns = mono()
                 return True
@@ -522,6 +529,14 @@ class Member:
                 if code in ("name_taken", "invalid_name", "invalid_room"):
                     self.error = code
                     return True
+
+    def readable(self, data: bytes) -> bytes:
+        """A u/ publication opened with our key; anything else as it is (an older broker's
+        private events are in clear: kept as they are, so it can still be measured)."""
+        try:
+            return open_publication(self.box, data)
+        except SealError:
+            return data
 
     def close(self) -> None:
         self.sub.close(0)
@@ -671,6 +686,7 @@ def sender_proc(svc: dict, kind: str, name: str, idx: int, rate: float | None, s
                 data = member.sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            data = member.readable(data)
             if data.startswith(member.utopic) and b'"type":"error"' in data:
                 errors[data.split(b'"code":"', 1)[-1].split(b'"', 1)[0].decode()] += 1
         member.push.send(b'{"type":"leave"}')
@@ -1207,6 +1223,127 @@ def run_joins(workdir: Path, count: int, broker_args: list[str]) -> dict:
         reap(procs, 10)
 
 
+# --- what sealing costs: per private event, and private messages through the broker ----------------
+
+
+def measure_seal_micro(count: int) -> dict:
+    """Per private event, in one process: the broker's encode alone vs encode + seal (what the
+    dispatcher does for every u/ publication), a recipient opening one, and a new recipient's box."""
+    import msgspec
+
+    from zchat.protocol import Direct, private_topic
+    from zchat.sealing import BoxCache
+
+    encode = msgspec.json.Encoder().encode
+    broker_public, broker_secret = zmq.curve_keypair()
+    public, secret = zmq.curve_keypair()
+    topic = private_topic(keys.identity_of(public))
+    event = Direct(seq=123456, ts=time.time(), name="bob", to="alice", text="x" * TEXT_BYTES)
+    boxes = BoxCache(broker_secret)
+    frame = boxes.seal_publication(topic, encode(event))  # the recipient's box is kept from here on
+    box = box_for(secret, broker_public)
+
+    def per_event_us(work: Callable[[], object], n: int) -> float:
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            work()
+        return round((time.perf_counter_ns() - t) / n / 1000, 2)
+
+    plain_us = per_event_us(lambda: topic.encode() + b" " + encode(event), count)
+    sealed_us = per_event_us(lambda: boxes.seal_publication(topic, encode(event)), count)
+    open_us = per_event_us(lambda: open_publication(box, frame), count)
+    fresh = [keys.identity_of(zmq.curve_keypair()[0]) for _ in range(200)]
+    miss_us = per_event_us(lambda: boxes.box(fresh.pop()), len(fresh))
+    return {"encode_us": plain_us, "encode_seal_us": sealed_us, "seal_us": round(sealed_us - plain_us, 2),
+            "open_us": open_us, "new_box_us": miss_us, "bytes_plain": len(encode(event)),
+            "bytes_sealed": len(frame) - len(topic) - 1}
+
+
+def dm_proc(svc: dict, count: int, rate: float | None, results) -> None:  # type: ignore[no-untyped-def]
+    """One member sends `count` private messages to another (at `rate` a second, or flat out);
+    the recipient opens each and takes its latency from the send time in its text."""
+    ctx = zmq.Context()
+    to = f"dmto{os.getpid()}"  # names of its own: the last run's members may not be gone yet
+    members, _, failed = join_members(ctx, svc, [(f"dmfrom{os.getpid()}", [ROOM], ()), (to, [ROOM], ())],
+                                      timeout=30)
+    if failed:
+        raise RuntimeError(f"the private-message members could not join: {[m.error for m in members]}")
+    sender, receiver = members
+    prefix, suffix = b'{"type":"msg","to":"%s","text":"' % to.encode(), PAD + b'"}'
+    direct = receiver.utopic + b' {"type":"direct"'
+    start = len(receiver.utopic) + 1
+    lat: list[int] = []
+    sealed = 0
+    sent = 0
+    gap = int(1e9 / rate) if rate else 0
+    t0 = next_send = next_ping = mono()
+    last_rx = t0
+    while len(lat) < count and mono() - last_rx < 2e9:
+        now = mono()
+        while sent < count and now >= next_send:  # a burst at most, then read
+            try:
+                sender.push.send(prefix + b"%020d" % mono() + suffix, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            sent += 1
+            next_send = next_send + gap if gap else now
+            if sent % 200 == 0:
+                break
+        if receiver.sub.poll(1 if sent < count else 100):
+            for _ in range(1000):
+                try:
+                    data = receiver.sub.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                opened = receiver.readable(data)
+                if opened.startswith(direct):
+                    lat.append(mono() - text_ts(opened, start))
+                    sealed += opened is not data
+                    last_rx = mono()
+        sender.drain()  # its own copies
+        if mono() >= next_ping:
+            sender.ping()
+            receiver.ping()
+            next_ping = mono() + PING_INTERVAL_NS
+    seconds = (last_rx - t0) / 1e9
+    for member in members:
+        member.push.send(b'{"type":"leave"}')
+        member.close()
+    ctx.term()
+    results.put({"sent": sent, "delivered": len(lat), "sealed": sealed, "seconds": round(seconds, 3),
+                 "dms_per_s": round(len(lat) / seconds, 1) if seconds > 0 else None, **percentiles(lat)})
+
+
+def run_sealing(workdir: Path, cfg: dict, broker_args: list[str] | None) -> dict:
+    out = {"micro": measure_seal_micro(cfg["seal_events"])}
+    svc = Service("zchat", workdir, broker_args)
+    try:
+        for label, rate in (("flat_out", None), ("paced", cfg["seal_rate"])):
+            results = MP.Queue()
+            spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
+            procs = [spawn(dm_proc, spec, cfg["seal_dms"], rate, results)]
+            try:
+                out[label] = {"offered_per_s": rate, **collect(results, 1, 120, procs)[0]}
+            finally:
+                reap(procs, 10)
+    finally:
+        svc.stop()
+    return out
+
+
+def print_sealing(s: dict) -> None:
+    m = s["micro"]
+    print(f"  sealing, per private event: encode {m['encode_us']} us, encode+seal {m['encode_seal_us']} us "
+          f"(+{m['seal_us']} us, {m['bytes_plain']} -> {m['bytes_sealed']} B); open {m['open_us']} us; "
+          f"a new recipient's box {m['new_box_us']} us", flush=True)
+    for label in ("flat_out", "paced"):
+        r = s[label]
+        offered = "flat out" if r["offered_per_s"] is None else f"offered {fmt_rate(r['offered_per_s'])}/s"
+        print(f"  private messages through the broker, {offered}: {fmt_rate(r['dms_per_s'])}/s delivered "
+              f"({r['delivered']}/{r['sent']}, {r['sealed']} sealed), p50 {fmt_ms(r['p50_ms'])} "
+              f"p99 {fmt_ms(r['p99_ms'])} ms", flush=True)
+
+
 # --- profile of the broker under load (py-spy) -------------------------------------------------------
 
 
@@ -1613,9 +1750,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--abrupt-close", action="store_true",
                         help="senders close right after the window instead of waiting for the subscribers "
                         "to drain (reproduces a libzmq assertion crash in the broker, see README)")
-    parser.add_argument("--only", default="throughput,latency,scale,chatty,joins",
-                        help="comma-separated subset of: throughput,latency,scale,chatty,joins,profile "
-                        "(default: all but profile, which --profile adds)")
+    parser.add_argument("--only", default="throughput,latency,scale,chatty,joins,sealing",
+                        help="comma-separated subset of: throughput,latency,scale,chatty,joins,sealing,"
+                        "profile (default: all but profile, which --profile adds)")
     args = parser.parse_args(argv)
     cfg = PROFILES["quick" if args.quick else "full"]
     only = set(args.only.split(","))
@@ -1750,6 +1887,9 @@ def main(argv: list[str] | None = None) -> int:
                 lambda r: f"{fmt_rate(r['deliveries_per_s'])} deliveries/s, p99 {fmt_ms(r['p99_ms'])} ms")
         if "joins" in only:
             res["joins"] = run_joins(workdir, cfg["joins"], join_args)
+        if "sealing" in only:
+            res["sealing"] = run_sealing(workdir, cfg, broker_args)
+            print_sealing(res["sealing"])
         res["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
         res["summary"] = summary(res)
         print("")

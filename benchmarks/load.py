@@ -122,8 +122,8 @@ def load_gen_proc(svc: dict, gen: int, first: int, count: int, total_n: int, roo
                     if t0 and ts >= t0:
                         delivered += 1
                         lat.append(now - ts)
-                elif data.startswith(m.utopic) and b'"type":"error"' in data:
-                    errors[error_code(data)] += 1
+                elif data.startswith(m.utopic) and b'"type":"error"' in m.readable(data):
+                    errors[error_code(m.readable(data))] += 1
         return True
 
     next_ping = 0

@@ -8,7 +8,8 @@ from pathlib import Path
 import zmq
 
 from zchat import keys
-from zchat.protocol import decode_publication
+from zchat.protocol import EventType, decode_publication
+from zchat.sealing import SealError, box_for, open_publication
 
 
 def broker_key(config_dir: Path) -> bytes:
@@ -29,6 +30,8 @@ class RawPeer:
         self.keypair = keypair or RawPeer.keypair()
         public, secret = self.keypair.public, self.keypair.secret
         self.identity = self.keypair.identity
+        # Opens what the broker seals to this key on u/<id>/ (a plaintext peer never gets any).
+        self.box = box_for(secret, server_key) if server_key is not None else None
         self.sub = self.ctx.socket(zmq.SUB)
         self.push = self.ctx.socket(zmq.PUSH)
         for sock in (self.sub, self.push):
@@ -54,20 +57,34 @@ class RawPeer:
                 self.received.append(self.sub.recv())
         return self.received
 
+    def opened(self, data: bytes) -> bytes | None:
+        """`data` readable: a u/ publication opened with our key (None when it does not open)."""
+        if self.box is None:
+            return data
+        try:
+            return open_publication(self.box, data)
+        except SealError:
+            return None
+
+    def decoded(self) -> list[tuple[str, EventType]]:
+        """Every publication received so far that opens, decoded."""
+        return [decode_publication(data) for data in map(self.opened, self.received) if data is not None]
+
     def wait_for(self, predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-        """The first decoded (topic, event) satisfying `predicate`, within `timeout`."""
+        """The first decoded (topic, event) satisfying `predicate`, within `timeout` (frames
+        that do not open with our key are skipped)."""
         deadline = time.monotonic() + timeout
         for data in self.received:
-            topic, event = decode_publication(data)
-            if predicate(topic, event):
-                return topic, event
+            readable = self.opened(data)
+            if readable is not None and predicate(*(found := decode_publication(readable))):
+                return found
         while (left := deadline - time.monotonic()) > 0:
             if self.sub.poll(int(left * 1000) + 1):
                 data = self.sub.recv()
                 self.received.append(data)
-                topic, event = decode_publication(data)
-                if predicate(topic, event):
-                    return topic, event
+                readable = self.opened(data)
+                if readable is not None and predicate(*(found := decode_publication(readable))):
+                    return found
         raise AssertionError(f"nothing matched within {timeout} s; got {self.received[-10:]}")
 
     def close(self) -> None:

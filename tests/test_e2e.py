@@ -14,7 +14,7 @@ from peers import FaultyProxy, RawPeer, broker_key
 
 from zchat import limits as L
 from zchat.keys import identity_of, load_public
-from zchat.protocol import Error, Message, Welcome, decode_publication
+from zchat.protocol import Error, Message, Welcome
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -207,7 +207,7 @@ def test_bad_input_gets_errors_and_nobody_else_notices(chat: Chat) -> None:
             peer.send(*frames)
         # Wait for an error to the last bad message; the others came before it, in order.
         peer.wait_for(lambda t, e: isinstance(e, Error) and e.code == "not_in_room")
-        codes = [e.code for t, e in map(decode_publication, peer.received) if isinstance(e, Error)]
+        codes = [e.code for t, e in peer.decoded() if isinstance(e, Error)]
         assert codes == ["bad_request", "bad_request", "bad_request", "bad_request", "empty_text",
                          "too_large", "too_many_frames", "invalid_name", "not_in_room"], codes
         alice.send("still fine")

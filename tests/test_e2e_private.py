@@ -22,7 +22,7 @@ from test_tap import live_tap
 
 from zchat import keys
 from zchat import limits as L
-from zchat.protocol import Code, Error, KeyReply, decode_publication
+from zchat.protocol import Code, Error, KeyReply
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,8 +155,7 @@ def _key_of(peer: RawPeer, name: str) -> str:
 
 
 def _errors(peer: RawPeer, code: str) -> list[Error]:
-    events = [decode_publication(frame)[1] for frame in peer.received]
-    return [e for e in events if isinstance(e, Error) and e.code == code]
+    return [e for _, e in peer.decoded() if isinstance(e, Error) and e.code == code]
 
 
 @pytest.mark.timeout(180)

@@ -35,6 +35,7 @@ from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention, open_to_others
 from zchat.lockfile import Locked, LockFile
 from zchat.protocol import ROOM_PREFIX, SYSTEM_TOPIC, Stats
+from zchat.sealing import BoxCache
 
 log = logging.getLogger("zchat.broker")
 
@@ -46,6 +47,8 @@ CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave 
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
 STATS_INTERVAL = 5.0  # default seconds between stats events on sys/
 STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
+DATA_SENDER_REFUSAL = 60.0  # seconds a key cut for sending data on its subscriber connection is refused
+DATA_SENDERS_KEPT = 10_000  # such keys remembered at once (the oldest forgotten first)
 
 
 @dataclass
@@ -138,12 +141,22 @@ class Broker:
         self.core = BrokerCore(self.epoch, time.time(), settings.limits,
                                seqs=self.store.last_seqs(), known_names=self.store.known_names(),
                                accounts=accounts, banned=read_bans(self.bans_path))
+        self.boxes = BoxCache(self.keypair.secret)  # seals every u/<id>/ publication to <id>
         self.ctx = zmq.Context()
         self._stopping = False
         self._reload_requested = False
         # Input (PULL) and output (XPUB) connections apart: presence follows the input one.
         self.inputs, self.outputs = Connections(), Connections()
         self._pending_cuts: list[tuple[float, str]] = []
+        # An upstream data frame read from the XPUB shifts libzmq's record of the pipe last read
+        # (it is queued without its pipe): until the socket's queue is empty again, an approval
+        # could be installed on someone else's connection. Meanwhile none is installed; the
+        # clients whose subscriptions are skipped subscribe again.
+        self._xpub_shifted = False
+        # Keys cut for sending data on their subscriber connection: monotonic time until which
+        # ZAP refuses them.
+        self._data_senders: dict[str, float] = {}
+        self.data_cuts = 0  # such cuts, for the stats
         # Input connections seen closing, (identity, fd) -> when to announce the leave. The
         # monitor can report a close before the main loop has read the connection's last
         # frames (a /quit's leave message): those are read first, and do not count as a
@@ -202,7 +215,7 @@ class Broker:
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.monitor = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.xpub_monitor = self.xpub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.dispatch = Dispatcher(self.core, self.store, self.xpub.send, self._cut, self._ban)
+        self.dispatch = Dispatcher(self.core, self.store, self.xpub.send, self.boxes, self._cut, self._ban)
         self._sockets_open = True
         ep = self.settings.endpoints
         for sock, endpoint in ((self.pull, ep.input), (self.xpub, ep.publish)):
@@ -291,6 +304,9 @@ class Broker:
         accounts = self.core.accounts
         if identity in self.core.banned or (accounts is not None and identity not in accounts):
             log.info("refused key %s at the handshake", identity[:12])
+            return False
+        if self._data_senders and self._data_senders.get(identity, 0.0) > time.monotonic():
+            log.debug("refused key %s at the handshake: it sent data frames", identity[:12])
             return False
         return True
 
@@ -397,11 +413,17 @@ class Broker:
             try:
                 frame = xpub.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
+                self._xpub_shifted = False  # libzmq's queues are empty: its bookkeeping is in step
                 return
             data = frame.bytes
             if len(data) < 1 or data[0] not in (0, 1):
+                self._xpub_shifted = True
+                self._cut_data_sender(frame)
                 continue
             identity = user_id(frame)
+            if self._data_senders and self._data_senders.get(identity or "", 0.0) > time.monotonic():
+                self._cut_data_sender(frame)  # another connection of a key cut for data frames
+                continue
             try:
                 topic = data[1:].decode()
             except UnicodeDecodeError:
@@ -409,6 +431,10 @@ class Broker:
             if data[0] == 1:
                 if identity is not None:
                     self._remember_fd(self.outputs, frame, identity)
+                if self._xpub_shifted:  # it would land on another connection: the client retries
+                    log.debug("subscription %r from %s skipped after a data frame", topic[:80],
+                              (identity or "?")[:12])
+                    continue
                 allowed, out = core.on_subscribe(identity, topic, now)
                 log.debug("subscription %r from %s: %s", topic[:80], (identity or "?")[:12],
                           "installed" if allowed else "refused")
@@ -423,7 +449,33 @@ class Broker:
                 self._publish(out)
             elif identity is not None:
                 core.on_unsubscribe(identity, topic)
-                xpub.setsockopt(zmq.UNSUBSCRIBE, data[1:])
+                if not self._xpub_shifted:  # else it could remove someone else's subscription
+                    xpub.setsockopt(zmq.UNSUBSCRIBE, data[1:])
+
+    def _cut_data_sender(self, frame: zmq.Frame) -> None:
+        """An upstream data frame on the publishing socket, which an honest SUB never sends (it
+        is how an attacker shifts libzmq's bookkeeping): cut every connection of its key, which
+        the frame's User-Id names, and refuse that key at the handshake for a while."""
+        identity = user_id(frame)
+        if identity is None:
+            return
+        now = time.monotonic()
+        first = self._data_senders.get(identity, 0.0) <= now  # not cut already in this window
+        self._remember_fd(self.outputs, frame, identity)  # its data connection may have sent nothing else
+        count = self.inputs.cut(identity) + self.outputs.cut(identity)
+        if not first:
+            return  # frames queued before the cut, or a connection of it we had not seen before
+        if len(self._data_senders) >= DATA_SENDERS_KEPT:
+            for key, until in list(self._data_senders.items()):
+                if until <= now:
+                    del self._data_senders[key]
+            if len(self._data_senders) >= DATA_SENDERS_KEPT:
+                del self._data_senders[next(iter(self._data_senders))]
+        self._data_senders.pop(identity, None)  # re-inserted last: the oldest go first
+        self._data_senders[identity] = now + DATA_SENDER_REFUSAL
+        self.data_cuts += 1
+        log.warning("cut key %s: it sent data frames on its subscriber connection (%d connection(s) "
+                    "shut; refused for %.0f s)", identity[:12], count, DATA_SENDER_REFUSAL)
 
     def _drain_messages(self, now: float) -> None:
         # The hot loop: names bound once, no helper calls on the common path.
@@ -521,7 +573,7 @@ class Broker:
             published=dispatch.published, published_rate=published_rate,
             drops=sum(core.rejected.values()), drops_by_kind=dict(core.rejected),
             rate_limited=limited, rate_limited_total=core.rate_limited_total,
-            errors=dict(dispatch.errors), history=self.store.stored))])
+            errors=dict(dispatch.errors), history=self.store.stored, data_cuts=self.data_cuts))])
 
     def _reload_settings(self, now: float) -> None:
         """SIGHUP: read the settings again; apply what can change live, log the rest."""

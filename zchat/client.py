@@ -7,7 +7,8 @@ socket, so no ZeroMQ socket is ever shared between threads.
 What it takes care of:
 - the join handshake: subscribe first, resend the join every 200 ms until the
   welcome arrives (PUB/SUB drops anything published before a subscription is
-  live, so a single join could go unanswered);
+  live, so a single join could go unanswered), and subscribe afresh when no
+  welcome comes within a second (the broker may have lost our approval);
 - heartbeats both ways: a ping every second, and a watchdog on the broker's
   heartbeat that reports "connection lost" and rejoins when the broker is
   back (a changed epoch means the broker restarted);
@@ -87,6 +88,7 @@ from zchat.protocol import (
     private_topic,
     room_topic,
 )
+from zchat.sealing import SealError, box_for, open_publication
 from zchat.transport import HandshakeWatch, curve_client
 
 JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM}
@@ -156,6 +158,9 @@ BACKFILL_WAIT = 3.0  # seconds to hold a room's live events while a gap is being
 RESEND_WAIT = 2.0  # seconds to wait for missed-event replays before resending after a rejoin
 REF_START_SPAN = 1 << 39  # message refs stay below the backfill refs (from 1 << 40)
 BACKFILL_PAGES = 20  # history requests per gap (of up to MAX_HISTORY_PER_REQUEST events each)
+# Joining: no welcome on our private stream this long after subscribing it means the broker may
+# not have installed it (PROTOCOL.md "Sealed private streams"): unsubscribe and subscribe again.
+RESUBSCRIBE_WAIT = 1.0
 
 
 @dataclass
@@ -212,6 +217,9 @@ class ChatClient:
         self.settings = settings
         self.identity = settings.keypair.identity
         self.private_topic = private_topic(self.identity)
+        # The broker seals our private stream to our key (PROTOCOL.md "Sealed private streams").
+        self._box = box_for(settings.keypair.secret, settings.server_key)
+        self.unopened = 0  # u/ publications that did not open with our key: dropped
         self.events: queue.Queue[ClientEvent] = queue.Queue()
         self._on_event = on_event or self.events.put
         self.ctx = zmq.Context()
@@ -379,10 +387,16 @@ class ChatClient:
         self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._subscribed[topic] = self._subscribed.get(topic, 0) + 1
 
+    def _resubscribe(self, topic: str) -> None:
+        """Unsubscribe `topic` (every time we subscribed it), then subscribe it once: the broker
+        reads a fresh request to approve, and our count stays at one."""
+        for _ in range(self._subscribed.pop(topic, 0)):
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
+        self._subscribe(topic)
+
     def _run(self) -> None:
         self._make_sockets()
         self._pending_join: Join | None = None
-        self._join_attempts = 0
         self._next_join = 0.0
         self._last_heartbeat = time.monotonic()
         self._next_ping = 0.0
@@ -481,18 +495,18 @@ class ChatClient:
             elif topic in self._last_seq:
                 seen[room] = self._last_seq[topic]
         self._pending_join = Join(name=name, rooms=list(self.rooms), history=self.settings.history, seen=seen)
-        self._join_attempts = 0
         self._next_join = 0.0
+        self._resubscribe_at = time.monotonic() + RESUBSCRIBE_WAIT
         self._rejoin_reason = reason
         self._rejoin_failed = False
 
     def _timers(self) -> None:
         now = time.monotonic()
         if self._pending_join is not None and now >= self._next_join:
-            self._join_attempts += 1
-            if self._join_attempts % 5 == 0:  # the broker may have forgotten our subscriptions
+            if now >= self._resubscribe_at:  # no welcome: the broker may have lost our subscriptions
+                self._resubscribe_at = now + RESUBSCRIBE_WAIT
                 for topic in [self.private_topic] + [room_topic(r) for r in self.rooms]:
-                    self._subscribe(topic)
+                    self._resubscribe(topic)
             self._send(self._pending_join)
             self._next_join = now + L.JOIN_RETRY_INTERVAL
         if self.epoch is not None and now >= self._next_ping:
@@ -616,6 +630,11 @@ class ChatClient:
                 data = self.sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            try:
+                data = open_publication(self._box, data)  # u/ only; the rest as it is
+            except SealError:
+                self.unopened += 1  # not sealed to us (or damaged): never shown
+                continue
             try:
                 topic, event = decode_publication(data)
             except ProtocolError:

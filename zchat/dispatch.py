@@ -6,6 +6,9 @@ remembered name in one SQLite transaction, and only then sends, in order,
 answering history fetches and mail deliveries from storage on the way. So
 nothing is ever published that a crash right after could lose, and history
 handed to a joiner reaches exactly up to the live events that follow it.
+
+Every frame on a private topic (`u/<id>/`) is sealed to its recipient here, and
+only here (zchat.sealing): room and system traffic pays nothing for it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from zchat.protocol import (
     private_topic,
     room_topic,
 )
+from zchat.sealing import BoxCache
 
 log = logging.getLogger("zchat.broker")
 
@@ -45,9 +49,10 @@ _INPUT_ERRORS = {Code.BAD_REQUEST, Code.TOO_LARGE, Code.TOO_MANY_FRAMES}
 
 class Dispatcher:
     def __init__(self, core: BrokerCore, store: HistoryStore, send: Callable[[bytes], object],
-                 cut: Callable[[str], None] = lambda identity: None,
+                 boxes: BoxCache, cut: Callable[[str], None] = lambda identity: None,
                  ban: Callable[[str], None] = lambda identity: None) -> None:
         self.core = core
+        self.boxes = boxes  # seals private publications to their recipient
         self.store = store
         self.send = send
         self.cut = cut  # shut an identity's connections down
@@ -77,11 +82,15 @@ class Dispatcher:
             if type(item) is Publish:
                 event, topic = item.event, item.topic
                 body = _encode(event)
-                add_frame(topic.encode() + b" " + body)
                 if type(event) is Message:  # the hot path: stored, counted, nothing else
+                    add_frame(topic.encode() + b" " + body)
                     add_row((topic, event.seq, event.ts, body))
                     said += 1
                     continue
+                if topic.startswith(PRIVATE_PREFIX):
+                    add_frame(self.boxes.seal_publication(topic, body))
+                else:
+                    add_frame(topic.encode() + b" " + body)
                 if topic.startswith(ROOM_PREFIX) and not isinstance(event, Mark):
                     rows.append((topic, event.seq, event.ts, body))
                     if isinstance(event, (Joined, Left)):
@@ -155,13 +164,14 @@ class Dispatcher:
             detail=f"a message you left for {clean_text(dropped.to)} was dropped unread: their "
             f"mailbox is full, and your messages were among the most numerous in it"))
         if notice is not None:  # an offline sender is not told
-            self.send(notice.topic.encode() + b" " + _encode(notice.event))
-            self.published += 1
-            self._count(notice.topic, notice.event)
+            self._send_private(notice)
 
     def _send_reply(self, identity: str, make) -> None:  # type: ignore[no-untyped-def]
-        reply = self.core.reply(identity, make)
-        self.send(reply.topic.encode() + b" " + _encode(reply.event))
+        self._send_private(self.core.reply(identity, make))
+
+    def _send_private(self, reply: Publish) -> None:
+        """A publication on a private stream made outside the turn's batch: sealed like every other."""
+        self.send(self.boxes.seal_publication(reply.topic, _encode(reply.event)))
         self.published += 1
         if isinstance(reply.event, Error):
             self._count(reply.topic, reply.event)

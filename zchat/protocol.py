@@ -445,6 +445,9 @@ class Stats(Event, tag="stats"):
     rate_limited_total: int  # messages refused for rate
     errors: dict[str, int]  # error events sent, by code
     history: int  # events in the history store
+    # Keys cut for sending data frames on their subscriber connection (an attack: PROTOCOL.md
+    # "Sealed private streams"). Absent when 0, and from older brokers.
+    data_cuts: int = 0
 
 
 EventType = (Welcome | Message | Action | Direct | KeyReply | Joined | Left | Renamed | Muted | Error

@@ -136,6 +136,7 @@ def stats_table(stats: Stats) -> str:
         ("rate-limited", f"{stats.rate_limited} sender(s) in the interval  "
                          f"({stats.rate_limited_total} messages refused in total)"),
         ("errors", _kinds(stats.errors) if stats.errors else "none"),
+        ("data cuts", f"{stats.data_cuts} key(s) cut for sending data to the publish socket"),
         ("history", f"{stats.history} events stored"),
     ]
     head = (f"broker {stats.epoch}, up {duration(stats.uptime)}, at {when} "

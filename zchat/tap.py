@@ -1,10 +1,10 @@
 """The tap: log every public event and account for every sequence number.
 
 A SUB on r/ (every room), sys/ and the tap's own u/<id>/ (where history
-replies arrive), and a PUSH to the broker's input for history requests, both
-CURVE clients of the broker. Each event is written through a standard logging
-handler (stdout, a file, or a size- or time-rotating file), flushed at once,
-as a JSON line or a readable text line.
+replies arrive, sealed to the tap's key), and a PUSH to the broker's input for
+history requests, both CURVE clients of the broker. Each event is written
+through a standard logging handler (stdout, a file, or a size- or time-rotating
+file), flushed at once, as a JSON line or a readable text line.
 
 Completeness, per room topic: the first event seen is the baseline. After
 it, a jump in `seq` is backfilled from the broker's stored history while the
@@ -37,6 +37,7 @@ from typing import Any
 
 import msgspec
 import zmq
+from nacl.public import Box
 
 from zchat import limits as L
 from zchat.endpoints import Endpoints
@@ -50,6 +51,7 @@ from zchat.protocol import (
     private_topic,
     room_of_topic,
 )
+from zchat.sealing import SealError, box_for, open_publication
 from zchat.transport import curve_client
 
 log = logging.getLogger("zchat.tap")
@@ -535,8 +537,10 @@ class TapLog:
 class Tap:
     """Moves frames from the SUB through the tracker into the log; requests go out on the PUSH."""
 
-    def __init__(self, out: TapLog, push: zmq.Socket, identity: str, heartbeats: bool = False) -> None:
+    def __init__(self, out: TapLog, push: zmq.Socket, identity: str, box: Box,
+                 heartbeats: bool = False) -> None:
         self.out = out
+        self.box = box  # opens our sealed private stream
         self.push = push
         self.private = private_topic(identity)
         self.heartbeats = heartbeats
@@ -552,6 +556,11 @@ class Tap:
         self.epoch_known = False
 
     def frame(self, data: bytes, now: float) -> None:
+        try:
+            data = open_publication(self.box, data)  # u/ only; the rest as it is
+        except SealError:
+            log.debug("a u/ publication that does not open with our key: dropped")
+            return
         raw_topic, _, body = data.partition(b" ")
         topic = raw_topic.decode("utf-8", "replace")
         if not self.epoch_known and topic.startswith(ROOM_PREFIX) and len(self.held) < HOLD_MAX:
@@ -637,7 +646,7 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
         sub.subscribe(topic.encode())
     sub.connect(endpoints.publish)
     push.connect(endpoints.input)
-    tap = Tap(out, push, keypair.identity, heartbeats)
+    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats)
 
     stopping: list[int] = []
     wake_r, wake_w = socket.socketpair()
