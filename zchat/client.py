@@ -78,7 +78,7 @@ from zchat.protocol import (
 )
 from zchat.transport import HandshakeWatch, curve_client
 
-JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM}
+JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM, Code.BUSY}
 REMOVED = {Code.KICKED, Code.BANNED, Code.REVOKED}
 
 

@@ -137,6 +137,9 @@ def stats_table(stats: Stats) -> str:
                          f"({stats.rate_limited_total} messages refused in total)"),
         ("errors", _kinds(stats.errors) if stats.errors else "none"),
         ("history", f"{stats.history} events stored"),
+        ("connections", f"{stats.connections} open" + (f"  (refused: {_kinds(stats.refused)})"
+                                                        if stats.refused else "")),
+        ("evicted", f"{stats.evicted} key(s) that had not joined, to make room"),
     ]
     head = (f"broker {stats.epoch}, up {duration(stats.uptime)}, at {when} "
             f"(rates over the last {stats.interval:.1f} s)")
