@@ -45,6 +45,7 @@ KEY_CONNECTIONS = Refusal(b"500", "key_connections", "too many connections for t
 CONNECTIONS_FULL = Refusal(b"500", "connections", "the broker is at its connection limit")
 PEERS_FULL = Refusal(b"500", "peers", "every place the broker tracks is held by a member")
 NEW_KEYS = Refusal(b"500", "new_keys", "too many new keys from this address")
+EVICTED = Refusal(b"500", "evicted", "dropped a moment ago to make room; try again later")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from zchat import limits as L
 from zchat.admission import LogFold, NewKeyLimiter
 from zchat.auth import (
     CONNECTIONS_FULL,
+    EVICTED,
     KEY_CONNECTIONS,
     NEW_KEYS,
     NOT_AUTHORIZED,
@@ -186,6 +187,9 @@ class Broker:
         self._next_silence_scan = 0.0
         self._next_shed = 0.0
         self._local_ports: frozenset[int] = frozenset()
+        # Keys evicted to make room -> until when they are refused (monotonic), oldest first: cut,
+        # they would reconnect at once and evict another key that has not joined, in a loop.
+        self._evicted_until: dict[str, float] = {}
         # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
         self.started = time.time()
         self.frames_in = 0
@@ -198,6 +202,8 @@ class Broker:
     def bind(self) -> None:
         """ZAP first, then the two CURVE server sockets (zap_domain before bind)."""
         ctx = self.ctx
+        # Made before the ports are open: a flood of connections may take every descriptor.
+        self._wake = socket.socketpair()
         self.zap = ctx.socket(zmq.REP)
         self.zap.linger = 0
         self.zap.bind(ZAP_ENDPOINT)
@@ -318,6 +324,8 @@ class Broker:
             return KEY_CONNECTIONS
         if self.inputs.live + self.outputs.live > self.max_connections:
             return CONNECTIONS_FULL
+        if self._evicted_until.get(identity, 0.0) > now:
+            return EVICTED
         known = identity in core.peers or self.inputs.holds(identity) or self.outputs.holds(identity)
         if not known:
             if not core.room_for_new_key():
@@ -344,7 +352,7 @@ class Broker:
     def run(self) -> int:
         """Serve until a signal, --idle-exit or request_stop; returns the exit code."""
         gc.freeze()  # start-up objects never need collecting: keep them out of every GC pass
-        wake_r, wake_w = socket.socketpair()
+        wake_r, wake_w = self._wake
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
@@ -563,6 +571,9 @@ class Broker:
                     cut += self._count_cut("silent", self.inputs.cut(identity), identity)
             for connections in (self.inputs, self.outputs):
                 connections.expire_pending(mono - timeout)
+            evicted = self._evicted_until
+            while evicted and next(iter(evicted.values())) <= mono:
+                del evicted[next(iter(evicted))]
         for reason, repeats in self._fold.due(mono):
             log.info("... and %d more like it (%s) in the last %g s", repeats, reason, self._fold.interval)
 
@@ -602,9 +613,15 @@ class Broker:
     def _evicted(self) -> None:
         out = self.core.take_evictions()
         self._publish(out)
+        mono = time.monotonic()
+        evicted = self._evicted_until
         for item in out:
             if isinstance(item, Disconnect):
-                if self._fold.first("evicted", time.monotonic()):
+                evicted.pop(item.identity, None)  # re-inserted last: the dict stays in expiry order
+                evicted[item.identity] = mono + L.EVICTED_COOLDOWN
+                if len(evicted) > self.core.limits.max_peers:
+                    del evicted[next(iter(evicted))]
+                if self._fold.first("evicted", mono):
                     log.info("evicted key %s, which had not joined, to make room (%d keys tracked)",
                              item.identity[:12], len(self.core.peers))
 
@@ -681,6 +698,8 @@ class Broker:
     def close(self, linger_ms: int = 0) -> None:
         if self._sockets_open:
             self._sockets_open = False
+            for end in self._wake:
+                end.close()
             self.pull.disable_monitor()
             self.xpub.disable_monitor()
             for sock in (self.monitor, self.xpub_monitor, self.pull, self.zap):
