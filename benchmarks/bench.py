@@ -1766,6 +1766,8 @@ def main(argv: list[str] | None = None) -> int:
         broker_args = ["--rate-per-second", "0"]  # the stock broker, per-sender rate limit off
     else:
         broker_args = None  # an older broker without the option: the launcher sets Limits directly
+    if broker_args is not None and args.broker_args is None and "--new-keys-per-minute" in broker_help:
+        broker_args += ["--new-keys-per-minute", "0"]  # every generated key comes from one address
     join_args = shlex.split(args.broker_args) if args.broker_args is not None else []
     memdb = broker_args is not None and "--db" in broker_help and "--db" not in broker_args
     soft, hard = raise_nofile()

@@ -213,7 +213,9 @@ class RssSampler:
 
 
 def run_load(n: int, seconds: float, room_size: int, gens: int, workdir: Path) -> dict:
-    svc = Service("zchat", workdir, [])  # the stock broker: default rate limits and history
+    # The stock broker (default rate limits and history), but every key comes from this one
+    # address: its limit on new keys per address a minute would refuse most of them.
+    svc = Service("zchat", workdir, ["--new-keys-per-minute", "0"])
     procs: list = []
     try:
         spec = {"key": svc.server_key, "input": svc.input, "publish": svc.publish}
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = raise_nofile()
     meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "pyzmq": zmq.__version__,
             "libzmq": zmq.zmq_version(), "nofile": [soft, hard], "git": git_describe(),
-            "broker": "python -m zchat broker --port P --pub-port Q --config-dir TMP (defaults)",
+            "broker": "python -m zchat broker --port P --pub-port Q --config-dir TMP --new-keys-per-minute 0",
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     workdir = Path(tempfile.mkdtemp(prefix="zchat-load-"))
     t_start = time.monotonic()

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,12 +41,13 @@ def free_port() -> int:
 class Proc:
     """A child process whose stdout lines are collected by a reader thread."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, stdin: bool = True) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, stdin: bool = True,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.args = args
         self.proc = subprocess.Popen(
             [sys.executable, "-u", *args], cwd=ROOT, env=env,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=preexec_fn)
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -130,14 +131,17 @@ class Chat:
         return ["--port", str(self.port), "--pub-port", str(self.pub_port),
                 "--config-dir", str(self.config_dir)]
 
-    def start_broker(self, *extra: str) -> Proc:
-        broker = Proc(["broker.py", *self.endpoint_args(), *extra], env=self.env, stdin=False)
+    def start_broker(self, *extra: str, preexec_fn: Callable[[], None] | None = None) -> Proc:
+        """`preexec_fn` runs in the broker's process before it starts (e.g. a lower fd limit)."""
+        broker = Proc(["broker.py", *self.endpoint_args(), *extra], env=self.env, stdin=False,
+                      preexec_fn=preexec_fn)
         self.procs.append(broker)
         broker.wait_for("Server started, waiting for clients|cannot bind", timeout=15)
         if broker.count("cannot bind") and self.broker is None:
             # Someone took a port between our check and the bind: pick new ones, once.
             self.port, self.pub_port = free_port(), free_port()
-            broker = Proc(["broker.py", *self.endpoint_args(), *extra], env=self.env, stdin=False)
+            broker = Proc(["broker.py", *self.endpoint_args(), *extra], env=self.env, stdin=False,
+                          preexec_fn=preexec_fn)
             self.procs.append(broker)
         broker.wait_for("Server started, waiting for clients", timeout=15)
         broker.wait_for(r"clients on other machines", timeout=5)

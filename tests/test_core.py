@@ -680,18 +680,64 @@ def test_max_peers_bound() -> None:
     core = make(max_peers=2)
     joined(core, A, "alice")
     assert sub(core, B, SYS) == (True, [])
-    assert sub(core, C, SYS) == (False, [])
-    assert sub(core, C, u(C)) == (False, [])
-    assert raw(core, C, body(type="join", name="carol")) == []
-    assert raw(core, C, b"junk") == []
-    assert set(core.peers) == {A, B}
-    core.on_disconnect(B, 1.0)
-    assert sub(core, C, SYS) == (False, [])  # B is kept until it idles out...
-    core.on_message(A, body(type="ping"), 1, 1.0 + core.limits.peer_idle_seconds)  # (A stays alive)
-    core.tick(1.0 + core.limits.peer_idle_seconds + 0.5)
-    assert sub(core, C, SYS) == (True, [])  # ...then its place is free
-    assert sub(core, D, SYS) == (False, [])
+    assert sub(core, C, SYS) == (True, [])  # B had not joined: it made room
     assert set(core.peers) == {A, C}
+    assert len(core.peers) <= 2
+
+
+def test_full_of_members_a_new_key_is_turned_away() -> None:
+    core = make(max_peers=2)
+    joined(core, A, "alice")
+    joined(core, B, "bob")
+    assert core.room_for_new_key() is False
+    assert sub(core, C, SYS) == (False, [])
+    assert raw(core, C, body(type="join", name="carol")) == []
+    assert set(core.peers) == {A, B}
+    assert core.turned_away == 2
+    assert core.take_evictions() == []  # members are never evicted
+    core.on_message(A, body(type="leave"), 1, 1.0)  # alice leaves: her place can be taken
+    assert core.room_for_new_key() is True
+    assert sub(core, C, SYS, 1.0) == (True, [])
+    assert set(core.peers) == {B, C}
+
+
+def test_the_non_member_idle_longest_is_evicted_told_and_cut() -> None:
+    core = make(max_peers=3)
+    joined(core, A, "alice")
+    assert sub(core, B, u(B), 1.0) == (True, [])  # B subscribed its stream: it can be told
+    assert sub(core, C, SYS, 2.0) == (True, [])
+    send(core, B, 3.0, type="ping")  # B was active last: C is now the one idle longest
+    assert sub(core, D, SYS, 4.0) == (True, [])
+    assert set(core.peers) == {A, B, D}
+    assert checked(core.take_evictions()) == []  # C had no private stream to be told on
+    assert core.evictions == []
+    assert sub(core, C, SYS, 5.0) == (True, [])  # C again: now B is idle longest
+    evictions = core.take_evictions()
+    assert [type(item).__name__ for item in evictions] == ["Publish", "Disconnect"]
+    assert error(checked(evictions), B).code == Code.BUSY
+    assert evictions[1].identity == B
+    assert set(core.peers) == {A, C, D}
+    assert core.evicted_total == 2
+
+
+def test_a_joiner_resending_its_join_outlives_a_flood_of_new_keys() -> None:
+    core = make(max_peers=10)
+    assert sub(core, A, SYS) == (True, [])
+    assert send(core, A, 0.0, type="join", name="alice") == []  # waits for its subscriptions
+    now = 0.0
+    for n in range(200):  # throwaway keys, a handshake and a ping each
+        now += 0.01
+        key = f"{n:064x}"
+        sub(core, key, SYS, now)
+        send(core, key, now, type="ping")
+        if n % 5 == 4:  # the joining client resends its join (fewer new keys meanwhile than places)
+            assert send(core, A, now, type="join", name="alice") == []
+        assert core.peers[A].pending_join is not None
+    assert sub(core, A, u(A), now) == (True, [])
+    ok, out = sub(core, A, LOBBY, now)
+    assert [type(p.event) for p in out] == [Welcome, Joined]
+    assert len(core.peers) == 10
+    assert core.evicted_total == 200 - 9  # every throwaway key but the 9 newest
 
 
 def test_max_topics_per_peer_bound() -> None:

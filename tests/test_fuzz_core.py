@@ -139,6 +139,8 @@ def check_core(core: BrokerCore) -> None:
     """Structural invariants of the core's state."""
     limits = core.limits
     assert len(core.peers) <= limits.max_peers
+    # The eviction order holds exactly the non-members, so members are never evicted.
+    assert set(core.strangers) == {i for i, peer in core.peers.items() if peer.member is None}
     for key, identity in core.names.items():
         peer = core.peers.get(identity)
         assert peer is not None and peer.member is not None, (key, identity)
@@ -304,6 +306,7 @@ class CoreMachine(RuleBasedStateMachine):
         """Check what one call returned, then play the shell's part (answer fetches and mail)."""
         core = self.core
         assert core is not None
+        self._evicted(core)
         records = check_records(out)
         names = self._names_by_identity()
         publications = [item for item in records if isinstance(item, Publish)]
@@ -363,6 +366,19 @@ class CoreMachine(RuleBasedStateMachine):
             assert kind == "message" and event.room == "" and event.name == owner_name
         elif isinstance(event, Renamed):
             assert kind == "accounts" and event.room == "" and event.new == owner_name
+
+    def _evicted(self, core: BrokerCore) -> None:
+        """Keys evicted to make room (made while handling the call): told `busy` on their own
+        stream, in its numbering, and cut; their numbering may then start over."""
+        for item in check_records(core.take_evictions()):
+            if isinstance(item, Publish):
+                owner = item.topic[len(PRIVATE_PREFIX):-1]
+                assert isinstance(item.event, Error) and item.event.code == Code.BUSY, item
+                assert owner not in core.peers and owner not in core.names.values()
+                assert item.event.seq == self.last_seq.get(item.topic, 0) + 1, item
+            else:
+                assert isinstance(item, Disconnect) and item.identity not in core.peers, item
+        self._forgotten()
 
     def _forgotten(self) -> None:
         """A forgotten identity's private numbering may start over: only then drop it."""

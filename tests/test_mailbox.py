@@ -122,6 +122,15 @@ def test_kept_mail_lists_the_sealed_directs_by_recipient(store: HistoryStore) ->
 # --- the dispatcher: what the senders hear ---------------------------------------------------
 
 
+class Unsealed:
+    """Leaves private frames readable: these tests are about what is said to whom (sealing has
+    tests of its own, in test_sealing.py)."""
+
+    @staticmethod
+    def seal_publication(topic: str, body: bytes) -> bytes:
+        return topic.encode() + b" " + body
+
+
 class Broker:
     """The real core, store and dispatcher; the frames it would publish, decoded."""
 
@@ -130,7 +139,7 @@ class Broker:
         self.store = HistoryStore(path)
         self.frames: list[tuple[str, object]] = []
         self.dispatch = Dispatcher(self.core, self.store, lambda frame: self.frames.append(
-            decode_publication(frame)))
+            decode_publication(frame)), Unsealed())  # type: ignore[arg-type]
 
     def join(self, identity: str, name: str) -> None:
         subscribe_all(self.core, identity, NOW)

@@ -26,8 +26,30 @@ from zchat.protocol import RESERVED_ROLE, lookalike_key, reserved_name, valid_na
 log = logging.getLogger("zchat.broker")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-ZAP_DOMAIN = b"zchat"
+ZAP_DOMAIN = b"zchat"  # the input (PULL) socket's
+PUBLISH_ZAP_DOMAIN = b"zchat.publish"  # the publishing socket's: ZAP requests say which socket
 ROLES = ("user", "tap", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a handshake is refused. Only `status` reaches the client: libzmq 4.3.5 turns it into
+    the client's HANDSHAKE_FAILED_AUTH event (value 400 or 500) and sends no text. A 300
+    ("temporary") is worse: the client is dropped with no event that says why, so a refusal
+    for now (a limit) is a 500. `reason` names it in logs and stats; `text` goes in the ZAP reply."""
+
+    status: bytes
+    reason: str
+    text: str
+
+
+NOT_AUTHORIZED = Refusal(b"400", "not_authorized", "key not authorized")
+KEY_CONNECTIONS = Refusal(b"500", "key_connections", "too many connections for this key")
+CONNECTIONS_FULL = Refusal(b"500", "connections", "the broker is at its connection limit")
+PEERS_FULL = Refusal(b"500", "peers", "every place the broker tracks is held by a member")
+NEW_KEYS = Refusal(b"500", "new_keys", "too many new keys from this address")
+EVICTED = Refusal(b"500", "evicted", "dropped a moment ago to make room; try again later")
+DATA_SENDER = Refusal(b"500", "data_sender", "cut for sending data on its subscriber connection")
 
 
 @dataclass(frozen=True)
@@ -100,19 +122,23 @@ def load_authorized_keys(path: Path) -> dict[str, Account]:
     return accounts
 
 
-def zap_reply(request: list[bytes], admit: Callable[[str], bool] = lambda identity: True) -> list[bytes]:
-    """Answer one ZAP request: CURVE only, and only identities `admit` accepts."""
+def zap_reply(request: list[bytes],
+              admit: Callable[[str, bytes, str], Refusal | None] = lambda identity, domain, address: None,
+              ) -> list[bytes]:
+    """Answer one ZAP request: CURVE only, and only identities `admit(identity, domain,
+    address)` does not refuse (domain: which socket; address: the peer's IP, no port)."""
     if len(request) < 6:
         # Malformed: RFC 27 says reply 500 when we can still address it.
         request_id = request[1] if len(request) > 1 else b""
         return [b"1.0", request_id, b"500", b"malformed ZAP request", b"", b""]
-    version, request_id, _domain, _address, _identity, mechanism = request[:6]
+    version, request_id, domain, address, _identity, mechanism = request[:6]
     credentials = request[6:]
     if version != b"1.0":
         return [b"1.0", request_id, b"500", b"unsupported ZAP version", b"", b""]
     if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
         return [b"1.0", request_id, b"400", b"CURVE required", b"", b""]
     identity = credentials[0].hex()
-    if not admit(identity):
-        return [b"1.0", request_id, b"400", b"key not authorized", b"", b""]
+    refusal = admit(identity, domain, address.decode("ascii", "replace"))
+    if refusal is not None:
+        return [b"1.0", request_id, refusal.status, refusal.text.encode(), b"", b""]
     return [b"1.0", request_id, b"200", b"OK", identity.encode(), b""]

@@ -7,10 +7,12 @@ turn, and installs the subscriptions the core approves (XPUB_MANUAL).
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -27,9 +29,25 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zchat import keys, logsetup
 from zchat import limits as L
-from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, KeyFileError, load_authorized_keys, zap_reply
-from zchat.connections import Connections
-from zchat.core import BrokerCore, Limits, Out
+from zchat.admission import LogFold, NewKeyLimiter
+from zchat.auth import (
+    CONNECTIONS_FULL,
+    DATA_SENDER,
+    EVICTED,
+    KEY_CONNECTIONS,
+    NEW_KEYS,
+    NOT_AUTHORIZED,
+    PEERS_FULL,
+    PUBLISH_ZAP_DOMAIN,
+    ZAP_DOMAIN,
+    ZAP_ENDPOINT,
+    KeyFileError,
+    Refusal,
+    load_authorized_keys,
+    zap_reply,
+)
+from zchat.connections import Connections, shutdown_fd
+from zchat.core import BrokerCore, Disconnect, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention, open_to_others
@@ -49,6 +67,9 @@ STATS_INTERVAL = 5.0  # default seconds between stats events on sys/
 STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
 DATA_SENDER_REFUSAL = 60.0  # seconds a key cut for sending data on its subscriber connection is refused
 DATA_SENDERS_KEPT = 10_000  # such keys remembered at once (the oldest forgotten first)
+SILENCE_SCAN = 1.0  # seconds between looks for input connections of keys that went silent
+SHED_EVERY = 0.1  # least seconds between two sheddings of silent connections on accept failures
+MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
 
 
 @dataclass
@@ -63,6 +84,9 @@ class BrokerSettings:
     stats_interval: float = STATS_INTERVAL  # seconds between stats events on sys/; 0 = none
     log_level: str = "INFO"
     log_json: bool = False
+    connections_per_key: int = L.CONNECTIONS_PER_KEY  # on each socket
+    new_keys_per_minute: int = L.NEW_KEYS_PER_MINUTE  # per source address; 0 = no limit
+    max_connections: int | None = None  # both sockets together; None: RLIMIT_NOFILE - FD_RESERVE
     # The settings as the operator wrote them (zchat.config keys): what a reload compares.
     config: dict = field(default_factory=dict)
     # SIGHUP: settings read afresh (raises zchat.config.ConfigError when they are invalid).
@@ -85,6 +109,33 @@ def read_bans(path: Path) -> set[str]:
         return {line.split()[0] for line in path.read_text().splitlines() if line.strip()}
     except OSError:
         return set()
+
+
+def raise_fd_limit() -> tuple[int, int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one where allowed: each client holds two
+    connections. Returns (soft before, soft now, hard)."""
+    before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # Linux refuses more than fs.nr_open
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if before != resource.RLIM_INFINITY and before < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", before, target, exc)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return before, soft, hard
+
+
+def connection_cap(soft_limit: int) -> int:
+    """Connections (both sockets) the broker admits: below the descriptor limit, with a
+    reserve for its own files and for handshakes in progress."""
+    if soft_limit == resource.RLIM_INFINITY:
+        soft_limit = 1 << 20
+    return max(soft_limit - L.FD_RESERVE, soft_limit // 2)
 
 
 def state_path(config_dir: Path) -> Path:
@@ -163,6 +214,18 @@ class Broker:
         # new connection of that identity.
         self._closing: dict[tuple[str, int], float] = {}
         self._sockets_open = False
+        # Admission: connection caps, new keys per address, silent and surplus connections cut.
+        self.max_connections = settings.max_connections or connection_cap(
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.new_keys = NewKeyLimiter(settings.new_keys_per_minute)
+        self.refused: dict[str, int] = {}  # by reason, since start-up (stats)
+        self._fold = LogFold()
+        self._next_silence_scan = 0.0
+        self._next_shed = 0.0
+        self._local_ports: frozenset[int] = frozenset()
+        # Keys evicted to make room -> until when they are refused (monotonic), oldest first: cut,
+        # they would reconnect at once and evict another key that has not joined, in a loop.
+        self._evicted_until: dict[str, float] = {}
         # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
         self.started = time.time()
         self.frames_in = 0
@@ -204,6 +267,8 @@ class Broker:
     def bind(self) -> None:
         """ZAP first, then the two CURVE server sockets (zap_domain before bind)."""
         ctx = self.ctx
+        # Made before the ports are open: a flood of connections may take every descriptor.
+        self._wake = socket.socketpair()
         self.zap = ctx.socket(zmq.REP)
         self.zap.linger = 0
         self.zap.bind(ZAP_ENDPOINT)
@@ -213,8 +278,8 @@ class Broker:
         self.xpub = self._curve_server(zmq.XPUB)
         self.xpub.sndhwm = L.XPUB_SNDHWM
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
-        self.monitor = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.xpub_monitor = self.xpub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = self.pull.get_monitor_socket(MONITOR_EVENTS)
+        self.xpub_monitor = self.xpub.get_monitor_socket(MONITOR_EVENTS)
         self.dispatch = Dispatcher(self.core, self.store, self.xpub.send, self.boxes, self._cut, self._ban)
         self._sockets_open = True
         ep = self.settings.endpoints
@@ -225,6 +290,8 @@ class Broker:
                 self.close()
                 hint = " (is another broker running?)" if exc.errno == zmq.EADDRINUSE else ""
                 raise BrokerError(f"cannot bind {endpoint}: {exc.strerror}{hint}") from None
+        ports = (_port_of(sock) for sock in (self.pull, self.xpub))
+        self._local_ports = frozenset(port for port in ports if port is not None)
         self._write_state()
 
     def _curve_server(self, kind: int) -> zmq.Socket:
@@ -233,7 +300,8 @@ class Broker:
         sock.curve_server = True
         sock.curve_secretkey = self.keypair.secret
         sock.curve_publickey = self.keypair.public
-        sock.zap_domain = ZAP_DOMAIN  # must precede bind, or it is ignored
+        # Must precede bind, or it is ignored. One per socket: ZAP requests say which.
+        sock.zap_domain = PUBLISH_ZAP_DOMAIN if kind == zmq.XPUB else ZAP_DOMAIN
         sock.handshake_ivl = L.HANDSHAKE_IVL_MS
         sock.backlog = L.LISTEN_BACKLOG  # a crowd joining at once must not overflow the accept queue
         if kind == zmq.XPUB:
@@ -300,15 +368,38 @@ class Broker:
         log.info("SIGHUP: %d authorized keys (was %d)", len(accounts), len(self.core.accounts or {}))
         self._publish(self.core.set_accounts(accounts, now))
 
-    def _admit(self, identity: str) -> bool:
-        accounts = self.core.accounts
-        if identity in self.core.banned or (accounts is not None and identity not in accounts):
-            log.info("refused key %s at the handshake", identity[:12])
-            return False
-        if self._data_senders and self._data_senders.get(identity, 0.0) > time.monotonic():
-            log.debug("refused key %s at the handshake: it sent data frames", identity[:12])
-            return False
-        return True
+    def _admit(self, identity: str, domain: bytes, address: str) -> Refusal | None:
+        """The ZAP decision for one handshake (see zchat.auth.Refusal for what a client sees)."""
+        connections = self.outputs if domain == PUBLISH_ZAP_DOMAIN else self.inputs
+        now = time.monotonic()
+        refusal = self._refusal(identity, connections, address, now)
+        if refusal is None:
+            connections.admitted(identity, now)
+            return None
+        self.refused[refusal.reason] = self.refused.get(refusal.reason, 0) + 1
+        if self._fold.first(refusal.reason, now):
+            log.info("refused key %s from %s at the handshake: %s", identity[:12], address, refusal.text)
+        return refusal
+
+    def _refusal(self, identity: str, connections: Connections, address: str, now: float) -> Refusal | None:
+        core = self.core
+        if identity in core.banned or (core.accounts is not None and identity not in core.accounts):
+            return NOT_AUTHORIZED
+        if connections.count(identity, now - core.limits.client_timeout) >= self.settings.connections_per_key:
+            return KEY_CONNECTIONS
+        if self.inputs.live + self.outputs.live > self.max_connections:
+            return CONNECTIONS_FULL
+        if self._evicted_until.get(identity, 0.0) > now:
+            return EVICTED
+        if self._data_senders and self._data_senders.get(identity, 0.0) > now:
+            return DATA_SENDER
+        known = identity in core.peers or self.inputs.holds(identity) or self.outputs.holds(identity)
+        if not known:
+            if not core.room_for_new_key():
+                return PEERS_FULL
+            if not self.new_keys.allow(address, now):
+                return NEW_KEYS
+        return None
 
     def _cut(self, identity: str) -> None:
         # A moment's grace so the notice telling them why leaves the queue first.
@@ -328,7 +419,7 @@ class Broker:
     def run(self) -> int:
         """Serve until a signal, --idle-exit or request_stop; returns the exit code."""
         gc.freeze()  # start-up objects never need collecting: keep them out of every GC pass
-        wake_r, wake_w = socket.socketpair()
+        wake_r, wake_w = self._wake
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
@@ -347,14 +438,16 @@ class Broker:
                 timeout_ms = max(0.0, wake_at - time.time()) * 1000
                 ready = dict(poller.poll(timeout_ms))
                 now = time.time()
+                # The monitors first: a closed connection's descriptor may already serve a new
+                # connection whose frames are waiting; its old events must not apply to them.
+                # A new connection's ACCEPTED precedes its handshake (ZAP) and its frames: read
+                # it even when poll() looked at the monitor a moment before it came.
+                if self.monitor in ready or self.pull in ready or self.zap in ready:
+                    self._drain_monitor(self.monitor, self.inputs, now)
+                if self.xpub_monitor in ready or self.xpub in ready or self.zap in ready:
+                    self._drain_monitor(self.xpub_monitor, self.outputs, now)
                 if self.zap in ready:
                     self._serve_zap()
-                # Disconnects first: a closed connection's descriptor may already serve a new
-                # connection whose frames are waiting; its old events must not apply to them.
-                if self.monitor in ready:
-                    self._drain_monitor(self.monitor, self.inputs, now)
-                if self.xpub_monitor in ready:
-                    self._drain_monitor(self.xpub_monitor, self.outputs, now)
                 if self.xpub in ready:
                     self._drain_subscriptions(now)
                 if self.pull in ready:
@@ -374,6 +467,7 @@ class Broker:
                     self._publish(self.core.tick(now))
                     if self._pending_cuts:
                         self._run_cuts()
+                    self._police_connections(now)
                     if self.core.online:
                         idle_since = now
                     elif self.settings.idle_exit is not None and now - idle_since >= self.settings.idle_exit:
@@ -381,6 +475,8 @@ class Broker:
                         break
                 if now >= self._next_stats:
                     self._stats(now)
+                if self.core.evictions:
+                    self._evicted()
                 self.dispatch.flush(now)
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL
@@ -495,7 +591,8 @@ class Broker:
                 identity: str | None = frame.get("User-Id")
             except zmq.ZMQError:
                 identity = None
-            if identity is not None and not inputs.knows(identity):
+            # A new connection (accepted, not yet attributed) or a new identity: whose is it?
+            if identity is not None and (inputs.unattributed or not inputs.knows(identity)):
                 self._remember_input(frame, identity)
             try:
                 out = on_message(identity, frame.buffer, frames, now)
@@ -513,7 +610,7 @@ class Broker:
         except zmq.ZMQError:
             return
         if (identity, fd) not in self._closing:  # else a late frame of a connection now closed
-            self.inputs.seen(identity, fd)
+            self.inputs.attribute(identity, fd)
 
     def _announce_closed_inputs(self, now: float) -> None:
         """Leave notices for identities whose input connection closed a moment ago and that
@@ -528,7 +625,7 @@ class Broker:
     @staticmethod
     def _remember_fd(connections: Connections, frame: zmq.Frame, identity: str) -> None:
         try:
-            connections.seen(identity, frame.get(zmq.SRCFD))
+            connections.attribute(identity, frame.get(zmq.SRCFD))
         except zmq.ZMQError:
             pass
 
@@ -538,7 +635,14 @@ class Broker:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] != zmq.EVENT_DISCONNECTED:
+            kind = event["event"]
+            if kind == zmq.EVENT_ACCEPTED:
+                connections.accepted(event["value"], time.monotonic())
+                continue
+            if kind == zmq.EVENT_ACCEPT_FAILED:
+                self._accept_failed(event["value"])
+                continue
+            if kind != zmq.EVENT_DISCONNECTED:
                 continue
             identity = connections.closed(event["value"])
             if identity is not None and connections is self.outputs and not self.outputs.knows(identity):
@@ -548,6 +652,81 @@ class Broker:
 
     def _publish(self, out: list[Out]) -> None:
         self.dispatch.add(out)  # sent at the end of the loop turn, after storage
+
+    # --- connections: silence, pressure, accept failures ---------------------------------
+
+    def _police_connections(self, now: float) -> None:
+        """Cut connections that never sent a frame within the client timeout (a raw TCP or
+        CURVE peer holding a descriptor), the input connections of keys that stopped
+        pinging, and, above the connection cap, the oldest silent ones sooner."""
+        mono = time.monotonic()
+        timeout = self.core.limits.client_timeout
+        cut = self._cut_silent(mono - timeout)
+        if self.inputs.live + self.outputs.live > self.max_connections:
+            cut += self._cut_silent(mono - L.SHED_MIN_AGE, reason="shed")
+        if mono >= self._next_silence_scan:
+            self._next_silence_scan = mono + SILENCE_SCAN
+            deadline = now - timeout
+            peers = self.core.peers
+            for identity in self.inputs.identities():
+                peer = peers.get(identity)
+                if peer is None or peer.last_seen < deadline:
+                    cut += self._count_cut("silent", self.inputs.cut(identity), identity)
+            for connections in (self.inputs, self.outputs):
+                connections.expire_pending(mono - timeout)
+            evicted = self._evicted_until
+            while evicted and next(iter(evicted.values())) <= mono:
+                del evicted[next(iter(evicted))]
+        for reason, repeats in self._fold.due(mono):
+            log.info("... and %d more like it (%s) in the last %g s", repeats, reason, self._fold.interval)
+
+    def _cut_silent(self, before: float, reason: str = "silent", limit: int | None = None) -> int:
+        """Cut connections accepted before `before` that never delivered a frame."""
+        count = 0
+        for connections in (self.inputs, self.outputs):
+            for fd in connections.silent(before, limit):
+                connections.closed(fd)  # forgotten now; its DISCONNECTED follows
+                count += self._count_cut(reason, int(shutdown_fd(fd, self._local_ports)))
+        return count
+
+    def _count_cut(self, reason: str, count: int, identity: str | None = None) -> int:
+        if count:
+            self.refused[reason] = self.refused.get(reason, 0) + count
+            if self._fold.first(reason, time.monotonic()):
+                whose = f" of {identity[:12]}" if identity else ""
+                log.info("cut %d %s connection(s)%s (%d open, cap %d)", count, reason, whose,
+                         self.inputs.live + self.outputs.live, self.max_connections)
+        return count
+
+    def _accept_failed(self, error: int) -> None:
+        """libzmq could not accept a connection (EMFILE: out of descriptors). It retries at once,
+        spinning, while the queue holds connections: free descriptors by cutting the oldest
+        silent connections, and log once per interval."""
+        self.refused["accept_failed"] = self.refused.get("accept_failed", 0) + 1
+        mono = time.monotonic()
+        if self._fold.first("accept_failed", mono):
+            log.warning("cannot accept connections: %s (%d open, cap %d, descriptor limit %d)",
+                        os.strerror(error) if error in errno.errorcode else error,
+                        self.inputs.live + self.outputs.live, self.max_connections,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        if mono >= self._next_shed:
+            self._next_shed = mono + SHED_EVERY
+            self._cut_silent(mono - L.SHED_MIN_AGE, reason="shed")
+
+    def _evicted(self) -> None:
+        out = self.core.take_evictions()
+        self._publish(out)
+        mono = time.monotonic()
+        evicted = self._evicted_until
+        for item in out:
+            if isinstance(item, Disconnect):
+                evicted.pop(item.identity, None)  # re-inserted last: the dict stays in expiry order
+                evicted[item.identity] = mono + L.EVICTED_COOLDOWN
+                if len(evicted) > self.core.limits.max_peers:
+                    del evicted[next(iter(evicted))]
+                if self._fold.first("evicted", mono):
+                    log.info("evicted key %s, which had not joined, to make room (%d keys tracked)",
+                             item.identity[:12], len(self.core.peers))
 
     # --- statistics and reloading ----------------------------------------------------
 
@@ -573,7 +752,15 @@ class Broker:
             published=dispatch.published, published_rate=published_rate,
             drops=sum(core.rejected.values()), drops_by_kind=dict(core.rejected),
             rate_limited=limited, rate_limited_total=core.rate_limited_total,
-            errors=dict(dispatch.errors), history=self.store.stored, data_cuts=self.data_cuts))])
+            errors=dict(dispatch.errors), history=self.store.stored,
+            connections=self.inputs.live + self.outputs.live, refused=self._refused_totals(),
+            evicted=core.evicted_total, data_cuts=self.data_cuts))])
+
+    def _refused_totals(self) -> dict[str, int]:
+        totals = dict(self.refused)
+        if self.core.turned_away:  # admitted when there was room, none left at the first frame
+            totals["peers"] = totals.get("peers", 0) + self.core.turned_away
+        return totals
 
     def _reload_settings(self, now: float) -> None:
         """SIGHUP: read the settings again; apply what can change live, log the rest."""
@@ -614,6 +801,8 @@ class Broker:
     def close(self, linger_ms: int = 0) -> None:
         if self._sockets_open:
             self._sockets_open = False
+            for end in self._wake:
+                end.close()
             self.pull.disable_monitor()
             self.xpub.disable_monitor()
             for sock in (self.monitor, self.xpub_monitor, self.pull, self.zap):
@@ -630,8 +819,17 @@ class Broker:
         self._unlock()
 
 
+def _port_of(sock: zmq.Socket) -> int | None:
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        return int(endpoint.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None  # not tcp
+
+
 def serve(settings: BrokerSettings) -> int:
     """Start a broker, print the banner and serve until stopped."""
+    before, soft, hard = raise_fd_limit()
     try:
         broker = Broker(settings)
         broker.bind()
@@ -643,6 +841,10 @@ def serve(settings: BrokerSettings) -> int:
     log.info("broker started: pid %d, input %s, publish %s, epoch %s, key %s, %s mode, history %s",
              os.getpid(), ep.input, ep.publish, broker.epoch, broker.keypair.identity,
              "open" if settings.authorized_keys is None else "closed", broker.store.path)
+    log.info("descriptors: soft limit %d (was %d), hard limit %s; up to %d connections, %d per key "
+             "and socket, %s new keys per address a minute", soft, before,
+             "unlimited" if hard == resource.RLIM_INFINITY else hard, broker.max_connections,
+             settings.connections_per_key, settings.new_keys_per_minute or "any")
     code = broker.run()
     log.info("broker stopped (exit %d)", code)
     return code

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--client-timeout", type=float, default=None, metavar="SECONDS",
                         help=f"announce a silent client as left after this long (default "
                         f"{L.CLIENT_TIMEOUT:g})")
+    broker.add_argument("--max-peers", type=int, default=None, metavar="N",
+                        help=f"keys tracked at once; keys that have not joined make room for new ones "
+                        f"(default {L.MAX_PEERS})")
+    broker.add_argument("--connections-per-key", type=int, default=None, metavar="N",
+                        help=f"connections one key may hold on each socket (default {L.CONNECTIONS_PER_KEY})")
+    broker.add_argument("--new-keys-per-minute", type=int, default=None, metavar="N",
+                        help=f"keys new to the broker admitted per source address and minute, 0 = no "
+                        f"limit (default {L.NEW_KEYS_PER_MINUTE})")
     broker.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS",
                         help=f"seconds between stats events on sys/, 0 = none (default "
                         f"{config.STATS_INTERVAL:g})")
@@ -202,13 +210,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
         unlimited = v["rate_per_second"] <= 0
         limits = Limits(rate_burst=10**9 if unlimited else v["rate_burst"],
                         rate_per_second=1e9 if unlimited else v["rate_per_second"],
-                        client_timeout=v["client_timeout"])
+                        client_timeout=v["client_timeout"], max_peers=v["max_peers"])
         return BrokerSettings(
             endpoints=Endpoints(host=v["host"], port=v["port"], pub_port=v["pub_port"]),
             config_dir=v["config_dir"], idle_exit=v["idle_exit"] or None, limits=limits, db_path=v["db"],
             authorized_keys=v["authorized_keys"],
             retention=Retention(per_room=v["history_keep"], days=v["history_days"]),
             stats_interval=v["stats_interval"], log_level=v["log_level"], log_json=v["log_json"],
+            connections_per_key=v["connections_per_key"], new_keys_per_minute=v["new_keys_per_minute"],
             config=dict(v))
 
     settings = settings_from(args.settings)

@@ -91,7 +91,7 @@ from zchat.protocol import (
 from zchat.sealing import SealError, box_for, open_publication
 from zchat.transport import HandshakeWatch, curve_client
 
-JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM}
+JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM, Code.BUSY}
 REMOVED = {Code.KICKED, Code.BANNED, Code.REVOKED}
 
 

@@ -129,6 +129,12 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
            "per sender (0 = unlimited)", _at_least(0), live=True),
     Option("client_timeout", "float", "broker", L.CLIENT_TIMEOUT, "seconds of silence after which a "
            "client is announced as left", _at_least(0.5), live=True),
+    Option("max_peers", "int", "broker", L.MAX_PEERS, "keys the broker tracks at once (members "
+           "first: keys that have not joined make room)", _at_least(1)),
+    Option("connections_per_key", "int", "broker", L.CONNECTIONS_PER_KEY, "connections one key may "
+           "hold on each broker socket", _at_least(1)),
+    Option("new_keys_per_minute", "int", "broker", L.NEW_KEYS_PER_MINUTE, "keys new to the broker "
+           "admitted per source address and minute (0 = no limit)", _at_least(0)),
     Option("stats_interval", "float", "broker", STATS_INTERVAL, "seconds between stats events on "
            "sys/ (0 = none)", _at_least(0), live=True),
     Option("log_level", "str", "broker", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL",
@@ -141,8 +147,8 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
 
 _SHARED = ("config_dir", "host", "port", "pub_port")
 BROKER_KEYS = (*_SHARED, "idle_exit", "db", "authorized_keys", "history_keep", "history_days",
-               "rate_burst", "rate_per_second", "client_timeout", "stats_interval", "log_level",
-               "log_json")
+               "rate_burst", "rate_per_second", "client_timeout", "max_peers", "connections_per_key",
+               "new_keys_per_minute", "stats_interval", "log_level", "log_json")
 CLIENT_KEYS = (*_SHARED, "name", "server_key", "key")
 MONITOR_KEYS = (*_SHARED, "server_key")  # tap, stats, health: their own key, never a user's
 
@@ -403,7 +409,7 @@ def render(settings: Settings, title: str = "zchat broker") -> str:
              "server_key": "read from the config dir", "key": "one per name in the config dir"}
     notes = {("idle_exit", 0.0): "never", ("stats_interval", 0.0): "no stats events",
              ("rate_per_second", 0.0): "unlimited", ("history_keep", 0): "no limit",
-             ("history_days", 0.0): "never"}
+             ("history_days", 0.0): "never", ("new_keys_per_minute", 0): "no limit"}
     width = max((len(k) for k in v), default=0)
     table = ""
     for key in sorted(v, key=lambda k: OPTIONS[k].section != ""):  # shared keys first, then the table

@@ -6,17 +6,50 @@ forgets it on the monitor's DISCONNECTED event; to cut an identity off
 (kicked, banned, key revoked) it shuts those sockets down. shutdown(2)
 leaves the descriptor to libzmq, which sees the connection end and cleans up
 as for any peer that went away.
+
+It also counts connections for admission at the handshake. ZAP requests carry
+neither the descriptor nor a port, so a connection is known three ways: by
+its descriptor from the monitor's ACCEPTED event (not yet attributed), by a
+ZAP admission of its key (pending), and by its key once a first frame names
+both. An identity's count is its attributed descriptors plus the admissions
+not yet matched to one; an admission nothing ever matched expires after the
+silence deadline, by which time the broker has cut the connection it stood
+for (a connection that sends nothing is cut then).
 """
 
 from __future__ import annotations
 
 import socket
+from collections import deque
+
+
+def shutdown_fd(fd: int, local_ports: frozenset[int] = frozenset()) -> bool:
+    """Shut down the TCP connection on `fd` without closing the descriptor (libzmq's).
+    With `local_ports`, only if the socket is bound to one of them: a descriptor we
+    were told about may have been closed and reused for something else."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        if local_ports and sock.getsockname()[1] not in local_ports:
+            return False
+        sock.shutdown(socket.SHUT_RDWR)
+        return True
+    except (OSError, IndexError, TypeError):  # not a socket, not connected, not TCP
+        return False
+    finally:
+        sock.detach()  # the descriptor stays libzmq's
 
 
 class Connections:
     def __init__(self) -> None:
         self._identity_by_fd: dict[int, str] = {}
         self._fds_by_identity: dict[str, set[int]] = {}
+        # Accepted, no frame yet: fd -> when (monotonic), oldest first.
+        self.unattributed: dict[int, float] = {}
+        # Handshakes admitted and not yet matched to a descriptor: identity -> when, oldest first.
+        self._pending: dict[str, deque[float]] = {}
 
     def knows(self, identity: str) -> bool:
         return identity in self._fds_by_identity
@@ -25,11 +58,23 @@ class Connections:
         previous = self._identity_by_fd.get(fd)
         if previous is not None and previous != identity:
             self.closed(fd)  # the descriptor was reused before we heard it close
+        self.unattributed.pop(fd, None)
         self._identity_by_fd[fd] = identity
         self._fds_by_identity.setdefault(identity, set()).add(fd)
 
+    def attribute(self, identity: str, fd: int) -> bool:
+        """A frame of `identity` came on `fd`: if that is a connection accepted and not yet
+        attributed, it is now `identity`'s (and stands for one of its admissions). A
+        descriptor the monitor did not report as open (closed already) is ignored."""
+        if self.unattributed.pop(fd, None) is None:
+            return False
+        self._match_pending(identity)
+        self.seen(identity, fd)
+        return True
+
     def closed(self, fd: int) -> str | None:
         """Forget `fd`; return its identity if we knew it."""
+        self.unattributed.pop(fd, None)
         identity = self._identity_by_fd.pop(fd, None)
         if identity is not None:
             fds = self._fds_by_identity.get(identity)
@@ -41,17 +86,61 @@ class Connections:
 
     def cut(self, identity: str) -> int:
         """Shut down every connection of `identity`; returns how many."""
-        count = 0
-        for fd in list(self._fds_by_identity.get(identity, ())):
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError:
-                continue
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                count += 1
-            except OSError:
-                pass
-            finally:
-                sock.detach()  # the descriptor stays libzmq's
-        return count
+        return sum(shutdown_fd(fd) for fd in list(self._fds_by_identity.get(identity, ())))
+
+    # --- admission counting ------------------------------------------------------
+
+    def accepted(self, fd: int, now: float) -> None:
+        """The monitor saw a new connection on `fd` (no key known yet)."""
+        if fd in self._identity_by_fd:
+            self.closed(fd)  # reused before we heard it close
+        self.unattributed.pop(fd, None)  # keep the dict ordered by time
+        self.unattributed[fd] = now
+
+    def admitted(self, identity: str, now: float) -> None:
+        """ZAP admitted a handshake of `identity` on this socket."""
+        self._pending.setdefault(identity, deque()).append(now)
+
+    def count(self, identity: str, since: float) -> int:
+        """Live connections of `identity`: attributed ones, and admissions since `since` that
+        no descriptor has claimed yet (older ones are forgotten)."""
+        pending = self._pending.get(identity)
+        if pending is not None:
+            while pending and pending[0] < since:
+                pending.popleft()
+            if not pending:
+                del self._pending[identity]
+        return len(self._fds_by_identity.get(identity, ())) + (len(pending) if pending else 0)
+
+    def holds(self, identity: str) -> bool:
+        """Whether `identity` has a connection here or a handshake admitted for one."""
+        return identity in self._fds_by_identity or identity in self._pending
+
+    @property
+    def live(self) -> int:
+        """Connections open on this socket as far as the monitor told us."""
+        return len(self.unattributed) + len(self._identity_by_fd)
+
+    def silent(self, before: float, limit: int | None = None) -> list[int]:
+        """Descriptors accepted before `before` that never delivered a frame, oldest first."""
+        fds = []
+        for fd, at in self.unattributed.items():
+            if at >= before or (limit is not None and len(fds) >= limit):
+                break
+            fds.append(fd)
+        return fds
+
+    def identities(self) -> list[str]:
+        return list(self._fds_by_identity)
+
+    def expire_pending(self, since: float) -> None:
+        """Forget admissions older than `since` that no descriptor claimed (bounded memory)."""
+        for identity in [i for i, pending in self._pending.items() if pending[0] < since]:
+            self.count(identity, since)
+
+    def _match_pending(self, identity: str) -> None:
+        pending = self._pending.get(identity)
+        if pending:
+            pending.popleft()
+            if not pending:
+                del self._pending[identity]

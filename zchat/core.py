@@ -207,6 +207,13 @@ class BrokerCore:
         self.rejected: dict[str, int] = {}
         self.rate_limited: set[str] = set()
         self.rate_limited_total = 0
+        # Peers that are not members, least recently active first. When the table is full the
+        # first of them makes room for a new key, so keys that never joined cannot take the
+        # places members need. Entries of peers since gone or joined are skipped then.
+        self.strangers: dict[str, None] = {}
+        self.evictions: list[Out] = []  # what the shell sends for evicted keys (take_evictions)
+        self.evicted_total = 0
+        self.turned_away = 0  # new keys ignored: every place was held by a member
 
     # --- queries -----------------------------------------------------------
 
@@ -217,6 +224,15 @@ class BrokerCore:
     def member_name(self, identity: str) -> str | None:
         peer = self.peers.get(identity)
         return peer.member.name if peer and peer.member else None
+
+    def room_for_new_key(self) -> bool:
+        """Whether a key not tracked yet would get a place (a free one, or a non-member's)."""
+        return len(self.peers) < self.limits.max_peers or len(self.names) < len(self.peers)
+
+    def take_evictions(self) -> list[Out]:
+        """The notices and cuts owed to keys evicted to make room since the last call."""
+        out, self.evictions = self.evictions, []
+        return out
 
     # --- subscriptions -----------------------------------------------------
 
@@ -232,6 +248,8 @@ class BrokerCore:
                 return False, []
             peer.topics.add(topic)
         peer.last_seen = now
+        if peer.member is None:
+            self._touch(identity)
         if peer.pending_join is not None:
             return True, self._try_join(peer, peer.pending_join, now)
         if peer.pending_rooms and peer.member is not None:
@@ -282,6 +300,8 @@ class BrokerCore:
         if peer is None:
             return []
         peer.last_seen = now
+        if peer.member is None:
+            self._touch(identity)
         try:
             message = decode_client_message(body, frames)
         except ProtocolError as exc:
@@ -404,6 +424,7 @@ class BrokerCore:
                                f"at most {L.MAX_ROOMS_PER_MEMBER} rooms; /leave one first")
         if member is None:
             member = peer.member = Member(name=join.name, rooms=[], history=join.history)
+            self.strangers.pop(peer.identity, None)
             self._hold(join.name, peer.identity)
             out += self._remember(join.name, peer.identity)
         elif member.name != join.name:
@@ -689,6 +710,7 @@ class BrokerCore:
                     out += self._error(peer, now, Code.REVOKED, "your key is no longer authorized here")
                     out += self._leave(peer, "revoked", "", now)
                 del self.peers[identity]
+                self.strangers.pop(identity, None)
                 out.append(Disconnect(identity))
             else:
                 if ROOM_PREFIX in peer.topics and account.role not in ("tap", "admin"):
@@ -732,6 +754,7 @@ class BrokerCore:
         if member is None:
             return []
         peer.member = None
+        self.strangers[peer.identity] = None
         peer.pending_rooms.clear()
         # peer.topics stays: libzmq keeps those subscriptions installed until the
         # connection closes, so errors (not_joined) still reach this peer.
@@ -777,13 +800,40 @@ class BrokerCore:
     def _peer(self, identity: str, now: float) -> Peer | None:
         peer = self.peers.get(identity)
         if peer is None:
-            if len(self.peers) >= self.limits.max_peers:
+            if len(self.peers) >= self.limits.max_peers and not self._evict_stranger(now):
+                self.turned_away += 1
                 return None
             peer = self.peers[identity] = Peer(identity, now, float(self.limits.rate_burst), now)
+            self.strangers[identity] = None
         return peer
+
+    def _touch(self, identity: str) -> None:
+        """A non-member was active: it becomes the last to be evicted."""
+        strangers = self.strangers
+        strangers.pop(identity, None)
+        strangers[identity] = None
+
+    def _evict_stranger(self, now: float) -> bool:
+        """Make room: forget the non-member idle longest. It is told why, and cut: libzmq
+        keeps its approved subscriptions installed, which a later join would wait for."""
+        while self.strangers:
+            identity = next(iter(self.strangers))
+            del self.strangers[identity]
+            peer = self.peers.get(identity)
+            if peer is None or peer.member is not None:
+                continue
+            self.evictions += self._error(peer, now, Code.BUSY, (
+                f"the broker tracks {self.limits.max_peers} keys and yours had not joined: it was "
+                "dropped to make room; try again"))
+            self.evictions.append(Disconnect(identity))
+            self._forget(identity)
+            self.evicted_total += 1
+            return True
+        return False
 
     def _forget(self, identity: str) -> None:
         self.peers.pop(identity, None)
+        self.strangers.pop(identity, None)
         self.seqs.pop(private_topic(identity), None)
 
     def _charge(self, peer: Peer, now: float) -> list[Out] | None:

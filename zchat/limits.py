@@ -36,6 +36,15 @@ MAX_NAMES_IN_REPLY = 500  # names listed in a who reply
 MAX_ROOMS_IN_REPLY = 500  # rooms listed in a rooms reply
 MAX_ROOMS_PER_MEMBER = 32
 
+# Connections: what one key, one address and everyone together may hold open.
+CONNECTIONS_PER_KEY = 4  # live connections of one key on each broker socket (input, publish)
+FD_RESERVE = 128  # descriptors kept below RLIMIT_NOFILE for the broker's own files and handshakes
+EVICTED_COOLDOWN = 10.0  # seconds a key evicted to make room is refused at the handshake
+NEW_KEYS_PER_MINUTE = 30  # keys new to the broker admitted per source address (IPv6: per /64)
+ADDRESSES_TRACKED = 10_000  # source addresses whose new-key budget is remembered
+SHED_MIN_AGE = 0.2  # seconds: under descriptor pressure, connections silent this long are cut first
+LOG_FOLD_SECONDS = 10.0  # a repeated refusal or accept failure is logged once per this, then summed
+
 # History.
 DEFAULT_HISTORY = 50  # events of a room shown on joining it
 MAX_HISTORY_PER_REQUEST = 500

@@ -445,6 +445,9 @@ class Stats(Event, tag="stats"):
     rate_limited_total: int  # messages refused for rate
     errors: dict[str, int]  # error events sent, by code
     history: int  # events in the history store
+    connections: int = 0  # connections open now, both sockets, handshakes in progress included
+    refused: dict[str, int] = {}  # connections refused at the handshake or cut, by reason
+    evicted: int = 0  # keys that had not joined, dropped to make room for new ones
     # Keys cut for sending data frames on their subscriber connection (an attack: PROTOCOL.md
     # "Sealed private streams"). Absent when 0, and from older brokers.
     data_cuts: int = 0
@@ -487,6 +490,7 @@ class Code:
     REVOKED = "revoked"  # the key was removed from the authorized-keys file
     EMPTY_TEXT = "empty_text"
     RATE_LIMITED = "rate_limited"
+    BUSY = "busy"  # a key that had not joined, evicted to make room for a new one
 
 
 class ProtocolError(Exception):

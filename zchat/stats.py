@@ -138,6 +138,9 @@ def stats_table(stats: Stats) -> str:
         ("errors", _kinds(stats.errors) if stats.errors else "none"),
         ("data cuts", f"{stats.data_cuts} key(s) cut for sending data to the publish socket"),
         ("history", f"{stats.history} events stored"),
+        ("connections", f"{stats.connections} open" + (f"  (refused: {_kinds(stats.refused)})"
+                                                        if stats.refused else "")),
+        ("evicted", f"{stats.evicted} key(s) that had not joined, to make room"),
     ]
     head = (f"broker {stats.epoch}, up {duration(stats.uptime)}, at {when} "
             f"(rates over the last {stats.interval:.1f} s)")

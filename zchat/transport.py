@@ -14,6 +14,8 @@ from zchat import limits as L
 from zchat.endpoints import Endpoints
 from zchat.keys import KeyPair
 
+BUSY_STATUS = 500  # ZAP status of a refusal for now (a limit), as the handshake monitor reports it
+
 
 def curve_client(ctx: zmq.Context, kind: int, endpoints: Endpoints, server_key: bytes,
                  keypair: KeyPair, linger: int = 0) -> zmq.Socket:
@@ -37,6 +39,7 @@ class HandshakeWatch:
         self.connected = False  # a TCP connection was made
         self.refused = 0  # connection attempts that failed (nothing listening)
         self.handshake = "none"  # none | ok | auth | failed
+        self.status = 0  # the ZAP status of a refusal: 400 this key may not connect, 500 not now
 
     def drain(self) -> list[str]:
         """Read pending monitor events; return the handshake failures among them
@@ -56,6 +59,7 @@ class HandshakeWatch:
                 self.handshake = "ok"
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.handshake != "ok":
                 self.handshake = "auth"
+                self.status = event["value"]
                 failures.append("auth")
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 if self.handshake != "ok":
@@ -64,6 +68,10 @@ class HandshakeWatch:
 
     def explain(self, endpoint: str) -> tuple[str, str]:
         """Why nothing came back, as (code, one line for the user)."""
+        if self.handshake == "auth" and self.status == BUSY_STATUS:
+            return "busy", (f"the broker at {endpoint} refused the connection for now: too many "
+                            "connections with this key, too many new keys from this address, or it "
+                            "is full (its log says which); try again later")
         if self.handshake == "auth":
             return "auth", (f"the broker refused this key ({endpoint}; closed mode: ask its operator "
                             "to add your public key, or pass --key)")
