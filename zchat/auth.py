@@ -16,23 +16,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from zchat.accounts import ROLES, Account
 from zchat.keys import identity_of, parse_public_key
 from zchat.protocol import valid_name
 
+__all__ = ["ROLES", "Account", "KeyFileError", "load_authorized_keys", "parse_authorized_keys", "zap_reply"]
+
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zchat"
-ROLES = ("user", "tap", "admin")
-
-
-@dataclass(frozen=True)
-class Account:
-    """A closed-mode key's fixed name and role."""
-
-    name: str
-    role: str = "user"
 
 
 class KeyFileError(ValueError):

@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zchat import keys, logsetup
 from zchat import limits as L
 from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, KeyFileError, load_authorized_keys, zap_reply
+from zchat.brokerstate import STATE_FILE, read_state, state_path  # noqa: F401  (read_state: re-exported)
 from zchat.connections import Connections
 from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
@@ -38,7 +39,6 @@ from zchat.protocol import ROOM_PREFIX, SYSTEM_TOPIC, Stats
 log = logging.getLogger("zchat.broker")
 
 DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
-STATE_FILE = "broker.json"
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
@@ -82,20 +82,6 @@ def read_bans(path: Path) -> set[str]:
         return set()
 
 
-def state_path(config_dir: Path) -> Path:
-    return keys.broker_dir(config_dir) / STATE_FILE
-
-
-def read_state(config_dir: Path) -> dict | None:
-    """The running broker's pid and endpoints, if its state file is current."""
-    try:
-        state = json.loads(state_path(config_dir).read_text())
-        os.kill(int(state["pid"]), 0)
-        return state
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 class Broker:
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
@@ -113,7 +99,7 @@ class Broker:
             except KeyFileError as exc:
                 raise BrokerError(str(exc)) from None
         self.bans_path = keys.broker_dir(settings.config_dir) / "banned-keys"
-        self.core = BrokerCore(self.epoch, time.time(), settings.limits,
+        self.core = BrokerCore(self.epoch, time.monotonic(), settings.limits,
                                seqs=self.store.last_seqs(), known_names=self.store.known_names(),
                                accounts=accounts, banned=read_bans(self.bans_path))
         self.ctx = zmq.Context()
@@ -129,7 +115,7 @@ class Broker:
         self._closing: dict[tuple[str, int], float] = {}
         self._sockets_open = False
         # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
-        self.started = time.time()
+        self.started = time.monotonic()
         self.frames_in = 0
         self._stats_at = self.started
         self._stats_last = (0, 0, 0)  # frames_in, messages, published at _stats_at
@@ -271,15 +257,19 @@ class Broker:
         for sock in (self.zap, self.xpub, self.pull, self.monitor, self.xpub_monitor):
             poller.register(sock, zmq.POLLIN)
         poller.register(wake_r.fileno(), zmq.POLLIN)
-        idle_since = time.time()
+        # Schedules run on the monotonic clock: a wall clock stepped back must not stop the
+        # heartbeats (or drain rate buckets). Wall time is only what events and rows carry.
+        idle_since = time.monotonic()
         next_tick = 0.0
-        next_prune = time.time() + PRUNE_INTERVAL
+        next_prune = idle_since + PRUNE_INTERVAL
         try:
             while not self._stopping:
                 wake_at = min(next_tick, *self._closing.values()) if self._closing else next_tick
-                timeout_ms = max(0.0, wake_at - time.time()) * 1000
+                timeout_ms = max(0.0, wake_at - time.monotonic()) * 1000
                 ready = dict(poller.poll(timeout_ms))
-                now = time.time()
+                now = time.monotonic()
+                wall = time.time()
+                self.core.wall_offset = wall - now
                 if self.zap in ready:
                     self._serve_zap()
                 # Disconnects first: a closed connection's descriptor may already serve a new
@@ -314,14 +304,15 @@ class Broker:
                         break
                 if now >= self._next_stats:
                     self._stats(now)
-                self.dispatch.flush(now)
+                self.dispatch.flush(wall)
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL
                     rooms = [topic for topic in self.core.seqs if topic.startswith(ROOM_PREFIX)]
-                    dropped = self.store.prune(now, rooms)
+                    dropped = self.store.prune(wall, rooms)
                     if dropped:
                         log.info("retention: dropped %d old events", dropped)
-            self._publish(self.core.shutdown(time.time(), "the broker is shutting down"))
+            self.core.wall_offset = time.time() - time.monotonic()
+            self._publish(self.core.shutdown(time.monotonic(), "the broker is shutting down"))
             self.dispatch.flush(time.time())
             return 0
         finally:
@@ -463,7 +454,7 @@ class Broker:
         if interval <= 0:
             return
         self._publish([core.publish_system(lambda seq: Stats(
-            seq=seq, ts=now, epoch=self.epoch, uptime=round(now - self.started, 3),
+            seq=seq, ts=core.ts(now), epoch=self.epoch, uptime=round(now - self.started, 3),
             interval=round(span, 3), online=core.online, rooms=len(core.rooms),
             messages_in=dispatch.messages, messages_in_rate=messages_rate,
             frames_in=self.frames_in, frames_in_rate=frames_rate,
