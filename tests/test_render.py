@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from zchat.client import ClientEvent, Gap, Status
+from zchat.events import ClientEvent, Gap, Status
 from zchat.protocol import (
     Action,
     Direct,

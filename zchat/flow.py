@@ -55,10 +55,10 @@ class TokenBucket:
             return True
         return False
 
-    def ready_at(self, now: float) -> float:
-        """When the next token is there (`now` if it is already)."""
+    def ready_at(self) -> float:
+        """When the next token is there: already (-inf) or at this monotonic time."""
         if self.tokens >= 1.0 or self.refilled_at is None:
-            return now
+            return float("-inf")
         if self.rate <= 0:
             return float("inf")
         return self.refilled_at + (1.0 - self.tokens) / self.rate
@@ -271,8 +271,8 @@ class SeqTracker:
     def deadline(self) -> float | None:
         """When `tick` next has something to do (None: nothing pending)."""
         times = [self.topics[topic].deadline for topic in self.refs.values()]
-        if self._waiting and self.bucket.refilled_at is not None:
-            times.append(self.bucket.ready_at(self.bucket.refilled_at))
+        if self._waiting:
+            times.append(self.bucket.ready_at())
         return min(times, default=None)
 
     # --- helpers ---------------------------------------------------------------

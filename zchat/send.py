@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 
 from zchat.client import ChatClient, ClientEvent, JoinError, SendError
-from zchat.protocol import Error, normalize_room, valid_name
+from zchat.protocol import Code, Error, normalize_room, valid_name
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -52,8 +52,9 @@ def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], C
             return fail(EXIT_REFUSED, str(exc))
         if not client.wait_delivered(timeout):
             return fail(EXIT_TIMEOUT, f"the broker did not confirm the message within {timeout:g} s")
-        if refusals:
-            return fail(EXIT_REFUSED, refusals[0].detail)
+        if refusals:  # by the broker, or here (a message too long is invalid input)
+            return fail(EXIT_INVALID if refusals[0].code == Code.TOO_LARGE else EXIT_REFUSED,
+                        refusals[0].detail)
         return EXIT_OK
     finally:
         client.close(leave=not resumed)

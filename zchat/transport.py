@@ -37,6 +37,7 @@ class HandshakeWatch:
         self.connected = False  # a TCP connection was made
         self.refused = 0  # connection attempts that failed (nothing listening)
         self.handshake = "none"  # none | ok | auth | failed
+        self.disconnects = 0  # established connections that closed (the peer went away)
 
     def drain(self) -> list[str]:
         """Read pending monitor events; return the handshake failures among them
@@ -50,6 +51,8 @@ class HandshakeWatch:
             kind = event["event"]
             if kind == zmq.EVENT_CONNECTED:
                 self.connected = True
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self.disconnects += 1
             elif kind == zmq.EVENT_CONNECT_RETRIED:
                 self.refused += 1
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
