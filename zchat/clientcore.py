@@ -264,7 +264,7 @@ class ClientCore:
         self._join_attempts = 0
         self._next_join = 0.0
         self._last_heartbeat = 0.0
-        self._next_ping = 0.0
+        self._last_sent = 0.0  # when we last sent anything: any message refreshes our presence
         self._subscribed: dict[str, int] = {}  # topic -> subscriptions made (a SUB counts them)
         # Rooms asked for with /join and not yet confirmed: their live events before our
         # `joined` are also in the history that precedes it, so they are not shown live.
@@ -341,9 +341,8 @@ class ClientCore:
         t = now.mono
         if self._pending_join is not None and t >= self._next_join:
             self._send_join(now)
-        if self._connected() and t >= self._next_ping:
-            self._out.append(Send(Ping()))
-            self._next_ping = t + L.CLIENT_PING_INTERVAL
+        if self._connected() and t >= self._last_sent + L.CLIENT_PING_INTERVAL:
+            self._send(Ping(), now)  # only when idle: the broker charges pings to our bucket too
         if self._watching() and t - self._last_heartbeat > L.BROKER_SILENCE_LOST:
             self._on_lost(StatusState.LOST, "connection to the broker lost; reconnecting", now.wall)
         self._apply(self.tracker.tick(t), now)
@@ -358,7 +357,7 @@ class ClientCore:
         if self._pending_join is not None:
             times.append(self._next_join)
         if self._connected():
-            times.append(self._next_ping)
+            times.append(self._last_sent + L.CLIENT_PING_INTERVAL)
         if self._watching():
             times.append(self._last_heartbeat + L.BROKER_SILENCE_LOST)
         if self._rejoin is not None:
@@ -487,9 +486,9 @@ class ClientCore:
     def _close(self, message: str | None, now: Now) -> None:
         if self._connected():
             while self._outbox:  # what was asked before closing still goes, in order
-                self._send(self._outbox.popleft())
+                self._send(self._outbox.popleft(), now)
             if message is not None and self.name is not None:
-                self._out.append(Send(Leave(message=message)))
+                self._send(Leave(message=message), now)
         self._closed = True
         self._pending_join = None
         self._out.append(Stopped())
@@ -514,7 +513,7 @@ class ClientCore:
         if self._join_attempts % RESUBSCRIBE_EVERY == 0:  # the broker may have forgotten them
             for topic in [self.private_topic] + [room_topic(room) for room in self.rooms]:
                 self._subscribe(topic)
-        self._out.append(Send(self._pending_join))
+        self._send(self._pending_join, now)
         self._next_join = now.mono + L.JOIN_RETRY_INTERVAL
 
     def _on_welcome(self, welcome: Welcome, now: Now) -> None:
@@ -556,7 +555,7 @@ class ClientCore:
         self.lost_since = None
         self.online = welcome.online
         self._last_heartbeat = now.mono
-        self._next_ping = now.mono
+        self._last_sent = now.mono
         self._out.append(JoinDone(welcome))
         if first:
             self._show(welcome)
@@ -659,7 +658,7 @@ class ClientCore:
             if isinstance(record, Write):
                 self._live(record.item, now)
             elif isinstance(record, Request):
-                self._request_range(record)
+                self._request_range(record, now)
         if topic:
             self._show_recovered(topic, recovered, lost)
 
@@ -670,13 +669,13 @@ class ClientCore:
         elif lost:
             self._show(Gap(topic, lost, self._last_ts))
 
-    def _request_range(self, request: Request) -> None:
+    def _request_range(self, request: Request, now: Now) -> None:
         # The tracker took a token from our bucket: it goes now, ahead of the queue (the room's
         # live events wait for the answer). Not while away: the rejoin starts the room afresh.
         room = room_of_topic(request.topic)
         if room is not None and self._connected():
-            self._out.append(Send(HistoryRequest(room=room, after=request.after, before=request.before,
-                                                 limit=request.limit, ref=request.ref)))
+            self._send(HistoryRequest(room=room, after=request.after, before=request.before,
+                                      limit=request.limit, ref=request.ref), now)
 
     def _live(self, event: Event, now: Now) -> None:
         if isinstance(event, History):
@@ -793,13 +792,14 @@ class ClientCore:
         if not self._outbox or not self._connected() or self._rejoin is not None:
             return  # after a rejoin, earlier messages go first: wait for the resend
         while self._outbox and self.bucket.take(now.mono):
-            self._send(self._outbox.popleft())
+            self._send(self._outbox.popleft(), now)
 
-    def _send(self, message: ClientMessage) -> None:
+    def _send(self, message: ClientMessage, now: Now) -> None:
         ref = getattr(message, "ref", None)
         if ref is not None and ref in self._unconfirmed:
             self._unconfirmed[ref].sent = True
         self._out.append(Send(message))
+        self._last_sent = now.mono
 
     def _resend(self) -> None:
         """Put what was sent before the rejoin and never confirmed back in front, in order."""
