@@ -17,6 +17,7 @@ from chatkit import World, identity_of
 from zchat import limits as L
 from zchat.accounts import Account
 from zchat.clientcore import ClientCore, JoinChat, Now
+from zchat.core import Limits
 from zchat.events import Connection
 from zchat.protocol import Heartbeat, History, Join, Message, Ping, Say, WhoReply
 from zchat.tui import EXIT_BANNED
@@ -288,6 +289,30 @@ def test_a_rejoin_that_finds_the_name_taken_asks_for_another(world: World) -> No
     assert alice.screen[a + 1] == "* Reconnected (rejoined)."
     assert alice.client.snapshot.name == "alice2"
     assert "- alice2 has joined the chat." in bob.screen
+
+
+@pytest.mark.parametrize("history", [L.DEFAULT_HISTORY, 0])
+def test_a_rejoin_while_still_a_member_shows_what_was_missed_once(history: int) -> None:
+    """The broker did not time alice out (a short cut): it resumes her membership. What was
+    said meanwhile comes as the replay she asked for, or (no replay wanted) as a recovered gap."""
+    world = World(limits=Limits(client_timeout=30.0))
+    try:
+        alice, _ = world.join("alice", history=history), world.join("bob")
+        a = len(alice.screen)
+        alice.client.link_up = False
+        world.advance(4)
+        world.type("bob", "while you were cut off 1")
+        world.type("bob", "while you were cut off 2")
+        alice.client.link_up = True
+        world.advance(2)
+        said = ["bob: while you were cut off 1", "bob: while you were cut off 2"]
+        replay = (["--- 2 event(s) in #lobby while you were away ---", *said, "--- end of missed events ---"]
+                  if history else
+                  ["--- 2 missed event(s) recovered in #lobby ---", *said, "--- end of missed events ---"])
+        assert after(alice, a) == ["* Connection to the broker lost; reconnecting...",
+                                   "* Reconnected (rejoined).", *replay]
+    finally:
+        world.close()
 
 
 # --- gaps -------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from zchat import limits as L
 from zchat.events import (
@@ -541,9 +541,9 @@ class ClientCore:
             topic = room_topic(room)
             self._entering.discard(topic)  # in it: the welcome's baseline counts
             last = had.get(room)
-            if welcome.resumed and not restarted and last is not None and last < seq:
-                # Still a member: nothing is replayed, and what came meanwhile was dropped
-                # while we waited for this welcome. Recover it like a gap.
+            if welcome.resumed and self.history == 0 and last is not None and last < seq:
+                # Still a member, and no replay asked for: what came meanwhile was dropped while
+                # we waited for this welcome. Recover it like a gap.
                 self.tracker.baseline(topic, last)
                 recover += self.tracker.mark(topic, seq, now.mono)
             else:
@@ -566,7 +566,7 @@ class ClientCore:
             if in_flight:
                 # What we said may have been published with its echo lost on the way: the replay
                 # of what we missed (it follows the welcome) shows it. Resend the rest after that.
-                due = set() if welcome.resumed or self.history == 0 else {
+                due = set() if self.history == 0 else {
                     room for room, seq in welcome.rooms.items() if seen.get(room, seq) < seq}
                 self._rejoin = _Rejoin(in_flight, due, now.mono + RESEND_WAIT)
                 if not due:
@@ -898,7 +898,8 @@ class ClientApi:
     def nick(self, name: str) -> None:
         self._submit(ChangeName(name))
 
-    def moderate(self, action: str, name: str, reason: str = "", seconds: int = 300) -> None:
+    def moderate(self, action: Literal["kick", "ban", "mute"], name: str, reason: str = "",
+                 seconds: int = 300) -> None:
         """Admin commands: kick, ban or mute `name`."""
         message: ClientMessage
         if action == "kick":

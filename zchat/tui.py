@@ -137,7 +137,7 @@ class Session:
         elif name == "rooms":
             client.list_rooms()
         elif name in ("kick", "ban"):
-            client.moderate(name, args[0], reason=args[1])
+            client.moderate("kick" if name == "kick" else "ban", args[0], reason=args[1])
         elif name == "mute":
             client.moderate("mute", args[0], seconds=int(args[1]) if len(args) > 1 else 300)
         elif name == "history":
