@@ -149,6 +149,33 @@ def test_quit_leaves_with_a_message(world: World) -> None:
     assert after(bob, b) == ["- alice has left the chat. (see you)"]
 
 
+def test_moderation_commands_in_closed_mode(closed: World) -> None:
+    alice, bob, carol = closed.join("alice"), closed.join("bob"), closed.join("carol")
+    a, b, c = marks(alice, bob, carol)
+    closed.type("carol", "/kick bob")
+    closed.type("alice", "/mute bob 60")
+    closed.type("alice", "/mute bob 0")
+    closed.type("bob", "free again")
+    closed.type("bob", "/nick robert")
+    shared = ["- bob was muted for 60 s by alice.", "- bob may speak again (alice).", "bob: free again"]
+    assert after(alice, a) == shared
+    assert after(bob, b) == shared + ["! names are fixed by the operator here"]
+    assert after(carol, c) == ["! only admins may do that"] + shared
+
+
+def test_a_private_message_to_someone_offline_waits_for_them(world: World) -> None:
+    alice, bob = world.join("alice"), world.join("bob")
+    world.type("bob", "/quit")
+    bob.client.close("")
+    a = len(alice.screen)
+    world.type("alice", "/msg bob are you there?")
+    assert alice.screen[a - 1:] == ["- bob has left the chat.",
+                                    "-> bob (offline: delivered when they next join): are you there?"]
+    back = world.join("bob")
+    assert back.screen[-2:] == ["<- alice (while you were away): are you there?",
+                                "- bob has joined the chat."]
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 
