@@ -349,11 +349,13 @@ def test_a_leave_read_after_its_connection_closed_still_counts(chat: Chat) -> No
     leave must win: everyone sees "has left (bye)", not "disconnected"."""
     from peers import RawPeer, broker_key
 
-    from zchat.protocol import Joined, Left, Welcome
+    from zchat.protocol import Heartbeat, Joined, Left, Welcome
 
     broker = chat.start_broker()
     key = broker_key(chat.config_dir)
-    spy = RawPeer(chat.port, chat.pub_port, key, [b"r/lobby/"])
+    spy = RawPeer(chat.port, chat.pub_port, key, [b"r/lobby/", b"sys/"])
+    # Live before the join (a heartbeat came through), or the joined event may beat the subscription.
+    spy.wait_for(lambda topic, event: isinstance(event, Heartbeat), timeout=10)
     pair = RawPeer.keypair()
     quitter = RawPeer(chat.port, chat.pub_port, key, [f"u/{pair.identity}/".encode(), b"r/lobby/"], pair)
     try:
@@ -379,3 +381,4 @@ def test_a_leave_read_after_its_connection_closed_still_counts(chat: Chat) -> No
         assert (left.reason, left.message) == ("quit", "bye")
     finally:
         spy.close()
+        quitter.close()  # if it failed before closing it: never leave a context to the GC
