@@ -11,8 +11,9 @@ import unicodedata
 import pytest
 from corekit import LOBBY, body, checked, error, send, subscribe_all
 
-from zchat.client import PrivateMessage, SendError, check_private_text
+from zchat.clientcore import ClientCore
 from zchat.core import BrokerCore
+from zchat.events import DirectDraft, PrivateMessage
 from zchat.protocol import BRAILLE_BLANK, FILLERS, FORMAT_CHARS, Code, Message, clean_text
 from zchat.render import View, render
 
@@ -98,8 +99,8 @@ def test_an_invisible_message_is_empty(blank: str) -> None:
     for kind in ("say", "me"):
         assert error(send(core, A, type=kind, room="lobby", text=blank), A).code == Code.EMPTY_TEXT
     # A private message is sealed end to end: the sending client refuses an invisible one.
-    with pytest.raises(SendError, match="empty"):
-        check_private_text(blank)
+    refusal = ClientCore._invalid(DirectDraft(to="bob", text=blank, ref=1))
+    assert refusal == (Code.EMPTY_TEXT, "message is empty")
 
 
 def test_published_text_and_reasons_are_stripped() -> None:

@@ -11,6 +11,7 @@ from peers import RawPeer, broker_key
 
 from zchat import keys
 from zchat.protocol import Message
+from zchat.tui import EXIT_BANNED
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -92,7 +93,8 @@ def test_admin_kicks_mutes_and_bans(closed: tuple[Chat, Path]) -> None:
     carol.wait_for(rf"{CLOCK} bob: I can talk$")
 
     alice.send("/kick bob be nice")
-    bob.wait_for(rf"{CLOCK} \* You were kicked by alice: be nice\. Type /quit to leave\.")
+    bob.wait_for(rf"{CLOCK} \* You were kicked by alice: be nice\. Type /reconnect to come back, "
+                 r"or /quit to leave\.$")
     carol.wait_for(rf"{CLOCK} - bob was kicked by alice\. \(be nice\)$")
     bob.send("/quit")
     assert bob.wait_exit(10) == 0
@@ -100,10 +102,9 @@ def test_admin_kicks_mutes_and_bans(closed: tuple[Chat, Path]) -> None:
 
     bob = chat.joined_client("bob")  # a kick is not a ban
     alice.send("/ban bob for good")
-    bob.wait_for(rf"{CLOCK} \* You were banned by alice: for good\.")
+    bob.wait_for(rf"{CLOCK} \* You were banned by alice: for good\. You cannot come back with this key\.$")
     carol.wait_for(rf"{CLOCK} - bob was banned by alice\. \(for good\)$")
-    bob.send("/quit")
-    bob.wait_exit(10)
+    assert bob.wait_exit(10) == EXIT_BANNED  # by itself: there is no way back
     again = chat.client("bob")
     again.wait_for(r"the broker refused this key", timeout=15)
     assert again.wait_exit(10) == 1
@@ -119,7 +120,6 @@ def test_sighup_rereads_the_file_and_disconnects_removed_keys(closed: tuple[Chat
     alice.wait_for(rf"{CLOCK} - carol has left the chat\.", timeout=10)
     alice.send("still here after the reload")
     alice.wait_for(rf"{CLOCK} alice: still here after the reload$")
-    carol.send("/quit")
-    carol.wait_exit(10)
+    assert carol.wait_exit(10) == EXIT_BANNED
     again = chat.client("carol")
     again.wait_for(r"the broker refused this key", timeout=15)

@@ -248,13 +248,14 @@ def test_messages_typed_while_the_broker_is_down_arrive_once(chat: Chat) -> None
     chat.broker.proc.wait(5)  # type: ignore[union-attr]
     alice.wait_for(LOST, timeout=10)
     alice.send("said into the void")
+    alice.wait_for(rf"^{CLOCK} \(pending\) alice: said into the void$", timeout=10)  # not sent yet
     chat.start_broker()
     bob.wait_for(rf"^{CLOCK} alice: said into the void$", timeout=10)
     alice.wait_for(rf"^{CLOCK} alice: said into the void$", timeout=10)
     bob.send("heard you")
     alice.wait_for(rf"^{CLOCK} bob: heard you$", timeout=10)
     assert bob.count("said into the void") == 1
-    assert alice.count("said into the void") == 1
+    assert alice.count(rf"^{CLOCK} alice: said into the void$") == 1
 
 
 def test_broker_survives_a_client_crash_after_a_name_swap_reload(chat: Chat, tmp_path: Path) -> None:
@@ -348,11 +349,13 @@ def test_a_leave_read_after_its_connection_closed_still_counts(chat: Chat) -> No
     leave must win: everyone sees "has left (bye)", not "disconnected"."""
     from peers import RawPeer, broker_key
 
-    from zchat.protocol import Joined, Left, Welcome
+    from zchat.protocol import Heartbeat, Joined, Left, Welcome
 
     broker = chat.start_broker()
     key = broker_key(chat.config_dir)
-    spy = RawPeer(chat.port, chat.pub_port, key, [b"r/lobby/"])
+    spy = RawPeer(chat.port, chat.pub_port, key, [b"r/lobby/", b"sys/"])
+    # Live before the join (a heartbeat came through), or the joined event may beat the subscription.
+    spy.wait_for(lambda topic, event: isinstance(event, Heartbeat), timeout=10)
     pair = RawPeer.keypair()
     quitter = RawPeer(chat.port, chat.pub_port, key, [f"u/{pair.identity}/".encode(), b"r/lobby/"], pair)
     try:
@@ -378,3 +381,4 @@ def test_a_leave_read_after_its_connection_closed_still_counts(chat: Chat) -> No
         assert (left.reason, left.message) == ("quit", "bye")
     finally:
         spy.close()
+        quitter.close()  # if it failed before closing it: never leave a context to the GC

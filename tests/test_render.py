@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from zchat.client import ClientEvent, Gap, PrivateMessage, Status
+from zchat.events import ClientEvent, Gap, PrivateMessage, Status, StatusState
 from zchat.protocol import (
     Action,
     Error,
@@ -119,8 +119,8 @@ def reverse_flags(text: str) -> list[bool]:
     (direct("alice", "alice", "note"), View(me="alice"), "-> alice: note"),
     (direct("mallory", "bob", None), View(me="bob"),
      "! a private message from mallory could not be opened (it was not sealed to your key, or was damaged)"),
-    (Status("key_changed", "bob's key changed (now 1a2b 3c4d 5e6f 7081): another key holds that name now; "
-            "your message was encrypted to the new key", TS), PLAIN,
+    (Status(StatusState.KEY_CHANGED, "bob's key changed (now 1a2b 3c4d 5e6f 7081): another key holds "
+            "that name now; your message was encrypted to the new key", TS), PLAIN,
      "! bob's key changed (now 1a2b 3c4d 5e6f 7081): another key holds that name now; your message was "
      "encrypted to the new key"),
     (Joined(seq=1, ts=TS, room="lobby", name="alice", chat=True), PLAIN, "- alice has joined the chat."),

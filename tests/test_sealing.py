@@ -16,7 +16,8 @@ from nacl.public import Box, PrivateKey, PublicKey
 from peers import RawPeer
 from zmq.utils import z85
 
-from zchat.client import RESUBSCRIBE_WAIT, ChatClient, ClientEvent, ClientSettings
+from zchat.client import ChatClient, ClientEvent, ClientSettings
+from zchat.clientcore import RESUBSCRIBE_WAIT
 from zchat.core import BrokerCore, Publish
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints

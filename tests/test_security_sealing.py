@@ -25,7 +25,8 @@ from test_client_library import _client
 from zmq.utils.monitor import recv_monitor_message
 
 from zchat import keys
-from zchat.client import ClientEvent, PrivateMessage
+from zchat.client import ClientEvent
+from zchat.events import PrivateMessage
 from zchat.keys import KeyPair
 from zchat.protocol import Stats, private_topic
 from zchat.sealing import SealError, box_for, open_publication

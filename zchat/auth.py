@@ -20,15 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zchat.accounts import ROLES, Account
 from zchat.keys import identity_of, parse_public_key
 from zchat.protocol import RESERVED_ROLE, lookalike_key, reserved_name, valid_name
 
 log = logging.getLogger("zchat.broker")
 
+__all__ = ["ROLES", "Account", "KeyFileError", "load_authorized_keys", "parse_authorized_keys", "zap_reply"]
+
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zchat"  # the input (PULL) socket's
 PUBLISH_ZAP_DOMAIN = b"zchat.publish"  # the publishing socket's: ZAP requests say which socket
-ROLES = ("user", "tap", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +52,6 @@ PEERS_FULL = Refusal(b"500", "peers", "every place the broker tracks is held by 
 NEW_KEYS = Refusal(b"500", "new_keys", "too many new keys from this address")
 EVICTED = Refusal(b"500", "evicted", "dropped a moment ago to make room; try again later")
 DATA_SENDER = Refusal(b"500", "data_sender", "cut for sending data on its subscriber connection")
-
-
-@dataclass(frozen=True)
-class Account:
-    """A closed-mode key's fixed name and role."""
-
-    name: str
-    role: str = "user"
 
 
 class KeyFileError(ValueError):

@@ -46,6 +46,7 @@ from zchat.auth import (
     load_authorized_keys,
     zap_reply,
 )
+from zchat.brokerstate import STATE_FILE, read_state, state_path  # noqa: F401  (read_state: re-exported)
 from zchat.connections import Connections, shutdown_fd
 from zchat.core import BrokerCore, Disconnect, Limits, Out
 from zchat.dispatch import Dispatcher
@@ -58,7 +59,6 @@ from zchat.sealing import BoxCache
 log = logging.getLogger("zchat.broker")
 
 DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
-STATE_FILE = "broker.json"
 LOCK_FILE = "broker.lock"
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
@@ -138,20 +138,6 @@ def connection_cap(soft_limit: int) -> int:
     return max(soft_limit - L.FD_RESERVE, soft_limit // 2)
 
 
-def state_path(config_dir: Path) -> Path:
-    return keys.broker_dir(config_dir) / STATE_FILE
-
-
-def read_state(config_dir: Path) -> dict | None:
-    """The running broker's pid and endpoints, if its state file is current."""
-    try:
-        state = json.loads(state_path(config_dir).read_text())
-        os.kill(int(state["pid"]), 0)
-        return state
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def warn_if_exposed(store: HistoryStore) -> None:
     """The database files are 0600; say so when that had to be fixed, and warn when their
     directory lets others in (they see the files come and go, and with write access could
@@ -189,7 +175,7 @@ class Broker:
                 self._unlock()
                 raise BrokerError(str(exc)) from None
         self.bans_path = keys.broker_dir(settings.config_dir) / "banned-keys"
-        self.core = BrokerCore(self.epoch, time.time(), settings.limits,
+        self.core = BrokerCore(self.epoch, time.monotonic(), settings.limits,
                                seqs=self.store.last_seqs(), known_names=self.store.known_names(),
                                accounts=accounts, banned=read_bans(self.bans_path))
         self.boxes = BoxCache(self.keypair.secret)  # seals every u/<id>/ publication to <id>
@@ -227,7 +213,7 @@ class Broker:
         # they would reconnect at once and evict another key that has not joined, in a loop.
         self._evicted_until: dict[str, float] = {}
         # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
-        self.started = time.time()
+        self.started = time.monotonic()
         self.frames_in = 0
         self._stats_at = self.started
         self._stats_last = (0, 0, 0)  # frames_in, messages, published at _stats_at
@@ -429,15 +415,19 @@ class Broker:
         for sock in (self.zap, self.xpub, self.pull, self.monitor, self.xpub_monitor):
             poller.register(sock, zmq.POLLIN)
         poller.register(wake_r.fileno(), zmq.POLLIN)
-        idle_since = time.time()
+        # Schedules run on the monotonic clock: a wall clock stepped back must not stop the
+        # heartbeats (or drain rate buckets). Wall time is only what events and rows carry.
+        idle_since = time.monotonic()
         next_tick = 0.0
-        next_prune = time.time() + PRUNE_INTERVAL
+        next_prune = idle_since + PRUNE_INTERVAL
         try:
             while not self._stopping:
                 wake_at = min(next_tick, *self._closing.values()) if self._closing else next_tick
-                timeout_ms = max(0.0, wake_at - time.time()) * 1000
+                timeout_ms = max(0.0, wake_at - time.monotonic()) * 1000
                 ready = dict(poller.poll(timeout_ms))
-                now = time.time()
+                now = time.monotonic()
+                wall = time.time()
+                self.core.wall_offset = wall - now
                 # The monitors first: a closed connection's descriptor may already serve a new
                 # connection whose frames are waiting; its old events must not apply to them.
                 # A new connection's ACCEPTED precedes its handshake (ZAP) and its frames: read
@@ -477,14 +467,15 @@ class Broker:
                     self._stats(now)
                 if self.core.evictions:
                     self._evicted()
-                self.dispatch.flush(now)
+                self.dispatch.flush(wall)
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL
                     rooms = [topic for topic in self.core.seqs if topic.startswith(ROOM_PREFIX)]
-                    dropped = self.store.prune(now, rooms)
+                    dropped = self.store.prune(wall, rooms)
                     if dropped:
                         log.info("retention: dropped %d old events", dropped)
-            self._publish(self.core.shutdown(time.time(), "the broker is shutting down"))
+            self.core.wall_offset = time.time() - time.monotonic()
+            self._publish(self.core.shutdown(time.monotonic(), "the broker is shutting down"))
             self.dispatch.flush(time.time())
             return 0
         finally:
@@ -745,7 +736,7 @@ class Broker:
         if interval <= 0:
             return
         self._publish([core.publish_system(lambda seq: Stats(
-            seq=seq, ts=now, epoch=self.epoch, uptime=round(now - self.started, 3),
+            seq=seq, ts=core.ts(now), epoch=self.epoch, uptime=round(now - self.started, 3),
             interval=round(span, 3), online=core.online, rooms=len(core.rooms),
             messages_in=dispatch.messages, messages_in_rate=messages_rate,
             frames_in=self.frames_in, frames_in_rate=frames_rate,

@@ -1,32 +1,23 @@
-"""The client library: a PUSH sender and a SUB receiver driven by one I/O thread.
+"""The client library: the sockets and the one I/O thread around `ClientCore`.
 
-Usable without the terminal UI (tests, bots, the tap). The I/O thread owns
-every socket; other threads hand it work through a queue and a wake-up
-socket, so no ZeroMQ socket is ever shared between threads.
+Usable without the terminal UI (tests, bots, `zchat send`). All protocol logic
+(join handshake, heartbeats, pacing, resend, dedup, gap recovery) is in
+zchat/clientcore.py; this shell only moves bytes and requests:
 
-What it takes care of:
-- the join handshake: subscribe first, resend the join every 200 ms until the
-  welcome arrives (PUB/SUB drops anything published before a subscription is
-  live, so a single join could go unanswered), and subscribe afresh when no
-  welcome comes within a second (the broker may have lost our approval);
-- heartbeats both ways: a ping every second, and a watchdog on the broker's
-  heartbeat that reports "connection lost" and rejoins when the broker is
-  back (a changed epoch means the broker restarted);
-- pacing: sends no faster than the broker's announced rate, so a paste or a
-  pipe is delayed, never refused; unconfirmed messages are resent after a
-  rejoin;
-- per-topic sequence numbers: a jump is reported as a gap, never silent;
-- end-to-end private messages: `direct` asks the broker for the recipient's
-  key (kept per name for the session), seals the text to it and to ourselves,
-  and re-seals once, with a warning, if the broker says the key changed;
-  received ones are opened (zchat.e2e) before they are shown.
+- the I/O thread owns every socket and the core. Other threads hand it typed
+  requests through a queue and a wake-up socket, so no ZeroMQ socket and no
+  core state is ever shared between threads;
+- what a UI may read is `snapshot` (an immutable `Snapshot`, replaced as a
+  whole) and the events handed to `on_event`, each seen with the snapshot of
+  its moment;
+- it sleeps on its poller until a socket, a request or the core's next
+  deadline wakes it: nothing is busy while the broker is away.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import queue
-import secrets
 import threading
 import time
 from collections import deque
@@ -34,172 +25,52 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
-from nacl.exceptions import CryptoError
-from zmq.utils import z85
 
 from zchat import limits as L
-from zchat.e2e import Keyring, OpenError, fingerprint
+from zchat.clientcore import (
+    CancelJoin,
+    ClientApi,
+    ClientCore,
+    Close,
+    Effect,
+    HandshakeFailed,
+    JoinChat,
+    JoinDone,
+    LinkDown,
+    Now,
+    RequestType,
+    Send,
+    Show,
+    Stopped,
+    Subscribe,
+    Unsubscribe,
+)
+from zchat.clientcore import SendError as SendError  # re-exported: what the UI catches
+from zchat.e2e import Keyring
 from zchat.endpoints import Endpoints
+from zchat.events import ClientEvent, Gap, Pending, Replay, Snapshot, Status  # noqa: F401  (re-exported)
 from zchat.keys import KeyPair
 from zchat.protocol import (
     DEFAULT_ROOM,
-    ROOM_PREFIX,
-    SYSTEM_TOPIC,
-    Action,
-    Ban,
-    ClientMessage,
-    Code,
-    Direct,
-    Enter,
-    Error,
     Event,
-    Heartbeat,
-    History,
-    HistoryRequest,
-    Join,
-    Joined,
-    KeyReply,
-    KeyRequest,
-    Kick,
-    Leave,
-    Left,
-    Mark,
-    Me,
-    Message,
-    Msg,
-    Mute,
-    Nick,
-    Part,
-    Ping,
     ProtocolError,
-    Renamed,
-    RoomList,
-    Rooms,
-    Say,
-    Shutdown,
     Welcome,
-    Who,
-    WhoReply,
-    clean_text,
-    decode_event,
     decode_publication,
     encode_client_message,
-    name_key,
-    private_topic,
-    room_topic,
 )
-from zchat.sealing import SealError, box_for, open_publication
+from zchat.sealing import SealError, box_for, key_bytes, open_publication
 from zchat.transport import HandshakeWatch, curve_client
 
-JOIN_ERRORS = {Code.NAME_TAKEN, Code.INVALID_NAME, Code.INVALID_ROOM, Code.BUSY}
-REMOVED = {Code.KICKED, Code.BANNED, Code.REVOKED}
-
-
-@dataclass(frozen=True)
-class Status:
-    """A change in the connection, made up by the client (not published)."""
-
-    state: str  # lost | reconnected | shutdown
-    detail: str
-    ts: float
-
-
-@dataclass(frozen=True)
-class Gap:
-    """Sequence numbers on `topic` jumped: `missing` events never arrived."""
-
-    topic: str
-    missing: int
-    ts: float
-
-
-@dataclass(frozen=True)
-class Replay:
-    """Stored events shown out of the live flow: `kind` is history (on joining a room or
-    /history), missed (while we were away) or backfill (recovering a gap)."""
-
-    kind: str
-    room: str
-    events: list[Event]
-    lost: int  # events of the range that storage no longer has
-    ts: float
-    skipped: int = 0  # older events of the range not fetched (past the request limit)
-
-
-@dataclass(frozen=True)
-class PrivateMessage:
-    """A `direct` as this client opened it. `text` is None when its box did not open (not
-    sealed to our key, or damaged): shown as a notice, never as garbage."""
-
-    seq: int
-    ts: float
-    name: str  # the sender
-    to: str
-    key: str  # the sender's key (the direct's `from`)
-    text: str | None
-    ref: int | None = None
-    offline: bool = False
-
-
-@dataclass(frozen=True)
-class DirectDraft:
-    """A private message as typed, until the broker confirms it: sealed when it is sent (to
-    the recipient's key, fetched first if we do not have it), and re-sealed if that key
-    changes. Never sent as it is."""
-
-    to: str
-    text: str
-    ref: int
-
-
-ClientEvent = Event | Status | Gap | Replay | PrivateMessage
-
-BACKFILL_WAIT = 3.0  # seconds to hold a room's live events while a gap is being recovered
-RESEND_WAIT = 2.0  # seconds to wait for missed-event replays before resending after a rejoin
-REF_START_SPAN = 1 << 39  # message refs stay below the backfill refs (from 1 << 40)
-BACKFILL_PAGES = 20  # history requests per gap (of up to MAX_HISTORY_PER_REQUEST events each)
-# Joining: no welcome on our private stream this long after subscribing it means the broker may
-# not have installed it (PROTOCOL.md "Sealed private streams"): unsubscribe and subscribe again.
-RESUBSCRIBE_WAIT = 1.0
-
-
-@dataclass
-class _Backfill:
-    """A gap (after, before) on a room being recovered from storage, page by page."""
-
-    room: str
-    after: int
-    before: int
-    ref: int
-    deadline: float
-    held: list[Event]  # live events after the gap, shown once it is filled
-    recovered: list[Event] = field(default_factory=list)
-    pages: int = 1
-
-    @property
-    def missing(self) -> int:
-        return self.before - self.after - 1
-
-
-def check_private_text(text: str) -> None:
-    """What the broker checks in a room message, checked by the sender for a private one (the
-    broker cannot read it): not empty once cleaned, not too long."""
-    if not clean_text(text).strip():
-        raise SendError("message is empty")
-    if len(text) > L.MAX_TEXT_CHARS:
-        raise SendError(f"message too long ({len(text)} characters, the limit is {L.MAX_TEXT_CHARS})")
+log = logging.getLogger("zchat.client")
+MAX_POLL_MS = 1000  # wake up at least this often, whatever the core's deadline
 
 
 class JoinError(Exception):
-    """Joining failed; `code` is a protocol error code or unreachable/auth/handshake."""
+    """Joining failed; `code` is a protocol error code or unreachable/auth/handshake/timeout."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class SendError(Exception):
-    pass
 
 
 @dataclass
@@ -212,53 +83,34 @@ class ClientSettings:
     max_unconfirmed: int = 1000
 
 
-class ChatClient:
+class ChatClient(ClientApi):
     def __init__(self, settings: ClientSettings, on_event: Callable[[ClientEvent], None] | None = None):
+        super().__init__(settings.rooms)
         self.settings = settings
         self.identity = settings.keypair.identity
-        self.private_topic = private_topic(self.identity)
-        # The broker seals our private stream to our key (PROTOCOL.md "Sealed private streams").
-        self._box = box_for(settings.keypair.secret, settings.server_key)
-        self.unopened = 0  # u/ publications that did not open with our key: dropped
         self.events: queue.Queue[ClientEvent] = queue.Queue()
         self._on_event = on_event or self.events.put
+        # The broker seals our private stream to our key (PROTOCOL.md "Sealed private streams"),
+        # and private messages are sealed end to end with the same key pair (zchat.e2e).
+        self._box = box_for(settings.keypair.secret, settings.server_key)
+        self.unopened = 0  # u/ publications that did not open with our key: dropped
+        self.core = ClientCore(self.identity, settings.rooms, settings.history, settings.max_unconfirmed,
+                               keyring=Keyring(key_bytes(settings.keypair.secret)))
         self.ctx = zmq.Context()
-        self.name: str | None = None
-        self.rooms: list[str] = list(settings.rooms)
-        self.epoch: str | None = None
-        self.connected = False  # welcomed and hearing the broker
-        self.lost_since: float | None = None  # wall-clock time the connection was lost
-        self.online = 0  # members online, from the latest welcome or heartbeat
-        # Work handed to the I/O thread.
-        self._commands: deque[tuple[str, object]] = deque()
+        self._requests: deque[RequestType] = deque()
         self._wake_lock = threading.Lock()
         self._wake_tx = self.ctx.socket(zmq.PAIR)
         self._wake_rx = self.ctx.socket(zmq.PAIR)
         self._wake_rx.bind(f"inproc://wake-{id(self)}")
         self._wake_tx.connect(f"inproc://wake-{id(self)}")
-        # Refs start at a random point: another session with the same key (an earlier
-        # `zchat send`, a second terminal) shares our private stream and our words in room
-        # history, and its refs must not be mistaken for confirmations of ours.
-        self._refs = itertools.count(secrets.randbelow(REF_START_SPAN) + 1)
-        # Messages (say, me, msg) the broker has not yet echoed back, by ref.
-        self._unconfirmed: dict[int, ClientMessage | DirectDraft] = {}
-        # End-to-end private messages (I/O thread only): our keys, the key of each name we
-        # wrote to this session, drafts waiting for a name's key, key requests in flight
-        # (by ref: a draft's own), and drafts already re-sealed once after a key change.
-        self._keyring = Keyring(z85.decode(settings.keypair.secret))
-        self._keys: dict[str, str] = {}
-        self._awaiting_key: dict[str, list[DirectDraft]] = {}
-        self._key_requests: dict[int, str] = {}
-        self._rekeyed: set[int] = set()
-        self.members: set[str] = set()  # names known to be online, for completion
-        self.known_rooms: set[str] = set(settings.rooms)
-        self._confirmed = threading.Condition()
+        self._settled = threading.Condition()  # notified when requests were handled
+        self._unhandled = 0  # requests submitted and not yet handled by the I/O thread
         self._join_done = threading.Event()
-        self._join_result: Welcome | JoinError | None = None
+        self._join_result: JoinDone | None = None
         self._thread: threading.Thread | None = None
-        self._stop = False
+        self._stopped = False
 
-    # --- API (any thread) --------------------------------------------------
+    # --- API (any thread) --------------------------------------------------------
 
     def start(self) -> None:
         """Create the sockets, connect, and start the I/O thread."""
@@ -268,105 +120,52 @@ class ChatClient:
     def join(self, name: str, timeout: float = 5.0) -> Welcome:
         """Join as `name`; raise JoinError with a reason the user can act on."""
         self._join_done.clear()
-        self._join_result = None
-        self._command("join", name)
+        self._submit(JoinChat(name))
         if not self._join_done.wait(timeout):
-            self._command("cancel_join", None)
+            self._submit(CancelJoin())
             raise JoinError(*self._diagnose())
         result = self._join_result
-        if isinstance(result, JoinError):
-            raise result
-        assert isinstance(result, Welcome)
-        return result
-
-    def say(self, text: str, room: str | None = None) -> int:
-        """Queue `text` for `room` (default: the first room); returns its ref."""
-        return self._tracked(lambda ref: Say(room=room or self._default_room(), text=text, ref=ref))
-
-    def action(self, text: str, room: str | None = None) -> int:
-        return self._tracked(lambda ref: Me(room=room or self._default_room(), text=text, ref=ref))
-
-    def direct(self, to: str, text: str) -> int:
-        """Queue a private message; it is sealed end to end before it leaves (the broker
-        cannot check a text it cannot read, so the limits are checked here)."""
-        check_private_text(text)
-        return self._tracked(lambda ref: DirectDraft(to=to, text=text, ref=ref))
-
-    def nick(self, name: str) -> None:
-        self._command("nick", name)
-
-    def moderate(self, action: str, name: str, reason: str = "", seconds: int = 300) -> None:
-        """Admin commands: kick, ban or mute `name`."""
-        message: ClientMessage
-        if action == "kick":
-            message = Kick(name=name, reason=reason)
-        elif action == "ban":
-            message = Ban(name=name, reason=reason)
-        else:
-            message = Mute(name=name, seconds=seconds, reason=reason)
-        self._command("send", message)
-
-    def history(self, room: str, count: int = L.DEFAULT_HISTORY) -> None:
-        """Ask for the last `count` stored events of `room`; they arrive as a Replay."""
-        self._command("send", HistoryRequest(room=room, limit=min(count, L.MAX_HISTORY_PER_REQUEST)))
-
-    def who(self, room: str | None = None) -> None:
-        self._command("send", Who(room=room))
-
-    def list_rooms(self) -> None:
-        self._command("send", Rooms())
-
-    def enter(self, room: str) -> None:
-        """Join one more room; a `joined` event with our name confirms it."""
-        self._command("enter", room)
-
-    def part(self, room: str, message: str = "") -> None:
-        self._command("send", Part(room=room, message=message))
-
-    def _default_room(self) -> str:
-        if not self.rooms:
-            raise SendError("you are in no room: /join one first")
-        return self.rooms[0]
-
-    def _tracked(self, make: Callable[[int], ClientMessage | DirectDraft]) -> int:
-        ref = next(self._refs)
-        message = make(ref)
-        with self._confirmed:
-            if len(self._unconfirmed) >= self.settings.max_unconfirmed:
-                raise SendError("too many messages waiting for the broker; is it reachable?")
-            self._unconfirmed[ref] = message
-        self._command("send", message)
-        return ref
+        assert result is not None
+        if result.welcome is None:
+            raise JoinError(result.code, result.detail)
+        return result.welcome
 
     def wait_delivered(self, timeout: float) -> bool:
-        """Block until the broker has confirmed every message said so far."""
+        """Block until the broker has confirmed (or refused) every message said so far."""
         deadline = time.monotonic() + timeout
-        with self._confirmed:
-            while self._unconfirmed:
+        with self._settled:
+            while self._unhandled or self.snapshot.pending:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._confirmed.wait(left):
-                    return not self._unconfirmed
+                if left <= 0 or not self._thread or not self._thread.is_alive():
+                    return False
+                self._settled.wait(left)
         return True
 
     def close(self, message: str = "", linger: float = 1.0, leave: bool = True) -> None:
         """Send a leave (if joined and `leave`), stop the I/O thread, close the sockets."""
         if self._thread is not None and self._thread.is_alive():
-            self._command("close", message if leave else None)
+            self._submit(Close(message if leave else None))
             self._thread.join(linger + 2.0)
         elif self._thread is None:
             self._wake_rx.close(0)  # never started: no I/O thread owns it
         self._wake_tx.close(0)
         self.ctx.term()
 
-    def _command(self, kind: str, arg: object) -> None:
-        self._commands.append((kind, arg))
+    def _submit(self, request: RequestType) -> None:
+        with self._settled:
+            self._unhandled += 1
+            self._requests.append(request)
         with self._wake_lock:
             try:
                 self._wake_tx.send(b"", zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # a wake-up is already pending, or we are closing
 
-    # --- the I/O thread --------------------------------------------------------
+    def _diagnose(self) -> tuple[str, str]:
+        """Why a join failed or timed out, as (code, message), from what the monitor saw."""
+        return self._watch.explain(self.settings.endpoints.input)
+
+    # --- the I/O thread ------------------------------------------------------------
 
     def _make_sockets(self) -> None:
         settings, ep = self.settings, self.settings.endpoints
@@ -375,254 +174,79 @@ class ChatClient:
         self.push.sndhwm = L.CLIENT_SNDHWM
         self.sub = curve_client(self.ctx, zmq.SUB, ep, settings.server_key, settings.keypair)
         self._watch = HandshakeWatch(self.push)
-        self.monitor = self._watch.monitor
-        self._subscribed: dict[str, int] = {}
-        for topic in [SYSTEM_TOPIC, self.private_topic] + [room_topic(r) for r in self.rooms]:
-            self._subscribe(topic)
+        self._carry_out(self.core.start())  # subscribe before connecting
         self.sub.connect(ep.publish)
         self.push.connect(ep.input)
 
-    def _subscribe(self, topic: str) -> None:
-        # A SUB forwards duplicate subscriptions; the broker may have forgotten us.
-        self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._subscribed[topic] = self._subscribed.get(topic, 0) + 1
-
-    def _resubscribe(self, topic: str) -> None:
-        """Unsubscribe `topic` (every time we subscribed it), then subscribe it once: the broker
-        reads a fresh request to approve, and our count stays at one."""
-        for _ in range(self._subscribed.pop(topic, 0)):
-            self.sub.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
-        self._subscribe(topic)
-
     def _run(self) -> None:
-        self._make_sockets()
-        self._pending_join: Join | None = None
-        self._next_join = 0.0
-        self._last_heartbeat = time.monotonic()
-        self._next_ping = 0.0
-        self._lost = False
-        self._rejoin_reason = ""
-        self._rejoin_failed = False
-        self._removed = False
-        self._replays_due: set[str] = set()  # rooms whose missed-events replay is on its way
-        self._resend_at: float | None = None  # resend unconfirmed messages then (after a rejoin)
-        self._resend_refs: set[int] = set()
-        self._backfills: dict[str, _Backfill] = {}  # by room topic
-        self._backfill_refs = itertools.count(1 << 40)  # apart from message refs
-        self._last_seq: dict[str, int] = {}
-        self._outbox: deque[ClientMessage | DirectDraft] = deque()
-        self._recent_notices: deque[tuple[object, ...]] = deque(maxlen=64)
-        # Rooms asked for with /join and not yet confirmed: their live events before our
-        # `joined` are also in the history that precedes it, so they are not shown live.
-        self._entering: set[str] = set()
-        self._tokens = float(L.RATE_BURST)
-        self._rate = (float(L.RATE_BURST), L.RATE_PER_SECOND)
-        self._refilled = time.monotonic()
-        poller = zmq.Poller()
-        for sock in (self.sub, self.monitor, self._wake_rx):
-            poller.register(sock, zmq.POLLIN)
         try:
-            while not self._stop:
+            self._make_sockets()
+            poller = zmq.Poller()
+            for sock in (self.sub, self._watch.monitor, self._wake_rx):
+                poller.register(sock, zmq.POLLIN)
+            while not self._stopped:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if self.sub in ready:
                     self._drain_sub()
-                if self.monitor in ready:
+                if self._watch.monitor in ready:
                     self._drain_monitor()
                 if self._wake_rx in ready:
-                    while True:
-                        try:
-                            self._wake_rx.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                self._run_commands()
-                self._timers()
+                    self._drain_wake()
+                self._handle_requests()
+                if not self._stopped:
+                    self._carry_out(self.core.tick(self._now()))
+        except Exception:
+            log.exception("the client's I/O thread failed")
+            self._join_result = JoinDone(None, "internal", "the client failed; see the log")
+            self._join_done.set()
         finally:
-            self.push.disable_monitor()
-            for sock in (self.sub, self.monitor, self._wake_rx):
+            with self._settled:
+                self._settled.notify_all()
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.close(self.push)
+        for name in ("sub", "_wake_rx"):
+            sock = getattr(self, name, None)
+            if sock is not None:
                 sock.close(0)
-            self.push.close()  # linger lets a final leave reach the broker
+        push = getattr(self, "push", None)
+        if push is not None:
+            push.close()  # linger lets a final leave reach the broker
+
+    @staticmethod
+    def _now() -> Now:
+        return Now(time.monotonic(), time.time())
 
     def _poll_timeout_ms(self) -> int:
-        now = time.monotonic()
-        deadlines = [self._next_ping, self._last_heartbeat + L.BROKER_SILENCE_LOST]
-        if self._pending_join is not None:
-            deadlines.append(self._next_join)
-        if self._outbox and self._tokens < 1:
-            deadlines.append(now + (1 - self._tokens) / self._rate[1])
-        if self._resend_at is not None:
-            deadlines.append(self._resend_at)
-        deadlines += [backfill.deadline for backfill in self._backfills.values()]
-        return max(0, int((min(deadlines) - now) * 1000) + 1)
+        deadline = self.core.deadline()
+        if deadline is None:
+            return MAX_POLL_MS
+        return max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1000) + 1))
 
-    def _run_commands(self) -> None:
-        while self._commands:
-            kind, arg = self._commands.popleft()
-            if kind == "join":
-                self._start_join(str(arg), "")
-            elif kind == "cancel_join":
-                self._pending_join = None
-            elif kind == "send":
-                self._outbox.append(arg)  # type: ignore[arg-type]
-            elif kind == "enter":
-                if str(arg) not in self.rooms:
-                    self._entering.add(room_topic(str(arg)))
-                self._subscribe(room_topic(str(arg)))  # before the request: the broker waits for it
-                self._outbox.append(Enter(room=str(arg), history=self.settings.history))
-            elif kind == "nick":
-                if self._rejoin_failed:  # our old name was taken while we were away
-                    self._start_join(str(arg), "reconnected")
-                else:
-                    self._outbox.append(Nick(name=str(arg)))
-            elif kind == "close":
-                if self.epoch is not None and not self._lost:
-                    while self._outbox:  # what was asked before closing still goes, in order
-                        message = self._sealed(self._outbox.popleft())
-                        if message is not None:
-                            self._send(message)
-                if arg is not None and self.name is not None and self.epoch is not None:
-                    self._send(Leave(message=str(arg)))
-                self._stop = True
+    def _drain_monitor(self) -> None:
+        disconnects = self._watch.disconnects
+        if "auth" in self._watch.drain():  # our key refused
+            self._carry_out(self.core.request(HandshakeFailed(*self._diagnose()), self._now()))
+        if self._watch.disconnects > disconnects:  # the broker went away: no need to wait for silence
+            self._carry_out(self.core.request(LinkDown(), self._now()))
+
+    def _drain_wake(self) -> None:
+        while True:
+            try:
+                self._wake_rx.recv(zmq.NOBLOCK)
+            except zmq.Again:
                 return
-        self._flush_outbox()
 
-    def _start_join(self, name: str, reason: str) -> None:
-        # Rejoining: `seen` asks for exactly what we missed instead of recent history.
-        seen = {}
-        for room in self.rooms if reason else []:
-            topic = room_topic(room)
-            if topic in self._backfills:  # a gap was being recovered: ask from before it
-                seen[room] = self._backfills[topic].after
-            elif topic in self._last_seq:
-                seen[room] = self._last_seq[topic]
-        self._pending_join = Join(name=name, rooms=list(self.rooms), history=self.settings.history, seen=seen)
-        self._next_join = 0.0
-        self._resubscribe_at = time.monotonic() + RESUBSCRIBE_WAIT
-        self._rejoin_reason = reason
-        self._rejoin_failed = False
-
-    def _timers(self) -> None:
-        now = time.monotonic()
-        if self._pending_join is not None and now >= self._next_join:
-            if now >= self._resubscribe_at:  # no welcome: the broker may have lost our subscriptions
-                self._resubscribe_at = now + RESUBSCRIBE_WAIT
-                for topic in [self.private_topic] + [room_topic(r) for r in self.rooms]:
-                    self._resubscribe(topic)
-            self._send(self._pending_join)
-            self._next_join = now + L.JOIN_RETRY_INTERVAL
-        if self.epoch is not None and now >= self._next_ping:
-            self._send(Ping())
-            self._next_ping = now + L.CLIENT_PING_INTERVAL
-        if self.epoch is not None and not self._lost and now - self._last_heartbeat > L.BROKER_SILENCE_LOST:
-            self._lost = True
-            self.connected = False
-            self.lost_since = time.time()
-            self._emit(Status("lost", "connection to the broker lost; reconnecting", self.lost_since))
-        if self._backfills:
-            self._expire_backfills()
-        if self._resend_at is not None and now >= self._resend_at:
-            self._resend_unconfirmed()
-        self._flush_outbox()
-
-    def _flush_outbox(self) -> None:
-        if not self._outbox or self._pending_join is not None or self.epoch is None or self._lost:
-            return
-        if self._resend_at is not None:
-            return  # after a rejoin, earlier messages go first: wait for the resend
-        burst, rate = self._rate
-        now = time.monotonic()
-        self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-        while self._outbox and self._tokens >= 1:
-            message = self._sealed(self._outbox.popleft())
-            if message is None:
-                continue  # waits for its recipient's key, asked for at the front of the queue
-            self._send(message)
-            self._tokens -= 1
-
-    # --- end-to-end private messages ------------------------------------------------
-
-    def _sealed(self, message: ClientMessage | DirectDraft) -> ClientMessage | None:
-        """What goes on the wire for `message`: a draft sealed to its recipient's key, or
-        None while that key is being asked for."""
-        if not isinstance(message, DirectDraft):
-            return message
-        name = name_key(message.to)
-        key = self._keys.get(name)
-        if key is None:
-            waiting = self._awaiting_key.setdefault(name, [])
-            if not waiting:  # ask with the draft's ref: the answer, or the refusal, names it
-                self._key_requests[message.ref] = name
-                self._outbox.appendleft(KeyRequest(name=message.to, ref=message.ref))
-            waiting.append(message)
-            return None
-        try:
-            box, self_box = self._keyring.seal_for(key, message.text)
-        except (ValueError, CryptoError):  # the broker gave a key nobody can encrypt to
-            self._emit(Error(seq=0, ts=time.time(), code="bad_key", ref=message.ref,  # ours, not the broker's
-                             detail=f"cannot encrypt to {message.to}'s key ({fingerprint(key)})"))
-            self._confirm(message.ref)
-            return None
-        return Msg(to=message.to, key=key, box=box, self_box=self_box, ref=message.ref)
-
-    def _on_private(self, event: Event) -> bool:
-        """Key answers, refusals of our private messages, and directs; True when handled."""
-        if isinstance(event, Direct):
-            self._on_direct(event)
-            return True
-        if isinstance(event, KeyReply):
-            name = self._key_requests.pop(event.ref, None) if event.ref is not None else None
-            if name is not None:  # else another session's (it shares our stream): not ours
-                self._keys[name] = event.key
-                self._outbox.extendleft(reversed(self._awaiting_key.pop(name, [])))  # in order
-            return True
-        if isinstance(event, Error) and event.ref is not None:
-            if event.code == Code.KEY_CHANGED:
-                return self._on_key_changed(event)
-            name = self._key_requests.pop(event.ref, None)
-            if name is not None:  # no key for that name: every draft waiting for it is refused
-                for draft in self._awaiting_key.pop(name, []):
-                    if draft.ref != event.ref:  # that one is settled as the error is shown
-                        self._confirm(draft.ref)
-        return False
-
-    def _on_key_changed(self, error: Error) -> bool:
-        """Re-seal the draft to the key now bound to the name, once, and tell the user;
-        a second refusal is shown as it is."""
-        with self._confirmed:
-            draft = self._unconfirmed.get(error.ref)  # type: ignore[arg-type]
-        if not isinstance(draft, DirectDraft) or error.ref in self._rekeyed or not error.key:
-            return False
-        self._rekeyed.add(draft.ref)
-        name = name_key(draft.to)
-        old = self._keys.get(name)
-        if old != error.key:  # one warning per change, however many drafts it catches
-            self._keys[name] = error.key
-            was = f"was {fingerprint(old)}, " if old else ""
-            self._emit(Status("key_changed", f"{draft.to}'s key changed ({was}now "
-                              f"{fingerprint(error.key)}): another key holds that name now; your "
-                              "message was encrypted to the new key", error.ts))
-        self._outbox.appendleft(draft)
-        return True
-
-    def _on_direct(self, event: Direct) -> None:
-        """Open a private message with Box(our secret, its sender's key): right for the
-        recipient's copy and for our own (sealed to ourselves, so `from` is our key)."""
-        try:
-            text: str | None = self._keyring.open_from(event.from_, event.box)
-        except OpenError:
-            text = None
-        if event.ref is not None and event.from_ == self.identity:
-            self._confirm(event.ref)
-        self._emit(PrivateMessage(event.seq, event.ts, event.name, event.to, event.from_, text,
-                                  event.ref, event.offline))
-
-    def _send(self, message: ClientMessage) -> None:
-        try:
-            self.push.send(encode_client_message(message), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # queue full while the broker is away: the join/resend logic recovers
-
-    # --- incoming ----------------------------------------------------------------
+    def _handle_requests(self) -> None:
+        while self._requests and not self._stopped:
+            request = self._requests.popleft()
+            self._carry_out(self.core.request(request, self._now()))
+            with self._settled:
+                self._unhandled -= 1
+                self._settled.notify_all()
 
     def _drain_sub(self) -> None:
         while True:
@@ -630,311 +254,50 @@ class ChatClient:
                 data = self.sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                data = open_publication(self._box, data)  # u/ only; the rest as it is
-            except SealError:
-                self.unopened += 1  # not sealed to us (or damaged): never shown
-                continue
-            try:
-                topic, event = decode_publication(data)
-            except ProtocolError:
-                continue  # a newer broker's event type, or garbage: skip it
-            self._handle(topic, event)
+            decoded = self.decode(data)
+            if decoded is not None:
+                self._carry_out(self.core.publication(*decoded, self._now()))
 
-    def _handle(self, topic: str, event: Event) -> None:
-        if isinstance(event, Heartbeat):
-            self._on_heartbeat(topic, event)
-            return
-        if isinstance(event, Shutdown):
-            self._lost = True
-            self.connected = False
-            self.lost_since = event.ts
-            self._emit(Status("shutdown", event.detail, event.ts))
-            return
-        if topic == SYSTEM_TOPIC:
-            return  # other broker notices (stats): not for the chat, and not numbered for us
-        if topic == self.private_topic:
-            if isinstance(event, Welcome):
-                self._on_welcome(event)
-                return
-            if isinstance(event, Error) and self._on_error(event):
-                return
-        if self.epoch is None or self._pending_join is not None:
-            # Before our (re)welcome: anything up to its baseline comes as history instead.
-            return
-        if topic in self._entering:
-            if not (isinstance(event, Joined) and event.name == self.name):
-                return  # before our arrival: the room's history (sent first) has it
-            self._entering.discard(topic)
-            self._last_seq[topic] = event.seq - 1  # the baseline: live from our arrival on
-        if not self._track_seq(topic, event.seq, event.ts, event):
-            return
-        if isinstance(event, History):
-            self._on_history(event)
-            return
-        if topic == self.private_topic and self._on_private(event):
-            return
-        backfill = self._backfills.get(topic)
-        if backfill is not None:
-            backfill.held.append(event)  # shown after the events that fill the gap before it
-            return
-        self._emit_live(event)
+    def decode(self, data: bytes) -> tuple[str, Event] | None:
+        """One published frame as (topic, event); None for what cannot be read (a newer broker's
+        event type, or garbage). The one place a frame's body is opened."""
+        try:
+            data = open_publication(self._box, data)  # u/ only; the rest as it is
+        except SealError:
+            self.unopened += 1  # not sealed to us (or damaged): never shown
+            return None
+        try:
+            return decode_publication(data)
+        except ProtocolError:
+            return None
 
-    def _emit_live(self, event: Event) -> None:
-        if isinstance(event, Mark):
-            return  # only there to reveal lost tails
-        if isinstance(event, (Message, Action)) and event.ref is not None and event.name == self.name:
-            self._confirm(event.ref)
-        self._follow(event)
-        if self._repeated_notice(event):
-            return  # the same arrival/departure/rename, seen again through another shared room
-        self._emit(event)
-        if isinstance(event, Error) and event.ref is not None:
-            # Refused: settled too. After the emit, so a waiter sees the refusal first.
-            self._confirm(event.ref)
-
-    def _follow(self, event: Event) -> None:
-        """Keep our own rooms, name and the list of known names in step with events."""
-        if isinstance(event, Joined):
-            self.members.add(event.name)
-            self.known_rooms.add(event.room)
-            if event.name == self.name and event.room not in self.rooms:
-                self.rooms.append(event.room)
-        elif isinstance(event, Left):
-            if event.name == self.name and event.reason == "part" and event.room in self.rooms:
-                self.rooms.remove(event.room)
-                topic = room_topic(event.room)
-                for _ in range(self._subscribed.pop(topic, 0)):
-                    self.sub.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
-            elif event.reason != "part":
-                self.members.discard(event.name)
-        elif isinstance(event, Renamed):
-            self.members.discard(event.old)
-            self.members.add(event.new)
-            if event.old == self.name:
-                self.name = event.new
-        elif isinstance(event, WhoReply) and event.room is None:
-            self.members = set(event.names)
-        elif isinstance(event, RoomList):
-            self.known_rooms.update(event.rooms)
-
-    def _repeated_notice(self, event: Event) -> bool:
-        if isinstance(event, Joined) and event.chat:
-            key: tuple[object, ...] = ("joined", event.name, event.ts)
-        elif isinstance(event, Left) and event.reason != "part":
-            key = ("left", event.name, event.ts)
-        elif isinstance(event, Renamed):
-            key = ("renamed", event.old, event.ts)
-        else:
-            return False
-        if key in self._recent_notices:
-            return True
-        self._recent_notices.append(key)
-        return False
-
-    def _on_history(self, history: History) -> None:
-        events = []
-        for raw in history.events:
-            try:
-                events.append(decode_event(raw))
-            except ProtocolError:
-                continue
-        topic = room_topic(history.room)
-        backfill = self._backfills.get(topic)
-        if backfill is not None and history.ref == backfill.ref:
-            self._on_backfill_page(topic, backfill, events, history)
-            return
-        if history.ref is None and topic in self._entering:
-            # The room's past up to our arrival: live from here on (should our `joined` be lost).
-            self._entering.discard(topic)
-            self._last_seq[topic] = history.upto
-        for event in events:  # our own words, published before an echo got lost in a rejoin
-            if (isinstance(event, (Message, Action)) and event.ref in self._resend_refs
-                    and event.name == self.name):
-                self._confirm(event.ref)
-        if self._resend_at is not None and history.ref is None:
-            self._replays_due.discard(history.room)
-            if not self._replays_due:
-                self._resend_unconfirmed()
-        kind = "missed" if history.after > 0 and history.ref is None else "history"
-        skipped = 0
-        if history.after > 0 and events and events[0].seq > history.after + 1 + history.lost:
-            skipped = events[0].seq - history.after - 1 - history.lost  # more than we asked to see
-        self._emit(Replay(kind, history.room, events, history.lost, history.ts, skipped))
-
-    def _on_backfill_page(self, topic: str, backfill: _Backfill, events: list[Event],
-                          history: History) -> None:
-        backfill.recovered[:0] = events  # pages come newest first
-        oldest = events[0].seq if events else backfill.before
-        full_page = len(history.events) >= L.MAX_HISTORY_PER_REQUEST  # storage may hold more
-        if full_page and oldest > backfill.after + 1 and backfill.pages < BACKFILL_PAGES:
-            backfill.pages += 1
-            backfill.ref = next(self._backfill_refs)
-            backfill.deadline = time.monotonic() + BACKFILL_WAIT
-            self._request_range(backfill.room, backfill.after, oldest, backfill.ref)
-            return
-        del self._backfills[topic]
-        lost = max(0, backfill.missing - len(backfill.recovered))  # pruned, or past the pages
-        self._emit(Replay("backfill", backfill.room, backfill.recovered, lost, history.ts))
-        for held in backfill.held:
-            self._emit_live(held)
-
-    def _start_backfill(self, topic: str, last: int, event: Event) -> None:
-        """Ask storage for the gap before `event` and hold the room's live events meanwhile."""
-        ref = next(self._backfill_refs)
-        room = topic[len(ROOM_PREFIX):-1]
-        before = event.seq + 1 if isinstance(event, Mark) else event.seq  # a mark's seq was missed too
-        self._backfills[topic] = _Backfill(room, last, before, ref, time.monotonic() + BACKFILL_WAIT, [event])
-        self._request_range(room, last, before, ref)
-
-    def _request_range(self, room: str, after: int, before: int, ref: int) -> None:
-        limit = min(before - after - 1, L.MAX_HISTORY_PER_REQUEST)
-        # Paced like everything we say (the broker charges requests too), but ahead of the
-        # queue: the room's live events wait for this answer.
-        self._outbox.appendleft(HistoryRequest(room=room, after=after, before=before, limit=limit, ref=ref))
-
-    def _expire_backfills(self) -> None:
-        now = time.monotonic()
-        for topic, backfill in list(self._backfills.items()):
-            if now >= backfill.deadline:  # no answer: show what we have, say what is missing
-                del self._backfills[topic]
-                if backfill.recovered:
-                    self._emit(Replay("backfill", backfill.room, backfill.recovered, 0, time.time()))
-                missing = backfill.missing - len(backfill.recovered)
-                self._emit(Gap(topic, max(missing, 1), backfill.held[0].ts))
-                for event in backfill.held:
-                    self._emit_live(event)
-
-    def _on_heartbeat(self, topic: str, beat: Heartbeat) -> None:
-        self._last_heartbeat = time.monotonic()
-        self.online = beat.online
-        if self.epoch is None or self._pending_join is not None or self._removed:
-            return
-        if beat.epoch != self.epoch:
-            self._start_join(self.name or "", "restarted")
-        elif self._lost:
-            self._start_join(self.name or "", "reconnected")
-
-    def _on_welcome(self, welcome: Welcome) -> None:
-        if self._pending_join is None and welcome.epoch == self.epoch:
-            return  # a repeat: a resent join crossed the first welcome; nothing is new
-        first = self.epoch is None
-        restarted = not first and welcome.epoch != self.epoch
-        if welcome.epoch != self.epoch:
-            self._last_seq.clear()
-        self._backfills.clear()  # whatever they held is at or below the new baselines
-        seen = self._pending_join.seen if self._pending_join is not None else {}
-        self.epoch = welcome.epoch
-        self.name = welcome.name
-        # Stay a little under the broker's bucket: network jitter bunches messages up.
-        self._rate = (max(1.0, welcome.rate_burst - 2.0), welcome.rate_per_second * 0.9)
-        self._tokens = min(self._tokens, self._rate[0])
-        self.members = set(welcome.members)
-        self.rooms = [room for room in welcome.rooms]
-        self.known_rooms.update(self.rooms)
-        for room, seq in welcome.rooms.items():
-            self._last_seq[room_topic(room)] = seq
-            self._entering.discard(room_topic(room))  # in it: the welcome's baseline counts
-        self._last_seq[self.private_topic] = welcome.seq
-        self._pending_join = None
-        self._lost = False
-        self.connected = True
-        self.lost_since = None
-        self.online = welcome.online
-        self._last_heartbeat = time.monotonic()
-        self._join_result = welcome
-        self._join_done.set()
-        if first:
-            self._emit(welcome)
-        else:
-            detail = "the broker restarted; rejoined" if restarted else "rejoined"
-            self._emit(Status("reconnected", detail, welcome.ts))
-            # What we said may have been published with its echo lost on the way: the replay
-            # of what we missed (it follows the welcome) shows it. Resend the rest after that.
-            self._replays_due = {room for room, seq in welcome.rooms.items() if seen.get(room, seq) < seq}
-            self._resend_at = time.monotonic() + RESEND_WAIT
-            with self._confirmed:
-                self._resend_refs = set(self._unconfirmed)
-            # Key requests in flight may be lost: the resend asks again for those drafts.
-            self._awaiting_key.clear()
-            self._key_requests.clear()
-            if not self._replays_due:
-                self._resend_unconfirmed()
-        self._flush_outbox()
-
-    def _resend_unconfirmed(self) -> None:
-        """Put what was sent before the rejoin and never confirmed back in front, in order."""
-        self._resend_at = None
-        queued = {id(message) for message in self._outbox}
-        with self._confirmed:
-            again = [self._unconfirmed[ref] for ref in sorted(self._resend_refs)
-                     if ref in self._unconfirmed and id(self._unconfirmed[ref]) not in queued]
-        self._outbox = deque(again + list(self._outbox))
-        self._resend_refs = set()
-
-    def _on_error(self, error: Error) -> bool:
-        """Handle join-related errors; True when consumed here."""
-        if self._pending_join is not None and error.code in JOIN_ERRORS:
-            name = self._pending_join.name
-            self._pending_join = None
-            self._join_result = JoinError(error.code, error.detail)
-            self._join_done.set()
-            if self.epoch is not None:  # an automatic rejoin failed: say so, offer a way out
-                self._rejoin_failed = True
-                self._emit(Status("rejoin_failed", f"could not rejoin as {name}: {error.detail}; "
-                                  "choose another name with /nick NEW", error.ts))
-            return True
-        if error.code in REMOVED:
-            self._removed = True  # an admin or the operator removed us: do not come back by ourselves
-            self.connected = False
-            self._emit(Status("removed", error.detail, error.ts))
-            return True
-        if error.code == Code.NOT_JOINED and self.epoch is not None:
-            if self._pending_join is None and not self._removed:
-                self._start_join(self.name or "", "reconnected")
-            return True
-        return False  # shown, then its ref confirmed, by _emit_live
-
-    def _confirm(self, ref: int) -> None:
-        self._rekeyed.discard(ref)
-        with self._confirmed:
-            self._unconfirmed.pop(ref, None)
-            self._confirmed.notify_all()
-
-    def _track_seq(self, topic: str, seq: int, ts: float, event: Event) -> bool:
-        """Record `seq`; report a jump as a gap. False for an old or repeated event."""
-        last = self._last_seq.get(topic)
-        self._last_seq[topic] = max(seq, last or 0)
-        if last is None:
-            return True
-        if seq <= last:
-            return False
-        missing = seq - last - (0 if isinstance(event, Mark) else 1)  # a mark's own seq is missing
-        if missing > 0:
-            if topic.startswith(ROOM_PREFIX) and topic not in self._backfills:
-                self._start_backfill(topic, last, event)
-                return False  # held: shown once the gap before it is filled
-            self._emit(Gap(topic, missing, ts))
-        return True
-
-    def _drain_monitor(self) -> None:
-        if "auth" in self._watch.drain():
-            self._fail_join(*self._diagnose())
-
-    def _fail_join(self, code: str, message: str) -> None:
-        if self._pending_join is not None:
-            self._pending_join = None
-            self._join_result = JoinError(code, message)
-            self._join_done.set()
-
-    def _diagnose(self) -> tuple[str, str]:
-        """Why a join failed or timed out, as (code, message), from what the monitor saw."""
-        return self._watch.explain(self.settings.endpoints.input)
+    def _carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                try:
+                    self.push.send(encode_client_message(effect.message), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # queue full while the broker is away: the rejoin and resend recover
+            elif isinstance(effect, Show):
+                self.snapshot = effect.view
+                self._emit(effect.event)
+            elif isinstance(effect, Subscribe):
+                self.sub.setsockopt(zmq.SUBSCRIBE, effect.topic.encode())
+            elif isinstance(effect, Unsubscribe):
+                self.sub.setsockopt(zmq.UNSUBSCRIBE, effect.topic.encode())
+            elif isinstance(effect, JoinDone):
+                self.snapshot = self.core.snapshot()
+                self._join_result = effect
+                self._join_done.set()
+            elif isinstance(effect, Stopped):
+                self._stopped = True
+        if self.snapshot is not self.core.snapshot():
+            with self._settled:
+                self.snapshot = self.core.snapshot()
+                self._settled.notify_all()
 
     def _emit(self, event: ClientEvent) -> None:
         try:
             self._on_event(event)
         except Exception:  # a display bug must not kill the I/O thread
-            import logging
-
-            logging.getLogger("zchat.client").exception("event handler failed")
+            log.exception("event handler failed")

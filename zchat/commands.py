@@ -28,6 +28,7 @@ COMMANDS: dict[str, Spec] = {
     "/kick": Spec("NAME [REASON]", "admin: remove NAME from the chat", 1, True),
     "/ban": Spec("NAME [REASON]", "admin: remove NAME and refuse their key from now on", 1, True),
     "/mute": Spec("NAME [SECONDS]", "admin: NAME may not speak for SECONDS (default 300; 0 lifts it)", 1),
+    "/reconnect": Spec("", "come back after being kicked (or after a rejoin found your name taken)", 0),
     "/quit": Spec("[MESSAGE]", "leave the chat; others see MESSAGE", 0, True),
     "/help": Spec("[COMMAND]", "list the commands, or explain one", 0),
 }

@@ -16,7 +16,8 @@ from itertools import islice
 import msgspec
 
 from zchat import limits as L
-from zchat.auth import Account
+from zchat.accounts import Account
+from zchat.flow import TokenBucket
 from zchat.protocol import (
     DEFAULT_ROOM,
     PRIVATE_PREFIX,
@@ -39,6 +40,7 @@ from zchat.protocol import (
     Kick,
     Leave,
     Left,
+    LeftReason,
     Mark,
     Me,
     Message,
@@ -170,8 +172,7 @@ class Peer:
 
     identity: str
     last_seen: float
-    tokens: float
-    refilled_at: float
+    bucket: TokenBucket  # its flood control
     topics: set[str] = field(default_factory=set)
     pending_join: Join | None = None
     pending_rooms: dict[str, int] = field(default_factory=dict)  # room -> history, awaiting subscription
@@ -187,6 +188,10 @@ class BrokerCore:
         `accounts` (closed mode) fixes who may be here, with which name and role; None is
         open mode. `banned` identities are refused in both modes."""
         self.epoch = epoch
+        # `now`, in every call, is the shell's monotonic clock: it times heartbeats, expiry,
+        # rate buckets and mutes, and a wall-clock step changes none of them. Events carry
+        # wall time: now + wall_offset, which the shell keeps current (time.time() - now).
+        self.wall_offset = 0.0
         self.accounts = accounts
         self.banned: set[str] = set(banned or ())
         self.muted: dict[str, float] = {}  # identity -> until when it may not speak
@@ -216,6 +221,10 @@ class BrokerCore:
         self.turned_away = 0  # new keys ignored: every place was held by a member
 
     # --- queries -----------------------------------------------------------
+
+    def ts(self, now: float) -> float:
+        """The wall-clock time stamped on an event published at monotonic `now`."""
+        return now + self.wall_offset
 
     @property
     def online(self) -> int:
@@ -331,7 +340,7 @@ class BrokerCore:
             return []
         # The peer record (and its approved topics) stays until it idles out: if only the
         # input connection dropped, the SUB is still subscribed and not_joined must reach it.
-        return self._leave(peer, "disconnected", "", now)
+        return self._leave(peer, LeftReason.DISCONNECTED, "", now)
 
     def tick(self, now: float) -> list[Out]:
         """Heartbeats, member expiry and forgetting idle identities."""
@@ -339,11 +348,12 @@ class BrokerCore:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.limits.heartbeat_interval
             out.append(self._publish(SYSTEM_TOPIC, lambda seq: Heartbeat(
-                seq=seq, ts=now, epoch=self.epoch,
+                seq=seq, ts=self.ts(now), epoch=self.epoch,
                 interval=self.limits.heartbeat_interval, online=self.online)))
             # Marks repeat the last seq of each busy room (taking no number themselves).
             # A few of them after a room's last event, in case a mark is lost with the tail.
-            out += [Publish(topic, Mark(seq=self.seqs[topic], ts=now, room=room_of_topic(topic) or ""))
+            ts = self.ts(now)
+            out += [Publish(topic, Mark(seq=self.seqs[topic], ts=ts, room=room_of_topic(topic) or ""))
                     for topic in self.busy_rooms]
             self.busy_rooms = {topic: left - 1 for topic, left in self.busy_rooms.items() if left > 1}
         if now >= self.next_expiry_scan:
@@ -353,7 +363,7 @@ class BrokerCore:
             for peer in list(self.peers.values()):
                 if peer.member is not None:
                     if peer.last_seen < member_deadline:
-                        out.extend(self._leave(peer, "timeout", "", now))
+                        out.extend(self._leave(peer, LeftReason.TIMEOUT, "", now))
                 elif peer.last_seen < idle_deadline:
                     self._forget(peer.identity)
         return out
@@ -377,7 +387,7 @@ class BrokerCore:
 
     def shutdown(self, now: float, detail: str) -> list[Out]:
         return [self._publish(SYSTEM_TOPIC, lambda seq: Shutdown(
-            seq=seq, ts=now, epoch=self.epoch, detail=detail))]
+            seq=seq, ts=self.ts(now), epoch=self.epoch, detail=detail))]
 
     # --- handlers ------------------------------------------------------------
 
@@ -446,7 +456,7 @@ class BrokerCore:
         if arriving:
             fetches.append(DeliverMail(peer.identity))
         out.append(self._publish(private_topic(peer.identity), lambda seq: Welcome(
-            seq=seq, ts=now, id=peer.identity, name=member.name, epoch=self.epoch,
+            seq=seq, ts=self.ts(now), id=peer.identity, name=member.name, epoch=self.epoch,
             rooms=baseline, online=self.online,
             members=[self.peers[i].member.name for i in islice(self.names.values(), L.MEMBERS_IN_WELCOME)],  # type: ignore[union-attr]
             heartbeat=self.limits.heartbeat_interval, rate_burst=self.limits.rate_burst,
@@ -476,7 +486,7 @@ class BrokerCore:
         # Everyone in the member's rooms is told; with no room, the member alone.
         topics = [room_topic(room) for room in member.rooms] or [private_topic(peer.identity)]
         return remembered + [self._publish(topic, lambda seq, topic=topic: Renamed(
-            seq=seq, ts=now, room=room_of_topic(topic) or "", old=old, new=new)) for topic in topics]
+            seq=seq, ts=self.ts(now), room=room_of_topic(topic) or "", old=old, new=new)) for topic in topics]
 
     def _room_of(self, peer: Peer, member: Member, raw: str, now: float,
                  ref: int | None = None) -> tuple[str | None, list[Out]]:
@@ -510,7 +520,8 @@ class BrokerCore:
         seq = self.seqs.get(topic, 0) + 1
         self.seqs[topic] = seq
         self.busy_rooms[topic] = MARKS_AFTER_ACTIVITY
-        return [Publish(topic, Message(seq=seq, ts=now, room=room, name=member.name, text=text, ref=say.ref))]
+        ts = now + self.wall_offset  # self.ts(now), inline on the hot path
+        return [Publish(topic, Message(seq=seq, ts=ts, room=room, name=member.name, text=text, ref=say.ref))]
 
     def _me(self, peer: Peer, member: Member, me: Me, now: float) -> list[Out]:
         if self.muted.get(peer.identity, 0.0) > now:
@@ -522,7 +533,7 @@ class BrokerCore:
         if empty:
             return empty
         return [self._publish(room_topic(room), lambda seq: Action(
-            seq=seq, ts=now, room=room, name=member.name, text=text, ref=me.ref))]
+            seq=seq, ts=self.ts(now), room=room, name=member.name, text=text, ref=me.ref))]
 
     def _bound_key(self, name: str) -> tuple[str | None, str | None]:
         """(the key bound to `name`, the online holder's name): the online holder's key, else
@@ -530,7 +541,10 @@ class BrokerCore:
         target = self.names.get(name_key(name))
         if target is not None:
             return target, self.member_name(target)
-        return self.known_names.get(name_key(name)), None
+        last = self.known_names.get(name_key(name))
+        # The last holder may be online under another name (it renamed): it is here, so what
+        # is sealed to it goes to it now rather than into a mailbox read on its next arrival.
+        return last, self.member_name(last) if last is not None else None
 
     def _unknown_user(self, peer: Peer, name: str, now: float, ref: int | None) -> list[Out]:
         return self._error(peer, now, Code.NO_SUCH_USER,
@@ -542,7 +556,7 @@ class BrokerCore:
         if key is None:
             return self._unknown_user(peer, request.name, now, request.ref)
         return [self._publish(private_topic(peer.identity), lambda seq: KeyReply(
-            seq=seq, ts=now, name=holder or request.name, key=key, online=holder is not None,
+            seq=seq, ts=self.ts(now), name=holder or request.name, key=key, online=holder is not None,
             ref=request.ref))]
 
     def _msg(self, peer: Peer, member: Member, msg: Msg, now: float) -> list[Out]:
@@ -559,22 +573,23 @@ class BrokerCore:
             if topic not in peer.topics:
                 return []
             return [self._publish(topic, lambda seq: Error(
-                seq=seq, ts=now, code=Code.KEY_CHANGED, key=bound, ref=msg.ref,
+                seq=seq, ts=self.ts(now), code=Code.KEY_CHANGED, key=bound, ref=msg.ref,
                 detail=f"{clean_text(name)}'s key changed: another key holds that name now"))]
         sender = peer.identity
         if holder is None:
             # Offline: kept for the key the sender encrypted to, delivered when it joins.
-            kept = Direct(seq=0, ts=now, name=member.name, to=msg.to, from_=sender, box=msg.box,
+            kept = Direct(seq=0, ts=self.ts(now), name=member.name, to=msg.to, from_=sender, box=msg.box,
                           offline=True)
-            copy = Direct(seq=0, ts=now, name=member.name, to=msg.to, from_=sender, box=msg.self_box,
+            copy = Direct(seq=0, ts=self.ts(now), name=member.name, to=msg.to, from_=sender, box=msg.self_box,
                           ref=msg.ref, offline=True)
             return [Mail(bound, sender, kept, copy)]
         # Only on the two private streams: no public topic ever carries it.
         out: list[Out] = [self._publish(private_topic(sender), lambda seq: Direct(
-            seq=seq, ts=now, name=member.name, to=holder, from_=sender, box=msg.self_box, ref=msg.ref))]
+            seq=seq, ts=self.ts(now), name=member.name, to=holder, from_=sender, box=msg.self_box,
+            ref=msg.ref))]
         if bound != sender:
             out.append(self._publish(private_topic(bound), lambda seq: Direct(
-                seq=seq, ts=now, name=member.name, to=holder, from_=sender, box=msg.box)))
+                seq=seq, ts=self.ts(now), name=member.name, to=holder, from_=sender, box=msg.box)))
         return out
 
     def _nick(self, peer: Peer, member: Member, nick: Nick, now: float) -> list[Out]:
@@ -600,14 +615,14 @@ class BrokerCore:
             identities = self.rooms.get(room, ())
         names = sorted((self.peers[i].member.name for i in identities), key=str.casefold)  # type: ignore[union-attr]
         return [self._publish(private_topic(peer.identity), lambda seq: WhoReply(
-            seq=seq, ts=now, room=room, names=names[:L.MAX_NAMES_IN_REPLY], count=len(names),
+            seq=seq, ts=self.ts(now), room=room, names=names[:L.MAX_NAMES_IN_REPLY], count=len(names),
             ref=who.ref))]
 
     def _rooms(self, peer: Peer, member: Member, request: Rooms, now: float) -> list[Out]:
         biggest = sorted(self.rooms.items(), key=lambda item: (-len(item[1]), item[0]))
         listed = {room: len(ids) for room, ids in biggest[:L.MAX_ROOMS_IN_REPLY]}
         return [self._publish(private_topic(peer.identity), lambda seq: RoomList(
-            seq=seq, ts=now, rooms=listed, count=len(self.rooms), ref=request.ref))]
+            seq=seq, ts=self.ts(now), rooms=listed, count=len(self.rooms), ref=request.ref))]
 
     def _enter(self, peer: Peer, member: Member, enter: Enter, now: float) -> list[Out]:
         room = normalize_room(enter.room)
@@ -646,7 +661,7 @@ class BrokerCore:
         room, error = self._room_of(peer, member, part.room, now)
         if room is None:
             return error
-        return [self._remove_from_room(peer, member, room, "part", clean_text(part.message), now)]
+        return [self._remove_from_room(peer, member, room, LeftReason.PART, clean_text(part.message), now)]
 
     # --- moderation ---------------------------------------------------------------
 
@@ -669,7 +684,7 @@ class BrokerCore:
         if target is None:
             return error
         banned = isinstance(kick, Ban)
-        code, verb = (Code.BANNED, "banned") if banned else (Code.KICKED, "kicked")
+        code, verb = (Code.BANNED, LeftReason.BANNED) if banned else (Code.KICKED, LeftReason.KICKED)
         reason = clean_text(kick.reason)
         said = f": {reason}" if reason else ""
         out = self._error(target, now, code, f"you were {verb} by {member.name}{said}")
@@ -694,7 +709,7 @@ class BrokerCore:
         reason = clean_text(mute.reason)
         topics = [room_topic(room) for room in victim.rooms] or [private_topic(target.identity)]
         return [self._publish(topic, lambda seq, topic=topic: Muted(
-            seq=seq, ts=now, room=room_of_topic(topic) or "", name=victim.name, by=member.name,
+            seq=seq, ts=self.ts(now), room=room_of_topic(topic) or "", name=victim.name, by=member.name,
             seconds=mute.seconds, reason=reason)) for topic in topics]
 
     def set_accounts(self, accounts: dict[str, Account], now: float) -> list[Out]:
@@ -708,7 +723,7 @@ class BrokerCore:
             if account is None:
                 if peer.member is not None:
                     out += self._error(peer, now, Code.REVOKED, "your key is no longer authorized here")
-                    out += self._leave(peer, "revoked", "", now)
+                    out += self._leave(peer, LeftReason.REVOKED, "", now)
                 del self.peers[identity]
                 self.strangers.pop(identity, None)
                 out.append(Disconnect(identity))
@@ -730,15 +745,15 @@ class BrokerCore:
         return out
 
     def _quit(self, peer: Peer, member: Member, leave: Leave, now: float) -> list[Out]:
-        return self._leave(peer, "quit", clean_text(leave.message), now)
+        return self._leave(peer, LeftReason.QUIT, clean_text(leave.message), now)
 
     def _add_to_room(self, peer: Peer, member: Member, room: str, now: float, chat: bool) -> list[Out]:
         member.rooms.append(room)
         self.rooms.setdefault(room, set()).add(peer.identity)
         return [self._publish(room_topic(room), lambda seq: Joined(
-            seq=seq, ts=now, room=room, name=member.name, chat=chat))]
+            seq=seq, ts=self.ts(now), room=room, name=member.name, chat=chat))]
 
-    def _remove_from_room(self, peer: Peer, member: Member, room: str, reason: str, message: str,
+    def _remove_from_room(self, peer: Peer, member: Member, room: str, reason: LeftReason, message: str,
                           now: float, by: str = "") -> Publish:
         member.rooms.remove(room)
         occupants = self.rooms.get(room)
@@ -747,9 +762,9 @@ class BrokerCore:
             if not occupants:
                 del self.rooms[room]
         return self._publish(room_topic(room), lambda seq: Left(
-            seq=seq, ts=now, room=room, name=member.name, reason=reason, message=message, by=by))
+            seq=seq, ts=self.ts(now), room=room, name=member.name, reason=reason, message=message, by=by))
 
-    def _leave(self, peer: Peer, reason: str, message: str, now: float, by: str = "") -> list[Out]:
+    def _leave(self, peer: Peer, reason: LeftReason, message: str, now: float, by: str = "") -> list[Out]:
         member = peer.member
         if member is None:
             return []
@@ -803,7 +818,9 @@ class BrokerCore:
             if len(self.peers) >= self.limits.max_peers and not self._evict_stranger(now):
                 self.turned_away += 1
                 return None
-            peer = self.peers[identity] = Peer(identity, now, float(self.limits.rate_burst), now)
+            limits = self.limits
+            peer = self.peers[identity] = Peer(identity, now, TokenBucket(limits.rate_burst,
+                                                                          limits.rate_per_second, now))
             self.strangers[identity] = None
         return peer
 
@@ -839,11 +856,9 @@ class BrokerCore:
     def _charge(self, peer: Peer, now: float) -> list[Out] | None:
         """Take one token; on an empty bucket return what to send (once) instead."""
         limits = self.limits
-        peer.tokens = min(float(limits.rate_burst),
-                          peer.tokens + (now - peer.refilled_at) * limits.rate_per_second)
-        peer.refilled_at = now
-        if peer.tokens >= 1.0:
-            peer.tokens -= 1.0
+        bucket = peer.bucket
+        bucket.burst, bucket.rate = float(limits.rate_burst), limits.rate_per_second  # may be reloaded
+        if bucket.take(now):
             peer.throttled = False
             return None
         self.rate_limited_total += 1
@@ -866,7 +881,8 @@ class BrokerCore:
         topic = private_topic(peer.identity)
         if topic not in peer.topics:  # nobody would receive it
             return []
-        return [self._publish(topic, lambda seq: Error(seq=seq, ts=now, code=code, detail=detail, ref=ref))]
+        ts = self.ts(now)
+        return [self._publish(topic, lambda seq: Error(seq=seq, ts=ts, code=code, detail=detail, ref=ref))]
 
     def _publish(self, topic: str, make) -> Publish:  # type: ignore[no-untyped-def]
         seq = self.seqs.get(topic, 0) + 1

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from zchat import keys
-from zchat.broker import read_state
+from zchat.brokerstate import read_state
 from zchat.endpoints import Endpoints
 
 AUTOSTART_IDLE_EXIT = 120.0  # a background broker stops this long after the last user leaves

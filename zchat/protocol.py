@@ -9,6 +9,7 @@ normative description; this module is its executable form.
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Annotated
 
 import msgspec
@@ -352,10 +353,22 @@ class Joined(Event, tag="joined"):
     chat: bool = False  # True: arrived in the chat; False: entered one more room
 
 
+class LeftReason(StrEnum):
+    """Why someone left a room (`left.reason`)."""
+
+    QUIT = "quit"  # sent `leave`
+    PART = "part"  # left this one room; still in the chat
+    TIMEOUT = "timeout"  # silent for longer than the client timeout
+    DISCONNECTED = "disconnected"  # its connection closed
+    KICKED = "kicked"
+    BANNED = "banned"
+    REVOKED = "revoked"  # its key was removed from the authorized-keys file
+
+
 class Left(Event, tag="left"):
     room: str
     name: str
-    reason: str  # quit | part | timeout | disconnected | kicked | banned | revoked
+    reason: str  # a LeftReason; a str on the wire, so a reason added later still decodes
     message: str = ""
     by: str = ""  # the admin, for kicked and banned
 
@@ -467,7 +480,10 @@ def decode_event(data: bytes | msgspec.Raw) -> EventType:
 # --- error codes --------------------------------------------------------------
 
 
-class Code:
+class Code(StrEnum):
+    """`error.code`. Clients should treat a code they do not know like `bad_request`: the
+    `error` field stays a plain string on the wire, so a newer broker's code still decodes."""
+
     BAD_REQUEST = "bad_request"  # undecodable, unknown type, wrong field types
     TOO_LARGE = "too_large"
     TOO_MANY_FRAMES = "too_many_frames"

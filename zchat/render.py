@@ -13,13 +13,25 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from zchat.client import ClientEvent, Gap, PrivateMessage, Replay, Status
+from zchat.events import (
+    ClientEvent,
+    DirectDraft,
+    Gap,
+    Pending,
+    PrivateMessage,
+    Replay,
+    ReplayKind,
+    Status,
+    StatusState,
+)
 from zchat.protocol import (
     ROOM_PREFIX,
     Action,
     Error,
     Joined,
     Left,
+    LeftReason,
+    Me,
     Message,
     Muted,
     Renamed,
@@ -84,15 +96,15 @@ def _replay(replay: Replay, view: View) -> str | None:
     lost = f"; {replay.lost} could not be recovered" if replay.lost else ""
     if replay.skipped:
         lost += f"; {replay.skipped} older not shown (/history N shows more)"
-    if replay.kind == "backfill":
+    if replay.kind == ReplayKind.BACKFILL:
         head = f"--- {len(shown)} missed event(s) recovered in {room}{lost} ---"
-    elif replay.kind == "missed":
+    elif replay.kind == ReplayKind.MISSED:
         head = f"--- {len(shown)} event(s) in {room} while you were away{lost} ---"
     else:
         if not shown and not lost:
             return None
         head = f"--- history of {room}: {len(shown)} event(s){lost} ---"
-    tail = f"--- end of {'history' if replay.kind == 'history' else 'missed events'} ---"
+    tail = f"--- end of {'history' if replay.kind == ReplayKind.HISTORY else 'missed events'} ---"
     if view.color:
         head, tail = f"\x1b[2m{head}\x1b[22m", f"\x1b[2m{tail}\x1b[22m"
     return "\n".join([head, *shown, tail] if shown else [head])
@@ -130,9 +142,9 @@ def _body(event: ClientEvent, view: View) -> str | None:
         return f"- {n(event.name)} has joined {where}."
     if isinstance(event, Left):
         said = f" ({clean_text(event.message)})" if event.message else ""
-        if event.reason in ("kicked", "banned"):
+        if event.reason in (LeftReason.KICKED, LeftReason.BANNED):
             return f"- {n(event.name)} was {event.reason} by {n(event.by)}.{said}"
-        where = r(event.room) if event.reason == "part" else "the chat"
+        where = r(event.room) if event.reason == LeftReason.PART else "the chat"
         return f"- {n(event.name)} has left {where}.{said}"
     if isinstance(event, Muted):
         if not event.seconds:
@@ -158,15 +170,18 @@ def _body(event: ClientEvent, view: View) -> str | None:
         who = f"{event.online - 1} other(s) online: {shown}" if others else "nobody else is online yet"
         return f"* Welcome, {n(event.name)}! {who}. Type /help for commands."
     if isinstance(event, Status):
-        if event.state == "key_changed":  # a warning: the person should look
+        if event.state == StatusState.KEY_CHANGED:  # a warning: the person should look
             return f"! {clean_text(event.detail)}"
-        return "* " + {
-            "lost": "Connection to the broker lost; reconnecting...",
-            "reconnected": f"Reconnected ({event.detail}).",
-            "shutdown": "The broker is shutting down.",
-            "rejoin_failed": f"Could not rejoin: {clean_text(event.detail)}",
-            "removed": f"{clean_text(event.detail).capitalize()}. Type /quit to leave.",
-        }.get(event.state, event.detail)
+        return "* " + _status(event)
+    if isinstance(event, Pending):
+        said = event.message
+        if isinstance(said, DirectDraft):
+            line = f"-> {n(said.to)}: {clean_text(said.text)}"
+        elif isinstance(said, Me):
+            line = f"* {n(view.me or '')} {clean_text(said.text)}"
+        else:
+            line = f"{n(view.me or '')}: {clean_text(said.text)}"
+        return f"(pending) {line}"
     if isinstance(event, Gap):
         where = clean_text(event.topic)
         if where.startswith(ROOM_PREFIX):
@@ -174,3 +189,20 @@ def _body(event: ClientEvent, view: View) -> str | None:
         plural = "s" if event.missing != 1 else ""
         return f"! {event.missing} event{plural} missed on {where}"
     return None
+
+
+def _status(status: Status) -> str:
+    detail = clean_text(status.detail)
+    if status.state == StatusState.LOST:
+        return "Connection to the broker lost; reconnecting..."
+    if status.state == StatusState.RECONNECTED:
+        return f"Reconnected ({detail})."
+    if status.state == StatusState.SHUTDOWN:
+        return "The broker is shutting down."
+    if status.state == StatusState.REJOIN_FAILED:
+        return f"Could not rejoin: {detail}"
+    if status.state == StatusState.REMOVED:
+        return f"{detail.capitalize()}. Type /reconnect to come back, or /quit to leave."
+    if status.state == StatusState.BANNED:
+        return f"{detail.capitalize()}. You cannot come back with this key."
+    return detail

@@ -6,7 +6,8 @@ import sys
 from collections.abc import Callable
 
 from zchat.client import ChatClient, ClientEvent, JoinError, SendError
-from zchat.protocol import Error, normalize_room, valid_name
+from zchat.events import Status, StatusState
+from zchat.protocol import Code, Error, normalize_room, valid_name
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -33,6 +34,8 @@ def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], C
     def on_event(event: ClientEvent) -> None:
         if isinstance(event, Error) and event.ref is not None:
             refusals.append(event)
+        elif isinstance(event, Status) and event.state == StatusState.KEY_CHANGED:  # not sent
+            refusals.append(Error(seq=0, ts=event.ts, code=Code.KEY_CHANGED, detail=event.detail))
 
     client = make_client([target_room], on_event)
     client.start()
@@ -52,8 +55,9 @@ def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], C
             return fail(EXIT_REFUSED, str(exc))
         if not client.wait_delivered(timeout):
             return fail(EXIT_TIMEOUT, f"the broker did not confirm the message within {timeout:g} s")
-        if refusals:
-            return fail(EXIT_REFUSED, refusals[0].detail)
+        if refusals:  # by the broker, or here (a message too long is invalid input)
+            return fail(EXIT_INVALID if refusals[0].code == Code.TOO_LARGE else EXIT_REFUSED,
+                        refusals[0].detail)
         return EXIT_OK
     finally:
         client.close(leave=not resumed)

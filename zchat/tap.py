@@ -13,24 +13,20 @@ recovered becomes a gap record. A `mark` (the broker repeating a busy room's
 latest seq) reveals a lost tail of a burst the same way; marks themselves are
 not written. So from its baseline on, every sequence
 number of a room appears in the log exactly once and in order: as an event,
-a backfilled event, or inside a gap record. `SeqTracker` does that
-bookkeeping without sockets or clocks; `run_tap` is the shell around it.
+a backfilled event, or inside a gap record. `zchat.flow.SeqTracker` does that
+bookkeeping without sockets or clocks (the chat client uses the same one); `run_tap`
+is the shell around it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import secrets
 import signal
 import socket
 import stat
 import sys
 import time
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
 from logging.handlers import RotatingFileHandler, TimedRotatingFileHandler
 from pathlib import Path
 from typing import Any
@@ -41,6 +37,7 @@ from nacl.public import Box
 
 from zchat import limits as L
 from zchat.endpoints import Endpoints
+from zchat.flow import BACKFILL_WAIT, Gap, Out, Request, Reset, SeqTracker, Write
 from zchat.keys import KeyPair
 from zchat.protocol import (
     ROOM_PREFIX,
@@ -56,251 +53,12 @@ from zchat.transport import curve_client
 
 log = logging.getLogger("zchat.tap")
 
-BACKFILL_WAIT = 3.0  # seconds a room's live events are held while its gap is being recovered
-# Pace history requests under the broker's default token bucket (the tap never gets a welcome
-# announcing the real one), as the client library does.
-REQUEST_BURST = L.RATE_BURST - 2
-REQUEST_RATE = L.RATE_PER_SECOND * 0.9
+# The bookkeeping lives in zchat.flow; these names stay importable from here.
+__all__ = ["BACKFILL_WAIT", "Gap", "Out", "Request", "Reset", "SeqTracker", "Tap", "TapLog", "Write",
+           "make_handler", "run_tap", "text_line"]
+
 DRAIN_BATCH = 1000  # messages read before looking at the timers again
 HOLD_MAX = 10_000  # room frames kept back while the broker's epoch is not yet known
-
-# --- bookkeeping (pure) --------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Write:
-    """Write this event (`backfill`: recovered from storage, not received live)."""
-
-    topic: str
-    seq: int
-    item: Any
-    backfill: bool = False
-
-
-@dataclass(slots=True)
-class Gap:
-    """Sequence numbers first..last of `topic` are lost for good."""
-
-    topic: str
-    first: int
-    last: int
-
-    @property
-    def missing(self) -> int:
-        return self.last - self.first + 1
-
-
-@dataclass(slots=True)
-class Reset:
-    """`topic` went back from `last` to `seq`: its numbering restarted (the broker lost its
-    history). The new numbering starts a new baseline."""
-
-    topic: str
-    last: int
-    seq: int
-
-
-@dataclass(slots=True)
-class Request:
-    """Ask for the stored events of `topic` with after < seq < before."""
-
-    topic: str
-    after: int
-    before: int
-    ref: int
-
-    @property
-    def limit(self) -> int:
-        return self.before - self.after - 1
-
-
-Out = Write | Gap | Reset | Request
-
-
-@dataclass(slots=True)
-class _Topic:
-    last: int  # every seq up to this one is accounted for (written, or inside a gap record)
-    top: int  # the highest seq known to exist: received live, or announced by a mark
-    held: list[tuple[int, Any]] | None = None  # while recovering a gap: the live events behind it
-    ref: int | None = None  # the outstanding history request (None while waiting for a token)
-    before: int = 0  # ...which asked for last < seq < before
-    deadline: float = 0.0
-
-
-class SeqTracker:
-    """Per-topic sequence bookkeeping: what to write, what to ask for, in which order.
-
-    No sockets, no clock: every call gets `now` (monotonic seconds) and returns the
-    records to write and the requests to send, in order. A gap is recovered in chunks
-    of at most MAX_HISTORY_PER_REQUEST, oldest first, one outstanding request per topic;
-    requests are paced by a token bucket like the broker's.
-    """
-
-    def __init__(self, wait: float = BACKFILL_WAIT, burst: int = REQUEST_BURST,
-                 rate: float = REQUEST_RATE) -> None:
-        self.wait = wait
-        self.topics: dict[str, _Topic] = {}
-        self.refs: dict[int, str] = {}  # outstanding request -> topic
-        # Taps sharing a key share a private stream: start refs where another tap's are unlikely.
-        self._next_ref = itertools.count(1 + secrets.randbelow(2**48))
-        self._burst, self._rate = float(burst), rate
-        self._tokens = float(burst)
-        self._refilled: float | None = None
-        self._waiting: deque[str] = deque()  # topics waiting for a request token, in order
-
-    def event(self, topic: str, seq: int, item: Any, now: float) -> list[Out]:
-        """A live event arrived."""
-        t = self.topics.get(topic)
-        if t is None:  # the baseline: nothing before it is ours to account for
-            self.topics[topic] = _Topic(last=seq, top=seq)
-            return [Write(topic, seq, item)]
-        if seq <= t.top:  # never repeated while the broker keeps its history: numbering restarted
-            out = self._release(topic, t)
-            out.append(Reset(topic, t.top, seq))
-            self.topics[topic] = _Topic(last=seq, top=seq)
-            out.append(Write(topic, seq, item))
-            return out
-        t.top = seq
-        if t.held is not None:
-            t.held.append((seq, item))
-            return []
-        return self._advance(topic, t, [(seq, item)], now)
-
-    def mark(self, topic: str, seq: int, now: float) -> list[Out]:
-        """The broker says `seq` is the latest on `topic`: anything after ours never came."""
-        t = self.topics.get(topic)
-        if t is None:  # a baseline too: everything up to `seq` was before our time
-            self.topics[topic] = _Topic(last=seq, top=seq)
-            return []
-        if seq <= t.top:  # nothing new (a mark never takes a number of its own)
-            return []
-        t.top = seq
-        if t.held is not None:
-            return []  # recovering already: it goes on up to the new top
-        return self._advance(topic, t, [], now)
-
-    def history(self, ref: int, topic: str, after: int, events: Iterable[tuple[int, Any]],
-                now: float) -> list[Out]:
-        """The broker answered request `ref` (for `topic`, seqs after `after`) with these stored
-        (seq, item) pairs."""
-        t = self.topics.get(topic)
-        if self.refs.get(ref) != topic or t is None or t.last != after:
-            return []  # given up already, or not ours (another tap with our key asked)
-        del self.refs[ref]
-        t.ref = None
-        found = {seq: item for seq, item in events if t.last < seq < t.before}
-        out: list[Out] = []
-        for seq in sorted(found):
-            if seq > t.last + 1:
-                out.append(Gap(topic, t.last + 1, seq - 1))
-            out.append(Write(topic, seq, found[seq], backfill=True))
-            t.last = seq
-        if t.last < t.before - 1:
-            out.append(Gap(topic, t.last + 1, t.before - 1))
-            t.last = t.before - 1
-        held, t.held = t.held or [], None
-        return out + self._advance(topic, t, held, now)
-
-    def tick(self, now: float) -> list[Out]:
-        """Give up on unanswered requests; send the requests that waited for a token."""
-        out: list[Out] = []
-        for ref, topic in list(self.refs.items()):
-            t = self.topics[topic]
-            if now >= t.deadline:
-                del self.refs[ref]
-                t.ref = None
-                held, t.held = t.held or [], None
-                end = held[0][0] - 1 if held else t.top
-                out.append(Gap(topic, t.last + 1, end))
-                t.last = end
-                out += self._advance(topic, t, held, now)
-        while self._waiting and self._take_token(now):
-            topic = self._waiting.popleft()
-            out.append(self._request(topic, self.topics[topic], now))
-        return out
-
-    def restarted(self, now: float) -> list[Out]:
-        """The broker restarted: requests sent to the old one may be lost, ask again."""
-        out: list[Out] = []
-        for ref, topic in list(self.refs.items()):
-            del self.refs[ref]
-            self.topics[topic].ref = None
-            out += self._ask(topic, self.topics[topic], now)
-        return out
-
-    def close(self) -> list[Out]:
-        """Stopping: whatever is held is written now, after a gap for what was not recovered."""
-        out: list[Out] = []
-        for topic, t in self.topics.items():
-            out += self._release(topic, t)
-        return out
-
-    def deadline(self) -> float | None:
-        """When `tick` next has something to do (None: nothing pending)."""
-        times = [self.topics[topic].deadline for topic in self.refs.values()]
-        if self._waiting and self._refilled is not None:
-            times.append(self._refilled + (1.0 - self._tokens) / self._rate)
-        return min(times, default=None)
-
-    # --- helpers ---------------------------------------------------------------
-
-    def _advance(self, topic: str, t: _Topic, items: list[tuple[int, Any]], now: float) -> list[Out]:
-        """Write events in order until one reveals a jump; hold it and the rest, ask for the gap."""
-        out: list[Out] = []
-        for i, (seq, item) in enumerate(items):
-            if seq > t.last + 1:
-                t.held = items[i:]
-                return out + self._ask(topic, t, now)
-            out.append(Write(topic, seq, item))
-            t.last = seq
-        if t.last < t.top:  # a mark announced events that never came
-            t.held = []
-            return out + self._ask(topic, t, now)
-        t.held = None
-        return out
-
-    def _ask(self, topic: str, t: _Topic, now: float) -> list[Out]:
-        if self._take_token(now):
-            return [self._request(topic, t, now)]
-        self._waiting.append(topic)
-        return []
-
-    def _request(self, topic: str, t: _Topic, now: float) -> Request:
-        assert t.held is not None
-        ref = next(self._next_ref)
-        self.refs[ref] = topic
-        t.ref, t.deadline = ref, now + self.wait
-        end = t.held[0][0] if t.held else t.top + 1
-        t.before = min(end, t.last + 1 + L.MAX_HISTORY_PER_REQUEST)  # oldest chunk first
-        return Request(topic, t.last, t.before, ref)
-
-    def _release(self, topic: str, t: _Topic) -> list[Out]:
-        """Stop recovering `topic`: gaps for whatever is missing, then the held events."""
-        if t.ref is not None:
-            self.refs.pop(t.ref, None)
-            t.ref = None
-        if topic in self._waiting:
-            self._waiting.remove(topic)
-        out: list[Out] = []
-        for seq, item in t.held or []:
-            if seq > t.last + 1:
-                out.append(Gap(topic, t.last + 1, seq - 1))
-            out.append(Write(topic, seq, item))
-            t.last = seq
-        if t.last < t.top:
-            out.append(Gap(topic, t.last + 1, t.top))
-            t.last = t.top
-        t.held = None
-        return out
-
-    def _take_token(self, now: float) -> bool:
-        if self._refilled is not None:
-            self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
-        self._refilled = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 # --- output ----------------------------------------------------------------------

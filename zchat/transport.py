@@ -40,6 +40,7 @@ class HandshakeWatch:
         self.refused = 0  # connection attempts that failed (nothing listening)
         self.handshake = "none"  # none | ok | auth | failed
         self.status = 0  # the ZAP status of a refusal: 400 this key may not connect, 500 not now
+        self.disconnects = 0  # established connections that closed (the peer went away)
 
     def drain(self) -> list[str]:
         """Read pending monitor events; return the handshake failures among them
@@ -53,6 +54,8 @@ class HandshakeWatch:
             kind = event["event"]
             if kind == zmq.EVENT_CONNECTED:
                 self.connected = True
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self.disconnects += 1
             elif kind == zmq.EVENT_CONNECT_RETRIED:
                 self.refused += 1
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:

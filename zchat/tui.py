@@ -12,16 +12,22 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TextIO
 
-from zchat.client import ChatClient, ClientEvent, JoinError, SendError
+from zchat.client import JoinError, SendError
+from zchat.clientcore import ClientApi
 from zchat.commands import COMMANDS, UsageError, help_text, parse
-from zchat.protocol import Code, Joined, Left, normalize_room
+from zchat.events import ClientEvent, Connection, Status, StatusState
+from zchat.protocol import Code, Joined, Left, LeftReason, normalize_room
 from zchat.render import View, clock, mentions, render
 
-ClientFactory = Callable[[str, Callable[[ClientEvent], None]], ChatClient]
 RETRY_NAME = {Code.NAME_TAKEN, Code.INVALID_NAME}
+EXIT_BANNED = 4  # the broker banned this key (or it was revoked): documented in the README
+
+
+Client = ClientApi  # zchat.client.ChatClient, or a test's in-process stand-in
+ClientFactory = Callable[[str, Callable[[ClientEvent], None]], Client]
 
 
 def use_color(stream: TextIO) -> bool:
@@ -44,20 +50,24 @@ def write_line(text: str, stream: TextIO | None = None) -> None:
 class Session:
     """One person's chat: the current room, and what each typed line does."""
 
-    def __init__(self, color: bool, write: Callable[[str], None] | None = None) -> None:
-        self.client: ChatClient | None = None
+    def __init__(self, color: bool, write: Callable[[str], None] | None = None,
+                 on_banned: Callable[[], None] | None = None) -> None:
+        self.client: Client | None = None
         self.room: str | None = None
         self.color = color
         self._write = write or write_line
         self._lock = threading.Lock()  # events arrive on the I/O thread
         self._held: list[str] | None = None  # lines kept back while the screen is not ready
+        self.exit_code = 0
+        self.on_banned = on_banned  # end the front end: there is no way back with this key
 
-    def attach(self, client: ChatClient) -> None:
+    def attach(self, client: Client) -> None:
         self.client = client
-        self.room = client.rooms[0] if client.rooms else None
+        rooms = client.snapshot.rooms
+        self.room = rooms[0] if rooms else None
 
     def view(self) -> View:
-        return View(me=self.client.name if self.client else None, room=self.room, color=self.color)
+        return View(me=self.client.snapshot.name if self.client else None, room=self.room, color=self.color)
 
     def show(self, text: str) -> None:
         if self._held is not None:
@@ -82,17 +92,21 @@ class Session:
     def on_event(self, event: ClientEvent) -> None:
         with self._lock:
             client = self.client
-            me = client.name if client else None
+            me = client.snapshot.name if client else None
             if isinstance(event, Joined) and event.name == me and not event.chat:
                 self.room = event.room  # a room we just entered becomes the current one
-            elif (isinstance(event, Left) and event.name == me and event.reason == "part"
+            elif (isinstance(event, Left) and event.name == me and event.reason == LeftReason.PART
                   and event.room == self.room):
-                remaining = [room for room in (client.rooms if client else []) if room != event.room]
+                remaining = [room for room in (client.snapshot.rooms if client else ()) if room != event.room]
                 self.room = remaining[0] if remaining else None
             line = render(event, self.view())
             if line is not None:
                 bell = "\a" if self.color and mentions(event, me) else ""
                 self.show(line + bell)
+        if isinstance(event, Status) and event.state == StatusState.BANNED:
+            self.exit_code = EXIT_BANNED
+            if self.on_banned is not None:
+                self.on_banned()
 
     # --- outgoing -------------------------------------------------------------
 
@@ -135,7 +149,7 @@ class Session:
         elif name == "rooms":
             client.list_rooms()
         elif name in ("kick", "ban"):
-            client.moderate(name, args[0], reason=args[1])
+            client.moderate("kick" if name == "kick" else "ban", args[0], reason=args[1])
         elif name == "mute":
             client.moderate("mute", args[0], seconds=int(args[1]) if len(args) > 1 else 300)
         elif name == "history":
@@ -144,6 +158,8 @@ class Session:
             self._join(args[0])
         elif name == "leave":
             self._leave(args[0] if args else None)
+        elif name == "reconnect":
+            client.reconnect()
         return None
 
     def _current(self) -> str:
@@ -156,7 +172,7 @@ class Session:
         room = normalize_room(raw)
         if room is None:
             raise UsageError(f"invalid room name {raw!r}")
-        if room in self.client.rooms:
+        if room in self.client.snapshot.rooms:
             self.room = room
             self.show(f"* Now talking in #{room}.")
         else:
@@ -165,7 +181,7 @@ class Session:
     def _leave(self, raw: str | None) -> None:
         assert self.client is not None
         room = normalize_room(raw) if raw else self.room
-        if room is None or room not in self.client.rooms:
+        if room is None or room not in self.client.snapshot.rooms:
             raise UsageError(f"you are not in {'#' + room if room else 'any room'}")
         self.client.part(room)
 
@@ -175,21 +191,23 @@ class Session:
         return f"#{self.room}> " if self.room else "(no room)> "
 
     def status(self) -> str:
-        client = self.client
-        if client is None:
+        if self.client is None:
             return ""
-        if client.connected:
-            state = "connected"
-        elif client.lost_since is not None:
-            state = f"reconnecting since {clock(client.lost_since)}"
-        else:
-            state = "connecting"
+        view = self.client.snapshot
+        state = {
+            Connection.RECONNECTING: f"reconnecting since {clock(view.lost_since)}" if view.lost_since
+            else "reconnecting",
+            Connection.REJOIN_FAILED: "name taken: /nick NEW",
+            Connection.REMOVED: "removed: /reconnect to come back",
+        }.get(view.connection, str(view.connection))
+        if view.pending and view.connection != Connection.CONNECTED:
+            state += f", {view.pending} pending"
         room = f"#{self.room}" if self.room else "no room"
-        rooms = f" (+{len(client.rooms) - 1} more)" if len(client.rooms) > 1 else ""
-        return f" {room}{rooms} | {client.name} | {state} | {client.online} online "
+        rooms = f" (+{len(view.rooms) - 1} more)" if len(view.rooms) > 1 else ""
+        return f" {room}{rooms} | {view.name} | {state} | {view.online} online "
 
 
-def _connect(make_client: ClientFactory, session: Session, name: str) -> ChatClient:
+def _connect(make_client: ClientFactory, session: Session, name: str) -> Client:
     client = make_client(name, session.on_event)
     session.attach(client)
     client.start()
@@ -205,29 +223,21 @@ def _connect(make_client: ClientFactory, session: Session, name: str) -> ChatCli
 def _completer(session: Session):  # type: ignore[no-untyped-def]
     from prompt_toolkit.completion import Completer, Completion
 
-    def snapshot(items: Iterable[str]) -> list[str]:
-        for _ in range(3):  # the I/O thread may change the set while we copy it
-            try:
-                return sorted(items)
-            except RuntimeError:
-                continue
-        return []
-
     class ChatCompleter(Completer):
         def get_completions(self, document, complete_event):  # type: ignore[no-untyped-def]
-            client = session.client
-            if client is None:
+            if session.client is None:
                 return
+            view = session.client.snapshot  # immutable: the I/O thread replaces it, never changes it
             before = document.text_before_cursor
             word = document.get_word_before_cursor(WORD=True)
             words = before.split()
             if before.startswith("/") and len(words) <= 1 and not before.endswith(" "):
                 candidates: list[str] = list(COMMANDS)
             elif words[:1] in (["/join"], ["/leave"], ["/who"]):
-                rooms = snapshot(client.known_rooms)
+                rooms = sorted(view.known_rooms)
                 candidates = ["#" + room for room in rooms] if word.startswith("#") else rooms
             else:
-                candidates = [name for name in snapshot(client.members) if name != client.name]
+                candidates = [name for name in sorted(view.members) if name != view.name]
             for candidate in candidates:
                 if candidate.lower().startswith(word.lower()) and candidate != word:
                     yield Completion(candidate, start_position=-len(word))
@@ -245,7 +255,7 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     # terminal while prompt_toolkit starts drawing could be drawn over.
     session.hold()
     prompt: PromptSession[str] = PromptSession()
-    client: ChatClient | None = None
+    client: Client | None = None
     while client is None:
         try:
             while not name:
@@ -278,6 +288,16 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     chat_prompt: PromptSession[str] = PromptSession(
         completer=_completer(session), complete_while_typing=False, key_bindings=bindings,
         erase_when_done=True, bottom_toolbar=session.status, refresh_interval=1.0)
+
+    def end_chat() -> None:  # on the I/O thread: the prompt's own loop must close it
+        app = chat_prompt.app
+        if app.is_running and app.loop is not None:
+            app.loop.call_soon_threadsafe(lambda: app.exit(result="") if app.is_running else None)
+
+    session.on_banned = end_chat
+    if session.exit_code:  # banned before the prompt was up
+        client.close(leave=False)
+        return session.exit_code
     with patch_stdout(raw=True):
         def show_held() -> None:
             # Called once the application is registered (later lines go through it) and
@@ -292,7 +312,7 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
             session.release()  # never left holding, however the prompt ended
     client.wait_delivered(2.0)
     client.close(quit_message)
-    return 0
+    return session.exit_code
 
 
 def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.stdin) -> int:
@@ -300,7 +320,9 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
     if not name:
         print("Enter your name: ", end="", flush=True)
         name = stdin.readline().strip()
-    session = Session(color=False)
+    # Banned: stop reading at once (the signal interrupts a read of stdin; SIGTERM is ours below).
+    session = Session(color=False, on_banned=lambda: signal.pthread_kill(main, signal.SIGTERM))
+    main = threading.main_thread().ident or 0
     try:
         client = _connect(make_client, session, name)
     except JoinError as exc:
@@ -317,6 +339,9 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
                 break
     except KeyboardInterrupt:
         pass
+    if session.exit_code:
+        client.close(leave=False)
+        return session.exit_code
     delivered = client.wait_delivered(10.0)
     client.close(quit_message)
     if not delivered:
