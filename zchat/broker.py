@@ -28,12 +28,12 @@ from zmq.utils.monitor import recv_monitor_message
 from zchat import keys, logsetup
 from zchat import limits as L
 from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, KeyFileError, load_authorized_keys, zap_reply
-from zchat.connections import Connections
+from zchat.connections import Connections, drained
 from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention
-from zchat.protocol import ROOM_PREFIX, SYSTEM_TOPIC, Stats
+from zchat.protocol import PRIVATE_PREFIX, ROOM_PREFIX, SYSTEM_TOPIC, Stats
 
 log = logging.getLogger("zchat.broker")
 
@@ -127,6 +127,10 @@ class Broker:
         # frames (a /quit's leave message): those are read first, and do not count as a
         # new connection of that identity.
         self._closing: dict[tuple[str, int], float] = {}
+        # Input connections accepted whose key is not known yet: frames are checked for their
+        # descriptor only while there are some (a key may have several connections).
+        self._unnamed_inputs: set[int] = set()
+        self._internal_errors = logsetup.Folded(log, logging.ERROR, "internal errors")
         self._sockets_open = False
         # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
         self.started = time.time()
@@ -149,7 +153,7 @@ class Broker:
         self.xpub = self._curve_server(zmq.XPUB)
         self.xpub.sndhwm = L.XPUB_SNDHWM
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
-        self.monitor = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
         self.xpub_monitor = self.xpub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.dispatch = Dispatcher(self.core, self.store, self.xpub.send, self._cut, self._ban)
         self._sockets_open = True
@@ -254,6 +258,24 @@ class Broker:
             count = self.inputs.cut(identity) + self.outputs.cut(identity)
             log.info("cut %d connection(s) of %s", count, identity[:12])
 
+    def _check_unread(self) -> None:
+        """Forget what was sent to keys whose publish connections drained since; cut those of a
+        key with more than its budget unread (a slow consumer: what waits for it grows the
+        broker), and tell it why once it subscribes again."""
+        unread, budget = self.dispatch.unread, self.core.limits.max_backlog_bytes
+        for topic, size in list(unread.items()):
+            identity = topic[len(PRIVATE_PREFIX):-1]
+            fds = self.outputs.fds(identity)
+            if not fds or all(drained(fd) for fd in fds):
+                del unread[topic]
+            elif size > budget:
+                del unread[topic]
+                self.core.slow_consumer(identity, f"{size} bytes waited for you unread (limit {budget}): "
+                                        "the broker cut your subscriptions; read faster or ask for less")
+                count = self.outputs.cut(identity)
+                log.warning("slow consumer %s: %d bytes unread on its private stream; cut %d publish "
+                            "connection(s)", identity[:12], size, count)
+
     def _ban(self, identity: str) -> None:
         with open(self.bans_path, "a") as bans:
             bans.write(identity + "\n")
@@ -307,6 +329,9 @@ class Broker:
                     self._publish(self.core.tick(now))
                     if self._pending_cuts:
                         self._run_cuts()
+                    if self.dispatch.unread:
+                        self._check_unread()
+                    self._internal_errors.flush(time.monotonic())
                     if self.core.online:
                         idle_since = now
                     elif self.settings.idle_exit is not None and now - idle_since >= self.settings.idle_exit:
@@ -377,40 +402,62 @@ class Broker:
     def _drain_messages(self, now: float) -> None:
         # The hot loop: names bound once, no helper calls on the common path.
         recv, on_message, add, inputs = self.pull.recv, self.core.on_message, self.dispatch.add, self.inputs
+        unnamed = self._unnamed_inputs  # changed in place only
         for _ in range(DRAIN_BATCH):
             try:
                 frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            frames = 1
-            part = frame
-            while part.more:  # a multipart message arrives whole: drain it, reject below
-                part = recv(copy=False)
-                frames += 1
             self.frames_in += 1
             try:
                 identity: str | None = frame.get("User-Id")
             except zmq.ZMQError:
                 identity = None
-            if identity is not None and not inputs.knows(identity):
+            if identity is not None and (unnamed or not inputs.knows(identity)):
                 self._remember_input(frame, identity)
+            frames = 1
+            if frame.more:  # a multipart message arrives whole: drain it, reject below
+                frames, size = self._drain_parts(frame)
+                if frames > L.MAX_MESSAGE_PARTS or size > L.MAX_MESSAGE_BYTES:
+                    log.info("dropped a message of %d frames, %d bytes from %s", frames, size,
+                             (identity or "?")[:12])
+                    add(self.core.on_oversized(identity, frames, size, now))
+                    continue
             try:
                 out = on_message(identity, frame.buffer, frames, now)
             except Exception as exc:  # a bug must not take the chat down for everyone
-                # The stack and the exception's type, not its message: that could quote the text.
-                log.error("internal error handling a message from %s: %s\n%s", (identity or "?")[:12],
-                          type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+                self._internal_error(identity, exc)
                 continue
             if out:
                 add(out)
 
+    def _drain_parts(self, first: zmq.Frame) -> tuple[int, int]:
+        """Read the rest of a multipart message, keeping none of it: (frames, bytes)."""
+        recv = self.pull.recv
+        frames, size, part = 1, len(first), first
+        while part.more:
+            part = recv(copy=False)
+            frames += 1
+            size += len(part)
+        return frames, size
+
+    def _internal_error(self, identity: str | None, exc: Exception) -> None:
+        # The stack and the exception's type, not its message: that could quote the text. At
+        # most a few a minute: a peer that found a bug must not fill the disk with it.
+        stack = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+        self._internal_errors(time.monotonic(), "internal error handling a message from %s: %s\n%s",
+                              (identity or "?")[:12], type(exc).__name__, stack)
+
     def _remember_input(self, frame: zmq.Frame, identity: str) -> None:
+        """Record the input connection this frame came on (every one of a key: so that it
+        leaves only with its last, and a cut reaches them all)."""
         try:
             fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
             return
-        if (identity, fd) not in self._closing:  # else a late frame of a connection now closed
-            self.inputs.seen(identity, fd)
+        self._unnamed_inputs.discard(fd)
+        if self.inputs.owner(fd) != identity and (identity, fd) not in self._closing:
+            self.inputs.seen(identity, fd)  # (else a late frame of a connection now closed)
 
     def _announce_closed_inputs(self, now: float) -> None:
         """Leave notices for identities whose input connection closed a moment ago and that
@@ -435,8 +482,13 @@ class Broker:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if event["event"] == zmq.EVENT_ACCEPTED and connections is self.inputs:
+                self._unnamed_inputs.add(event["value"])
+                continue
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
+            if connections is self.inputs:
+                self._unnamed_inputs.discard(event["value"])
             identity = connections.closed(event["value"])
             if identity is not None and connections is self.outputs and not self.outputs.knows(identity):
                 self.core.on_unsubscribed_all(identity)

@@ -606,7 +606,8 @@ class ChatClient:
                           history: History) -> None:
         backfill.recovered[:0] = events  # pages come newest first
         oldest = events[0].seq if events else backfill.before
-        full_page = len(history.events) >= L.MAX_HISTORY_PER_REQUEST  # storage may hold more
+        # Storage may hold more: a page of the most it gives, or cut short by its byte cap.
+        full_page = len(history.events) >= L.MAX_HISTORY_PER_REQUEST or history.more
         if full_page and oldest > backfill.after + 1 and backfill.pages < BACKFILL_PAGES:
             backfill.pages += 1
             backfill.ref = next(self._backfill_refs)

@@ -10,7 +10,35 @@ as for any peer that went away.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+
+SIOCOUTQ = 0x5411  # Linux: bytes in a TCP socket's send queue, not yet acknowledged by the peer
+
+
+def send_queue(fd: int) -> tuple[int, int] | None:
+    """(bytes waiting in the kernel's send queue of `fd`, its send buffer size), or None
+    where the kernel does not tell (not Linux; the descriptor is gone)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQ, b"\0\0\0\0"))[0]
+        return queued, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError:
+        return None
+    finally:
+        sock.detach()  # the descriptor stays libzmq's
+
+
+def drained(fd: int) -> bool:
+    """Whether the kernel takes more for `fd` at once: libzmq queues nothing for it in the
+    broker then (it only does while the socket's send buffer is full, as it stays while the
+    peer does not read). Where the kernel does not tell, assume so."""
+    queue = send_queue(fd)
+    return queue is None or queue[0] < queue[1] // 8
 
 
 class Connections:
@@ -20,6 +48,12 @@ class Connections:
 
     def knows(self, identity: str) -> bool:
         return identity in self._fds_by_identity
+
+    def owner(self, fd: int) -> str | None:
+        return self._identity_by_fd.get(fd)
+
+    def fds(self, identity: str) -> set[int]:
+        return self._fds_by_identity.get(identity, set())
 
     def seen(self, identity: str, fd: int) -> None:
         previous = self._identity_by_fd.get(fd)

@@ -17,6 +17,7 @@ import msgspec
 
 from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
 from zchat.history import EventRow, HistoryStore
+from zchat.logsetup import escape
 from zchat.protocol import (
     PRIVATE_PREFIX,
     ROOM_PREFIX,
@@ -56,6 +57,9 @@ class Dispatcher:
         self.published = 0  # frames sent
         self.messages = 0  # chat messages accepted: room messages and actions, private ones once
         self.errors: dict[str, int] = {}  # error events sent, by code
+        # Bytes sent on each private topic since the shell last saw that key's publish
+        # connections drained (the shell resets it): what may be waiting for a slow reader.
+        self.unread: dict[str, int] = {}
 
     def add(self, out: list[Out]) -> None:
         if out:
@@ -86,6 +90,8 @@ class Dispatcher:
                     if isinstance(event, (Joined, Left)):
                         log.info("%s %s #%s", event.name, "joined" if isinstance(event, Joined) else
                                  f"left ({event.reason})", event.room)
+                elif topic.startswith(PRIVATE_PREFIX):
+                    self.unread[topic] = self.unread.get(topic, 0) + len(body) + len(topic) + 1
                 self._count(topic, event)
             else:
                 frames.append(None)
@@ -114,10 +120,18 @@ class Dispatcher:
         lost = 0
         if fetch.after > 0:  # a bounded range: say how much of it is gone
             lost = max(0, min(fetch.upto - fetch.after, fetch.limit) - len(bodies))
-        events = [msgspec.Raw(body) for body in bodies]
+        # The newest events that fit the key's allowance (a page at most); at least one when
+        # it has any, so paging always progresses. `more`: older ones were left out.
+        allowance = self.core.history_allowance(fetch.identity, now)
+        first, size = len(bodies), 0
+        while first > 0 and (size + len(bodies[first - 1]) <= allowance or (size == 0 and allowance > 0)):
+            first -= 1
+            size += len(bodies[first])
+        self.core.spend_history(fetch.identity, size)
+        events = [msgspec.Raw(body) for body in bodies[first:]]
         self._send_reply(fetch.identity, lambda seq: History(
             seq=seq, ts=now, room=fetch.room, events=events, after=fetch.after, upto=fetch.upto,
-            lost=lost, ref=fetch.ref))
+            lost=lost, ref=fetch.ref, more=first > 0))
 
     def _deliver_mail(self, request: DeliverMail, now: float) -> None:
         for body in self.store.take_mail(request.identity):  # bounded by the store
@@ -128,8 +142,10 @@ class Dispatcher:
 
     def _send_reply(self, identity: str, make) -> None:  # type: ignore[no-untyped-def]
         reply = self.core.reply(identity, make)
-        self.send(reply.topic.encode() + b" " + _encode(reply.event))
+        frame = reply.topic.encode() + b" " + _encode(reply.event)
+        self.send(frame)
         self.published += 1
+        self.unread[reply.topic] = self.unread.get(reply.topic, 0) + len(frame)
 
     def _count(self, topic: str, event: object) -> None:
         """Stats, and a log line for each error sent (its code, never anyone's text)."""
@@ -143,6 +159,6 @@ class Dispatcher:
             self.errors[event.code] = self.errors.get(event.code, 0) + 1
             who = topic.removeprefix(PRIVATE_PREFIX)[:12]
             if event.code in _INPUT_ERRORS:  # the detail says what was wrong with the frame
-                log.info("refused input from %s: %s: %.200s", who, event.code, event.detail)
+                log.info("refused input from %s: %s: %.200s", who, event.code, escape(event.detail))
             else:
                 log.info("error to %s: %s", who, event.code)

@@ -175,15 +175,18 @@ class SeqTracker:
         return self._advance(topic, t, [], now)
 
     def history(self, ref: int, topic: str, after: int, events: Iterable[tuple[int, Any]],
-                now: float) -> list[Out]:
+                now: float, more: bool = False) -> list[Out]:
         """The broker answered request `ref` (for `topic`, seqs after `after`) with these stored
-        (seq, item) pairs."""
+        (seq, item) pairs; `more`: its byte cap left out older ones of the range."""
         t = self.topics.get(topic)
         if self.refs.get(ref) != topic or t is None or t.last != after:
             return []  # given up already, or not ours (another tap with our key asked)
         del self.refs[ref]
         t.ref = None
         found = {seq: item for seq, item in events if t.last < seq < t.before}
+        if more and found:  # the newest part of the chunk: hold it, ask for what comes before
+            t.held = sorted(found.items()) + (t.held or [])
+            return self._ask(topic, t, now)
         out: list[Out] = []
         for seq in sorted(found):
             if seq > t.last + 1:
@@ -454,7 +457,8 @@ class Tap:
                 events = [(e["seq"], e) for e in ev.get("events") or []
                           if isinstance(e, dict) and type(e.get("seq")) is int]
                 room = f"{ROOM_PREFIX}{ev.get('room')}/"
-                self.apply(self.tracker.history(ev["ref"], room, ev["after"], events, now))
+                self.apply(self.tracker.history(ev["ref"], room, ev["after"], events, now,
+                                                ev.get("more") is True))
             elif kind == "error":
                 log.warning("broker: %s: %s", _c(ev.get("code")), _c(ev.get("detail")))
         elif topic.startswith(ROOM_PREFIX) and room_of_topic(topic) and type(seq) is int:
