@@ -4,6 +4,7 @@ are raw pyzmq peers that speak the protocol as docs/PROTOCOL.md describes it."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -311,3 +312,109 @@ def test_zchat_send_refused_for_rate_exits_1(chat: Chat) -> None:
     finally:
         stop.set()
         flooder.close()
+
+
+# --- memory per subscriber, in bytes (13.4) ------------------------------------------------------
+
+
+def fill_history(db: Path, events: int, text_chars: int) -> None:
+    """A room history of `events` messages of `text_chars` characters, stored before the broker
+    starts (the attack needs big pages, not the time to say them)."""
+    from zchat.history import HistoryStore
+
+    store = HistoryStore(db)
+    text = "x" * text_chars
+    store.write([("r/lobby/", seq, 1.0, json.dumps({
+        "type": "message", "seq": seq, "ts": 1.0, "room": "lobby", "name": "bob", "text": text}).encode())
+        for seq in range(1, events + 1)], [], [], 1.0)
+    store.close()
+
+
+def slow_reader(chat: Chat) -> RawPeer:
+    """A raw peer on its private stream only, whose SUB takes in little more than it reads."""
+    reader = peer(chat, rooms=(), private=False)
+    reader.sub.close(0)
+    reader.sub = reader.ctx.socket(zmq.SUB)
+    reader.sub.rcvhwm, reader.sub.rcvbuf = 1, 4096
+    reader.sub.curve_serverkey = broker_key(chat.config_dir)
+    reader.sub.curve_publickey, reader.sub.curve_secretkey = reader.keypair.public, reader.keypair.secret
+    reader.sub.subscribe(f"u/{reader.identity}/".encode())
+    reader.sub.connect(f"tcp://127.0.0.1:{chat.pub_port}")
+    return reader
+
+
+HISTORY_REQUEST = b'{"type":"history","room":"lobby","limit":500}'
+
+
+@pytest.mark.timeout(120)
+def test_slow_readers_of_big_history_pages_cannot_grow_the_broker(chat: Chat, tmp_path: Path) -> None:
+    """Ten keys inside the rate limit ask for ~1 MB history pages and read two frames a second
+    (before: the broker grew by ~25 MB a second). Their pages shrink to the byte cap, their
+    history bytes are rationed, and past the backlog budget their subscriptions are cut. An
+    honest key reading every page at the same time is never cut."""
+    db = tmp_path / "history.sqlite3"
+    fill_history(db, 500, 1900)  # 500 events of ~2 KB: a full page is ~1 MB
+    broker = chat.start_broker("--db", str(db), "--stats-interval", "0")
+    pid = broker.proc.pid
+    attackers = [slow_reader(chat) for _ in range(10)]
+    honest = peer(chat, rooms=())
+    try:
+        honest.wait_for(lambda t, e: isinstance(e, Heartbeat))
+        baseline = peak = rss_mb(pid)
+        pages = more = 0
+        start = time.monotonic()
+        next_request = next_read = start
+        while time.monotonic() - start < 20:
+            now = time.monotonic()
+            if now >= next_request:  # 5 a second each: exactly the refill of the rate limit
+                for p in [*attackers, honest]:
+                    p.push.send(HISTORY_REQUEST, zmq.NOBLOCK)
+                next_request += 1 / L.RATE_PER_SECOND
+            if now >= next_read:  # two frames a second each
+                for a in attackers:
+                    for _ in range(2):
+                        if a.sub.poll(0):
+                            a.received.append(a.sub.recv())
+                next_read += 1.0
+                peak = max(peak, rss_mb(pid))
+            while honest.sub.poll(0):  # the honest key reads everything at once
+                data = honest.sub.recv()
+                if b'"type":"history"' in data[:200]:
+                    pages += 1
+                    more += b'"more":true' in data[-20:]
+            time.sleep(0.005)
+        peak = max(peak, rss_mb(pid))
+        print(f"broker RSS {baseline:.0f} MB -> peak {peak:.0f} MB; honest key got {pages} pages "
+              f"({more} with more); {broker.count('slow consumer')} slow consumer(s) cut")
+        assert peak - baseline < 10 * L.MAX_BACKLOG_BYTES / 2**20, (baseline, peak)
+        assert broker.count(rf"slow consumer {honest.identity[:12]}") == 0
+        assert pages >= 20 and more == pages  # rationed, and never a page over the byte cap
+    finally:
+        close_all(*attackers, honest)
+
+
+@pytest.mark.timeout(90)
+def test_a_key_that_reads_too_slowly_is_cut_and_told_why(chat: Chat, tmp_path: Path) -> None:
+    """A reader that takes two frames a second while asking for pages at the rate limit: it
+    stays ever further behind. (One that reads much less, or nothing, is dropped by the ZMTP
+    heartbeat already: it answers no ping in time.)"""
+    db = tmp_path / "history.sqlite3"
+    fill_history(db, 500, 1900)
+    broker = chat.start_broker("--db", str(db), "--stats-interval", "0")
+    mallory = slow_reader(chat)
+    try:
+        mallory.sub.poll(10_000)  # connected: a first answer waits for it
+        deadline = time.monotonic() + 60
+        pattern = rf"slow consumer {mallory.identity[:12]}: \d+ bytes unread"
+        next_read = time.monotonic()
+        while not broker.count(pattern):  # inside the rate limit
+            assert time.monotonic() < deadline, "never cut"
+            mallory.push.send(HISTORY_REQUEST)
+            if time.monotonic() >= next_read and mallory.sub.poll(0):
+                mallory.received.append(mallory.sub.recv())
+                next_read += 0.5
+            time.sleep(1 / L.RATE_PER_SECOND)
+        # Its SUB reconnects by itself; on subscribing again it is told why.
+        mallory.wait_for(error_with(Code.SLOW_CONSUMER), timeout=15)
+    finally:
+        mallory.close()
