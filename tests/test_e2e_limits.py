@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 from conftest import ROOT, Chat
-from peers import RawPeer, broker_key
+from peers import RawPeer, WirePush, broker_key
 from zmq.utils.monitor import recv_monitor_message
 
 from zchat import keys
@@ -27,6 +27,8 @@ from zchat.protocol import (
     Code,
     Error,
     Heartbeat,
+    History,
+    HistoryRequest,
     Join,
     Left,
     Message,
@@ -197,6 +199,39 @@ def test_a_multipart_message_past_the_bounds_is_dropped_and_its_sender_cut(
         bob.wait_for(said("unbothered"))
     finally:
         watched.close()
+        close_all(bob, mallory)
+
+
+@pytest.mark.timeout(120)
+def test_an_endless_multipart_message_gets_its_sender_cut_before_the_broker_grows(chat: Chat) -> None:
+    """libzmq holds every part of an unfinished message, unseen by the broker until the last
+    (before: 200 MiB took the broker from 32 to 233 MB, and nothing ended it). libzmq itself
+    sends nothing of a message before its last part, so the attacker speaks ZMTP and CURVE
+    by hand."""
+    broker = chat.start_broker()
+    bob = joined(chat, "bob")
+    keypair = RawPeer.keypair()
+    mallory = joined(chat, "mallory", keypair)
+    wire = WirePush(chat.port, broker_key(chat.config_dir), keypair)
+    pid = broker.proc.pid
+    baseline = rss_mb(pid)
+    part = b"x" * 60_000
+    sent = 0
+    try:
+        wire.send_part(frame(Who(ref=3)), more=False)  # one whole message: the broker knows whose
+        mallory.wait_for(lambda t, e: isinstance(e, WhoReply) and e.ref == 3)
+        with pytest.raises(OSError):  # the broker ends the connection
+            while sent < 300 * 2**20:  # never the last part
+                wire.send_part(part)
+                sent += len(part)
+        grown = rss_mb(pid) - baseline
+        print(f"cut after {sent / 2**20:.0f} MiB; broker RSS grew {grown:.0f} MB")
+        assert grown < 100
+        mallory.wait_for(error_with(Code.FLOODING))
+        bob.send(frame(HistoryRequest(room="lobby", ref=9)))  # the broker serves the others
+        bob.wait_for(lambda t, e: isinstance(e, History) and e.ref == 9)
+    finally:
+        wire.close()
         close_all(bob, mallory)
 
 

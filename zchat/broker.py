@@ -28,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zchat import keys, logsetup
 from zchat import limits as L
 from zchat.auth import ZAP_DOMAIN, ZAP_ENDPOINT, KeyFileError, load_authorized_keys, zap_reply
-from zchat.connections import Connections, drained
+from zchat.connections import Connections, bytes_received, drained, shut
 from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
@@ -44,6 +44,8 @@ CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave 
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
 STATS_INTERVAL = 5.0  # default seconds between stats events on sys/
 STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
+INPUT_CHECK_INTERVAL = 1.0  # seconds between looks at the bytes each input connection sent...
+INPUT_CHECK_GROWTH = 16 * 2**20  # ...and a look at once when the broker grew this much since
 
 
 @dataclass
@@ -73,6 +75,18 @@ def user_id(frame: zmq.Frame) -> str | None:
         return frame.get("User-Id")
     except zmq.ZMQError:  # no ZAP identity (e.g. unsubscribes on disconnect)
         return None
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc does not tell)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def read_bans(path: Path) -> set[str]:
@@ -131,6 +145,11 @@ class Broker:
         # descriptor only while there are some (a key may have several connections).
         self._unnamed_inputs: set[int] = set()
         self._internal_errors = logsetup.Folded(log, logging.ERROR, "internal errors")
+        # Bytes each input connection sent, as the kernel counts them: fd -> (total at the last
+        # look, what is left of its allowance); see _check_inputs.
+        self._input_looks: dict[int, tuple[int, float]] = {}
+        self._inputs_checked_at = time.monotonic()
+        self._rss_at_check = resident_bytes()
         self._sockets_open = False
         # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
         self.started = time.time()
@@ -258,6 +277,40 @@ class Broker:
             count = self.inputs.cut(identity) + self.outputs.cut(identity)
             log.info("cut %d connection(s) of %s", count, identity[:12])
 
+    def _check_inputs(self, now: float) -> None:
+        """Cut input connections that send more bytes a second than the frame ceiling's worth
+        of full-size messages (a token bucket of one second), as the kernel counts them. Above
+        all one unfinished multipart message: libzmq keeps its parts, unseen by us until the
+        last one, and no socket option bounds them."""
+        checked_at, self._inputs_checked_at = self._inputs_checked_at, time.monotonic()
+        self._rss_at_check = resident_bytes()
+        rate = self._input_rate()
+        refill = (self._inputs_checked_at - checked_at) * rate
+        looks: dict[int, tuple[int, float]] = {}
+        for fd in self.inputs.all() + list(self._unnamed_inputs):
+            received = bytes_received(fd)
+            if received is None:
+                continue
+            # Not seen yet: one that completed no message counts from its start; one named since
+            # the last look has its count from then.
+            last, allowance = self._input_looks.get(fd, (0 if fd in self._unnamed_inputs else received, rate))
+            allowance = min(rate, allowance + refill) - (received - last)
+            if allowance >= 0:
+                looks[fd] = (received, allowance)
+                continue
+            identity = self.inputs.owner(fd)
+            shut(fd)
+            log.warning("input connection of %s sent %d bytes in %.1f s: cut", (identity or "?")[:12],
+                        received - last, self._inputs_checked_at - checked_at)
+            if identity is not None:
+                self._publish(self.core.on_input_flood(identity, int(rate), now))
+        self._input_looks = looks
+
+    def _input_rate(self) -> float:
+        """Bytes a second one input connection may send: the frame ceiling's worth of
+        full-size messages."""
+        return self.core.limits.frame_ceiling * L.MAX_BODY_BYTES
+
     def _check_unread(self) -> None:
         """Forget what was sent to keys whose publish connections drained since; cut those of a
         key with more than its budget unread (a slow consumer: what waits for it grows the
@@ -331,6 +384,9 @@ class Broker:
                         self._run_cuts()
                     if self.dispatch.unread:
                         self._check_unread()
+                    if (time.monotonic() - self._inputs_checked_at >= INPUT_CHECK_INTERVAL
+                            or resident_bytes() - self._rss_at_check > INPUT_CHECK_GROWTH):
+                        self._check_inputs(now)
                     self._internal_errors.flush(time.monotonic())
                     if self.core.online:
                         idle_since = now
@@ -458,6 +514,8 @@ class Broker:
         self._unnamed_inputs.discard(fd)
         if self.inputs.owner(fd) != identity and (identity, fd) not in self._closing:
             self.inputs.seen(identity, fd)  # (else a late frame of a connection now closed)
+            if fd not in self._input_looks:  # what it sent so far is its first message
+                self._input_looks[fd] = (bytes_received(fd) or 0, self._input_rate())
 
     def _announce_closed_inputs(self, now: float) -> None:
         """Leave notices for identities whose input connection closed a moment ago and that

@@ -33,6 +33,37 @@ def send_queue(fd: int) -> tuple[int, int] | None:
         sock.detach()  # the descriptor stays libzmq's
 
 
+def bytes_received(fd: int) -> int | None:
+    """Bytes the kernel has received on TCP connection `fd` since it opened (tcpi_bytes_received,
+    Linux 4.1+), or None where it does not tell."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, AttributeError):
+        return None
+    finally:
+        sock.detach()  # the descriptor stays libzmq's
+    return struct.unpack_from("Q", info, 128)[0] if len(info) >= 136 else None
+
+
+def shut(fd: int) -> bool:
+    """Shut connection `fd` down (libzmq sees it end and cleans up); whether it worked."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()  # the descriptor stays libzmq's
+
+
 def drained(fd: int) -> bool:
     """Whether the kernel takes more for `fd` at once: libzmq queues nothing for it in the
     broker then (it only does while the socket's send buffer is full, as it stays while the
@@ -73,19 +104,9 @@ class Connections:
                     del self._fds_by_identity[identity]
         return identity
 
+    def all(self) -> list[int]:
+        return list(self._identity_by_fd)
+
     def cut(self, identity: str) -> int:
         """Shut down every connection of `identity`; returns how many."""
-        count = 0
-        for fd in list(self._fds_by_identity.get(identity, ())):
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError:
-                continue
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                count += 1
-            except OSError:
-                pass
-            finally:
-                sock.detach()  # the descriptor stays libzmq's
-        return count
+        return sum(shut(fd) for fd in list(self._fds_by_identity.get(identity, ())))

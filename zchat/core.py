@@ -342,6 +342,16 @@ class BrokerCore:
         out.append(Disconnect(identity))  # type: ignore[arg-type]
         return out
 
+    def on_input_flood(self, identity: str, rate: int, now: float) -> list[Out]:
+        """The shell cut an input connection of `identity` that sent more than `rate` bytes a
+        second (e.g. one endless multipart message): say why and cut the rest of the key."""
+        self.rejected[Code.FLOODING] = self.rejected.get(Code.FLOODING, 0) + 1
+        peer = self.peers.get(identity)
+        out = [] if peer is None else self._error(
+            peer, now, Code.FLOODING, f"more than {rate} bytes a second on one connection: disconnected")
+        out.append(Disconnect(identity))
+        return out
+
     def slow_consumer(self, identity: str, detail: str) -> None:
         """The shell cut this key's publish connections: too much waited for it unread. It is
         told when it subscribes to its private stream again (nothing queued before could
