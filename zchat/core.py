@@ -181,10 +181,13 @@ class Peer:
     pending_rooms: dict[str, int] = field(default_factory=dict)  # room -> history, awaiting subscription
     member: Member | None = None
     throttled: bool = False  # told "rate_limited" since the bucket last ran dry
-    # Frames (and a member's pings) in the current one-second window: the flood ceiling.
-    window_start: float = 0.0
-    window_frames: int = 0
-    window_pings: int = 0
+    # The frames-per-second ceiling: frames left in the window that began at `frames_since`
+    # (a new one begins when they run out a second or more after it); a member's free pings
+    # in the second that began at `pings_since`.
+    frames_since: float = float("-inf")
+    frames_left: int = 0
+    pings_since: float = float("-inf")
+    pings: int = 0
     # History answers' bytes: a second token bucket, in bytes (see history_allowance).
     history_bytes: float = 0.0
     history_refilled: float = 0.0
@@ -296,12 +299,10 @@ class BrokerCore:
         peer.last_seen = now
         # Every frame counts against a ceiling per second, whatever it is: past it the key is
         # cut and the rest of the second's frames are dropped undecoded.
-        if now - peer.window_start >= 1.0:
-            peer.window_start, peer.window_frames, peer.window_pings = now, 1, 0
-        else:
-            peer.window_frames += 1
-            if peer.window_frames > self.limits.frame_ceiling:
-                return self._flooding(peer, now)
+        left = peer.frames_left - 1
+        peer.frames_left = left
+        if left < 0 and self._flooding(peer, now):
+            return self._flooded(peer, now)
         try:
             message = decode_client_message(body, frames)
         except ProtocolError as exc:
@@ -310,8 +311,10 @@ class BrokerCore:
         if isinstance(message, Ping) and peer.member is not None:
             # A member's pings only keep presence alive: free, a few a second. Beyond that
             # they are charged like any message, and otherwise ignored.
-            peer.window_pings += 1
-            if peer.window_pings <= self.limits.pings_per_second:
+            if now - peer.pings_since >= 1.0:
+                peer.pings_since, peer.pings = now, 0
+            peer.pings += 1
+            if peer.pings <= self.limits.pings_per_second:
                 return []
             return self._charge(peer, now, message) or []
         if isinstance(message, Join):
@@ -843,9 +846,18 @@ class BrokerCore:
                            f"slow down: {limits.rate_burst} messages at once, then "
                            f"{limits.rate_per_second:g} per second", ref)
 
-    def _flooding(self, peer: Peer, now: float) -> list[Out]:
+    def _flooding(self, peer: Peer, now: float) -> bool:
+        """The key's frames for this window ran out: start a new window if a second has gone
+        by since this one began, else it is past the ceiling."""
+        if now - peer.frames_since < 1.0:
+            return True
+        peer.frames_since = now
+        peer.frames_left = int(self.limits.frame_ceiling) - 1  # this frame is the first
+        return False
+
+    def _flooded(self, peer: Peer, now: float) -> list[Out]:
         """Past the frames-per-second ceiling: cut the key (once a window), say why."""
-        if peer.window_frames != int(self.limits.frame_ceiling) + 1:
+        if peer.frames_left != -1:
             return []  # told and cut already: the rest of the second is dropped unread
         self.rejected[Code.FLOODING] = self.rejected.get(Code.FLOODING, 0) + 1
         out = self._error(peer, now, Code.FLOODING,
