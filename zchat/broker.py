@@ -547,6 +547,7 @@ class Broker:
                 continue
             if connections is self.inputs:
                 self._unnamed_inputs.discard(event["value"])
+                self._input_looks.pop(event["value"], None)  # the descriptor may serve another
             identity = connections.closed(event["value"])
             if identity is not None and connections is self.outputs and not self.outputs.knows(identity):
                 self.core.on_unsubscribed_all(identity)
