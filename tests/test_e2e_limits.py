@@ -58,6 +58,13 @@ def peer(chat: Chat, keypair: keys.KeyPair | None = None, rooms: tuple[str, ...]
     return RawPeer(chat.port, chat.pub_port, broker_key(chat.config_dir), topics, keypair=keypair)
 
 
+def connected(chat: Chat, keypair: keys.KeyPair | None = None) -> RawPeer:
+    """A raw peer that is not a member, once the broker publishes to it (a heartbeat came)."""
+    p = peer(chat, keypair)
+    p.wait_for(lambda t, e: isinstance(e, Heartbeat))
+    return p
+
+
 def joined(chat: Chat, name: str, keypair: keys.KeyPair | None = None) -> RawPeer:
     """A raw peer that joined as `name` (its join resent until welcomed, as a client does)."""
     p = peer(chat, keypair)
@@ -97,6 +104,15 @@ class Monitor:
     def close(self) -> None:
         self.sock.disable_monitor()
         self.events.close(0)
+
+
+def told_and_cut(mallory: RawPeer, watched: Monitor, bob: RawPeer, code: str) -> Error:
+    """`mallory` is told `code` and its connection is cut, while `bob` is still served."""
+    told = mallory.wait_for(error_with(code))[1]
+    assert watched.disconnected(timeout=5)
+    bob.send(frame(Say(room="lobby", text="unbothered")))
+    bob.wait_for(said("unbothered"))
+    return told  # type: ignore[return-value]
 
 
 def error_with(code: str, ref: int | None = None) -> Callable[[str, object], bool]:
@@ -192,11 +208,7 @@ def test_a_multipart_message_past_the_bounds_is_dropped_and_its_sender_cut(
     watched = Monitor(mallory.push)
     try:
         mallory.send(*[b"x" * size] * parts)
-        told = mallory.wait_for(error_with(code))[1]
-        assert "disconnected" in told.detail
-        assert watched.disconnected(timeout=5)
-        bob.send(frame(Say(room="lobby", text="unbothered")))
-        bob.wait_for(said("unbothered"))
+        assert "disconnected" in told_and_cut(mallory, watched, bob, code).detail
     finally:
         watched.close()
         close_all(bob, mallory)
@@ -255,9 +267,8 @@ def test_a_two_part_message_is_refused_but_not_cut(chat: Chat) -> None:
 
 def test_a_client_cannot_forge_log_lines_or_send_escapes_to_the_operators_terminal(chat: Chat) -> None:
     broker = chat.start_broker()
-    mallory = peer(chat)
+    mallory = connected(chat)
     try:
-        mallory.wait_for(lambda t, e: isinstance(e, Heartbeat))
         mallory.send(b'{"type":"x\\n<forged line>\\u001b]0;pwned\\u0007"}')
         mallory.wait_for(error_with(Code.BAD_REQUEST))
         broker.wait_for(r"refused input from .*bad_request: .*<forged line>")
@@ -269,9 +280,8 @@ def test_a_client_cannot_forge_log_lines_or_send_escapes_to_the_operators_termin
 
 def test_deeply_nested_json_is_answered_bad_request_and_charged(chat: Chat) -> None:
     broker = chat.start_broker()
-    mallory = peer(chat)
+    mallory = connected(chat)
     try:
-        mallory.wait_for(lambda t, e: isinstance(e, Heartbeat))
         for _ in range(L.RATE_BURST + 2):
             mallory.send(b'{"type":"ping","x":' + b"[" * 8000)
         mallory.wait_for(error_with(Code.BAD_REQUEST))
@@ -296,10 +306,7 @@ def test_a_ping_flood_gets_the_key_cut_and_the_others_go_on(chat: Chat) -> None:
                 mallory.push.send(ping, zmq.NOBLOCK)
             except zmq.Again:  # the broker cut it: our queue to it is full
                 break
-        mallory.wait_for(error_with(Code.FLOODING))
-        assert watched.disconnected(timeout=5)
-        bob.send(frame(Say(room="lobby", text="quiet again")))
-        bob.wait_for(said("quiet again"))
+        told_and_cut(mallory, watched, bob, Code.FLOODING)
     finally:
         watched.close()
         close_all(bob, mallory)
@@ -328,7 +335,7 @@ def test_pings_at_a_clients_pace_are_free_and_never_cut(chat: Chat) -> None:
 def test_zchat_send_refused_for_rate_exits_1(chat: Chat) -> None:
     chat.start_broker()
     keypair = keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name("ann"))
-    flooder = peer(chat, keypair)  # the same key, busy in another session
+    flooder = connected(chat, keypair)  # the same key, busy in another session
     stop = threading.Event()
 
     def flood() -> None:  # inside the frame ceiling, far past the rate limit
@@ -337,7 +344,6 @@ def test_zchat_send_refused_for_rate_exits_1(chat: Chat) -> None:
             stop.wait(0.02)
 
     try:
-        flooder.wait_for(lambda t, e: isinstance(e, Heartbeat))
         thread = threading.Thread(target=flood, daemon=True)
         thread.start()
         flooder.wait_for(error_with(Code.RATE_LIMITED))
