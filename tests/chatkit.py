@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from corekit import Unsealed
 from nacl.public import PrivateKey
 
 from zchat import limits as L
@@ -71,14 +72,6 @@ def identity_of(name: str) -> str:
     _SECRETS[identity] = secret.encode()
     return identity
 
-
-class Unsealed:
-    """Private frames left readable: this world checks what is said to whom; sealing has tests
-    of its own (test_sealing.py, test_security_sealing.py)."""
-
-    @staticmethod
-    def seal_publication(topic: str, body: bytes) -> bytes:
-        return topic.encode() + b" " + body
 
 
 @dataclass

@@ -253,3 +253,78 @@ def _reset(sock) -> None:  # type: ignore[no-untyped-def]
         sock.close()
     except OSError:
         pass
+
+
+class WirePush:
+    """A PUSH peer written by hand on a TCP socket: ZMTP 3.0 and the CurveZMQ handshake (RFC 26)
+    with PyNaCl, so it can send what libzmq would not, e.g. the parts of a multipart message
+    that never ends (libzmq sends nothing of a message before its last part)."""
+
+    def __init__(self, port: int, server_key: bytes, keypair: keys.KeyPair) -> None:
+        import socket
+
+        from nacl.public import Box, PrivateKey, PublicKey
+        from zmq.utils import z85
+
+        self._nonce = 0
+        server = PublicKey(z85.decode(server_key))
+        permanent = PrivateKey(z85.decode(keypair.secret))
+        transient = PrivateKey.generate()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + b"CURVE".ljust(20, b"\0") + b"\0" * 32)
+        greeting = self._exactly(64)
+        assert greeting[10] == 3 and greeting[12:17] == b"CURVE", greeting
+        hello_box = Box(transient, server).encrypt(b"\0" * 64, self._short(b"CurveZMQHELLO---")).ciphertext
+        self._command(b"\x05HELLO" + b"\x01\x00" + b"\0" * 72 + bytes(transient.public_key)
+                      + self._nonce.to_bytes(8, "big") + hello_box)
+        welcome = self._read_command()
+        assert welcome.startswith(b"\x07WELCOME"), welcome[:20]
+        opened = Box(transient, server).decrypt(welcome[24:], b"WELCOME-" + welcome[8:24])
+        server_transient, cookie = PublicKey(opened[:32]), opened[32:]
+        vouch_nonce = secrets_token(16)
+        vouch = Box(permanent, server_transient).encrypt(
+            bytes(transient.public_key) + bytes(server), b"VOUCH---" + vouch_nonce).ciphertext
+        metadata = b"\x0bSocket-Type" + (4).to_bytes(4, "big") + b"PUSH"
+        self.box = Box(transient, server_transient)
+        initiate = self.box.encrypt(bytes(permanent.public_key) + vouch_nonce + vouch + metadata,
+                                    self._short(b"CurveZMQINITIATE")).ciphertext
+        self._command(b"\x08INITIATE" + cookie + self._nonce.to_bytes(8, "big") + initiate)
+        ready = self._read_command()
+        assert ready.startswith(b"\x05READY"), ready[:20]
+
+    def send_part(self, data: bytes, more: bool = True) -> None:
+        """One part of a message (`more`: another part follows), encrypted as libzmq would."""
+        box = self.box.encrypt(bytes([1 if more else 0]) + data, self._short(b"CurveZMQMESSAGEC")).ciphertext
+        body = b"\x07MESSAGE" + self._nonce.to_bytes(8, "big") + box
+        self.sock.sendall(b"\x02" + len(body).to_bytes(8, "big") + body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _short(self, prefix: bytes) -> bytes:
+        self._nonce += 1
+        return prefix + self._nonce.to_bytes(8, "big")
+
+    def _command(self, body: bytes) -> None:
+        header = b"\x04" + bytes([len(body)]) if len(body) < 256 else b"\x06" + len(body).to_bytes(8, "big")
+        self.sock.sendall(header + body)
+
+    def _read_command(self) -> bytes:
+        flags = self._exactly(1)[0]
+        size = int.from_bytes(self._exactly(8 if flags & 0x02 else 1), "big")
+        return self._exactly(size)
+
+    def _exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("the broker closed the connection")
+            data += chunk
+        return data
+
+
+def secrets_token(count: int) -> bytes:
+    import secrets
+
+    return secrets.token_bytes(count)

@@ -493,9 +493,10 @@ def test_ping_from_a_non_member_is_not_joined() -> None:
 def test_ping_from_a_member_publishes_nothing_and_costs_no_token() -> None:
     core = make(rate_burst=2, rate_per_second=0.001)
     joined(core, A, "alice")
-    for _ in range(10):
-        assert send(core, A, type="ping") == []
-    assert kinds(send(core, A, type="say", room="lobby", text="hi")) == [(LOBBY, "Message")]
+    for second in range(10):  # the allowance, every second
+        for _ in range(L.PINGS_PER_SECOND):
+            assert send(core, A, 1.0 + second, type="ping") == []
+    assert kinds(send(core, A, 10.5, type="say", room="lobby", text="hi")) == [(LOBBY, "Message")]
 
 
 def test_idle_non_member_is_forgotten_after_peer_idle_seconds() -> None:

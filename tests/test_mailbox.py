@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from corekit import BOX, SELF_BOX, body, dm, subscribe_all, u
+from corekit import BOX, SELF_BOX, Unsealed, body, dm, subscribe_all, u
 
 from zchat import limits as L
 from zchat.core import BrokerCore, Limits
@@ -121,14 +121,6 @@ def test_kept_mail_lists_the_sealed_directs_by_recipient(store: HistoryStore) ->
 
 # --- the dispatcher: what the senders hear ---------------------------------------------------
 
-
-class Unsealed:
-    """Leaves private frames readable: these tests are about what is said to whom (sealing has
-    tests of its own, in test_sealing.py)."""
-
-    @staticmethod
-    def seal_publication(topic: str, body: bytes) -> bytes:
-        return topic.encode() + b" " + body
 
 
 class Broker:

@@ -405,3 +405,19 @@ def test_time_rotation_and_bad_options(tmp_path: Path) -> None:
         make_handler(None, rotate_bytes=100)
     with pytest.raises(ValueError):
         make_handler(tmp_path / "t.log", rotate_bytes=100, backups=0)
+
+
+def test_a_page_cut_short_by_the_brokers_byte_cap_asks_for_the_older_part() -> None:
+    t = SeqTracker()
+    t.event(T, 1, "e1", 0.0)
+    ask = t.event(T, 10, "e10", 0.0)[0]
+    assert (ask.after, ask.before) == (1, 10)
+    # The newest events that fit, with `more`: nothing is written or declared lost yet.
+    out = t.history(ask.ref, T, 1, [(7, "e7"), (8, "e8"), (9, "e9")], 0.1, more=True)
+    assert only(out, Write) == [] and only(out, Gap) == []
+    again = only(out, Request)[0]
+    assert (again.after, again.before) == (1, 7)
+    out = t.history(again.ref, T, 1, [(2, "e2"), (3, "e3"), (5, "e5"), (6, "e6")], 0.2)
+    assert account(out) == [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8), (9, 9), (10, 10)]
+    assert only(out, Gap)[0].first == 4  # storage no longer had 4
+    assert t.deadline() is None

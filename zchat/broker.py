@@ -47,13 +47,13 @@ from zchat.auth import (
     zap_reply,
 )
 from zchat.brokerstate import STATE_FILE, read_state, state_path  # noqa: F401  (read_state: re-exported)
-from zchat.connections import Connections, shutdown_fd
+from zchat.connections import Connections, bytes_received, drained, shutdown_fd
 from zchat.core import BrokerCore, Disconnect, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention, open_to_others
 from zchat.lockfile import Locked, LockFile
-from zchat.protocol import ROOM_PREFIX, SYSTEM_TOPIC, Stats
+from zchat.protocol import PRIVATE_PREFIX, ROOM_PREFIX, SYSTEM_TOPIC, Stats
 from zchat.sealing import BoxCache
 
 log = logging.getLogger("zchat.broker")
@@ -70,6 +70,8 @@ DATA_SENDERS_KEPT = 10_000  # such keys remembered at once (the oldest forgotten
 SILENCE_SCAN = 1.0  # seconds between looks for input connections of keys that went silent
 SHED_EVERY = 0.1  # least seconds between two sheddings of silent connections on accept failures
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
+INPUT_CHECK_INTERVAL = 1.0  # seconds between looks at the bytes each input connection sent...
+INPUT_CHECK_GROWTH = 16 * 2**20  # ...and a look at once when the broker grew this much since
 
 
 @dataclass
@@ -102,6 +104,18 @@ def user_id(frame: zmq.Frame) -> str | None:
         return frame.get("User-Id")
     except zmq.ZMQError:  # no ZAP identity (e.g. unsubscribes on disconnect)
         return None
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc does not tell)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def read_bans(path: Path) -> set[str]:
@@ -199,6 +213,12 @@ class Broker:
         # frames (a /quit's leave message): those are read first, and do not count as a
         # new connection of that identity.
         self._closing: dict[tuple[str, int], float] = {}
+        self._internal_errors = logsetup.Folded(log, logging.ERROR, "internal errors")
+        # Bytes each input connection sent, as the kernel counts them: fd -> (total at the last
+        # look, what is left of its allowance); see _check_inputs.
+        self._input_looks: dict[int, tuple[int, float]] = {}
+        self._inputs_checked_at = time.monotonic()
+        self._rss_at_check = resident_bytes()
         self._sockets_open = False
         # Admission: connection caps, new keys per address, silent and surplus connections cut.
         self.max_connections = settings.max_connections or connection_cap(
@@ -398,6 +418,59 @@ class Broker:
             count = self.inputs.cut(identity) + self.outputs.cut(identity)
             log.info("cut %d connection(s) of %s", count, identity[:12])
 
+    def _check_inputs(self, now: float) -> None:
+        """Cut input connections that send more bytes a second than the frame ceiling's worth
+        of full-size messages (a token bucket of one second), as the kernel counts them. Above
+        all one unfinished multipart message: libzmq keeps its parts, unseen by us until the
+        last one, and no socket option bounds them."""
+        checked_at, self._inputs_checked_at = self._inputs_checked_at, time.monotonic()
+        self._rss_at_check = resident_bytes()
+        rate = self._input_rate()
+        refill = (self._inputs_checked_at - checked_at) * rate
+        looks: dict[int, tuple[int, float]] = {}
+        unnamed = self.inputs.unattributed  # accepted, key not known yet
+        for fd in self.inputs.all() + list(unnamed):
+            received = bytes_received(fd)
+            if received is None:
+                continue
+            # Not seen yet: one that completed no message counts from its start; one named since
+            # the last look has its count from then.
+            last, allowance = self._input_looks.get(fd, (0 if fd in unnamed else received, rate))
+            allowance = min(rate, allowance + refill) - (received - last)
+            if allowance >= 0:
+                looks[fd] = (received, allowance)
+                continue
+            identity = self.inputs.owner(fd)
+            shutdown_fd(fd)
+            log.warning("input connection of %s sent %d bytes in %.1f s: cut", (identity or "?")[:12],
+                        received - last, self._inputs_checked_at - checked_at)
+            if identity is not None:
+                self._publish(self.core.on_input_flood(identity, int(rate), now))
+        self._input_looks = looks
+
+    def _input_rate(self) -> float:
+        """Bytes a second one input connection may send: the frame ceiling's worth of
+        full-size messages."""
+        return self.core.limits.frame_ceiling * L.MAX_BODY_BYTES
+
+    def _check_unread(self) -> None:
+        """Forget what was sent to keys whose publish connections drained since; cut those of a
+        key with more than its budget unread (a slow consumer: what waits for it grows the
+        broker), and tell it why once it subscribes again."""
+        unread, budget = self.dispatch.unread, self.core.limits.max_backlog_bytes
+        for topic, size in list(unread.items()):
+            identity = topic[len(PRIVATE_PREFIX):-1]
+            fds = self.outputs.fds(identity)
+            if not fds or all(drained(fd) for fd in fds):
+                del unread[topic]
+            elif size > budget:
+                del unread[topic]
+                self.core.slow_consumer(identity, f"{size} bytes waited for you unread (limit {budget}): "
+                                        "the broker cut your subscriptions; read faster or ask for less")
+                count = self.outputs.cut(identity)
+                log.warning("slow consumer %s: %d bytes unread on its private stream; cut %d publish "
+                            "connection(s)", identity[:12], size, count)
+
     def _ban(self, identity: str) -> None:
         with open(self.bans_path, "a") as bans:
             bans.write(identity + "\n")
@@ -458,6 +531,12 @@ class Broker:
                     if self._pending_cuts:
                         self._run_cuts()
                     self._police_connections(now)
+                    if self.dispatch.unread:
+                        self._check_unread()
+                    if (time.monotonic() - self._inputs_checked_at >= INPUT_CHECK_INTERVAL
+                            or resident_bytes() - self._rss_at_check > INPUT_CHECK_GROWTH):
+                        self._check_inputs(now)
+                    self._internal_errors.flush(time.monotonic())
                     if self.core.online:
                         idle_since = now
                     elif self.settings.idle_exit is not None and now - idle_since >= self.settings.idle_exit:
@@ -572,11 +651,6 @@ class Broker:
                 frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            frames = 1
-            part = frame
-            while part.more:  # a multipart message arrives whole: drain it, reject below
-                part = recv(copy=False)
-                frames += 1
             self.frames_in += 1
             try:
                 identity: str | None = frame.get("User-Id")
@@ -585,23 +659,50 @@ class Broker:
             # A new connection (accepted, not yet attributed) or a new identity: whose is it?
             if identity is not None and (inputs.unattributed or not inputs.knows(identity)):
                 self._remember_input(frame, identity)
+            frames = 1
+            if frame.more:  # a multipart message arrives whole: drain it, reject below
+                frames, size = self._drain_parts(frame)
+                if frames > L.MAX_MESSAGE_PARTS or size > L.MAX_MESSAGE_BYTES:
+                    log.info("dropped a message of %d frames, %d bytes from %s", frames, size,
+                             (identity or "?")[:12])
+                    add(self.core.on_oversized(identity, frames, size, now))
+                    continue
             try:
                 out = on_message(identity, frame.buffer, frames, now)
             except Exception as exc:  # a bug must not take the chat down for everyone
-                # The stack and the exception's type, not its message: that could quote the text.
-                log.error("internal error handling a message from %s: %s\n%s", (identity or "?")[:12],
-                          type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+                self._internal_error(identity, exc)
                 continue
             if out:
                 add(out)
 
+    def _drain_parts(self, first: zmq.Frame) -> tuple[int, int]:
+        """Read the rest of a multipart message, keeping none of it: (frames, bytes)."""
+        recv = self.pull.recv
+        frames, size, part = 1, len(first), first
+        while part.more:
+            part = recv(copy=False)
+            frames += 1
+            size += len(part)
+        return frames, size
+
+    def _internal_error(self, identity: str | None, exc: Exception) -> None:
+        # The stack and the exception's type, not its message: that could quote the text. At
+        # most a few a minute: a peer that found a bug must not fill the disk with it.
+        stack = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+        self._internal_errors(time.monotonic(), "internal error handling a message from %s: %s\n%s",
+                              (identity or "?")[:12], type(exc).__name__, stack)
+
     def _remember_input(self, frame: zmq.Frame, identity: str) -> None:
+        """Record the input connection this frame came on (every one of a key: so that it
+        leaves only with its last, and a cut reaches them all)."""
         try:
             fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
             return
-        if (identity, fd) not in self._closing:  # else a late frame of a connection now closed
-            self.inputs.attribute(identity, fd)
+        if (identity, fd) in self._closing:
+            return  # a late frame of a connection now closed
+        if self.inputs.attribute(identity, fd) and fd not in self._input_looks:
+            self._input_looks[fd] = (bytes_received(fd) or 0, self._input_rate())  # its first message
 
     def _announce_closed_inputs(self, now: float) -> None:
         """Leave notices for identities whose input connection closed a moment ago and that
@@ -635,6 +736,8 @@ class Broker:
                 continue
             if kind != zmq.EVENT_DISCONNECTED:
                 continue
+            if connections is self.inputs:
+                self._input_looks.pop(event["value"], None)  # the descriptor may serve another
             identity = connections.closed(event["value"])
             if identity is not None and connections is self.outputs and not self.outputs.knows(identity):
                 self.core.on_unsubscribed_all(identity)

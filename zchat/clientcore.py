@@ -807,7 +807,8 @@ class ClientCore:
         topic = room_topic(history.room)
         if history.ref is not None:  # the answer to one of our gap requests (or a stale one)
             found = [(event.seq, event) for event in events]
-            self._apply(self.tracker.history(history.ref, topic, history.after, found, now.mono), now)
+            self._apply(self.tracker.history(history.ref, topic, history.after, found, now.mono,
+                                            history.more), now)
             return
         if topic in self._entering:
             # The room's past up to our arrival: live from here on (should our `joined` be lost).

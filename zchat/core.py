@@ -91,6 +91,20 @@ class Limits:
     max_peers: int = L.MAX_PEERS
     max_topics_per_peer: int = L.MAX_TOPICS_PER_PEER
     peer_idle_seconds: float = L.PEER_IDLE_SECONDS
+    pings_per_second: int = L.PINGS_PER_SECOND
+    max_frames_per_second: int = L.MAX_FRAMES_PER_SECOND
+    history_bytes_burst: int = L.HISTORY_BYTES_BURST
+    history_bytes_per_second: int = L.HISTORY_BYTES_PER_SECOND
+    max_history_page_bytes: int = L.MAX_HISTORY_PAGE_BYTES
+    max_backlog_bytes: int = L.MAX_BACKLOG_BYTES  # the shell's: see zchat.limits
+    # The frames-per-second ceiling actually applied: never below what the token bucket lets
+    # an honest sender do in a second (twice over), so an operator's higher rate limit (or
+    # none: 10**9) raises it too.
+    frame_ceiling: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frame_ceiling", max(
+            float(self.max_frames_per_second), 2.0 * (self.rate_burst + self.rate_per_second)))
 
 
 @dataclass(slots=True)
@@ -178,6 +192,17 @@ class Peer:
     pending_rooms: dict[str, int] = field(default_factory=dict)  # room -> history, awaiting subscription
     member: Member | None = None
     throttled: bool = False  # told "rate_limited" since the bucket last ran dry
+    # The frames-per-second ceiling: frames left in the window that began at `frames_since`
+    # (a new one begins when they run out a second or more after it); a member's free pings
+    # in the second that began at `pings_since`.
+    frames_since: float = float("-inf")
+    frames_left: int = 0
+    pings_since: float = float("-inf")
+    pings: int = 0
+    # History answers' bytes: a second token bucket, in bytes (see history_allowance).
+    history_bytes: float = 0.0
+    history_refilled: float = 0.0
+    notice: str | None = None  # why its publish connections were cut: told on resubscribing
 
 
 class BrokerCore:
@@ -259,11 +284,14 @@ class BrokerCore:
         peer.last_seen = now
         if peer.member is None:
             self._touch(identity)
+        told: list[Out] = []
+        if peer.notice is not None and topic == private_topic(identity):
+            told, peer.notice = self._error(peer, now, Code.SLOW_CONSUMER, peer.notice), None
         if peer.pending_join is not None:
-            return True, self._try_join(peer, peer.pending_join, now)
+            return True, told + self._try_join(peer, peer.pending_join, now)
         if peer.pending_rooms and peer.member is not None:
-            return True, self._try_enter(peer, peer.member, now)
-        return True, []
+            return True, told + self._try_enter(peer, peer.member, now)
+        return True, told
 
     def on_unsubscribed_all(self, identity: str) -> None:
         """Its publish-side connection closed: none of its subscriptions is installed any
@@ -311,18 +339,31 @@ class BrokerCore:
         peer.last_seen = now
         if peer.member is None:
             self._touch(identity)
+        # Every frame counts against a ceiling per second, whatever it is: past it the key is
+        # cut and the rest of the second's frames are dropped undecoded.
+        left = peer.frames_left - 1
+        peer.frames_left = left
+        if left < 0 and self._flooding(peer, now):
+            return self._flooded(peer, now)
         try:
             message = decode_client_message(body, frames)
         except ProtocolError as exc:
             self.rejected[exc.code] = self.rejected.get(exc.code, 0) + 1
             return self._refuse(peer, now, exc.code, exc.detail)
         if isinstance(message, Ping) and peer.member is not None:
-            return []  # members' pings are free: they only keep presence alive
+            # A member's pings only keep presence alive: free, a few a second. Beyond that
+            # they are charged like any message, and otherwise ignored.
+            if now - peer.pings_since >= 1.0:
+                peer.pings_since, peer.pings = now, 0
+            peer.pings += 1
+            if peer.pings <= self.limits.pings_per_second:
+                return []
+            return self._charge(peer, now, message) or []
         if isinstance(message, Join):
             # Free: clients resend joins until welcomed. Only a rename is charged (below);
             # a join-leave cycle is paid for by its leave.
             return self._join(peer, message, now)
-        throttled = self._charge(peer, now)
+        throttled = self._charge(peer, now, message)
         if throttled is not None:
             return throttled
         if isinstance(message, HistoryRequest):
@@ -332,6 +373,37 @@ class BrokerCore:
                 return []  # leaving twice, or after a refused join: nothing to say
             return self._error(peer, now, Code.NOT_JOINED, "join first", getattr(message, "ref", None))
         return self._handlers[type(message)](self, peer, peer.member, message, now)
+
+    def on_oversized(self, identity: str | None, frames: int, size: int, now: float) -> list[Out]:
+        """The shell dropped a message past MAX_MESSAGE_PARTS or MAX_MESSAGE_BYTES unread: say
+        why and cut the sender."""
+        peer = self.peers.get(identity) if identity is not None else None
+        if peer is None:
+            return [] if identity is None else [Disconnect(identity)]
+        code = Code.TOO_MANY_FRAMES if frames > L.MAX_MESSAGE_PARTS else Code.TOO_LARGE
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        out = self._error(peer, now, code, f"a message of {frames} frames and {size} bytes (limits "
+                          f"{L.MAX_MESSAGE_PARTS} and {L.MAX_MESSAGE_BYTES}): disconnected")
+        out.append(Disconnect(identity))  # type: ignore[arg-type]
+        return out
+
+    def on_input_flood(self, identity: str, rate: int, now: float) -> list[Out]:
+        """The shell cut an input connection of `identity` that sent more than `rate` bytes a
+        second (e.g. one endless multipart message): say why and cut the rest of the key."""
+        self.rejected[Code.FLOODING] = self.rejected.get(Code.FLOODING, 0) + 1
+        peer = self.peers.get(identity)
+        out = [] if peer is None else self._error(
+            peer, now, Code.FLOODING, f"more than {rate} bytes a second on one connection: disconnected")
+        out.append(Disconnect(identity))
+        return out
+
+    def slow_consumer(self, identity: str, detail: str) -> None:
+        """The shell cut this key's publish connections: too much waited for it unread. It is
+        told when it subscribes to its private stream again (nothing queued before could
+        reach it)."""
+        peer = self.peers.get(identity)
+        if peer is not None:
+            peer.notice = detail
 
     def on_disconnect(self, identity: str, now: float) -> list[Out]:
         """The transport saw this identity's connection close (crash or exit)."""
@@ -653,15 +725,43 @@ class BrokerCore:
         room = normalize_room(request.room)
         if room is None:
             return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {request.room!r}", request.ref)
+        if self._history_bytes(peer, now) <= 0:
+            limits = self.limits
+            return self._error(peer, now, Code.RATE_LIMITED,
+                               f"slow down: history answers are limited to {limits.history_bytes_burst} "
+                               f"bytes at once, then {limits.history_bytes_per_second} per second",
+                               request.ref)
         last = self.seqs.get(room_topic(room), 0)
         upto = last if request.before is None else min(last, max(0, request.before - 1))
         return [Fetch(peer.identity, room, request.after, upto, request.limit, request.ref)]
+
+    def _history_bytes(self, peer: Peer, now: float) -> float:
+        """Refill the key's history byte bucket; what it holds now (may be below 0)."""
+        limits = self.limits
+        peer.history_bytes = min(float(limits.history_bytes_burst), peer.history_bytes
+                                 + (now - peer.history_refilled) * limits.history_bytes_per_second)
+        peer.history_refilled = now
+        return peer.history_bytes
+
+    def history_allowance(self, identity: str, now: float) -> int:
+        """Bytes of stored events the shell may put in the next history answer for `identity`:
+        at most a page, and what its bucket holds (0 when empty)."""
+        peer = self.peers.get(identity)
+        page = self.limits.max_history_page_bytes
+        return page if peer is None else int(min(page, max(0.0, self._history_bytes(peer, now))))
+
+    def spend_history(self, identity: str, size: int) -> None:
+        """The shell answered with `size` bytes of stored events (a page may overdraw by one)."""
+        peer = self.peers.get(identity)
+        if peer is not None:
+            peer.history_bytes -= size
 
     def _part(self, peer: Peer, member: Member, part: Part, now: float) -> list[Out]:
         room, error = self._room_of(peer, member, part.room, now)
         if room is None:
             return error
-        return [self._remove_from_room(peer, member, room, LeftReason.PART, clean_text(part.message), now)]
+        message = self._farewell(peer, part.message, now)
+        return [self._remove_from_room(peer, member, room, LeftReason.PART, message, now)]
 
     # --- moderation ---------------------------------------------------------------
 
@@ -745,7 +845,11 @@ class BrokerCore:
         return out
 
     def _quit(self, peer: Peer, member: Member, leave: Leave, now: float) -> list[Out]:
-        return self._leave(peer, LeftReason.QUIT, clean_text(leave.message), now)
+        return self._leave(peer, LeftReason.QUIT, self._farewell(peer, leave.message, now), now)
+
+    def _farewell(self, peer: Peer, message: str, now: float) -> str:
+        """A part or leave message, as the room sees it: a muted member's is dropped."""
+        return "" if self.muted.get(peer.identity, 0.0) > now else clean_text(message)
 
     def _add_to_room(self, peer: Peer, member: Member, room: str, now: float, chat: bool) -> list[Out]:
         member.rooms.append(room)
@@ -820,7 +924,9 @@ class BrokerCore:
                 return None
             limits = self.limits
             peer = self.peers[identity] = Peer(identity, now, TokenBucket(limits.rate_burst,
-                                                                          limits.rate_per_second, now))
+                                                                          limits.rate_per_second, now),
+                                               history_bytes=float(limits.history_bytes_burst),
+                                               history_refilled=now)
             self.strangers[identity] = None
         return peer
 
@@ -853,8 +959,10 @@ class BrokerCore:
         self.strangers.pop(identity, None)
         self.seqs.pop(private_topic(identity), None)
 
-    def _charge(self, peer: Peer, now: float) -> list[Out] | None:
-        """Take one token; on an empty bucket return what to send (once) instead."""
+    def _charge(self, peer: Peer, now: float, message: object = None) -> list[Out] | None:
+        """Take one token; on an empty bucket return what to send instead: a refusal naming
+        the message's ref when it has one (its sender waits for that ref), else only the
+        first refusal since the bucket last had a token."""
         limits = self.limits
         bucket = peer.bucket
         bucket.burst, bucket.rate = float(limits.rate_burst), limits.rate_per_second  # may be reloaded
@@ -864,12 +972,32 @@ class BrokerCore:
         self.rate_limited_total += 1
         if len(self.rate_limited) < self.limits.max_peers:
             self.rate_limited.add(peer.identity)
-        if peer.throttled:
+        ref = getattr(message, "ref", None)
+        if peer.throttled and ref is None:
             return []
         peer.throttled = True
         return self._error(peer, now, Code.RATE_LIMITED,
                            f"slow down: {limits.rate_burst} messages at once, then "
-                           f"{limits.rate_per_second:g} per second")
+                           f"{limits.rate_per_second:g} per second", ref)
+
+    def _flooding(self, peer: Peer, now: float) -> bool:
+        """The key's frames for this window ran out: start a new window if a second has gone
+        by since this one began, else it is past the ceiling."""
+        if now - peer.frames_since < 1.0:
+            return True
+        peer.frames_since = now
+        peer.frames_left = int(self.limits.frame_ceiling) - 1  # this frame is the first
+        return False
+
+    def _flooded(self, peer: Peer, now: float) -> list[Out]:
+        """Past the frames-per-second ceiling: cut the key (once a window), say why."""
+        if peer.frames_left != -1:
+            return []  # told and cut already: the rest of the second is dropped unread
+        self.rejected[Code.FLOODING] = self.rejected.get(Code.FLOODING, 0) + 1
+        out = self._error(peer, now, Code.FLOODING,
+                          f"more than {self.limits.frame_ceiling:.0f} frames in one second: disconnected")
+        out.append(Disconnect(peer.identity))
+        return out
 
     def _refuse(self, peer: Peer, now: float, code: str, detail: str) -> list[Out]:
         """An error for a request not yet charged: charge it, so errors are rate-limited too."""

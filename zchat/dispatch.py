@@ -20,6 +20,7 @@ import msgspec
 
 from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
 from zchat.history import DroppedMail, EventRow, HistoryStore, MailOutcome, MailRow
+from zchat.logsetup import escape
 from zchat.protocol import (
     PRIVATE_PREFIX,
     ROOM_PREFIX,
@@ -62,6 +63,9 @@ class Dispatcher:
         self.published = 0  # frames sent
         self.messages = 0  # chat messages accepted: room messages and actions, private ones once
         self.errors: dict[str, int] = {}  # error events sent, by code
+        # Bytes sent on each private topic since the shell last saw that key's publish
+        # connections drained (the shell resets it): what may be waiting for a slow reader.
+        self.unread: dict[str, int] = {}
 
     def add(self, out: list[Out]) -> None:
         if out:
@@ -88,7 +92,9 @@ class Dispatcher:
                     said += 1
                     continue
                 if topic.startswith(PRIVATE_PREFIX):
-                    add_frame(self.boxes.seal_publication(topic, body))
+                    frame = self.boxes.seal_publication(topic, body)
+                    add_frame(frame)
+                    self.unread[topic] = self.unread.get(topic, 0) + len(frame)
                 else:
                     add_frame(topic.encode() + b" " + body)
                 if topic.startswith(ROOM_PREFIX) and not isinstance(event, Mark):
@@ -127,10 +133,19 @@ class Dispatcher:
         lost = 0
         if fetch.after > 0:  # a bounded range: say how much of it is gone
             lost = max(0, min(fetch.upto - fetch.after, fetch.limit) - len(bodies))
-        events = [msgspec.Raw(body) for body in bodies]
+        # The newest events that fit the key's allowance (a page at most); at least one when
+        # it has any, so paging always progresses. `more`: older ones were left out.
+        clock = now - self.core.wall_offset  # the core's buckets run on its monotonic clock
+        allowance = self.core.history_allowance(fetch.identity, clock)
+        first, size = len(bodies), 0
+        while first > 0 and (size + len(bodies[first - 1]) <= allowance or (size == 0 and allowance > 0)):
+            first -= 1
+            size += len(bodies[first])
+        self.core.spend_history(fetch.identity, size)
+        events = [msgspec.Raw(body) for body in bodies[first:]]
         self._send_reply(fetch.identity, lambda seq: History(
             seq=seq, ts=now, room=fetch.room, events=events, after=fetch.after, upto=fetch.upto,
-            lost=lost, ref=fetch.ref))
+            lost=lost, ref=fetch.ref, more=first > 0))
 
     def _deliver_mail(self, request: DeliverMail, now: float) -> None:
         for body in self.store.take_mail(request.identity):  # bounded by the store
@@ -170,9 +185,12 @@ class Dispatcher:
         self._send_private(self.core.reply(identity, make))
 
     def _send_private(self, reply: Publish) -> None:
-        """A publication on a private stream made outside the turn's batch: sealed like every other."""
-        self.send(self.boxes.seal_publication(reply.topic, _encode(reply.event)))
+        """A publication on a private stream made outside the turn's batch: sealed like every other,
+        and counted against its reader's backlog budget."""
+        frame = self.boxes.seal_publication(reply.topic, _encode(reply.event))
+        self.send(frame)
         self.published += 1
+        self.unread[reply.topic] = self.unread.get(reply.topic, 0) + len(frame)
         if isinstance(reply.event, Error):
             self._count(reply.topic, reply.event)
 
@@ -187,6 +205,6 @@ class Dispatcher:
             self.errors[event.code] = self.errors.get(event.code, 0) + 1
             who = topic.removeprefix(PRIVATE_PREFIX)[:12]
             if event.code in _INPUT_ERRORS:  # the detail says what was wrong with the frame
-                log.info("refused input from %s: %s: %.200s", who, event.code, event.detail)
+                log.info("refused input from %s: %s: %.200s", who, event.code, escape(event.detail))
             else:
                 log.info("error to %s: %s", who, event.code)

@@ -213,15 +213,18 @@ class SeqTracker:
         return self._advance(topic, t, [], now)
 
     def history(self, ref: int, topic: str, after: int, events: Iterable[tuple[int, Any]],
-                now: float) -> list[Out]:
+                now: float, more: bool = False) -> list[Out]:
         """The broker answered request `ref` (for `topic`, seqs after `after`) with these stored
-        (seq, item) pairs."""
+        (seq, item) pairs; `more`: its byte cap left out older ones of the range."""
         t = self.topics.get(topic)
         if self.refs.get(ref) != topic or t is None or t.last != after:
             return []  # given up already, or not ours (another session with our key asked)
         del self.refs[ref]
         t.ref = None
         found = {seq: item for seq, item in events if t.last < seq < t.before}
+        if more and found:  # the newest part of the chunk: hold it, ask for what comes before
+            t.held = sorted(found.items()) + (t.held or [])
+            return self._ask(topic, t, now)
         out: list[Out] = []
         for seq in sorted(found):
             if seq > t.last + 1:

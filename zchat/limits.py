@@ -17,6 +17,10 @@ MAX_NAME_CHARS = 32
 MAX_ROOM_CHARS = 32
 MAX_REASON_CHARS = 200
 MAX_ROOMS_PER_JOIN = 16
+# One message on the input socket is one frame. A multipart one is refused (too_many_frames);
+# past either bound it is dropped unread and its sender's connections are cut.
+MAX_MESSAGE_PARTS = 16
+MAX_MESSAGE_BYTES = 4 * MAX_FRAME_BYTES  # all parts of one message together: 256 KiB
 
 # End-to-end private messages: a box is NaCl crypto_box output (a 24-byte nonce, then the
 # ciphertext with its 16-byte MAC) in standard base64. The broker cannot count characters
@@ -50,6 +54,11 @@ DEFAULT_HISTORY = 50  # events of a room shown on joining it
 MAX_HISTORY_PER_REQUEST = 500
 HISTORY_KEEP_PER_ROOM = 10_000  # retention: newest events kept per room...
 HISTORY_KEEP_DAYS = 30.0  # ...and none older than this
+MAX_HISTORY_PAGE_BYTES = 256 * 1024  # stored events in one history answer; fewer, with `more`
+# History answers per key, in bytes: a token bucket (full at first sight). An empty one refuses
+# history requests (rate_limited) and shortens the history a join or an enter brings.
+HISTORY_BYTES_BURST = 4 * 1024 * 1024
+HISTORY_BYTES_PER_SECOND = 512 * 1024
 MAILBOX_PER_USER = 100  # private messages kept for an offline user (per key)...
 MAILBOX_PER_SENDER = 10  # ...of which at most this many from one sender (`mailbox_full` past it)
 KNOWN_NAMES = 100_000  # name -> last key, for messages to offline users
@@ -57,6 +66,13 @@ KNOWN_NAMES = 100_000  # name -> last key, for messages to offline users
 # Flood control: a token bucket per identity.
 RATE_BURST = 20
 RATE_PER_SECOND = 5.0
+PINGS_PER_SECOND = 5  # a member's pings beyond this many in one second are ignored
+MAX_FRAMES_PER_SECOND = 200  # any frames: a key sending more in one second is cut off
+
+# A slow reader: bytes published on a key's private stream since its publish connections last
+# had an empty kernel send queue (so nothing waited in the broker for them either). Past this
+# budget the broker cuts those connections and tells the key why when it subscribes again.
+MAX_BACKLOG_BYTES = 8 * 1024 * 1024
 
 # Timings (seconds).
 BROKER_HEARTBEAT_INTERVAL = 1.0  # broker -> sys/ heartbeat

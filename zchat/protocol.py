@@ -416,6 +416,7 @@ class History(Event, tag="history"):
     upto: int
     lost: int = 0  # seqs in a bounded range (after > 0) no longer in storage
     ref: int | None = None
+    more: bool = False  # the page's byte cap left out older events of the range: ask again
 
 
 class Mark(Event, tag="mark"):
@@ -507,6 +508,8 @@ class Code(StrEnum):
     EMPTY_TEXT = "empty_text"
     RATE_LIMITED = "rate_limited"
     BUSY = "busy"  # a key that had not joined, evicted to make room for a new one
+    FLOODING = "flooding"  # past the frames-per-second ceiling: the key is cut off
+    SLOW_CONSUMER = "slow_consumer"  # too much waited for you unread: your subscriptions were cut
 
 
 class ProtocolError(Exception):
@@ -538,6 +541,8 @@ def decode_client_message(body: bytes | memoryview, frames: int = 1) -> ClientMe
         raise ProtocolError(Code.BAD_REQUEST, str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(Code.BAD_REQUEST, f"not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:  # msgspec skipping an unknown field nested thousands deep
+        raise ProtocolError(Code.BAD_REQUEST, "JSON nested too deeply") from None
 
 
 def encode_client_message(message: ClientMessage) -> bytes:

@@ -351,7 +351,8 @@ class Tap:
                 events = [(e["seq"], e) for e in ev.get("events") or []
                           if isinstance(e, dict) and type(e.get("seq")) is int]
                 room = f"{ROOM_PREFIX}{ev.get('room')}/"
-                self.apply(self.tracker.history(ev["ref"], room, ev["after"], events, now))
+                self.apply(self.tracker.history(ev["ref"], room, ev["after"], events, now,
+                                                ev.get("more") is True))
             elif kind == "error":
                 log.warning("broker: %s: %s", _c(ev.get("code")), _c(ev.get("detail")))
         elif topic.startswith(ROOM_PREFIX) and room_of_topic(topic) and type(seq) is int:
