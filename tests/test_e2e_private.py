@@ -120,16 +120,20 @@ def test_mail_goes_to_the_key_it_was_sealed_to_not_to_whoever_takes_the_name(cha
     mallory.wait_for(rf"{CLOCK} \* Welcome, alice!", timeout=15)
     assert mallory_key.identity != _keypair(chat, "alice").identity
     bob.wait_for(r"- alice has joined the chat\.")
-    # bob still holds alice's key: he is told it changed before anything goes to the new one.
-    bob.send("/msg alice are you still you?")
+    # bob still holds alice's key: he is told it changed, and nothing goes to the new one
+    # unless he sends it again.
+    bob.send("/msg alice the secret plan")
     warning = bob.wait_for(rf"^{CLOCK} ! alice's key changed \(was [0-9a-f ]{{19}}, now [0-9a-f ]{{19}}\): "
-                           "another key holds that name now; your message was encrypted to the new key$")
+                           "another key holds that name now, and your message to alice was NOT sent\. Send "
+                           "it again if you trust the new key\.$")
+    bob.send("/msg alice are you still you?")  # his choice, after the warning
     sent = bob.wait_for(rf"^{CLOCK} -> alice: are you still you\?$")
     assert bob.lines.index(warning) < bob.lines.index(sent)
     mallory.wait_for(rf"^{CLOCK} <- bob: are you still you\?$")
     bob.send("a public marker")
     mallory.wait_for(rf"^{CLOCK} bob: a public marker$")
     assert mallory.count("kept for alice") == 0  # sealed to alice's key: never mallory's
+    assert mallory.count("the secret plan") == 0  # sealed to alice's key, and not sent again
     assert bob.count("key changed") == 1  # once per change, not per message
 
     _left_and_gone(mallory)
