@@ -124,8 +124,8 @@ def test_mail_goes_to_the_key_it_was_sealed_to_not_to_whoever_takes_the_name(cha
     # unless he sends it again.
     bob.send("/msg alice the secret plan")
     warning = bob.wait_for(rf"^{CLOCK} ! alice's key changed \(was [0-9a-f ]{{19}}, now [0-9a-f ]{{19}}\): "
-                           "another key holds that name now, and your message to alice was NOT sent\. Send "
-                           "it again if you trust the new key\.$")
+                           r"another key holds that name now, and your message to alice was NOT sent\. Send "
+                           r"it again if you trust the new key\.$")
     bob.send("/msg alice are you still you?")  # his choice, after the warning
     sent = bob.wait_for(rf"^{CLOCK} -> alice: are you still you\?$")
     assert bob.lines.index(warning) < bob.lines.index(sent)
