@@ -42,7 +42,6 @@ STATE_FILE = "broker.json"
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
-STATS_INTERVAL = 5.0  # default seconds between stats events on sys/
 STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
 
 
@@ -55,7 +54,7 @@ class BrokerSettings:
     db_path: Path | None = None  # default: <config>/broker/history.sqlite3; ":memory:" keeps nothing
     retention: Retention = field(default_factory=Retention)
     authorized_keys: Path | None = None  # closed mode: only these keys, with fixed names and roles
-    stats_interval: float = STATS_INTERVAL  # seconds between stats events on sys/; 0 = none
+    stats_interval: float = L.STATS_INTERVAL  # seconds between stats events on sys/; 0 = none
     log_level: str = "INFO"
     log_json: bool = False
     # The settings as the operator wrote them (zchat.config keys): what a reload compares.
@@ -133,7 +132,7 @@ class Broker:
         self.frames_in = 0
         self._stats_at = self.started
         self._stats_last = (0, 0, 0)  # frames_in, messages, published at _stats_at
-        self._next_stats = self.started + (settings.stats_interval or STATS_INTERVAL)
+        self._next_stats = self.started + (settings.stats_interval or L.STATS_INTERVAL)
 
     # --- start-up ------------------------------------------------------------
 
@@ -255,8 +254,14 @@ class Broker:
             log.info("cut %d connection(s) of %s", count, identity[:12])
 
     def _ban(self, identity: str) -> None:
-        with open(self.bans_path, "a") as bans:
-            bans.write(identity + "\n")
+        # Called mid-flush: a full disk or an unwritable directory must not stop the broker.
+        # The ban holds in memory either way; only its survival across a restart is lost.
+        try:
+            with open(self.bans_path, "a") as bans:
+                bans.write(identity + "\n")
+        except OSError as exc:
+            log.error("cannot record the ban of %s in %s: %s; it holds until the broker stops",
+                      identity[:12], self.bans_path, exc.strerror or exc)
 
     def run(self) -> int:
         """Serve until a signal, --idle-exit or request_stop; returns the exit code."""
@@ -451,7 +456,7 @@ class Broker:
     def _stats(self, now: float) -> None:
         """Publish a stats event on sys/ (unless disabled) and start a new interval."""
         interval = self.settings.stats_interval
-        self._next_stats = now + (interval or STATS_INTERVAL)
+        self._next_stats = now + (interval or L.STATS_INTERVAL)
         core, dispatch = self.core, self.dispatch
         totals = (self.frames_in, dispatch.messages, dispatch.published)
         span = max(now - self._stats_at, 1e-3)
@@ -499,7 +504,7 @@ class Broker:
         self.core.limits = self.settings.limits
         self.store.retention = new.retention
         if "stats_interval" in live:
-            self._next_stats = now + (new.stats_interval or STATS_INTERVAL)
+            self._next_stats = now + (new.stats_interval or L.STATS_INTERVAL)
         for key in live:
             log.info("SIGHUP: %s: %s -> %s (applied)", key, old_config.get(key), new_config[key])
         for key in later:

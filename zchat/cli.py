@@ -14,6 +14,7 @@ from zchat.core import Limits
 from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
 from zchat.history import Retention
 from zchat.launcher import AUTOSTART_IDLE_EXIT
+from zchat.protocol import DEFAULT_ROOM
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{L.CLIENT_TIMEOUT:g})")
     broker.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS",
                         help=f"seconds between stats events on sys/, 0 = none (default "
-                        f"{config.STATS_INTERVAL:g})")
+                        f"{L.STATS_INTERVAL:g})")
     broker.add_argument("--print-config", action="store_true",
                         help="print the effective settings and where each came from, then exit")
     broker.add_argument("--authorized-keys", type=Path, default=None, metavar="FILE",
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(send)
     _client_options(send)
     target = send.add_mutually_exclusive_group()
-    target.add_argument("--room", help="the room to send to (default lobby)")
+    target.add_argument("--room", help=f"the room to send to (default {DEFAULT_ROOM})")
     target.add_argument("--to", metavar="NAME", help="send a private message to NAME instead")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     send.add_argument("text", nargs="+", help="the message")

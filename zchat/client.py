@@ -230,7 +230,8 @@ class ChatClient:
     def nick(self, name: str) -> None:
         self._command("nick", name)
 
-    def moderate(self, action: str, name: str, reason: str = "", seconds: int = 300) -> None:
+    def moderate(self, action: str, name: str, reason: str = "",
+                 seconds: int = L.MUTE_DEFAULT_SECONDS) -> None:
         """Admin commands: kick, ban or mute `name`."""
         message: ClientMessage
         if action == "kick":

@@ -39,7 +39,6 @@ CONFIG_FILE_NAME = "zchat.toml"
 ENV_PREFIX = "ZCHAT_"
 CONFIG_ENV = "ZCHAT_CONFIG"  # the config file itself
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-STATS_INTERVAL = 5.0
 SIDES = ("broker", "client")
 
 
@@ -129,7 +128,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
            "per sender (0 = unlimited)", _at_least(0), live=True),
     Option("client_timeout", "float", "broker", L.CLIENT_TIMEOUT, "seconds of silence after which a "
            "client is announced as left", _at_least(0.5), live=True),
-    Option("stats_interval", "float", "broker", STATS_INTERVAL, "seconds between stats events on "
+    Option("stats_interval", "float", "broker", L.STATS_INTERVAL, "seconds between stats events on "
            "sys/ (0 = none)", _at_least(0), live=True),
     Option("log_level", "str", "broker", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL",
            _log_level, live=True),

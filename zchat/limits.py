@@ -37,6 +37,10 @@ KNOWN_NAMES = 100_000  # name -> last key, for messages to offline users
 RATE_BURST = 20
 RATE_PER_SECOND = 5.0
 
+# Moderation.
+MUTE_DEFAULT_SECONDS = 300  # /mute NAME without SECONDS
+MUTE_MAX_SECONDS = 7 * 86400
+
 # Timings (seconds).
 BROKER_HEARTBEAT_INTERVAL = 1.0  # broker -> sys/ heartbeat
 CLIENT_PING_INTERVAL = 1.0  # client -> broker application heartbeat
@@ -44,6 +48,7 @@ CLIENT_TIMEOUT = 3.0  # member silent this long is announced as left
 BROKER_SILENCE_LOST = 3.5  # client: no broker heartbeat this long = connection lost
 JOIN_RETRY_INTERVAL = 0.2  # client resends its join until welcomed
 TICK_INTERVAL = 0.1  # broker housekeeping cadence
+STATS_INTERVAL = 5.0  # default seconds between the broker's stats events on sys/
 
 # Socket options (milliseconds / counts).
 HANDSHAKE_IVL_MS = 5000

@@ -17,6 +17,7 @@ from typing import TextIO
 
 from zchat.client import ChatClient, ClientEvent, JoinError, SendError
 from zchat.commands import COMMANDS, UsageError, help_text, parse
+from zchat.limits import DEFAULT_HISTORY, MUTE_DEFAULT_SECONDS
 from zchat.protocol import Code, Joined, Left, normalize_room
 from zchat.render import View, clock, mentions, render
 
@@ -37,7 +38,9 @@ class Session:
         self.room: str | None = None
         self.color = color
         self._write = write or (lambda text: print(text, flush=True))
-        self._lock = threading.Lock()  # events arrive on the I/O thread
+        # Events arrive on the I/O thread, typed lines on the UI thread. Re-entrant: on_event
+        # shows its line while holding it.
+        self._lock = threading.RLock()
         self._held: list[str] | None = None  # lines kept back while the screen is not ready
 
     def attach(self, client: ChatClient) -> None:
@@ -48,10 +51,11 @@ class Session:
         return View(me=self.client.name if self.client else None, room=self.room, color=self.color)
 
     def show(self, text: str) -> None:
-        if self._held is not None:
-            self._held.append(text)
-        else:
-            self._write(text)
+        with self._lock:  # else `release` could empty the hold between our test and append
+            if self._held is not None:
+                self._held.append(text)
+            else:
+                self._write(text)
 
     def hold(self) -> None:
         """Keep lines back (from now until `release`)."""
@@ -125,9 +129,9 @@ class Session:
         elif name in ("kick", "ban"):
             client.moderate(name, args[0], reason=args[1])
         elif name == "mute":
-            client.moderate("mute", args[0], seconds=int(args[1]) if len(args) > 1 else 300)
+            client.moderate("mute", args[0], seconds=int(args[1]) if len(args) > 1 else MUTE_DEFAULT_SECONDS)
         elif name == "history":
-            client.history(self._current(), int(args[0]) if args else 50)
+            client.history(self._current(), int(args[0]) if args else DEFAULT_HISTORY)
         elif name == "join":
             self._join(args[0])
         elif name == "leave":
