@@ -7,6 +7,7 @@ turn, and installs the subscriptions the core approves (XPUB_MANUAL).
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import logging
@@ -39,6 +40,7 @@ log = logging.getLogger("zchat.broker")
 
 DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
 STATE_FILE = "broker.json"
+LOCK_FILE = "broker.lock"  # flock-ed by the running broker for its whole life
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
@@ -127,6 +129,7 @@ class Broker:
         # new connection of that identity.
         self._closing: dict[tuple[str, int], float] = {}
         self._sockets_open = False
+        self._lock_file: int | None = None
         # Statistics: totals here, in the core and in the dispatcher; rates since the last event.
         self.started = time.time()
         self.frames_in = 0
@@ -138,6 +141,7 @@ class Broker:
 
     def bind(self) -> None:
         """ZAP first, then the two CURVE server sockets (zap_domain before bind)."""
+        self._lock_config_dir()
         ctx = self.ctx
         self.zap = ctx.socket(zmq.REP)
         self.zap.linger = 0
@@ -161,6 +165,22 @@ class Broker:
                 hint = " (is another broker running?)" if exc.errno == zmq.EADDRINUSE else ""
                 raise BrokerError(f"cannot bind {endpoint}: {exc.strerror}{hint}") from None
         self._write_state()
+
+    def _lock_config_dir(self) -> None:
+        """Hold the broker lock: `zchat broker --stop` signals only a broker that holds it, and
+        two brokers never share one config dir (its keys, state file and history)."""
+        path = keys.broker_dir(self.settings.config_dir) / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = read_state(self.settings.config_dir)
+            who = f" (pid {other['pid']})" if other else ""
+            self.close()
+            raise BrokerError(f"another broker{who} is running with config dir {self.settings.config_dir}; "
+                              "stop it (zchat broker --stop) or use another --config-dir") from None
+        self._lock_file = fd
 
     def _curve_server(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -529,6 +549,9 @@ class Broker:
                 pass
         self.store.close()
         self.ctx.term()
+        if self._lock_file is not None:  # last: the state file is gone by now
+            os.close(self._lock_file)
+            self._lock_file = None
 
 
 def serve(settings: BrokerSettings) -> int:
