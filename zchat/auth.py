@@ -76,6 +76,8 @@ def load_authorized_keys(path: Path) -> dict[str, Account]:
         text = path.read_text()
     except OSError as exc:
         raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"cannot read {path}: not UTF-8 text") from None
     return parse_authorized_keys(text, str(path))
 
 
