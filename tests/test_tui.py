@@ -766,3 +766,30 @@ def test_a_pasted_block_waits_for_enter_then_goes_as_separate_messages(chat: Cha
     tmux.wait_last_line(PROMPT)
     sent = [line.split(": ", 1)[1] for line in listener.lines if re.match(rf"^{CLOCK} typist: ", line)]
     assert sent == block
+
+
+def test_the_prompt_ends_when_the_clients_io_thread_dies(chat: Chat, tmux: Tmux, tmp_path: Path) -> None:
+    """A bug in handling an event kills the I/O thread: the screen says so and the client
+    exits (status 1) instead of showing "connected" over a dead connection."""
+    chat.start_broker()
+    fragile = tmp_path / "fragile_client.py"
+    fragile.write_text("import sys\n"
+                       "import zchat.client as c\n"
+                       "from zchat.protocol import Message\n"
+                       "handle = c.ChatClient._handle\n"
+                       "def fragile(self, topic, event):\n"
+                       "    if isinstance(event, Message) and event.text == 'boom':\n"
+                       "        raise ValueError('handling went wrong')\n"
+                       "    handle(self, topic, event)\n"
+                       "c.ChatClient._handle = fragile\n"
+                       "from zchat.cli import main\n"
+                       "sys.exit(main(['client', *sys.argv[1:]]))\n")
+    command = client_command(chat, "alice").replace(shlex.quote("client.py"), shlex.quote(str(fragile)), 1)
+    tmux.start(command)
+    tmux.wait_for(rf"^{CLOCK} \* Welcome, alice!", timeout=15)
+    tmux.wait_last_line(PROMPT)
+    bob = chat.joined_client("bob")
+    bob.send("boom")
+    tmux.wait_for(rf"^{CLOCK} \* The client stopped working \(ValueError: handling went wrong\); start zchat "
+                  r"again\.$", timeout=10)
+    tmux.wait_for(re.escape(f"{EXITED} 1]"), timeout=10)

@@ -86,7 +86,7 @@ REMOVED = {Code.KICKED, Code.BANNED, Code.REVOKED}
 class Status:
     """A change in the connection, made up by the client (not published)."""
 
-    state: str  # lost | reconnected | shutdown
+    state: str  # lost | reconnected | shutdown | rejoin_failed | removed | failed (the client stopped)
     detail: str
     ts: float
 
@@ -195,6 +195,8 @@ class ChatClient:
         self._join_result: Welcome | JoinError | None = None
         self._thread: threading.Thread | None = None
         self._stop = False
+        # Why the I/O thread died, if it did: then nothing more can be sent or received.
+        self.failure: str | None = None
 
     # --- API (any thread) --------------------------------------------------
 
@@ -207,6 +209,8 @@ class ChatClient:
         """Join as `name`; raise JoinError with a reason the user can act on."""
         self._join_done.clear()
         self._join_result = None
+        if self.failure is not None:  # (if it dies after this test, _failed wakes the wait)
+            raise JoinError("failed", self.failure)
         self._command("join", name)
         if not self._join_done.wait(timeout):
             self._command("cancel_join", None)
@@ -268,6 +272,8 @@ class ChatClient:
         ref = next(self._refs)
         message = make(ref)
         with self._confirmed:
+            if self.failure is not None:
+                raise SendError(self.failure)
             if len(self._unconfirmed) >= self.settings.max_unconfirmed:
                 raise SendError("too many messages waiting for the broker; is it reachable?")
             self._unconfirmed[ref] = message
@@ -278,23 +284,26 @@ class ChatClient:
         """Block until the broker has confirmed every message said so far."""
         deadline = time.monotonic() + timeout
         with self._confirmed:
-            while self._unconfirmed:
+            while self._unconfirmed and self.failure is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._confirmed.wait(left):
                     return not self._unconfirmed
-        return True
+        return not self._unconfirmed
 
     def close(self, message: str = "", linger: float = 1.0, leave: bool = True) -> None:
         """Send a leave (if joined and `leave`), stop the I/O thread, close the sockets."""
-        if self._thread is not None and self._thread.is_alive():
-            self._command("close", message if leave else None)
-            self._thread.join(linger + 2.0)
-        elif self._thread is None:
+        if self._thread is not None:
+            if self._thread.is_alive() and self.failure is None:
+                self._command("close", message if leave else None)
+            self._thread.join(linger + 2.0)  # a dead one has closed its sockets on the way out
+        else:
             self._wake_rx.close(0)  # never started: no I/O thread owns it
         self._wake_tx.close(0)
         self.ctx.term()
 
     def _command(self, kind: str, arg: object) -> None:
+        if self.failure is not None:
+            raise SendError(self.failure)
         self._commands.append((kind, arg))
         with self._wake_lock:
             try:
@@ -324,6 +333,43 @@ class ChatClient:
         self._subscribed[topic] = self._subscribed.get(topic, 0) + 1
 
     def _run(self) -> None:
+        """The I/O thread. Whatever kills it is reported (a Status "failed" event, a failed
+        join, woken waiters), and its sockets are closed in any case, so close() cannot hang."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            self._failed(exc)
+        finally:
+            self._close_sockets()
+
+    def _failed(self, exc: BaseException) -> None:
+        import logging
+
+        logging.getLogger("zchat.client").debug("the I/O thread died", exc_info=exc)
+        self.failure = f"the client stopped working ({type(exc).__name__}: {exc})"
+        self.connected = False
+        self._join_result = JoinError("failed", self.failure)
+        self._join_done.set()
+        with self._confirmed:
+            self._confirmed.notify_all()  # wait_delivered: nothing more will be confirmed
+        self._emit(Status("failed", self.failure, time.time()))
+
+    def _close_sockets(self) -> None:
+        push = getattr(self, "push", None)
+        if push is not None:
+            try:
+                push.disable_monitor()
+            except zmq.ZMQError:
+                pass
+        for name in ("sub", "monitor"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(0)
+        self._wake_rx.close(0)
+        if push is not None:
+            push.close()  # linger lets a final leave reach the broker
+
+    def _serve(self) -> None:
         self._make_sockets()
         self._pending_join: Join | None = None
         self._join_attempts = 0
@@ -351,26 +397,20 @@ class ChatClient:
         poller = zmq.Poller()
         for sock in (self.sub, self.monitor, self._wake_rx):
             poller.register(sock, zmq.POLLIN)
-        try:
-            while not self._stop:
-                ready = dict(poller.poll(self._poll_timeout_ms()))
-                if self.sub in ready:
-                    self._drain_sub()
-                if self.monitor in ready:
-                    self._drain_monitor()
-                if self._wake_rx in ready:
-                    while True:
-                        try:
-                            self._wake_rx.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                self._run_commands()
-                self._timers()
-        finally:
-            self.push.disable_monitor()
-            for sock in (self.sub, self.monitor, self._wake_rx):
-                sock.close(0)
-            self.push.close()  # linger lets a final leave reach the broker
+        while not self._stop:
+            ready = dict(poller.poll(self._poll_timeout_ms()))
+            if self.sub in ready:
+                self._drain_sub()
+            if self.monitor in ready:
+                self._drain_monitor()
+            if self._wake_rx in ready:
+                while True:
+                    try:
+                        self._wake_rx.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            self._run_commands()
+            self._timers()
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()

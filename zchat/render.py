@@ -160,6 +160,7 @@ def _body(event: ClientEvent, view: View) -> str | None:
             "shutdown": "The broker is shutting down.",
             "rejoin_failed": f"Could not rejoin: {clean_text(event.detail)}",
             "removed": f"{clean_text(event.detail).capitalize()}. Type /quit to leave.",
+            "failed": f"{_sentence(clean_text(event.detail))}; start zchat again.",
         }.get(event.state, event.detail)
     if isinstance(event, Gap):
         where = clean_text(event.topic)
@@ -168,3 +169,8 @@ def _body(event: ClientEvent, view: View) -> str | None:
         plural = "s" if event.missing != 1 else ""
         return f"! {event.missing} event{plural} missed on {where}"
     return None
+
+
+def _sentence(text: str) -> str:
+    """`text` with a capital first letter, the rest as it is (names and codes keep their case)."""
+    return text[:1].upper() + text[1:]

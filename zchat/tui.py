@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from zchat.client import ChatClient, ClientEvent, JoinError, SendError
+from zchat.client import ChatClient, ClientEvent, JoinError, SendError, Status
 from zchat.commands import COMMANDS, UsageError, help_text, parse
 from zchat.limits import DEFAULT_HISTORY, MUTE_DEFAULT_SECONDS
 from zchat.protocol import Code, Joined, Left, normalize_room
@@ -42,6 +42,8 @@ class Session:
         # shows its line while holding it.
         self._lock = threading.RLock()
         self._held: list[str] | None = None  # lines kept back while the screen is not ready
+        # Called (on the I/O thread) once the client has stopped working: the front end ends.
+        self.on_failure: Callable[[], None] | None = None
 
     def attach(self, client: ChatClient) -> None:
         self.client = client
@@ -85,6 +87,8 @@ class Session:
             if line is not None:
                 bell = "\a" if self.color and mentions(event, me) else ""
                 self.show(line + bell)
+        if isinstance(event, Status) and event.state == "failed" and self.on_failure is not None:
+            self.on_failure()
 
     # --- outgoing -------------------------------------------------------------
 
@@ -270,11 +274,25 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     chat_prompt: PromptSession[str] = PromptSession(
         completer=_completer(session), complete_while_typing=False, key_bindings=bindings,
         erase_when_done=True, bottom_toolbar=session.status, refresh_interval=1.0)
+
+    def end_prompt() -> None:  # on the prompt's own loop
+        app = chat_prompt.app
+        if app.future is not None and not app.future.done():
+            app.exit(result="")
+
+    def on_failure() -> None:  # on the I/O thread: hand it to the prompt's loop
+        loop = chat_prompt.app.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(end_prompt)
+
+    session.on_failure = on_failure
     with patch_stdout(raw=True):
         def show_held() -> None:
             # Called once the application is registered (later lines go through it) and
             # before its first drawing: straight to the terminal, nothing to draw over yet.
             session.release(lambda text: print(text, file=sys.__stdout__, flush=True))
+            if client.failure is not None:  # it stopped before the prompt was up
+                end_prompt()
 
         try:
             quit_message = chat_prompt.prompt(session.prompt, pre_run=show_held)
@@ -284,6 +302,9 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
             session.release()  # never left holding, however the prompt ended
     client.wait_delivered(2.0)
     client.close(quit_message)
+    if client.failure is not None:
+        print(f"zchat: {client.failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -300,9 +321,11 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
         return 1
     # SIGTERM leaves like EOF does: a clean leave notice, not a timeout.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # The client stopped working: stop reading input too (a blocked read ends on the signal).
+    session.on_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
     quit_message = ""
     try:
-        for raw in stdin:
+        for raw in stdin if client.failure is None else ():
             said = session.execute(raw.rstrip("\r\n"))
             if said is not None:
                 quit_message = said
@@ -311,6 +334,9 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
         pass
     delivered = client.wait_delivered(10.0)
     client.close(quit_message)
+    if client.failure is not None:
+        print(f"zchat: {client.failure}", file=sys.stderr, flush=True)
+        return 1
     if not delivered:
         print("zchat: some messages were not confirmed by the broker", file=sys.stderr)
         return 1
