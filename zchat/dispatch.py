@@ -6,6 +6,8 @@ remembered name in one SQLite transaction, and only then sends, in order,
 answering history fetches and mail deliveries from storage on the way. So
 nothing is ever published that a crash right after could lose, and history
 handed to a joiner reaches exactly up to the live events that follow it.
+Mail delivered in a turn is deleted in the next turn's transaction, once it
+has been published: a crash in between delivers it again, it never loses it.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ What is kept:
 - each topic's last sequence number, so numbering continues after a restart
   even when retention has pruned every event of a room;
 - private messages for offline users (bounded per user), deleted once
-  delivered: they are never written to the public events table, and
-  `zchat history` cannot show them;
+  delivered (in the first commit after they were published: a crash in
+  between delivers them twice rather than never): they are never written to
+  the public events table, and `zchat history` cannot show them;
 - which key last held each name, so a message to an offline name reaches
   that key.
 
@@ -116,6 +117,9 @@ class HistoryStore:
         self.db = connect(path)
         # Events stored, for stats: counted once here, then kept up to date by write and prune.
         self.stored: int = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+        # Mail handed out by take_mail, recipient -> highest id: deleted by the next write,
+        # whose commit follows the publishing.
+        self._mail_sent: dict[str, int] = {}
         self.checkpointer: Checkpointer | None = None
         if str(path) != ":memory:":
             self.db.execute("PRAGMA wal_autocheckpoint=0")
@@ -123,6 +127,11 @@ class HistoryStore:
             self.checkpointer.start()
 
     def close(self) -> None:
+        if self._mail_sent:  # what the last turn delivered
+            try:
+                self.write([], [], [], time.time())
+            except sqlite3.Error:
+                pass  # delivered again after the restart, never lost
         if self.checkpointer is not None:
             self.checkpointer.stopping.set()
             self.checkpointer.join(5)
@@ -146,11 +155,14 @@ class HistoryStore:
 
     def write(self, events: list[EventRow], mail: list[tuple[str, float, bytes]],
               names: list[tuple[str, str]], now: float) -> None:
-        if not (events or mail or names):
+        if not (events or mail or names or self._mail_sent):
             return
         db = self.db
+        delivered, self._mail_sent = self._mail_sent, {}
         db.execute("BEGIN")
         try:
+            for recipient, last_id in delivered.items():  # published since the last commit
+                db.execute("DELETE FROM mailbox WHERE recipient = ? AND id <= ?", (recipient, last_id))
             if events:
                 db.executemany("INSERT OR REPLACE INTO events (topic, seq, ts, body) VALUES (?, ?, ?, ?)",
                                events)
@@ -169,6 +181,8 @@ class HistoryStore:
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            for recipient, last_id in delivered.items():  # still to delete
+                self._mail_sent[recipient] = max(last_id, self._mail_sent.get(recipient, 0))
             raise
         self.stored += len(events)
 
@@ -182,11 +196,14 @@ class HistoryStore:
         return [bytes(body) for (body,) in reversed(rows)]
 
     def take_mail(self, recipient: str) -> list[bytes]:
-        db = self.db
-        rows = db.execute("SELECT id, body FROM mailbox WHERE recipient = ? ORDER BY id",
-                          (recipient,)).fetchall()
+        """The mail kept for `recipient`, oldest first, for the caller to publish now. It is
+        deleted by the next `write`, in the commit that follows the publishing, and is not
+        handed out again meanwhile."""
+        after = self._mail_sent.get(recipient, 0)
+        rows = self.db.execute("SELECT id, body FROM mailbox WHERE recipient = ? AND id > ? ORDER BY id",
+                               (recipient, after)).fetchall()
         if rows:
-            db.execute("DELETE FROM mailbox WHERE recipient = ? AND id <= ?", (recipient, rows[-1][0]))
+            self._mail_sent[recipient] = rows[-1][0]
         return [bytes(body) for _, body in rows]
 
     # --- retention -------------------------------------------------------------------
