@@ -34,7 +34,7 @@ from zchat.core import BrokerCore, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention
-from zchat.protocol import ROOM_PREFIX, SYSTEM_TOPIC, Stats
+from zchat.protocol import SYSTEM_TOPIC, Stats
 
 log = logging.getLogger("zchat.broker")
 
@@ -114,9 +114,9 @@ class Broker:
             except KeyFileError as exc:
                 raise BrokerError(str(exc)) from None
         self.bans_path = keys.broker_dir(settings.config_dir) / "banned-keys"
-        self.core = BrokerCore(self.epoch, time.time(), settings.limits,
-                               seqs=self.store.last_seqs(), known_names=self.store.known_names(),
-                               accounts=accounts, banned=read_bans(self.bans_path))
+        self.core = BrokerCore(self.epoch, time.time(), settings.limits, stored_seq=self.store.last_seq,
+                               known_names=self.store.known_names(), accounts=accounts,
+                               banned=read_bans(self.bans_path))
         self.ctx = zmq.Context()
         self._stopping = False
         self._reload_requested = False
@@ -342,8 +342,7 @@ class Broker:
                 self.dispatch.flush(now)
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL
-                    rooms = [topic for topic in self.core.seqs if topic.startswith(ROOM_PREFIX)]
-                    dropped = self.store.prune(now, rooms)
+                    dropped = self.store.retain(now)
                     if dropped:
                         log.info("retention: dropped %d old events", dropped)
             self._publish(self.core.shutdown(time.time(), "the broker is shutting down"))

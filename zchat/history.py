@@ -3,8 +3,11 @@
 What is kept:
 - every public event (topic r/<room>/), exactly as published, with its
   per-topic sequence number: late joiners and gap backfills read it;
-- each topic's last sequence number, so numbering continues after a restart
-  even when retention has pruned every event of a room;
+- each room's last sequence number (table `rooms`, written with its events),
+  so numbering continues after a restart and after retention dropped every
+  event of a room (the newest ROOMS_REMEMBERED such emptied rooms are kept);
+  with the time of its oldest stored event, so that retention finds the rooms
+  whose events expire without looking at every room;
 - private messages for offline users (bounded per user), deleted once
   delivered (in the first commit after they were published: a crash in
   between delivers them twice rather than never): they are never written to
@@ -41,7 +44,16 @@ CREATE TABLE IF NOT EXISTS events (
 -- No index on ts: it cost a quarter of each insert. Retention by age walks each room in
 -- seq order (ts rises with seq) and `zchat history --since` scans.
 DROP INDEX IF EXISTS events_ts;
-CREATE TABLE IF NOT EXISTS topic_seq (topic TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
+-- One row per room: written with its events, so a room's number is one lookup away (the
+-- broker keeps no room in memory that nobody uses), and retention's work follows what changes.
+CREATE TABLE IF NOT EXISTS rooms (
+    topic TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,  -- kept after retention dropped the room's events
+    oldest REAL,                -- ts of its oldest stored event; NULL: none stored
+    newest REAL NOT NULL        -- ts of its newest event
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rooms_oldest ON rooms (oldest) WHERE oldest IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rooms_emptied ON rooms (newest) WHERE oldest IS NULL;
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
     recipient TEXT NOT NULL,
@@ -51,7 +63,17 @@ CREATE TABLE IF NOT EXISTS mailbox (
 CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, id);
 CREATE TABLE IF NOT EXISTS names (name_key TEXT PRIMARY KEY, identity TEXT NOT NULL, seen REAL NOT NULL)
     WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS names_seen ON names (seen);
 """
+# A database from before the rooms table: its numbers were in topic_seq, and in the events.
+MIGRATE_ROOMS = """
+INSERT INTO rooms (topic, last_seq, oldest, newest)
+    SELECT topic, max(seq), min(ts), max(ts) FROM events GROUP BY topic;
+INSERT INTO rooms (topic, last_seq, oldest, newest) SELECT topic, last_seq, NULL, 0 FROM topic_seq WHERE true
+    ON CONFLICT (topic) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq);
+DROP TABLE topic_seq;
+"""
+RETAIN_BATCH = 500  # rooms a retention pass takes from each of its sources at most
 
 
 @dataclass(frozen=True)
@@ -113,8 +135,20 @@ class Checkpointer(threading.Thread):
 class HistoryStore:
     def __init__(self, path: Path | str, retention: Retention | None = None) -> None:
         self.path = path
-        self.retention = retention or Retention()
         self.db = connect(path)
+        migrating = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
+                                    "'topic_seq'").fetchone() is not None
+        if migrating:
+            self.db.executescript("BEGIN;" + MIGRATE_ROOMS + "COMMIT;")
+        self._retention = retention or Retention()
+        # Retention's work list: rooms written since the last pass (their count limit), and a
+        # walk over every room when the limits changed or the database was migrated.
+        self._written: set[str] = set()
+        self._sweep_from: str | None = "" if migrating else None
+        # Rooms emptied by retention (numbers kept) and names written, since they were last
+        # counted: a pass counts (and trims) only when these could have passed their bound.
+        self._emptied = self.db.execute("SELECT count(*) FROM rooms WHERE oldest IS NULL").fetchone()[0]
+        self._names_written = L.KNOWN_NAMES  # unknown at start: count at the first pass
         # Events stored, for stats: counted once here, then kept up to date by write and prune.
         self.stored: int = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
         # Mail handed out by take_mail, recipient -> highest id: deleted by the next write,
@@ -139,13 +173,31 @@ class HistoryStore:
 
     # --- start-up --------------------------------------------------------------
 
+    @property
+    def retention(self) -> Retention:
+        return self._retention
+
+    @retention.setter
+    def retention(self, retention: Retention) -> None:
+        if (retention.per_room, retention.days) != (self._retention.per_room, self._retention.days):
+            self._sweep_from = ""  # new limits: every room gets a look, a batch per pass
+        self._retention = retention
+
     def last_seqs(self) -> dict[str, int]:
-        """Each room's last sequence number: from its newest event, or from topic_seq, which
-        prune() updates before it deletes (so numbers survive even an emptied room)."""
-        seqs = dict(self.db.execute("SELECT topic, last_seq FROM topic_seq"))
+        """Every room's last sequence number (rooms emptied by retention included)."""
+        seqs = dict(self.db.execute("SELECT topic, last_seq FROM rooms"))
         for topic, last in self.db.execute("SELECT topic, max(seq) FROM events GROUP BY topic"):
             seqs[topic] = max(last, seqs.get(topic, 0))
         return seqs
+
+    def last_seq(self, topic: str) -> int:
+        """One room's last sequence number, 0 for a room never used (or long forgotten): what
+        the core asks when a room nobody was in is used again. Two index lookups: its newest
+        event, and its row (which keeps the number once retention dropped the events)."""
+        db = self.db
+        event = db.execute("SELECT max(seq) FROM events WHERE topic = ?", (topic,)).fetchone()[0]
+        row = db.execute("SELECT last_seq FROM rooms WHERE topic = ?", (topic,)).fetchone()
+        return max(event or 0, row[0] if row is not None else 0)
 
     def known_names(self, limit: int = L.KNOWN_NAMES) -> dict[str, str]:
         rows = self.db.execute("SELECT name_key, identity FROM names ORDER BY seen DESC LIMIT ?", (limit,))
@@ -166,6 +218,17 @@ class HistoryStore:
             if events:
                 db.executemany("INSERT OR REPLACE INTO events (topic, seq, ts, body) VALUES (?, ?, ?, ?)",
                                events)
+                newest = {row[0]: row for row in events}  # each room's last event in this turn
+                # A room's row once per retention pass, not per turn: the pass keeps it up to
+                # date; this makes sure a room is known (with its oldest event) after a crash.
+                written = self._written
+                first = [(topic, seq, ts, ts) for topic, seq, ts, _ in newest.values()
+                         if topic not in written]
+                if first:
+                    db.executemany(
+                        "INSERT INTO rooms (topic, last_seq, oldest, newest) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (topic) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq), "
+                        "newest = excluded.newest, oldest = coalesce(oldest, excluded.oldest)", first)
             for recipient, ts, body in mail:
                 db.execute("INSERT INTO mailbox (recipient, ts, body) VALUES (?, ?, ?)",
                            (recipient, ts, body))
@@ -185,6 +248,9 @@ class HistoryStore:
                 self._mail_sent[recipient] = max(last_id, self._mail_sent.get(recipient, 0))
             raise
         self.stored += len(events)
+        if events:
+            self._written.update(newest)
+        self._names_written += len(names)
 
     # --- reads -------------------------------------------------------------------
 
@@ -208,10 +274,33 @@ class HistoryStore:
 
     # --- retention -------------------------------------------------------------------
 
+    def retain(self, now: float) -> int:
+        """The broker's periodic retention pass; returns how many events it dropped. Its cost
+        follows what changed, not how many rooms there are: the rooms written since the last
+        pass (their count limit), the rooms whose oldest event has expired (a range of an
+        index), a batch of the walk over every room after the limits changed; then the bounds
+        on emptied rooms and on names. A room nobody writes costs nothing until its events
+        expire."""
+        topics, self._written = self._written, set()
+        if self.retention.days > 0:
+            cutoff = now - self.retention.days * 86400
+            topics.update(topic for (topic,) in self.db.execute(
+                "SELECT topic FROM rooms WHERE oldest < ? ORDER BY oldest LIMIT ?", (cutoff, RETAIN_BATCH)))
+        if self._sweep_from is not None:
+            batch = [topic for (topic,) in self.db.execute(
+                "SELECT topic FROM rooms WHERE topic > ? AND oldest IS NOT NULL ORDER BY topic LIMIT ?",
+                (self._sweep_from, RETAIN_BATCH))]
+            topics.update(batch)
+            self._sweep_from = batch[-1] if len(batch) == RETAIN_BATCH else None
+        dropped = self.prune(now, sorted(topics)) if topics else 0
+        self._bound_rooms()
+        self._bound_names()
+        return dropped
+
     def prune(self, now: float | None = None, topics: Iterable[str] | None = None) -> int:
-        """Apply retention to `topics` (the broker passes the rooms it knows; None: every room
-        stored, found by a scan); returns how many events were dropped. Per room it costs index
-        lookups and the rows dropped, so it stays short however much history is kept."""
+        """Apply retention to `topics` (None: every room stored, found by a scan); returns how
+        many events were dropped. Per room it costs index lookups and the rows dropped, so it
+        stays short however much history is kept."""
         now = time.time() if now is None else now
         db = self.db
         if topics is None:
@@ -221,29 +310,69 @@ class HistoryStore:
         db.execute("BEGIN")
         try:
             for topic in topics:
-                last = db.execute("SELECT max(seq) FROM events WHERE topic = ?", (topic,)).fetchone()[0]
-                if last is None:
-                    continue
-                # Keep the room's last number before its events may go (see last_seqs).
-                db.execute("INSERT INTO topic_seq (topic, last_seq) VALUES (?, ?) ON CONFLICT(topic) "
-                           "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)", (topic, last))
-                first_kept = 1
-                if self.retention.per_room > 0:
-                    first_kept = last - self.retention.per_room + 1
-                if cutoff is not None:
-                    # The oldest event young enough to keep: a walk over the expired ones only.
-                    young = db.execute("SELECT seq FROM events WHERE topic = ? AND ts >= ? ORDER BY seq "
-                                       "LIMIT 1", (topic, cutoff)).fetchone()
-                    first_kept = max(first_kept, young[0] if young is not None else last + 1)
-                if first_kept > 1:
-                    dropped += db.execute("DELETE FROM events WHERE topic = ? AND seq < ?",
-                                          (topic, first_kept)).rowcount
+                dropped += self._prune_room(topic, cutoff)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         self.stored = max(0, self.stored - dropped)
         return dropped
+
+    def _prune_room(self, topic: str, cutoff: float | None) -> int:
+        db = self.db
+        newest = db.execute("SELECT seq, ts FROM events WHERE topic = ? ORDER BY seq DESC LIMIT 1",
+                            (topic,)).fetchone()
+        if newest is None:  # nothing stored (any more): nothing to expire
+            self._emptied += db.execute(
+                "UPDATE rooms SET oldest = NULL WHERE topic = ? AND oldest IS NOT NULL", (topic,)).rowcount
+            return 0
+        last, last_ts = newest
+        first_kept = 1
+        if self.retention.per_room > 0:
+            first_kept = last - self.retention.per_room + 1
+        if cutoff is not None:
+            # The oldest event young enough to keep: a walk over the expired ones only.
+            young = db.execute("SELECT seq FROM events WHERE topic = ? AND ts >= ? ORDER BY seq LIMIT 1",
+                               (topic, cutoff)).fetchone()
+            first_kept = max(first_kept, young[0] if young is not None else last + 1)
+        dropped = 0
+        if first_kept > 1:
+            dropped = db.execute("DELETE FROM events WHERE topic = ? AND seq < ?",
+                                 (topic, first_kept)).rowcount
+        oldest = db.execute("SELECT ts FROM events WHERE topic = ? ORDER BY seq LIMIT 1",
+                            (topic,)).fetchone()
+        if oldest is None:
+            self._emptied += 1
+        # ts rises with seq, so the first event left is the oldest; the room's number stays.
+        db.execute("INSERT INTO rooms (topic, last_seq, oldest, newest) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (topic) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq), "
+                   "oldest = excluded.oldest, newest = max(newest, excluded.newest)",
+                   (topic, last, oldest[0] if oldest is not None else None, last_ts))
+        return dropped
+
+    def _bound_rooms(self) -> None:
+        """Keep the numbers of at most ROOMS_REMEMBERED emptied rooms, the most recently used:
+        a room forgotten here numbers from 1 again when it is next used."""
+        if self._emptied <= L.ROOMS_REMEMBERED:
+            return
+        db = self.db
+        self._emptied = db.execute("SELECT count(*) FROM rooms WHERE oldest IS NULL").fetchone()[0]
+        excess = self._emptied - L.ROOMS_REMEMBERED
+        if excess > 0:
+            db.execute("DELETE FROM rooms WHERE topic IN (SELECT topic FROM rooms WHERE oldest IS NULL "
+                       "ORDER BY newest LIMIT ?)", (excess,))
+            self._emptied -= excess
+
+    def _bound_names(self) -> None:
+        """Keep the KNOWN_NAMES most recently used names (the core remembers no more); counted
+        only after a tenth of that many were written since the last count."""
+        if self._names_written < L.KNOWN_NAMES // 10:
+            return
+        self._names_written = 0
+        db = self.db
+        if db.execute("SELECT count(*) FROM names").fetchone()[0] > L.KNOWN_NAMES:
+            db.execute("DELETE FROM names WHERE seen < (SELECT seen FROM names ORDER BY seen DESC "
+                       "LIMIT 1 OFFSET ?)", (L.KNOWN_NAMES - 1,))
 
 
 def search(path: Path | str, room: str | None = None, since: float | None = None,

@@ -32,6 +32,7 @@ HISTORY_KEEP_PER_ROOM = 10_000  # retention: newest events kept per room...
 HISTORY_KEEP_DAYS = 30.0  # ...and none older than this
 MAILBOX_PER_USER = 100  # private messages kept for an offline user
 KNOWN_NAMES = 100_000  # name -> last key, for messages to offline users
+ROOMS_REMEMBERED = 100_000  # rooms whose last number is kept after retention dropped all their events
 
 # Flood control: a token bucket per identity.
 RATE_BURST = 20
