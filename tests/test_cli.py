@@ -179,6 +179,7 @@ def bad_inputs(home: Path, port: int) -> dict[str, list[list[str]]]:
             [*base, "--port", "abc"],
             [*base, "--config", str(home / "missing.toml")],
             [*base, "--server-key", "not-a-key", *nowhere],
+            [*base, "--server-key", "~" * 40, *nowhere],
             [*base, "--host", "no-such-host.invalid", *nowhere, *server],
             [*base, "--config-dir", str(home / "a-file"), *nowhere, *server],
         ]

@@ -8,13 +8,13 @@ the broker receives then carries a sender identity no client can forge.
 
 Open mode (no file): any CURVE key may connect. Closed mode: only keys listed
 in the authorized-keys file, one per line as `name public-key [role]`
-(public key in z85 or hex; roles user, tap, admin; `#` starts a comment).
+(public key in z85 or hex; roles user, tap, admin; a word starting with `#`
+starts a comment).
 Banned keys are refused in both modes.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +44,9 @@ def parse_authorized_keys(text: str, source: str = "authorized-keys") -> dict[st
     accounts: dict[str, Account] = {}
     names: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
-        # A comment starts a line or follows a space: z85 keys may contain '#' themselves.
-        line = re.split(r"(?:^|\s)#", raw, maxsplit=1)[0].strip()
-        if not line:
+        fields = _fields(raw)
+        if not fields:
             continue
-        fields = line.split()
         where = f"{source}:{number}"
         if len(fields) not in (2, 3):
             raise KeyFileError(f"{where}: expected 'name public-key [role]', got {len(fields)} fields")
@@ -69,6 +67,17 @@ def parse_authorized_keys(text: str, source: str = "authorized-keys") -> dict[st
         names[name.casefold()] = number
         accounts[identity] = Account(name, role)
     return accounts
+
+
+def _fields(line: str) -> list[str]:
+    """The words of a line before its comment: a comment starts with a word that starts with
+    '#'. A '#' inside a word is kept, as in a z85 key; no z85 key starts with '#' (the first
+    character of each 5-character group is at most the 83rd of the alphabet, '#' is the 85th)."""
+    words = line.split()
+    for index, word in enumerate(words):
+        if word.startswith("#"):
+            return words[:index]
+    return words
 
 
 def load_authorized_keys(path: Path) -> dict[str, Account]:

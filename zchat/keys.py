@@ -11,6 +11,7 @@ from __future__ import annotations
 import binascii
 import os
 import re
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ def parse_public_key(text: str) -> bytes:
         try:
             z85.decode(text.encode())
             return text.encode()
-        except (ValueError, binascii.Error):
+        except (ValueError, KeyError, struct.error):  # a character outside z85, a value too big
             pass
     raise ValueError("a public key is 40 z85 characters or 64 hex digits")
 
