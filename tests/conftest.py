@@ -23,6 +23,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK = r"\[\d\d:\d\d:\d\d\]"
+# Python source that runs `zchat client ARGS...` with a bug planted in its I/O thread: handling
+# a message whose text is "boom" raises ValueError("handling went wrong").
+FRAGILE_CLIENT = ("import sys\n"
+                  "import zchat.client as c\n"
+                  "from zchat.protocol import Message\n"
+                  "handle = c.ChatClient._handle\n"
+                  "def fragile(self, topic, event):\n"
+                  "    if isinstance(event, Message) and event.text == 'boom':\n"
+                  "        raise ValueError('handling went wrong')\n"
+                  "    handle(self, topic, event)\n"
+                  "c.ChatClient._handle = fragile\n"
+                  "from zchat.cli import main\n"
+                  "sys.exit(main(['client', *sys.argv[1:]]))\n")
 
 
 def free_port() -> int:

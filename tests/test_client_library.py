@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import CLOCK, Chat, Proc
+from conftest import CLOCK, FRAGILE_CLIENT, Chat, Proc
 
 from zchat import keys
 from zchat.client import ChatClient, ClientEvent, ClientSettings, JoinError, Replay, SendError, Status
@@ -206,18 +206,7 @@ def test_an_io_thread_that_dies_on_an_event_is_reported_and_closes(chat: Chat) -
 def test_the_plain_client_exits_when_its_io_thread_dies(chat: Chat) -> None:
     """The front end: a line saying what happened, exit 1, though its input is still open."""
     chat.start_broker()
-    inject = ("import sys\n"
-              "import zchat.client as c\n"
-              "from zchat.protocol import Message\n"
-              "handle = c.ChatClient._handle\n"
-              "def fragile(self, topic, event):\n"
-              "    if isinstance(event, Message) and event.text == 'boom':\n"
-              "        raise ValueError('handling went wrong')\n"
-              "    handle(self, topic, event)\n"
-              "c.ChatClient._handle = fragile\n"
-              "from zchat.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    alice = Proc(["-c", inject, "client", "--name", "alice", "--port", str(chat.port), "--pub-port",
+    alice = Proc(["-c", FRAGILE_CLIENT, "--name", "alice", "--port", str(chat.port), "--pub-port",
                   str(chat.pub_port), "--config-dir", str(chat.config_dir)], env=chat.env)
     chat.procs.append(alice)
     alice.wait_for(rf"{CLOCK} \* Welcome, alice!", timeout=15)

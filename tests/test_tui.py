@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CLOCK, ROOT, Chat
+from conftest import CLOCK, FRAGILE_CLIENT, ROOT, Chat
 from peers import RawPeer, broker_key
 
 from zchat.protocol import Heartbeat, Left
@@ -773,17 +773,7 @@ def test_the_prompt_ends_when_the_clients_io_thread_dies(chat: Chat, tmux: Tmux,
     exits (status 1) instead of showing "connected" over a dead connection."""
     chat.start_broker()
     fragile = tmp_path / "fragile_client.py"
-    fragile.write_text("import sys\n"
-                       "import zchat.client as c\n"
-                       "from zchat.protocol import Message\n"
-                       "handle = c.ChatClient._handle\n"
-                       "def fragile(self, topic, event):\n"
-                       "    if isinstance(event, Message) and event.text == 'boom':\n"
-                       "        raise ValueError('handling went wrong')\n"
-                       "    handle(self, topic, event)\n"
-                       "c.ChatClient._handle = fragile\n"
-                       "from zchat.cli import main\n"
-                       "sys.exit(main(['client', *sys.argv[1:]]))\n")
+    fragile.write_text(FRAGILE_CLIENT)
     command = client_command(chat, "alice").replace(shlex.quote("client.py"), shlex.quote(str(fragile)), 1)
     tmux.start(command)
     tmux.wait_for(rf"^{CLOCK} \* Welcome, alice!", timeout=15)

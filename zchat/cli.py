@@ -9,8 +9,9 @@ import socket
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from zchat import config, keys
 from zchat import limits as L
@@ -19,6 +20,8 @@ from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
 from zchat.history import Retention
 from zchat.launcher import AUTOSTART_IDLE_EXIT
 from zchat.protocol import DEFAULT_ROOM
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,24 +33,23 @@ class _Parser(argparse.ArgumentParser):
 
 def _seconds(text: str) -> float:
     """A positive, finite number of seconds (a timeout)."""
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
-    return value
+    return _duration(text, zero_ok=False)
 
 
 def _seconds_or_zero(text: str) -> float:
+    return _duration(text, zero_ok=True)
+
+
+def _duration(text: str, zero_ok: bool) -> float:
     value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    if value < 0 or (value == 0 and not zero_ok):
+        least = "0 or more" if zero_ok else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be {least} seconds, got {text!r}")
     return value
 
 
 def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _converted(text, float, "a number")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
@@ -55,13 +57,17 @@ def _number(text: str) -> float:
 
 def _count(text: str) -> int:
     """A whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = _converted(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
     return value
+
+
+def _converted(text: str, kind: Callable[[str], T], what: str) -> T:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
