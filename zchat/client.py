@@ -294,7 +294,10 @@ class ChatClient:
         """Send a leave (if joined and `leave`), stop the I/O thread, close the sockets."""
         if self._thread is not None:
             if self._thread.is_alive() and self.failure is None:
-                self._command("close", message if leave else None)
+                try:
+                    self._command("close", message if leave else None)
+                except SendError:
+                    pass  # it died just now: nothing to send the leave with
             self._thread.join(linger + 2.0)  # a dead one has closed its sockets on the way out
         else:
             self._wake_rx.close(0)  # never started: no I/O thread owns it
