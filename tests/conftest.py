@@ -23,6 +23,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK = r"\[\d\d:\d\d:\d\d\]"
+# Python source that runs `zchat client ARGS...` with a bug planted in its I/O thread: handling
+# a message whose text is "boom" raises ValueError("handling went wrong").
+FRAGILE_CLIENT = ("import sys\n"
+                  "import zchat.client as c\n"
+                  "from zchat.protocol import Message\n"
+                  "decode = c.ChatClient.decode\n"
+                  "def fragile(self, data):\n"
+                  "    found = decode(self, data)\n"
+                  "    if found and isinstance(found[1], Message) and found[1].text == 'boom':\n"
+                  "        raise ValueError('handling went wrong')\n"
+                  "    return found\n"
+                  "c.ChatClient.decode = fragile\n"
+                  "from zchat.cli import main\n"
+                  "sys.exit(main(['client', *sys.argv[1:]]))\n")
 
 
 def free_port() -> int:

@@ -8,10 +8,11 @@ import itertools
 import threading
 import time
 
-from conftest import Chat
+import pytest
+from conftest import CLOCK, FRAGILE_CLIENT, Chat, Proc
 
 from zchat import keys
-from zchat.client import ChatClient, ClientEvent, ClientSettings, Replay
+from zchat.client import ChatClient, ClientEvent, ClientSettings, JoinError, Replay, SendError, Status
 from zchat.endpoints import Endpoints
 from zchat.protocol import Error, Joined, Message, Welcome
 
@@ -135,3 +136,85 @@ def test_entering_a_busy_room_shows_each_event_once(chat: Chat) -> None:
 def _joined_seq(seen: list[ClientEvent], name: str) -> int:
     return next((e.seq for e in list(seen) if isinstance(e, Joined) and e.name == name and e.room == "busy"),
                 10**9)
+
+
+def _close_within(client: ChatClient, seconds: float) -> bool:
+    """close() in a thread of its own: True if it returned in time (it must never hang)."""
+    closer = threading.Thread(target=client.close, daemon=True)
+    closer.start()
+    closer.join(seconds)
+    return not closer.is_alive()
+
+
+def test_an_io_thread_that_dies_while_starting_is_reported_and_closes(chat: Chat) -> None:
+    chat.start_broker()
+    seen: list[ClientEvent] = []
+    client = _client(chat, "alice", seen.append)
+
+    def broken() -> None:
+        raise RuntimeError("no sockets today")
+
+    client._make_sockets = broken  # type: ignore[method-assign]
+    client.start()
+    started = time.monotonic()
+    with pytest.raises(JoinError) as refused:
+        client.join("alice", timeout=20)
+    assert time.monotonic() - started < 5  # told at once, not after the join's timeout
+    assert refused.value.code == "failed" and "no sockets today" in str(refused.value)
+    assert [(e.state, e.detail) for e in seen if isinstance(e, Status)] == [
+        ("failed", "the client stopped working (RuntimeError: no sockets today)")]
+    with pytest.raises(SendError, match="no sockets today"):
+        client.say("anyone?")
+    assert _close_within(client, 10), "close() hung in ctx.term()"
+
+
+def test_an_io_thread_that_dies_on_an_event_is_reported_and_closes(chat: Chat) -> None:
+    chat.start_broker()
+    failed = threading.Event()
+    seen: list[ClientEvent] = []
+
+    def on_event(event: ClientEvent) -> None:
+        seen.append(event)
+        if isinstance(event, Status) and event.state == "failed":
+            failed.set()
+
+    alice, bob = _client(chat, "alice", on_event), _client(chat, "bob")
+    try:
+        alice.start()
+        alice.join("alice", timeout=10)
+        decode = alice.decode
+
+        def fragile(data: bytes) -> object:
+            found = decode(data)
+            if found is not None and isinstance(found[1], Message):
+                raise KeyError("a bug in handling a message")
+            return found
+
+        alice.decode = fragile  # type: ignore[method-assign]
+        bob.start()
+        bob.join("bob", timeout=10)
+        bob.say("this one breaks alice's client")
+        assert failed.wait(10), "the I/O thread's death never reached the UI"
+        assert alice.failure is not None and "KeyError" in alice.failure
+        with pytest.raises(SendError):
+            alice.say("still there?")
+        assert alice.wait_delivered(10) is True  # nothing was pending; and it returns at once
+    finally:
+        assert _close_within(alice, 10), "close() hung"
+        bob.close()
+
+
+def test_the_plain_client_exits_when_its_io_thread_dies(chat: Chat) -> None:
+    """The front end: a line saying what happened, exit 1, though its input is still open."""
+    chat.start_broker()
+    alice = Proc(["-c", FRAGILE_CLIENT, "--name", "alice", "--port", str(chat.port), "--pub-port",
+                  str(chat.pub_port), "--config-dir", str(chat.config_dir)], env=chat.env)
+    chat.procs.append(alice)
+    alice.wait_for(rf"{CLOCK} \* Welcome, alice!", timeout=15)
+    bob = chat.joined_client("bob")
+    bob.send("boom")
+    alice.wait_for(rf"{CLOCK} \* The client stopped working \(ValueError: handling went wrong\); start zchat "
+                   r"again\.", timeout=10)
+    assert alice.wait_exit(10) == 1  # stdin is still open: it did not wait for EOF
+    alice.wait_for(r"^zchat: the client stopped working \(ValueError: handling went wrong\)$")
+    assert alice.count("Traceback") == 0

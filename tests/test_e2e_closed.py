@@ -123,3 +123,24 @@ def test_sighup_rereads_the_file_and_disconnects_removed_keys(closed: tuple[Chat
     assert carol.wait_exit(10) == EXIT_BANNED
     again = chat.client("carol")
     again.wait_for(r"the broker refused this key", timeout=15)
+
+
+def test_a_ban_that_cannot_be_written_down_is_logged_and_the_broker_keeps_serving(
+        chat: Chat, tmp_path: Path) -> None:
+    path = tmp_path / "authorized_keys"
+    _write_keys(path, [("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user"),
+                       ("carol", _key(chat, "carol"), "user")])
+    # A directory where the banned-keys file goes: appending to it fails, as root too.
+    (keys.broker_dir(chat.config_dir) / "banned-keys").mkdir(parents=True)
+    broker = chat.start_broker("--authorized-keys", str(path))
+    alice, bob, carol = (chat.joined_client(name) for name in ("alice", "bob", "carol"))
+    alice.send("/ban bob for good")
+    bob.wait_for(rf"{CLOCK} \* You were banned by alice: for good\.")
+    broker.wait_for(r"cannot record the ban of [0-9a-f]{12} in .*banned-keys", timeout=10)
+    carol.send("the broker still serves")
+    alice.wait_for(rf"{CLOCK} carol: the broker still serves$")
+    assert broker.proc.poll() is None and broker.count("Traceback") == 0
+    bob.send("/quit")
+    bob.wait_exit(10)
+    again = chat.client("bob")  # the ban holds for this broker's life
+    again.wait_for(r"the broker refused this key", timeout=15)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CLOCK, ROOT, Chat
+from conftest import CLOCK, FRAGILE_CLIENT, ROOT, Chat
 from peers import RawPeer, broker_key
 
 from zchat.protocol import Heartbeat, Left
@@ -766,3 +766,20 @@ def test_a_pasted_block_waits_for_enter_then_goes_as_separate_messages(chat: Cha
     tmux.wait_last_line(PROMPT)
     sent = [line.split(": ", 1)[1] for line in listener.lines if re.match(rf"^{CLOCK} typist: ", line)]
     assert sent == block
+
+
+def test_the_prompt_ends_when_the_clients_io_thread_dies(chat: Chat, tmux: Tmux, tmp_path: Path) -> None:
+    """A bug in handling an event kills the I/O thread: the screen says so and the client
+    exits (status 1) instead of showing "connected" over a dead connection."""
+    chat.start_broker()
+    fragile = tmp_path / "fragile_client.py"
+    fragile.write_text(FRAGILE_CLIENT)
+    command = client_command(chat, "alice").replace(shlex.quote("client.py"), shlex.quote(str(fragile)), 1)
+    tmux.start(command)
+    tmux.wait_for(rf"^{CLOCK} \* Welcome, alice!", timeout=15)
+    tmux.wait_last_line(PROMPT)
+    bob = chat.joined_client("bob")
+    bob.send("boom")
+    tmux.wait_for(rf"^{CLOCK} \* The client stopped working \(ValueError: handling went wrong\); start zchat "
+                  r"again\.$", timeout=10)
+    tmux.wait_for(re.escape(f"{EXITED} 1]"), timeout=10)

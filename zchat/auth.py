@@ -8,14 +8,14 @@ the broker receives then carries a sender identity no client can forge.
 
 Open mode (no file): any CURVE key may connect. Closed mode: only keys listed
 in the authorized-keys file, one per line as `name public-key [role]`
-(public key in z85 or hex; roles user, tap, admin; `#` starts a comment).
+(public key in z85 or hex; roles user, tap, admin; a word starting with `#`
+starts a comment).
 Banned keys are refused in both modes.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +36,8 @@ PUBLISH_ZAP_DOMAIN = b"zchat.publish"  # the publishing socket's: ZAP requests s
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a handshake is refused. Only `status` reaches the client: libzmq 4.3.5 turns it into
-    the client's HANDSHAKE_FAILED_AUTH event (value 400 or 500) and sends no text. A 300
-    ("temporary") is worse: the client is dropped with no event that says why, so a refusal
+    the client's HANDSHAKE_FAILED_AUTH event (value 400 or 500) and sends no text. A status
+    of three hundred ("temporary") is worse: the client is dropped with no event that says why, so a refusal
     for now (a limit) is a 500. `reason` names it in logs and stats; `text` goes in the ZAP reply."""
 
     status: bytes
@@ -63,11 +63,9 @@ def parse_authorized_keys(text: str, source: str = "authorized-keys") -> dict[st
     accounts: dict[str, Account] = {}
     names: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
-        # A comment starts a line or follows a space: z85 keys may contain '#' themselves.
-        line = re.split(r"(?:^|\s)#", raw, maxsplit=1)[0].strip()
-        if not line:
+        fields = _fields(raw)
+        if not fields:
             continue
-        fields = line.split()
         where = f"{source}:{number}"
         if len(fields) not in (2, 3):
             raise KeyFileError(f"{where}: expected 'name public-key [role]', got {len(fields)} fields")
@@ -104,11 +102,24 @@ def lookalike_names(accounts: dict[str, Account]) -> list[list[str]]:
     return [sorted(names) for names in groups.values() if len(names) > 1]
 
 
+def _fields(line: str) -> list[str]:
+    """The words of a line before its comment: a comment starts with a word that starts with
+    '#'. A '#' inside a word is kept, as in a z85 key; no z85 key starts with '#' (the first
+    character of each 5-character group is at most the 83rd of the alphabet, '#' is the 85th)."""
+    words = line.split()
+    for index, word in enumerate(words):
+        if word.startswith("#"):
+            return words[:index]
+    return words
+
+
 def load_authorized_keys(path: Path) -> dict[str, Account]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"cannot read {path}: not UTF-8 text") from None
     accounts = parse_authorized_keys(text, str(path))
     for names in lookalike_names(accounts):
         log.warning("%s: these names look alike, users may take one for the other: %s",

@@ -46,24 +46,22 @@ from zchat.auth import (
     load_authorized_keys,
     zap_reply,
 )
-from zchat.brokerstate import STATE_FILE, read_state, state_path  # noqa: F401  (read_state: re-exported)
+from zchat.brokerstate import LOCK_FILE, STATE_FILE, read_state, state_path  # noqa: F401  (read_state: re-exported)
 from zchat.connections import Connections, bytes_received, drained, shutdown_fd
 from zchat.core import BrokerCore, Disconnect, Limits, Out
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention, open_to_others
 from zchat.lockfile import Locked, LockFile
-from zchat.protocol import PRIVATE_PREFIX, ROOM_PREFIX, SYSTEM_TOPIC, Stats
+from zchat.protocol import PRIVATE_PREFIX, SYSTEM_TOPIC, Stats
 from zchat.sealing import BoxCache
 
 log = logging.getLogger("zchat.broker")
 
 DRAIN_BATCH = 5000  # messages taken from one socket before looking at the others
-LOCK_FILE = "broker.lock"
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
-STATS_INTERVAL = 5.0  # default seconds between stats events on sys/
 STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
 DATA_SENDER_REFUSAL = 60.0  # seconds a key cut for sending data on its subscriber connection is refused
 DATA_SENDERS_KEPT = 10_000  # such keys remembered at once (the oldest forgotten first)
@@ -83,7 +81,7 @@ class BrokerSettings:
     db_path: Path | None = None  # default: <config>/broker/history.sqlite3; ":memory:" keeps nothing
     retention: Retention = field(default_factory=Retention)
     authorized_keys: Path | None = None  # closed mode: only these keys, with fixed names and roles
-    stats_interval: float = STATS_INTERVAL  # seconds between stats events on sys/; 0 = none
+    stats_interval: float = L.STATS_INTERVAL  # seconds between stats events on sys/; 0 = none
     log_level: str = "INFO"
     log_json: bool = False
     connections_per_key: int = L.CONNECTIONS_PER_KEY  # on each socket
@@ -189,9 +187,9 @@ class Broker:
                 self._unlock()
                 raise BrokerError(str(exc)) from None
         self.bans_path = keys.broker_dir(settings.config_dir) / "banned-keys"
-        self.core = BrokerCore(self.epoch, time.monotonic(), settings.limits,
-                               seqs=self.store.last_seqs(), known_names=self.store.known_names(),
-                               accounts=accounts, banned=read_bans(self.bans_path))
+        self.core = BrokerCore(self.epoch, time.monotonic(), settings.limits, stored_seq=self.store.last_seq,
+                               known_names=self.store.known_names(), accounts=accounts,
+                               banned=read_bans(self.bans_path))
         self.boxes = BoxCache(self.keypair.secret)  # seals every u/<id>/ publication to <id>
         self.ctx = zmq.Context()
         self._stopping = False
@@ -237,7 +235,7 @@ class Broker:
         self.frames_in = 0
         self._stats_at = self.started
         self._stats_last = (0, 0, 0)  # frames_in, messages, published at _stats_at
-        self._next_stats = self.started + (settings.stats_interval or STATS_INTERVAL)
+        self._next_stats = self.started + (settings.stats_interval or L.STATS_INTERVAL)
 
     # --- start-up ------------------------------------------------------------
 
@@ -472,8 +470,14 @@ class Broker:
                             "connection(s)", identity[:12], size, count)
 
     def _ban(self, identity: str) -> None:
-        with open(self.bans_path, "a") as bans:
-            bans.write(identity + "\n")
+        # Called mid-flush: a full disk or an unwritable directory must not stop the broker.
+        # The ban holds in memory either way; only its survival across a restart is lost.
+        try:
+            with open(self.bans_path, "a") as bans:
+                bans.write(identity + "\n")
+        except OSError as exc:
+            log.error("cannot record the ban of %s in %s: %s; it holds until the broker stops",
+                      identity[:12], self.bans_path, exc.strerror or exc)
 
     def run(self) -> int:
         """Serve until a signal, --idle-exit or request_stop; returns the exit code."""
@@ -549,8 +553,7 @@ class Broker:
                 self.dispatch.flush(wall)
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL
-                    rooms = [topic for topic in self.core.seqs if topic.startswith(ROOM_PREFIX)]
-                    dropped = self.store.prune(wall, rooms)
+                    dropped = self.store.retain(wall)
                     if dropped:
                         log.info("retention: dropped %d old events", dropped)
             self.core.wall_offset = time.time() - time.monotonic()
@@ -827,7 +830,7 @@ class Broker:
     def _stats(self, now: float) -> None:
         """Publish a stats event on sys/ (unless disabled) and start a new interval."""
         interval = self.settings.stats_interval
-        self._next_stats = now + (interval or STATS_INTERVAL)
+        self._next_stats = now + (interval or L.STATS_INTERVAL)
         core, dispatch = self.core, self.dispatch
         totals = (self.frames_in, dispatch.messages, dispatch.published)
         span = max(now - self._stats_at, 1e-3)
@@ -883,7 +886,7 @@ class Broker:
         self.core.limits = self.settings.limits
         self.store.retention = new.retention
         if "stats_interval" in live:
-            self._next_stats = now + (new.stats_interval or STATS_INTERVAL)
+            self._next_stats = now + (new.stats_interval or L.STATS_INTERVAL)
         for key in live:
             log.info("SIGHUP: %s: %s -> %s (applied)", key, old_config.get(key), new_config[key])
         for key in later:

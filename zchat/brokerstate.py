@@ -10,6 +10,7 @@ from pathlib import Path
 from zchat import keys
 
 STATE_FILE = "broker.json"
+LOCK_FILE = "broker.lock"  # flock-ed by the running broker for its whole life
 
 
 def state_path(config_dir: Path) -> Path:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import socket
+import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 from zchat import config, keys
 from zchat import limits as L
@@ -14,6 +19,55 @@ from zchat.core import Limits
 from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
 from zchat.history import Retention, StoredEvent
 from zchat.launcher import AUTOSTART_IDLE_EXIT
+from zchat.protocol import DEFAULT_ROOM
+
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (a timeout)."""
+    return _duration(text, zero_ok=False)
+
+
+def _seconds_or_zero(text: str) -> float:
+    return _duration(text, zero_ok=True)
+
+
+def _duration(text: str, zero_ok: bool) -> float:
+    value = _number(text)
+    if value < 0 or (value == 0 and not zero_ok):
+        least = "0 or more" if zero_ok else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be {least} seconds, got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    value = _converted(text, float, "a number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number of at least 1."""
+    value = _converted(text, int, "a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _converted(text: str, kind: Callable[[str], T], what: str) -> T:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +93,12 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zchat", description="Secure command-line chat on ZeroMQ. Without a subcommand: join the "
         "local chat, starting a broker in the background if none is running.")
     _common(parser)
     _client_options(parser)
-    parser.add_argument("--idle-exit", type=float, default=AUTOSTART_IDLE_EXIT, metavar="SECONDS",
+    parser.add_argument("--idle-exit", type=_seconds_or_zero, default=AUTOSTART_IDLE_EXIT, metavar="SECONDS",
                         help="a broker started here stops this long after the last user leaves "
                         f"(default {AUTOSTART_IDLE_EXIT:g})")
     sub = parser.add_subparsers(dest="command",
@@ -71,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"limit (default {L.NEW_KEYS_PER_MINUTE})")
     broker.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS",
                         help=f"seconds between stats events on sys/, 0 = none (default "
-                        f"{config.STATS_INTERVAL:g})")
+                        f"{L.STATS_INTERVAL:g})")
     broker.add_argument("--print-config", action="store_true",
                         help="print the effective settings and where each came from, then exit")
     broker.add_argument("--authorized-keys", type=Path, default=None, metavar="FILE",
@@ -95,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--config-dir", type=Path, default=None, help="where client keys live")
     keygen.add_argument("--name", help="the chat name the key is for (default: your login name)")
     keygen.add_argument("--output", type=Path, metavar="PATH",
-                        help="secret key file to write (default: the key zchat uses for NAME)")
+                        help="write the secret key file at PATH and the public key at PATH.pub, "
+                        "for use with --key PATH (default: the key zchat uses for NAME in the config dir)")
 
     history = sub.add_parser("history", help="search and export the stored public history and the "
                              "private messages kept for offline users (sealed)")
@@ -106,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--since", help="only events since a date (2026-11-26, '2026-11-26 14:00') "
                          "or an age (90m, 2h, 7d)")
     history.add_argument("--grep", metavar="TEXT", help="only events whose text or name contains TEXT")
-    history.add_argument("--limit", type=int, default=None, metavar="N", help="only the newest N events")
+    history.add_argument("--limit", type=_count, default=None, metavar="N", help="only the newest N events")
     history.add_argument("--json", action="store_true", help="one JSON object per line")
     history.add_argument("--key", type=Path, metavar="FILE",
                          help="a recipient's secret key file: open the kept private messages sealed to "
@@ -120,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(send)
     _client_options(send)
     target = send.add_mutually_exclusive_group()
-    target.add_argument("--room", help="the room to send to (default lobby)")
+    target.add_argument("--room", help=f"the room to send to (default {DEFAULT_ROOM})")
     target.add_argument("--to", metavar="NAME", help="send a private message to NAME instead")
-    send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    send.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait (default 10)")
     send.add_argument("text", nargs="+", help="the message")
 
     tap = sub.add_parser("tap", help="log every public event (JSON lines or text), gaps backfilled or "
@@ -151,13 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     _monitor_options(stats)
     stats.add_argument("--watch", action="store_true", help="keep printing each stats event")
     stats.add_argument("--json", action="store_true", help="print the stats events as JSON lines")
-    stats.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
+    stats.add_argument("--timeout", type=_seconds, default=15.0, metavar="SECONDS",
                        help="give up when no stats arrive within this long (default 15)")
 
     health = sub.add_parser("health", help="exit 0 when the broker answers, else non-zero with the reason")
     _common(health)
     _monitor_options(health)
-    health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+    health.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS",
                         help="how long to wait for the broker (default 5)")
     return parser
 
@@ -170,6 +225,13 @@ def _monitor_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _endpoints(args: argparse.Namespace) -> Endpoints:
+    """The broker's endpoints; a host name that does not resolve is an error here, at once
+    (ZeroMQ would keep retrying it silently)."""
+    try:
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"--host {args.host!r}: no such host ({getattr(exc, 'strerror', None) or exc})") \
+            from None
     return Endpoints(host=args.host, port=args.port, pub_port=args.pub_port)
 
 
@@ -190,7 +252,11 @@ def _server_key(args: argparse.Namespace) -> bytes:
 def _keypair(args: argparse.Namespace, name: str) -> keys.KeyPair:
     if args.key:
         return keys.load(args.key)
-    return keys.load_or_create(keys.client_keys_dir(_config_dir(args)), keys.client_key_file_name(name))
+    directory = keys.client_keys_dir(_config_dir(args))
+    try:
+        return keys.load_or_create(directory, keys.client_key_file_name(name))
+    except OSError as exc:
+        raise ValueError(f"cannot make a key for {name!r} in {directory}: {exc.strerror}") from None
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -248,16 +314,27 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if not valid_name(name):
         raise ValueError(f"invalid name {name!r}: ASCII letters, digits, '.', '-' or '_'")
     if args.output is not None:
-        path = args.output if args.output.name.endswith(".key_secret") else \
-            args.output.with_name(args.output.name + ".key_secret")
-        if path.exists():
-            raise ValueError(f"{path} exists; not overwriting a key")
-        keypair = keys.load_or_create(path.parent, path.name.removesuffix(".key_secret"))
-    else:
-        path = keys.client_keys_dir(_config_dir(args)) / (keys.client_key_file_name(name) + ".key_secret")
-        keypair = keys.load_or_create(path.parent, path.name.removesuffix(".key_secret"))
+        path = args.output.expanduser()
+        public_path = path.with_name(path.name + ".pub")
+        for existing in (path, public_path):
+            if existing.exists() or existing.is_symlink():
+                raise ValueError(f"{existing} exists; not overwriting a key")
+        try:
+            keypair = keys.create(path, public_path)
+        except OSError as exc:
+            raise ValueError(f"cannot write {exc.filename}: {exc.strerror}") from None
+        print(f"{name} {keypair.identity}")
+        print(f"# secret key: {path} (keep it private; use it with --key {path}); public key: "
+              f"{public_path}", file=sys.stderr)
+        return 0
+    directory, stem = keys.client_keys_dir(_config_dir(args)), keys.client_key_file_name(name)
+    try:
+        keypair = keys.load_or_create(directory, stem)
+    except OSError as exc:
+        raise ValueError(f"cannot make a key in {directory}: {exc.strerror}") from None
+    path = directory / f"{stem}.key_secret"
     print(f"{name} {keypair.identity}")
-    print(f"# secret key: {path} (keep it private; use it with --key)", file=sys.stderr)
+    print(f"# secret key: {path} (keep it private; zchat uses it for --name {name})", file=sys.stderr)
     return 0
 
 
@@ -306,28 +383,36 @@ def cmd_history(args: argparse.Namespace) -> int:
         room = normalize_room(args.room)
         if room is None:
             raise ValueError(f"invalid room {args.room!r}")
-        known = stored_rooms(db)
+        try:
+            known = stored_rooms(db)
+        except sqlite3.Error as exc:
+            print(f"zchat history: cannot read the history database {db}: {exc}", file=sys.stderr)
+            return 1
         if room not in known:  # a typo must not look like an empty room
             listing = ", ".join(f"#{name}" for name in known) or "none yet"
             print(f"zchat history: no room #{room} in the history (rooms: {listing})", file=sys.stderr)
             return 1
     since = parse_since(args.since, time.time()) if args.since else None
-    listed: list[tuple[StoredEvent, dict | None]] = [
-        (row, None) for row in search(db, room=room, since=since, grep=args.grep, limit=args.limit)]
-    if room is None:  # private messages kept for offline users belong to no room
-        mail = _open_kept_mail(kept_mail(db, since=since, limit=None if args.grep else args.limit),
-                               args.key, args.grep)
-        listed = sorted(listed + mail, key=lambda item: item[0].ts)
-        if args.limit is not None:
-            listed = listed[-args.limit:] if args.limit > 0 else []
-    for row, opened in listed:
-        if args.json:
-            # The tap's jsonl shape: the event's own fields with its topic first.
-            body = row.body.decode() if opened is None else json.dumps(opened, separators=(",", ":"))
-            sys.stdout.write('{"topic":"' + row.topic + '",' + body[1:] + "\n")
-        else:
-            event = json.loads(row.body) if opened is None else opened
-            sys.stdout.write(text_line(row.topic, event) + "\n")  # as the tap writes it
+    try:
+        listed: list[tuple[StoredEvent, dict | None]] = [
+            (row, None) for row in search(db, room=room, since=since, grep=args.grep, limit=args.limit)]
+        if room is None:  # private messages kept for offline users belong to no room
+            mail = _open_kept_mail(kept_mail(db, since=since, limit=None if args.grep else args.limit),
+                                   args.key, args.grep)
+            listed = sorted(listed + mail, key=lambda item: item[0].ts)
+            if args.limit is not None:
+                listed = listed[-args.limit:] if args.limit > 0 else []
+        for row, opened in listed:
+            if args.json:
+                # The tap's jsonl shape: the event's own fields with its topic first.
+                body = row.body.decode() if opened is None else json.dumps(opened, separators=(",", ":"))
+                sys.stdout.write('{"topic":"' + row.topic + '",' + body[1:] + "\n")
+            else:
+                event = json.loads(row.body) if opened is None else opened
+                sys.stdout.write(text_line(row.topic, event) + "\n")  # as the tap writes it
+    except sqlite3.Error as exc:
+        print(f"zchat history: cannot read the history database {db}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -443,13 +528,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"zchat: {exc}", file=sys.stderr)
             return 2
     try:
+        if getattr(args, "key", None):  # a bad --key file: one line, before anything else
+            keys.load(args.key)
         return handlers.get(args.command, cmd_start)(args)
-    except ValueError as exc:  # bad key text, unreadable key file
+    except ValueError as exc:  # bad key text, unreadable key file, a host that does not resolve
         print(f"zchat: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `zchat history | head`: the reader has all it wanted
         _silence_stdout()
         return 0
+    except OSError as exc:  # a file or directory named on the command line that cannot be used
+        print(f"zchat: {exc}", file=sys.stderr)
+        return 1
 
 
 def _silence_stdout() -> None:

@@ -48,7 +48,7 @@ from zchat.clientcore import (
 from zchat.clientcore import SendError as SendError  # re-exported: what the UI catches
 from zchat.e2e import Keyring
 from zchat.endpoints import Endpoints
-from zchat.events import ClientEvent, Gap, Pending, Replay, Snapshot, Status  # noqa: F401  (re-exported)
+from zchat.events import ClientEvent, Gap, Pending, Replay, Snapshot, Status, StatusState  # noqa: F401
 from zchat.keys import KeyPair
 from zchat.protocol import (
     DEFAULT_ROOM,
@@ -120,6 +120,8 @@ class ChatClient(ClientApi):
     def join(self, name: str, timeout: float = 5.0) -> Welcome:
         """Join as `name`; raise JoinError with a reason the user can act on."""
         self._join_done.clear()
+        if self.failure is not None:  # (if it dies after this test, _failed wakes the wait)
+            raise JoinError("failed", self.failure)
         self._submit(JoinChat(name))
         if not self._join_done.wait(timeout):
             self._submit(CancelJoin())
@@ -144,14 +146,19 @@ class ChatClient(ClientApi):
     def close(self, message: str = "", linger: float = 1.0, leave: bool = True) -> None:
         """Send a leave (if joined and `leave`), stop the I/O thread, close the sockets."""
         if self._thread is not None and self._thread.is_alive():
-            self._submit(Close(message if leave else None))
-            self._thread.join(linger + 2.0)
+            try:
+                self._submit(Close(message if leave else None))
+            except SendError:
+                pass  # it died just now: nothing to send the leave with
+            self._thread.join(linger + 2.0)  # a dead one has closed its sockets on the way out
         elif self._thread is None:
             self._wake_rx.close(0)  # never started: no I/O thread owns it
         self._wake_tx.close(0)
         self.ctx.term()
 
     def _submit(self, request: RequestType) -> None:
+        if self.failure is not None:
+            raise SendError(self.failure)
         with self._settled:
             self._unhandled += 1
             self._requests.append(request)
@@ -195,14 +202,19 @@ class ChatClient(ClientApi):
                 self._handle_requests()
                 if not self._stopped:
                     self._carry_out(self.core.tick(self._now()))
-        except Exception:
-            log.exception("the client's I/O thread failed")
-            self._join_result = JoinDone(None, "internal", "the client failed; see the log")
-            self._join_done.set()
+        except BaseException as exc:  # whatever kills it is reported, and close() cannot hang
+            self._failed(exc)
         finally:
             with self._settled:
                 self._settled.notify_all()
             self._close_sockets()
+
+    def _failed(self, exc: BaseException) -> None:
+        log.debug("the I/O thread died", exc_info=exc)
+        self.failure = f"the client stopped working ({type(exc).__name__}: {exc})"
+        self._join_result = JoinDone(None, "failed", self.failure)
+        self._join_done.set()
+        self._emit(Status(StatusState.FAILED, self.failure, time.time()))
 
     def _close_sockets(self) -> None:
         watch = getattr(self, "_watch", None)

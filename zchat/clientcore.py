@@ -980,6 +980,7 @@ class ClientApi:
     def __init__(self, rooms: list[str]) -> None:
         self._refs = itertools.count(new_ref_counter_start())
         self.snapshot = Snapshot(rooms=tuple(rooms), known_rooms=frozenset(rooms))
+        self.failure: str | None = None  # why the client stopped working, if it did
 
     def _submit(self, request: RequestType) -> None:
         raise NotImplementedError
@@ -1015,7 +1016,7 @@ class ClientApi:
         self._submit(ChangeName(name))
 
     def moderate(self, action: Literal["kick", "ban", "mute"], name: str, reason: str = "",
-                 seconds: int = 300) -> None:
+                 seconds: int = L.MUTE_DEFAULT_SECONDS) -> None:
         """Admin commands: kick, ban or mute `name`."""
         message: ClientMessage
         if action == "kick":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zchat.limits import MAX_HISTORY_PER_REQUEST
+from zchat.limits import DEFAULT_HISTORY, MAX_HISTORY_PER_REQUEST, MUTE_DEFAULT_SECONDS, MUTE_MAX_SECONDS
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,12 @@ COMMANDS: dict[str, Spec] = {
     "/join": Spec("ROOM", "join a room (or switch to it) and talk there", 1),
     "/leave": Spec("[ROOM]", "leave ROOM (default: the current room)", 0),
     "/rooms": Spec("", "list the rooms and how many are in each", 0),
-    "/history": Spec("[N]", "show the last N stored events of the current room (default 50)", 0),
+    "/history": Spec("[N]", "show the last N stored events of the current room (default "
+                     f"{DEFAULT_HISTORY})", 0),
     "/kick": Spec("NAME [REASON]", "admin: remove NAME from the chat", 1, True),
     "/ban": Spec("NAME [REASON]", "admin: remove NAME and refuse their key from now on", 1, True),
-    "/mute": Spec("NAME [SECONDS]", "admin: NAME may not speak for SECONDS (default 300; 0 lifts it)", 1),
+    "/mute": Spec("NAME [SECONDS]", "admin: NAME may not speak for SECONDS (default "
+                  f"{MUTE_DEFAULT_SECONDS}; 0 lifts it)", 1),
     "/reconnect": Spec("", "come back after being kicked (or after a rejoin found your name taken)", 0),
     "/quit": Spec("[MESSAGE]", "leave the chat; others see MESSAGE", 0, True),
     "/help": Spec("[COMMAND]", "list the commands, or explain one", 0),
@@ -76,8 +78,9 @@ def parse(line: str) -> Command:
         optional = spec.usage.count("[")
         if not required <= len(args) <= required + optional:
             raise UsageError(usage(command))
-        if command == "/mute" and len(args) > 1 and not (args[1].isdigit() and int(args[1]) <= 7 * 86400):
-            raise UsageError("usage: /mute NAME [SECONDS], SECONDS from 0 to 604800")
+        if command == "/mute" and len(args) > 1 and not (
+                args[1].isdigit() and int(args[1]) <= MUTE_MAX_SECONDS):
+            raise UsageError(f"usage: /mute NAME [SECONDS], SECONDS from 0 to {MUTE_MAX_SECONDS}")
         if command == "/history" and args and not (
                 args[0].isdigit() and 0 < int(args[0]) <= MAX_HISTORY_PER_REQUEST):
             raise UsageError(f"usage: /history [N], N from 1 to {MAX_HISTORY_PER_REQUEST}")

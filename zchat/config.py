@@ -39,7 +39,6 @@ CONFIG_FILE_NAME = "zchat.toml"
 ENV_PREFIX = "ZCHAT_"
 CONFIG_ENV = "ZCHAT_CONFIG"  # the config file itself
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-STATS_INTERVAL = 5.0
 SIDES = ("broker", "client")
 
 
@@ -135,7 +134,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
            "hold on each broker socket", _at_least(1)),
     Option("new_keys_per_minute", "int", "broker", L.NEW_KEYS_PER_MINUTE, "keys new to the broker "
            "admitted per source address and minute (0 = no limit)", _at_least(0)),
-    Option("stats_interval", "float", "broker", STATS_INTERVAL, "seconds between stats events on "
+    Option("stats_interval", "float", "broker", L.STATS_INTERVAL, "seconds between stats events on "
            "sys/ (0 = none)", _at_least(0), live=True),
     Option("log_level", "str", "broker", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL",
            _log_level, live=True),

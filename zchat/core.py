@@ -208,10 +208,16 @@ class Peer:
 class BrokerCore:
     def __init__(self, epoch: str, now: float, limits: Limits | None = None,
                  seqs: dict[str, int] | None = None, known_names: dict[str, str] | None = None,
-                 accounts: dict[str, Account] | None = None, banned: set[str] | None = None) -> None:
-        """`seqs` and `known_names` come from storage, so numbering continues after a restart.
-        `accounts` (closed mode) fixes who may be here, with which name and role; None is
-        open mode. `banned` identities are refused in both modes."""
+                 accounts: dict[str, Account] | None = None, banned: set[str] | None = None,
+                 stored_seq: Callable[[str], int] | None = None) -> None:
+        """Room numbers come from storage, so numbering continues after a restart: the core
+        keeps in memory only the rooms in use (members, or events in the last few heartbeats)
+        and asks `stored_seq(topic)` for a room's last number when it is used again; the
+        shell has stored everything the core published by then. Without storage (tests),
+        `seqs` gives the numbers to start from and those of rooms no longer in use are kept
+        here. `known_names` come from storage too. `accounts` (closed mode) fixes who may be
+        here, with which name and role; None is open mode. `banned` identities are refused in
+        both modes."""
         self.epoch = epoch
         # `now`, in every call, is the shell's monotonic clock: it times heartbeats, expiry,
         # rate buckets and mutes, and a wall-clock step changes none of them. Events carry
@@ -228,7 +234,10 @@ class BrokerCore:
         self.lookalikes: dict[str, str] = {}
         self.known_names: dict[str, str] = dict(known_names or {})  # name_key -> last identity
         self.rooms: dict[str, set[str]] = {}  # room -> member identities
-        self.seqs: dict[str, int] = dict(seqs or {})
+        # Topics in use -> last seq: rooms with members or recent events, private streams, sys/.
+        self.seqs: dict[str, int] = {}
+        self._unused_rooms: dict[str, int] | None = None if stored_seq else dict(seqs or {})
+        self._stored_seq = stored_seq or self._unused_room_seq
         self.next_heartbeat = now
         self.next_expiry_scan = now
         self.busy_rooms: dict[str, int] = {}  # room topic -> marks still to send after its last event
@@ -427,11 +436,19 @@ class BrokerCore:
             ts = self.ts(now)
             out += [Publish(topic, Mark(seq=self.seqs[topic], ts=ts, room=room_of_topic(topic) or ""))
                     for topic in self.busy_rooms]
-            self.busy_rooms = {topic: left - 1 for topic, left in self.busy_rooms.items() if left > 1}
+            busy: dict[str, int] = {}
+            for topic, left in self.busy_rooms.items():
+                if left > 1:
+                    busy[topic] = left - 1
+                elif topic[len(ROOM_PREFIX):-1] not in self.rooms:
+                    self._retire(topic)  # quiet and empty: its number lives in storage
+            self.busy_rooms = busy
         if now >= self.next_expiry_scan:
             self.next_expiry_scan = now + min(0.5, self.limits.client_timeout / 4)
             member_deadline = now - self.limits.client_timeout
             idle_deadline = now - self.limits.peer_idle_seconds
+            if self.muted:  # mutes that ran out
+                self.muted = {identity: until for identity, until in self.muted.items() if until > now}
             for peer in list(self.peers.values()):
                 if peer.member is not None:
                     if peer.last_seen < member_deadline:
@@ -511,7 +528,7 @@ class BrokerCore:
             out += self._remember(join.name, peer.identity)
         elif member.name != join.name:
             out += self._rename(peer, member, join.name, now)
-        baseline = {room: self.seqs.get(room_topic(room), 0) for room in member.rooms + new_rooms}
+        baseline = {room: self._last_seq(room_topic(room)) for room in member.rooms + new_rooms}
         arriving = resumed is False
         joined: list[Out] = []
         for room in new_rooms:
@@ -589,7 +606,8 @@ class BrokerCore:
         if not text:
             return self._error(peer, now, Code.EMPTY_TEXT, "message is empty", say.ref)
         topic = room_topic(room)
-        seq = self.seqs.get(topic, 0) + 1
+        seq = self.seqs.get(topic)  # a room with members is in use: always there
+        seq = (self._last_seq(topic) if seq is None else seq) + 1
         self.seqs[topic] = seq
         self.busy_rooms[topic] = MARKS_AFTER_ACTIVITY
         ts = now + self.wall_offset  # self.ts(now), inline on the hot path
@@ -714,7 +732,7 @@ class BrokerCore:
         for room, history in list(peer.pending_rooms.items()):
             if ROOM_PREFIX in peer.topics or room_topic(room) in peer.topics:
                 del peer.pending_rooms[room]
-                upto = self.seqs.get(room_topic(room), 0)
+                upto = self._last_seq(room_topic(room))
                 if history and upto:
                     out.append(Fetch(peer.identity, room, 0, upto, history))
                 out += self._add_to_room(peer, member, room, now, chat=False)
@@ -731,7 +749,7 @@ class BrokerCore:
                                f"slow down: history answers are limited to {limits.history_bytes_burst} "
                                f"bytes at once, then {limits.history_bytes_per_second} per second",
                                request.ref)
-        last = self.seqs.get(room_topic(room), 0)
+        last = self._last_seq(room_topic(room))
         upto = last if request.before is None else min(last, max(0, request.before - 1))
         return [Fetch(peer.identity, room, request.after, upto, request.limit, request.ref)]
 
@@ -1012,8 +1030,24 @@ class BrokerCore:
         ts = self.ts(now)
         return [self._publish(topic, lambda seq: Error(seq=seq, ts=ts, code=code, detail=detail, ref=ref))]
 
+    def _last_seq(self, topic: str) -> int:
+        """A topic's last number: in memory while in use, else (a room) from storage."""
+        seq = self.seqs.get(topic)
+        if seq is not None:
+            return seq
+        return self._stored_seq(topic) if topic.startswith(ROOM_PREFIX) else 0
+
+    def _unused_room_seq(self, topic: str) -> int:
+        assert self._unused_rooms is not None
+        return self._unused_rooms.get(topic, 0)
+
+    def _retire(self, topic: str) -> None:
+        seq = self.seqs.pop(topic, None)
+        if seq is not None and self._unused_rooms is not None:  # no storage: keep it here
+            self._unused_rooms[topic] = seq
+
     def _publish(self, topic: str, make) -> Publish:  # type: ignore[no-untyped-def]
-        seq = self.seqs.get(topic, 0) + 1
+        seq = self._last_seq(topic) + 1
         self.seqs[topic] = seq
         if topic.startswith(ROOM_PREFIX):
             self.busy_rooms[topic] = MARKS_AFTER_ACTIVITY

@@ -9,6 +9,9 @@ handed to a joiner reaches exactly up to the live events that follow it.
 
 Every frame on a private topic (`u/<id>/`) is sealed to its recipient here, and
 only here (zchat.sealing): room and system traffic pays nothing for it.
+
+Mail delivered in a turn is deleted in the next turn's transaction, once it
+has been published: a crash in between delivers it again, it never loses it.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ class StatusState(StrEnum):
     REJOIN_FAILED = "rejoin_failed"  # our name was taken while we were away: /nick NEW
     REMOVED = "removed"  # kicked by an admin: quiet until /reconnect (or /join ROOM)
     BANNED = "banned"  # banned, or the key was revoked or refused: no way back with this key
+    FAILED = "failed"  # the client itself failed (its I/O thread died): start it again
     KEY_CHANGED = "key_changed"  # another key holds a name we wrote to: a warning to read
 
 

@@ -3,12 +3,17 @@
 What is kept:
 - every public event (topic r/<room>/), exactly as published, with its
   per-topic sequence number: late joiners and gap backfills read it;
-- each topic's last sequence number, so numbering continues after a restart
-  even when retention has pruned every event of a room;
+- each room's last sequence number (table `rooms`, written with its events),
+  so numbering continues after a restart and after retention dropped every
+  event of a room (the newest ROOMS_REMEMBERED such emptied rooms are kept);
+  with the time of its oldest stored event, so that retention finds the rooms
+  whose events expire without looking at every room;
 - private messages for offline users, sealed end to end (the broker cannot
-  read them), bound to the key the sender encrypted to and deleted once that
-  key has them: at most MAILBOX_PER_USER per key, of which at most
-  MAILBOX_PER_SENDER from one sender; never in the public events table;
+  read them), bound to the key the sender encrypted to: at most
+  MAILBOX_PER_USER per key, of which at most MAILBOX_PER_SENDER from one
+  sender; never in the public events table; deleted once delivered (in the
+  first commit after they were published: a crash in between delivers them
+  twice rather than never);
 - which key last held each name, so a message to an offline name can be
   encrypted to that key.
 
@@ -49,7 +54,16 @@ CREATE TABLE IF NOT EXISTS events (
 -- No index on ts: it cost a quarter of each insert. Retention by age walks each room in
 -- seq order (ts rises with seq) and `zchat history --since` scans.
 DROP INDEX IF EXISTS events_ts;
-CREATE TABLE IF NOT EXISTS topic_seq (topic TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
+-- One row per room: written with its events, so a room's number is one lookup away (the
+-- broker keeps no room in memory that nobody uses), and retention's work follows what changes.
+CREATE TABLE IF NOT EXISTS rooms (
+    topic TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,  -- kept after retention dropped the room's events
+    oldest REAL,                -- ts of its oldest stored event; NULL: none stored
+    newest REAL NOT NULL        -- ts of its newest event
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rooms_oldest ON rooms (oldest) WHERE oldest IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rooms_emptied ON rooms (newest) WHERE oldest IS NULL;
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
     recipient TEXT NOT NULL,  -- the key the sender encrypted to: only it gets the message
@@ -61,7 +75,17 @@ CREATE TABLE IF NOT EXISTS mailbox (
 CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, id);
 CREATE TABLE IF NOT EXISTS names (name_key TEXT PRIMARY KEY, identity TEXT NOT NULL, seen REAL NOT NULL)
     WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS names_seen ON names (seen);
 """
+# A database from before the rooms table: its numbers were in topic_seq, and in the events.
+MIGRATE_ROOMS = """
+INSERT INTO rooms (topic, last_seq, oldest, newest)
+    SELECT topic, max(seq), min(ts), max(ts) FROM events GROUP BY topic;
+INSERT INTO rooms (topic, last_seq, oldest, newest) SELECT topic, last_seq, NULL, 0 FROM topic_seq WHERE true
+    ON CONFLICT (topic) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq);
+DROP TABLE topic_seq;
+"""
+RETAIN_BATCH = 500  # rooms a retention pass takes from each of its sources at most
 
 
 @dataclass(frozen=True)
@@ -187,13 +211,28 @@ class Checkpointer(threading.Thread):
 class HistoryStore:
     def __init__(self, path: Path | str, retention: Retention | None = None) -> None:
         self.path = path
-        self.retention = retention or Retention()
         # Files whose mode was brought to 0600 on opening (the broker logs them).
         self.tightened = make_private(path) if str(path) != ":memory:" else []
         self.db = connect(path)
+        migrating = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
+                                    "'topic_seq'").fetchone() is not None
+        if migrating:
+            self.db.executescript("BEGIN;" + MIGRATE_ROOMS + "COMMIT;")
+        self._retention = retention or Retention()
+        # Retention's work list: rooms written since the last pass (their count limit), and a
+        # walk over every room when the limits changed or the database was migrated.
+        self._written: set[str] = set()
+        self._sweep_from: str | None = "" if migrating else None
+        # Rooms emptied by retention (numbers kept) and names written, since they were last
+        # counted: a pass counts (and trims) only when these could have passed their bound.
+        self._emptied = self.db.execute("SELECT count(*) FROM rooms WHERE oldest IS NULL").fetchone()[0]
+        self._names_written = L.KNOWN_NAMES  # unknown at start: count at the first pass
         # Events stored, for stats: counted once here, then kept up to date by write and prune.
         self.stored: int = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
         self.collisions = 0  # events refused because their (topic, seq) was already stored
+        # Mail handed out by take_mail, recipient -> highest id: deleted by the next write,
+        # whose commit follows the publishing.
+        self._mail_sent: dict[str, int] = {}
         self.checkpointer: Checkpointer | None = None
         if str(path) != ":memory:":
             self.db.execute("PRAGMA wal_autocheckpoint=0")
@@ -201,6 +240,11 @@ class HistoryStore:
             self.checkpointer.start()
 
     def close(self) -> None:
+        if self._mail_sent:  # what the last turn delivered
+            try:
+                self.write([], [], [], time.time())
+            except sqlite3.Error:
+                pass  # delivered again after the restart, never lost
         if self.checkpointer is not None:
             self.checkpointer.stopping.set()
             self.checkpointer.join(5)
@@ -208,13 +252,31 @@ class HistoryStore:
 
     # --- start-up --------------------------------------------------------------
 
+    @property
+    def retention(self) -> Retention:
+        return self._retention
+
+    @retention.setter
+    def retention(self, retention: Retention) -> None:
+        if (retention.per_room, retention.days) != (self._retention.per_room, self._retention.days):
+            self._sweep_from = ""  # new limits: every room gets a look, a batch per pass
+        self._retention = retention
+
     def last_seqs(self) -> dict[str, int]:
-        """Each room's last sequence number: from its newest event, or from topic_seq, which
-        prune() updates before it deletes (so numbers survive even an emptied room)."""
-        seqs = dict(self.db.execute("SELECT topic, last_seq FROM topic_seq"))
+        """Every room's last sequence number (rooms emptied by retention included)."""
+        seqs = dict(self.db.execute("SELECT topic, last_seq FROM rooms"))
         for topic, last in self.db.execute("SELECT topic, max(seq) FROM events GROUP BY topic"):
             seqs[topic] = max(last, seqs.get(topic, 0))
         return seqs
+
+    def last_seq(self, topic: str) -> int:
+        """One room's last sequence number, 0 for a room never used (or long forgotten): what
+        the core asks when a room nobody was in is used again. Two index lookups: its newest
+        event, and its row (which keeps the number once retention dropped the events)."""
+        db = self.db
+        event = db.execute("SELECT max(seq) FROM events WHERE topic = ?", (topic,)).fetchone()[0]
+        row = db.execute("SELECT last_seq FROM rooms WHERE topic = ?", (topic,)).fetchone()
+        return max(event or 0, row[0] if row is not None else 0)
 
     def known_names(self, limit: int = L.KNOWN_NAMES) -> dict[str, str]:
         rows = self.db.execute("SELECT name_key, identity FROM names ORDER BY seen DESC LIMIT ?", (limit,))
@@ -225,12 +287,16 @@ class HistoryStore:
     def write(self, events: list[EventRow], mail: list[MailRow],
               names: list[tuple[str, str]], now: float) -> list[MailOutcome]:
         """Store one loop turn; returns what the mailbox did with each of `mail`, in order."""
-        if not (events or mail or names):
+        if not (events or mail or names or self._mail_sent):
             return []
         db = self.db
         inserted = 0
+        newest: dict[str, EventRow] = {}
+        delivered, self._mail_sent = self._mail_sent, {}
         db.execute("BEGIN")
         try:
+            for recipient, last_id in delivered.items():  # published since the last commit
+                db.execute("DELETE FROM mailbox WHERE recipient = ? AND id <= ?", (recipient, last_id))
             if events:
                 # Never over a stored event: a (topic, seq) already there means two writers
                 # numbered from the same seqs. The stored one stays; the clash is reported.
@@ -238,6 +304,17 @@ class HistoryStore:
                                           "VALUES (?, ?, ?, ?)", events).rowcount
                 if inserted != len(events):
                     self._report_collisions(events, inserted)
+                newest = {row[0]: row for row in events}  # each room's last event in this turn
+                # A room's row once per retention pass, not per turn: the pass keeps it up to
+                # date; this makes sure a room is known (with its oldest event) after a crash.
+                written = self._written
+                first = [(topic, seq, ts, ts) for topic, seq, ts, _ in newest.values()
+                         if topic not in written]
+                if first:
+                    db.executemany(
+                        "INSERT INTO rooms (topic, last_seq, oldest, newest) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (topic) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq), "
+                        "newest = excluded.newest, oldest = coalesce(oldest, excluded.oldest)", first)
             outcomes = [self._keep_mail(*row) for row in mail]
             if names:
                 db.executemany(
@@ -247,8 +324,13 @@ class HistoryStore:
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            for recipient, last_id in delivered.items():  # still to delete
+                self._mail_sent[recipient] = max(last_id, self._mail_sent.get(recipient, 0))
             raise
         self.stored += inserted
+        if events:
+            self._written.update(newest)
+        self._names_written += len(names)
         return outcomes
 
     def _report_collisions(self, events: list[EventRow], inserted: int) -> None:
@@ -295,19 +377,45 @@ class HistoryStore:
         return [bytes(body) for (body,) in reversed(rows)]
 
     def take_mail(self, recipient: str) -> list[bytes]:
-        db = self.db
-        rows = db.execute("SELECT id, body FROM mailbox WHERE recipient = ? ORDER BY id",
-                          (recipient,)).fetchall()
+        """The mail kept for `recipient`, oldest first, for the caller to publish now. It is
+        deleted by the next `write`, in the commit that follows the publishing, and is not
+        handed out again meanwhile."""
+        after = self._mail_sent.get(recipient, 0)
+        rows = self.db.execute("SELECT id, body FROM mailbox WHERE recipient = ? AND id > ? ORDER BY id",
+                               (recipient, after)).fetchall()
         if rows:
-            db.execute("DELETE FROM mailbox WHERE recipient = ? AND id <= ?", (recipient, rows[-1][0]))
+            self._mail_sent[recipient] = rows[-1][0]
         return [bytes(body) for _, body in rows]
 
     # --- retention -------------------------------------------------------------------
 
+    def retain(self, now: float) -> int:
+        """The broker's periodic retention pass; returns how many events it dropped. Its cost
+        follows what changed, not how many rooms there are: the rooms written since the last
+        pass (their count limit), the rooms whose oldest event has expired (a range of an
+        index), a batch of the walk over every room after the limits changed; then the bounds
+        on emptied rooms and on names. A room nobody writes costs nothing until its events
+        expire."""
+        topics, self._written = self._written, set()
+        if self.retention.days > 0:
+            cutoff = now - self.retention.days * 86400
+            topics.update(topic for (topic,) in self.db.execute(
+                "SELECT topic FROM rooms WHERE oldest < ? ORDER BY oldest LIMIT ?", (cutoff, RETAIN_BATCH)))
+        if self._sweep_from is not None:
+            batch = [topic for (topic,) in self.db.execute(
+                "SELECT topic FROM rooms WHERE topic > ? AND oldest IS NOT NULL ORDER BY topic LIMIT ?",
+                (self._sweep_from, RETAIN_BATCH))]
+            topics.update(batch)
+            self._sweep_from = batch[-1] if len(batch) == RETAIN_BATCH else None
+        dropped = self.prune(now, sorted(topics)) if topics else 0
+        self._bound_rooms()
+        self._bound_names()
+        return dropped
+
     def prune(self, now: float | None = None, topics: Iterable[str] | None = None) -> int:
-        """Apply retention to `topics` (the broker passes the rooms it knows; None: every room
-        stored, found by a scan); returns how many events were dropped. Per room it costs index
-        lookups and the rows dropped, so it stays short however much history is kept."""
+        """Apply retention to `topics` (None: every room stored, found by a scan); returns how
+        many events were dropped. Per room it costs index lookups and the rows dropped, so it
+        stays short however much history is kept."""
         now = time.time() if now is None else now
         db = self.db
         if topics is None:
@@ -317,29 +425,69 @@ class HistoryStore:
         db.execute("BEGIN")
         try:
             for topic in topics:
-                last = db.execute("SELECT max(seq) FROM events WHERE topic = ?", (topic,)).fetchone()[0]
-                if last is None:
-                    continue
-                # Keep the room's last number before its events may go (see last_seqs).
-                db.execute("INSERT INTO topic_seq (topic, last_seq) VALUES (?, ?) ON CONFLICT(topic) "
-                           "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)", (topic, last))
-                first_kept = 1
-                if self.retention.per_room > 0:
-                    first_kept = last - self.retention.per_room + 1
-                if cutoff is not None:
-                    # The oldest event young enough to keep: a walk over the expired ones only.
-                    young = db.execute("SELECT seq FROM events WHERE topic = ? AND ts >= ? ORDER BY seq "
-                                       "LIMIT 1", (topic, cutoff)).fetchone()
-                    first_kept = max(first_kept, young[0] if young is not None else last + 1)
-                if first_kept > 1:
-                    dropped += db.execute("DELETE FROM events WHERE topic = ? AND seq < ?",
-                                          (topic, first_kept)).rowcount
+                dropped += self._prune_room(topic, cutoff)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         self.stored = max(0, self.stored - dropped)
         return dropped
+
+    def _prune_room(self, topic: str, cutoff: float | None) -> int:
+        db = self.db
+        newest = db.execute("SELECT seq, ts FROM events WHERE topic = ? ORDER BY seq DESC LIMIT 1",
+                            (topic,)).fetchone()
+        if newest is None:  # nothing stored (any more): nothing to expire
+            self._emptied += db.execute(
+                "UPDATE rooms SET oldest = NULL WHERE topic = ? AND oldest IS NOT NULL", (topic,)).rowcount
+            return 0
+        last, last_ts = newest
+        first_kept = 1
+        if self.retention.per_room > 0:
+            first_kept = last - self.retention.per_room + 1
+        if cutoff is not None:
+            # The oldest event young enough to keep: a walk over the expired ones only.
+            young = db.execute("SELECT seq FROM events WHERE topic = ? AND ts >= ? ORDER BY seq LIMIT 1",
+                               (topic, cutoff)).fetchone()
+            first_kept = max(first_kept, young[0] if young is not None else last + 1)
+        dropped = 0
+        if first_kept > 1:
+            dropped = db.execute("DELETE FROM events WHERE topic = ? AND seq < ?",
+                                 (topic, first_kept)).rowcount
+        oldest = db.execute("SELECT ts FROM events WHERE topic = ? ORDER BY seq LIMIT 1",
+                            (topic,)).fetchone()
+        if oldest is None:
+            self._emptied += 1
+        # ts rises with seq, so the first event left is the oldest; the room's number stays.
+        db.execute("INSERT INTO rooms (topic, last_seq, oldest, newest) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (topic) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq), "
+                   "oldest = excluded.oldest, newest = max(newest, excluded.newest)",
+                   (topic, last, oldest[0] if oldest is not None else None, last_ts))
+        return dropped
+
+    def _bound_rooms(self) -> None:
+        """Keep the numbers of at most ROOMS_REMEMBERED emptied rooms, the most recently used:
+        a room forgotten here numbers from 1 again when it is next used."""
+        if self._emptied <= L.ROOMS_REMEMBERED:
+            return
+        db = self.db
+        self._emptied = db.execute("SELECT count(*) FROM rooms WHERE oldest IS NULL").fetchone()[0]
+        excess = self._emptied - L.ROOMS_REMEMBERED
+        if excess > 0:
+            db.execute("DELETE FROM rooms WHERE topic IN (SELECT topic FROM rooms WHERE oldest IS NULL "
+                       "ORDER BY newest LIMIT ?)", (excess,))
+            self._emptied -= excess
+
+    def _bound_names(self) -> None:
+        """Keep the KNOWN_NAMES most recently used names (the core remembers no more); counted
+        only after a tenth of that many were written since the last count."""
+        if self._names_written < L.KNOWN_NAMES // 10:
+            return
+        self._names_written = 0
+        db = self.db
+        if db.execute("SELECT count(*) FROM names").fetchone()[0] > L.KNOWN_NAMES:
+            db.execute("DELETE FROM names WHERE seen < (SELECT seen FROM names ORDER BY seen DESC "
+                       "LIMIT 1 OFFSET ?)", (L.KNOWN_NAMES - 1,))
 
 
 def kept_mail(path: Path | str, since: float | None = None,
@@ -392,7 +540,7 @@ def stored_rooms(path: Path | str) -> list[str]:
     """The rooms the database has ever numbered an event in, sorted."""
     db = connect(path, readonly=True)
     try:
-        topics = {topic for (topic,) in db.execute("SELECT topic FROM topic_seq")}
+        topics = {topic for (topic,) in db.execute("SELECT topic FROM rooms")}
         topics.update(topic for (topic,) in db.execute("SELECT DISTINCT topic FROM events"))
     finally:
         db.close()

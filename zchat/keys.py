@@ -11,6 +11,8 @@ from __future__ import annotations
 import binascii
 import os
 import re
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def parse_public_key(text: str) -> bytes:
         try:
             z85.decode(text.encode())
             return text.encode()
-        except (ValueError, binascii.Error):
+        except (ValueError, KeyError, struct.error):  # a character outside z85, a value too big
             pass
     raise ValueError("a public key is 40 z85 characters or 64 hex digits")
 
@@ -80,10 +82,63 @@ def load_or_create(directory: Path, name: str) -> KeyPair:
     return load(secret_path)
 
 
+class BadKeyFile(ValueError):
+    """A key file that cannot be used; the message is one line naming the file and why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read key file {path}: {reason}")
+
+
 def load(secret_path: Path) -> KeyPair:
-    public, secret = zmq.auth.load_certificate(str(secret_path))
+    """Read a secret key file (pyzmq's certificate format, with both keys in it)."""
+    path = Path(secret_path).expanduser()
+    if not path.is_file():
+        reason = "it is a directory" if path.is_dir() else "no such file"
+        raise BadKeyFile(path, reason)
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except OSError as exc:
+        raise BadKeyFile(path, exc.strerror or str(exc)) from None
+    except ValueError:
+        raise BadKeyFile(path, "not a key file (no public-key line)") from None
     if secret is None:
-        raise ValueError(f"{secret_path} holds no secret key")
+        raise BadKeyFile(path, "it holds only a public key; pass the secret key file")
+    try:
+        matches = zmq.curve_public(secret) == public
+    except (ValueError, zmq.ZMQError):
+        matches = False
+    if not matches:
+        raise BadKeyFile(path, "its keys are damaged (the secret key is not 40 z85 characters, or "
+                         "does not match the public key)")
+    return KeyPair(public=public, secret=secret)
+
+
+_CERTIFICATE = """#   ****  Generated on {date} by zchat  ****
+#   ZeroMQ CURVE {kind} Certificate
+#   {advice}
+
+metadata
+curve
+    public-key = "{public}"
+{secret_line}"""
+
+
+def create(secret_path: Path, public_path: Path) -> KeyPair:
+    """A new key pair: the secret key file (which holds the public key too) at exactly
+    `secret_path`, mode 0600, and the public key alone at `public_path`. Neither may exist."""
+    public, secret = zmq.curve_keypair()
+    date = time.strftime("%Y-%m-%d %H:%M:%S")
+    # O_EXCL: never overwrite a key; 0600 from the start: never a moment with a readable secret.
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(_CERTIFICATE.format(date=date, kind="**Secret**", public=public.decode(),
+                                      advice="DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its "
+                                      "permissions.", secret_line=f'    secret-key = "{secret.decode()}"\n'))
+    fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as out:
+        out.write(_CERTIFICATE.format(date=date, kind="Public", public=public.decode(),
+                                      advice="Give this file (or the hex key zchat keygen prints) to "
+                                      "the broker's operator.", secret_line=""))
     return KeyPair(public=public, secret=secret)
 
 

@@ -62,6 +62,7 @@ HISTORY_BYTES_PER_SECOND = 512 * 1024
 MAILBOX_PER_USER = 100  # private messages kept for an offline user (per key)...
 MAILBOX_PER_SENDER = 10  # ...of which at most this many from one sender (`mailbox_full` past it)
 KNOWN_NAMES = 100_000  # name -> last key, for messages to offline users
+ROOMS_REMEMBERED = 100_000  # rooms whose last number is kept after retention dropped all their events
 
 # Flood control: a token bucket per identity.
 RATE_BURST = 20
@@ -74,6 +75,10 @@ MAX_FRAMES_PER_SECOND = 200  # any frames: a key sending more in one second is c
 # budget the broker cuts those connections and tells the key why when it subscribes again.
 MAX_BACKLOG_BYTES = 8 * 1024 * 1024
 
+# Moderation.
+MUTE_DEFAULT_SECONDS = 300  # /mute NAME without SECONDS
+MUTE_MAX_SECONDS = 7 * 86400
+
 # Timings (seconds).
 BROKER_HEARTBEAT_INTERVAL = 1.0  # broker -> sys/ heartbeat
 CLIENT_PING_INTERVAL = 1.0  # client -> broker application heartbeat
@@ -81,6 +86,7 @@ CLIENT_TIMEOUT = 3.0  # member silent this long is announced as left
 BROKER_SILENCE_LOST = 3.5  # client: no broker heartbeat this long = connection lost
 JOIN_RETRY_INTERVAL = 0.2  # client resends its join until welcomed
 TICK_INTERVAL = 0.1  # broker housekeeping cadence
+STATS_INTERVAL = 5.0  # default seconds between the broker's stats events on sys/
 
 # Socket options (milliseconds / counts).
 HANDSHAKE_IVL_MS = 5000

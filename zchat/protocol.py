@@ -274,7 +274,7 @@ class Mute(ClientMessage, tag="mute"):
     """Admin: NAME may not speak for `seconds` (0 lifts a mute)."""
 
     name: NameField
-    seconds: Annotated[int, Meta(ge=0, le=7 * 86400)] = 300
+    seconds: Annotated[int, Meta(ge=0, le=limits.MUTE_MAX_SECONDS)] = limits.MUTE_DEFAULT_SECONDS
     reason: ReasonField = ""
 
 

@@ -203,6 +203,13 @@ def _status(status: Status) -> str:
         return f"Could not rejoin: {detail}"
     if status.state == StatusState.REMOVED:
         return f"{detail.capitalize()}. Type /reconnect to come back, or /quit to leave."
+    if status.state == StatusState.FAILED:
+        return f"{_sentence(detail)}; start zchat again."
     if status.state == StatusState.BANNED:
         return f"{detail.capitalize()}. You cannot come back with this key."
     return detail
+
+
+def _sentence(text: str) -> str:
+    """`text` with a capital first letter, the rest as it is (names and codes keep their case)."""
+    return text[:1].upper() + text[1:]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from zchat.client import ChatClient, ClientEvent, JoinError, SendError
 from zchat.events import Status, StatusState
-from zchat.protocol import Code, Error, normalize_room, valid_name
+from zchat.protocol import DEFAULT_ROOM, Code, Error, normalize_room, valid_name
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -25,7 +25,7 @@ def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], C
         return fail(EXIT_INVALID, f"invalid name {name!r}")
     if to is not None and not valid_name(to):
         return fail(EXIT_INVALID, f"invalid recipient {to!r}")
-    target_room = normalize_room(room or "lobby")
+    target_room = normalize_room(room or DEFAULT_ROOM)
     if target_room is None:
         return fail(EXIT_INVALID, f"invalid room {room!r}")
 

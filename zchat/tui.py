@@ -19,6 +19,7 @@ from zchat.client import JoinError, SendError
 from zchat.clientcore import ClientApi
 from zchat.commands import COMMANDS, UsageError, help_text, parse
 from zchat.events import ClientEvent, Connection, Status, StatusState
+from zchat.limits import DEFAULT_HISTORY, MUTE_DEFAULT_SECONDS
 from zchat.protocol import Code, Joined, Left, LeftReason, normalize_room
 from zchat.render import View, clock, mentions, render
 
@@ -56,10 +57,14 @@ class Session:
         self.room: str | None = None
         self.color = color
         self._write = write or write_line
-        self._lock = threading.Lock()  # events arrive on the I/O thread
+        # Events arrive on the I/O thread, typed lines on the UI thread. Re-entrant: on_event
+        # shows its line while holding it.
+        self._lock = threading.RLock()
         self._held: list[str] | None = None  # lines kept back while the screen is not ready
         self.exit_code = 0
         self.on_banned = on_banned  # end the front end: there is no way back with this key
+        # Called (on the I/O thread) once the client has stopped working: the front end ends.
+        self.on_failure: Callable[[], None] | None = None
 
     def attach(self, client: Client) -> None:
         self.client = client
@@ -70,10 +75,11 @@ class Session:
         return View(me=self.client.snapshot.name if self.client else None, room=self.room, color=self.color)
 
     def show(self, text: str) -> None:
-        if self._held is not None:
-            self._held.append(text)
-        else:
-            self._write(text)
+        with self._lock:  # else `release` could empty the hold between our test and append
+            if self._held is not None:
+                self._held.append(text)
+            else:
+                self._write(text)
 
     def hold(self) -> None:
         """Keep lines back (from now until `release`)."""
@@ -107,6 +113,8 @@ class Session:
             self.exit_code = EXIT_BANNED
             if self.on_banned is not None:
                 self.on_banned()
+        if isinstance(event, Status) and event.state == StatusState.FAILED and self.on_failure is not None:
+            self.on_failure()
 
     # --- outgoing -------------------------------------------------------------
 
@@ -151,9 +159,9 @@ class Session:
         elif name in ("kick", "ban"):
             client.moderate("kick" if name == "kick" else "ban", args[0], reason=args[1])
         elif name == "mute":
-            client.moderate("mute", args[0], seconds=int(args[1]) if len(args) > 1 else 300)
+            client.moderate("mute", args[0], seconds=int(args[1]) if len(args) > 1 else MUTE_DEFAULT_SECONDS)
         elif name == "history":
-            client.history(self._current(), int(args[0]) if args else 50)
+            client.history(self._current(), int(args[0]) if args else DEFAULT_HISTORY)
         elif name == "join":
             self._join(args[0])
         elif name == "leave":
@@ -289,12 +297,19 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
         completer=_completer(session), complete_while_typing=False, key_bindings=bindings,
         erase_when_done=True, bottom_toolbar=session.status, refresh_interval=1.0)
 
-    def end_chat() -> None:  # on the I/O thread: the prompt's own loop must close it
+    def end_prompt() -> None:  # on the prompt's own loop
         app = chat_prompt.app
-        if app.is_running and app.loop is not None:
-            app.loop.call_soon_threadsafe(lambda: app.exit(result="") if app.is_running else None)
+        if app.future is not None and not app.future.done():
+            app.exit(result="")
 
-    session.on_banned = end_chat
+    def on_failure() -> None:  # on the I/O thread: hand it to the prompt's loop
+        loop = chat_prompt.app.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(end_prompt)
+
+    session.on_failure = on_failure
+
+    session.on_banned = on_failure
     if session.exit_code:  # banned before the prompt was up
         client.close(leave=False)
         return session.exit_code
@@ -303,6 +318,8 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
             # Called once the application is registered (later lines go through it) and
             # before its first drawing: straight to the terminal, nothing to draw over yet.
             session.release(lambda text: print(text, file=sys.__stdout__, flush=True))
+            if client.failure is not None:  # it stopped before the prompt was up
+                end_prompt()
 
         try:
             quit_message = chat_prompt.prompt(session.prompt, pre_run=show_held)
@@ -312,6 +329,9 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
             session.release()  # never left holding, however the prompt ended
     client.wait_delivered(2.0)
     client.close(quit_message)
+    if client.failure is not None:
+        print(f"zchat: {client.failure}", file=sys.stderr, flush=True)
+        return 1
     return session.exit_code
 
 
@@ -330,9 +350,11 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
         return 1
     # SIGTERM leaves like EOF does: a clean leave notice, not a timeout.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # The client stopped working: stop reading input too (a blocked read ends on the signal).
+    session.on_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
     quit_message = ""
     try:
-        for raw in stdin:
+        for raw in stdin if client.failure is None else ():
             said = session.execute(raw.rstrip("\r\n"))
             if said is not None:
                 quit_message = said
@@ -344,6 +366,9 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
         return session.exit_code
     delivered = client.wait_delivered(10.0)
     client.close(quit_message)
+    if client.failure is not None:
+        print(f"zchat: {client.failure}", file=sys.stderr, flush=True)
+        return 1
     if not delivered:
         write_line("zchat: some messages were not confirmed by the broker", sys.stderr)
         return 1
