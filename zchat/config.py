@@ -59,14 +59,6 @@ class _Invalid(Exception):
 # --- checks: bounds are msgspec constraints; the few no type can say are functions -----------
 
 
-def _between(low: float, high: float) -> Meta:
-    return Meta(ge=low, le=high)
-
-
-def _at_least(low: float) -> Meta:
-    return Meta(ge=low)
-
-
 _FINITE = Meta(le=sys.float_info.max)  # with the lower bound every float option has: no inf, no nan
 _NOT_EMPTY = Meta(min_length=1)
 
@@ -131,45 +123,46 @@ class Option:
 
 OPTIONS: dict[str, Option] = {o.key: o for o in (
     Option("config_dir", "path", "", None, "keys and broker state (default $XDG_CONFIG_HOME/zchat "
-           "or ~/.config/zchat)"),
+           "or ~/.config/zchat)", metavar="DIR"),
     Option("host", "str", "", DEFAULT_HOST, "broker address; on the broker the interface to bind, "
            "0.0.0.0 for all", check=_host),
-    Option("port", "int", "", DEFAULT_PORT, "the broker's input (PULL) port", _between(1, 65535)),
+    Option("port", "int", "", DEFAULT_PORT, "the broker's input (PULL) port", Meta(ge=1, le=65535)),
     Option("pub_port", "int", "", None, "the broker's publish (XPUB) port (default port + 1)",
-           _between(1, 65535)),
+           Meta(ge=1, le=65535)),
     Option("idle_exit", "float", "broker", 0.0, "stop after this many seconds with nobody online, "
-           "0 = never", _at_least(0), live=True, metavar="SECONDS"),
+           "0 = never", Meta(ge=0), live=True, metavar="SECONDS"),
     Option("db", "path", "broker", None, "history database (default <config dir>/broker/"
-           "history.sqlite3; :memory: keeps none)"),
+           "history.sqlite3; :memory: keeps none)", metavar="FILE"),
     Option("authorized_keys", "path", "broker", None, "closed mode: only keys in FILE ('name "
            "public-key [role]' lines; roles user, tap, admin) may connect; re-read on SIGHUP",
            metavar="FILE"),
     Option("history_keep", "int", "broker", L.HISTORY_KEEP_PER_ROOM, "events kept per room, "
-           "0 = no limit", _at_least(0), live=True, metavar="N"),
+           "0 = no limit", Meta(ge=0), live=True, metavar="N"),
     Option("history_days", "float", "broker", L.HISTORY_KEEP_DAYS, "drop events older than this "
-           "many days, 0 = never", _at_least(0), live=True, metavar="DAYS"),
+           "many days, 0 = never", Meta(ge=0), live=True, metavar="DAYS"),
     Option("rate_burst", "int", "broker", L.RATE_BURST, "messages a sender may send at once",
-           _at_least(1), live=True, metavar="N"),
+           Meta(ge=1), live=True, metavar="N"),
     Option("rate_per_second", "float", "broker", L.RATE_PER_SECOND, "sustained messages per second "
-           "per sender, 0 = unlimited", _at_least(0), live=True, metavar="R"),
+           "per sender, 0 = unlimited", Meta(ge=0), live=True, metavar="R"),
     Option("client_timeout", "float", "broker", L.CLIENT_TIMEOUT, "seconds of silence after which a "
-           "client is announced as left", _at_least(0.5), live=True, metavar="SECONDS"),
+           "client is announced as left", Meta(ge=0.5), live=True, metavar="SECONDS"),
     Option("max_peers", "int", "broker", L.MAX_PEERS, "keys the broker tracks at once; keys that "
-           "have not joined make room for new ones", _at_least(1), metavar="N"),
+           "have not joined make room for new ones", Meta(ge=1), metavar="N"),
     Option("connections_per_key", "int", "broker", L.CONNECTIONS_PER_KEY, "connections one key may "
-           "hold on each broker socket", _at_least(1), metavar="N"),
+           "hold on each broker socket", Meta(ge=1), metavar="N"),
     Option("new_keys_per_minute", "int", "broker", L.NEW_KEYS_PER_MINUTE, "keys new to the broker "
-           "admitted per source address and minute, 0 = no limit", _at_least(0), metavar="N"),
+           "admitted per source address and minute, 0 = no limit", Meta(ge=0), metavar="N"),
     Option("stats_interval", "float", "broker", STATS_INTERVAL, "seconds between stats events on "
-           "sys/, 0 = none", _at_least(0), live=True, metavar="SECONDS"),
+           "sys/, 0 = none", Meta(ge=0), live=True, metavar="SECONDS"),
     Option("log_level", "str", "broker", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL",
-           check=_log_level, live=True),
+           check=_log_level, live=True, metavar="LEVEL"),
     Option("log_json", "bool", "broker", False, "log one JSON object per line", live=True),
     Option("name", "str", "client", None, "your chat name (asked when not given)", check=_name),
     Option("server_key", "str", "client", None, "the broker's public key (hex or z85); found by "
-           "itself when the broker runs on this machine with the same config dir", check=_public_key),
+           "itself when the broker runs on this machine with the same config dir", check=_public_key,
+           metavar="KEY"),
     Option("key", "path", "client", None, "your secret key file (default: one per name, made on "
-           "first use in the config dir)"),
+           "first use in the config dir)", metavar="FILE"),
 )}
 
 _SHARED = ("config_dir", "host", "port", "pub_port")
