@@ -17,7 +17,9 @@ override the shared ones for that side:
     name = "alice"
 
 `resolve()` is pure (unit-tested); `load()` reads the file and the environment around it.
-Any invalid value raises ConfigError whose text is one line naming the key and the problem.
+msgspec checks every value (`msgspec.convert` against each option's type and `Meta` bounds; the
+file against structs that forbid unknown fields); this module only words what it refused:
+any invalid value raises ConfigError whose text is one line naming the key and the problem.
 """
 
 from __future__ import annotations
