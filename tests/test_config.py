@@ -142,17 +142,40 @@ def test_the_whole_file_is_checked_whatever_the_command_reads() -> None:
     assert "client.nmae" in error(file={"client": {"nmae": "alice"}})
 
 
+def test_unknown_keys_and_tables_in_every_place() -> None:
+    assert error(file={"client": {"nmae": "alice"}}) == \
+        "config file z.toml: unknown key 'client.nmae' (did you mean 'name'?)"
+    assert error(file={"broker": {"rate-burst": 3}}) == \
+        "config file z.toml: unknown key 'broker.rate-burst' (did you mean 'rate_burst'?)"
+    assert error(file={"broker": {"limits": {"x": 1}}}) == "config file z.toml: unknown key 'broker.limits'"
+    assert error(file={"a.b": 1}) == "config file z.toml: unknown key 'a.b'"
+    assert error(file={"prot": 5}) == "config file z.toml: unknown key 'prot' (did you mean 'port'?)"
+    assert error(file={"broker": {"name": "x"}}) == \
+        "config file z.toml: broker.name: belongs in the [client] table"
+    assert error(file={"client": 3}) == \
+        "config file z.toml: 'client' must be a table ([client]), got an integer (3)"
+    assert error(file={"broker": [{"port": 1}]}) == \
+        "config file z.toml: 'broker' must be a table ([broker]), got an array"  # [[broker]]
+
+
 @pytest.mark.parametrize("file, expected", [
     ({"port": "1234"}, 'port: expected an integer, got a string ("1234")'),
     ({"port": 12.5}, "port: expected an integer, got a number (12.5)"),
     ({"port": True}, "port: expected an integer, got a boolean (true)"),
-    ({"broker": {"rate_per_second": "fast"}}, 'broker.rate_per_second: expected a number, got a string'),
+    ({"client": {"port": "x"}}, 'client.port: expected an integer, got a string ("x")'),
+    ({"broker": {"rate_per_second": "fast"}},
+     'broker.rate_per_second: expected a number, got a string ("fast")'),
+    ({"broker": {"history_days": True}}, "broker.history_days: expected a number, got a boolean (true)"),
     ({"broker": {"log_json": 1}}, "broker.log_json: expected true or false, got an integer (1)"),
+    ({"broker": {"log_json": "yes"}}, 'broker.log_json: expected true or false, got a string ("yes")'),
     ({"broker": {"db": 5}}, "broker.db: expected a path (string), got an integer (5)"),
+    ({"broker": {"log_level": {}}}, "broker.log_level: expected a string, got a table"),
     ({"host": ["a"]}, "host: expected a string, got an array"),
+    ({"client": {"key": 1.5}}, "client.key: expected a path (string), got a number (1.5)"),
+    ({"client": {"server_key": ["x" * 70]}}, "client.server_key: expected a string, got an array"),
 ])
 def test_wrong_types_in_the_file(file: dict, expected: str) -> None:
-    assert error(file=file).startswith(f"config file z.toml: {expected}")
+    assert error(file=file) == f"config file z.toml: {expected}"
 
 
 @pytest.mark.parametrize("file, expected", [
@@ -160,27 +183,53 @@ def test_wrong_types_in_the_file(file: dict, expected: str) -> None:
     ({"pub_port": 70000}, "pub_port: must be between 1 and 65535, got 70000"),
     ({"broker": {"rate_burst": 0}}, "broker.rate_burst: must be at least 1, got 0"),
     ({"broker": {"history_days": -1}}, "broker.history_days: must be at least 0, got -1"),
-    ({"broker": {"stats_interval": float("nan")}}, "broker.stats_interval: must be a finite number"),
-    ({"broker": {"log_level": "loud"}}, "broker.log_level: must be one of DEBUG, INFO"),
+    ({"broker": {"client_timeout": 0.25}}, "broker.client_timeout: must be at least 0.5, got 0.25"),
+    ({"broker": {"max_peers": 0}}, "broker.max_peers: must be at least 1, got 0"),
+    ({"broker": {"connections_per_key": -3}}, "broker.connections_per_key: must be at least 1, got -3"),
+    ({"broker": {"new_keys_per_minute": -1}}, "broker.new_keys_per_minute: must be at least 0, got -1"),
+    ({"client": {"port": 65536}}, "client.port: must be between 1 and 65535, got 65536"),
+    ({"broker": {"stats_interval": float("nan")}}, "broker.stats_interval: must be a finite number, got nan"),
+    ({"broker": {"idle_exit": float("inf")}}, "broker.idle_exit: must be a finite number, got inf"),
+    ({"broker": {"history_days": float("-inf")}}, "broker.history_days: must be a finite number, got -inf"),
+    ({"broker": {"log_level": "loud"}},
+     "broker.log_level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'loud'"),
     ({"broker": {"db": ""}}, "broker.db: must not be empty"),
     ({"host": "a b"}, "host: not a host name: 'a b'"),
-    ({"client": {"name": "no spaces"}}, "client.name: invalid name 'no spaces'"),
-    ({"client": {"server_key": "abc"}}, "client.server_key: a public key is 40 z85 characters"),
+    ({"client": {"name": "no spaces"}}, "client.name: invalid name 'no spaces': 1-32 ASCII letters, "
+     "digits, '.', '-' or '_', starting with a letter or digit"),
 ])
 def test_out_of_range_in_the_file(file: dict, expected: str) -> None:
-    assert error(file=file).startswith(f"config file z.toml: {expected}")
+    assert error(file=file) == f"config file z.toml: {expected}"
+
+
+def test_an_invalid_server_key_in_the_file_says_why() -> None:
+    assert error(file={"client": {"server_key": "abc"}}).startswith(
+        "config file z.toml: client.server_key: a public key is 40 z85 characters")  # keys.py's words
 
 
 @pytest.mark.parametrize("env, expected", [
     ({"ZCHAT_PORT": "abc"}, 'environment ZCHAT_PORT="abc": expected an integer'),
+    ({"ZCHAT_PORT": "12.5"}, 'environment ZCHAT_PORT="12.5": expected an integer'),
     ({"ZCHAT_PORT": "0"}, 'environment ZCHAT_PORT="0": must be between 1 and 65535, got 0'),
+    ({"ZCHAT_MAX_PEERS": "0"}, 'environment ZCHAT_MAX_PEERS="0": must be at least 1, got 0'),
     ({"ZCHAT_RATE_PER_SECOND": "lots"}, 'environment ZCHAT_RATE_PER_SECOND="lots": expected a number'),
-    ({"ZCHAT_HISTORY_DAYS": "inf"}, 'environment ZCHAT_HISTORY_DAYS="inf": must be a finite number'),
-    ({"ZCHAT_LOG_JSON": "maybe"}, 'environment ZCHAT_LOG_JSON="maybe": expected 1/0, true/false'),
-    ({"ZCHAT_LOG_LEVEL": "chatty"}, 'environment ZCHAT_LOG_LEVEL="chatty": must be one of'),
+    ({"ZCHAT_HISTORY_DAYS": "-1"}, 'environment ZCHAT_HISTORY_DAYS="-1": must be at least 0, got -1.0'),
+    ({"ZCHAT_HISTORY_DAYS": "inf"}, 'environment ZCHAT_HISTORY_DAYS="inf": must be a finite number, got inf'),
+    ({"ZCHAT_IDLE_EXIT": "nan"}, 'environment ZCHAT_IDLE_EXIT="nan": must be a finite number, got nan'),
+    ({"ZCHAT_LOG_JSON": "maybe"},
+     'environment ZCHAT_LOG_JSON="maybe": expected 1/0, true/false, yes/no or on/off'),
+    ({"ZCHAT_LOG_LEVEL": "chatty"},
+     'environment ZCHAT_LOG_LEVEL="chatty": must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, '
+     "got 'chatty'"),
+    ({"ZCHAT_HOST": "a b"}, 'environment ZCHAT_HOST="a b": not a host name: \'a b\''),
 ])
 def test_invalid_environment_values(env: dict, expected: str) -> None:
-    assert error(env=env).startswith(expected)
+    assert error(env=env) == expected
+
+
+def test_environment_numbers_may_have_spaces_around_them() -> None:
+    s = broker(env={"ZCHAT_PORT": " 4000 ", "ZCHAT_CLIENT_TIMEOUT": "2", "ZCHAT_DB": " ~/h "})
+    assert s["port"] == 4000 and s["client_timeout"] == 2.0 and s["db"] == Path("~/h").expanduser()
 
 
 def test_an_invalid_env_value_of_a_setting_the_command_does_not_use_is_ignored() -> None:
@@ -190,10 +239,49 @@ def test_an_invalid_env_value_of_a_setting_the_command_does_not_use_is_ignored()
 def test_invalid_flag_values() -> None:
     assert error(flags={"port": 70000}) == "--port: must be between 1 and 65535, got 70000"
     assert error(flags={"rate_burst": 0}) == "--rate-burst: must be at least 1, got 0"
+    assert error(flags={"history_days": float("nan")}) == "--history-days: must be a finite number, got nan"
+    assert error(flags={"connections_per_key": 0}) == "--connections-per-key: must be at least 1, got 0"
+    assert error(flags={"log_level": "x"}) == \
+        "--log-level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'x'"
+
+
+def test_flag_values_are_normalised() -> None:
+    s = broker(flags={"log_level": "warning", "db": Path("~/x.db"), "idle_exit": 5.0, "log_json": False})
+    assert s["log_level"] == "WARNING" and s["db"] == Path("~/x.db").expanduser()
+    assert s["idle_exit"] == 5.0 and s["log_json"] is False and s.sources["log_json"] == "flag --log-json"
 
 
 def test_a_valid_flag_does_not_hide_an_invalid_file() -> None:
     assert "unknown key" in error(flags={"port": 5}, file={"prot": 5})
+
+
+# --- --help: each setting's text is written once, in OPTIONS ----------------------------------
+
+
+def _flag_helps(command: str | None) -> dict[str, str | None]:
+    from zchat.cli import build_parser
+
+    parser = build_parser()
+    if command is not None:
+        parser = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest: a.help for a in parser._actions}
+
+
+@pytest.mark.parametrize("command", ["broker", "client", "send", None])
+def test_each_settings_flag_shows_the_help_from_options(command: str | None) -> None:
+    helps = _flag_helps(command)
+    keys_ = config.COMMANDS[command][1]
+    keys_ = tuple(k for k in keys_ if k != "idle_exit")  # `zchat` alone: a started broker's, its own
+    assert keys_ and all(helps[key] == config.flag_help(key) for key in keys_)
+
+
+def test_help_shows_the_default_from_the_table() -> None:
+    assert config.flag_help("port") == "the broker's input (PULL) port (default 1234)"
+    assert config.flag_help("history_days").endswith(", 0 = never (default 30)")
+    assert config.flag_help("max_peers").endswith(f"(default {L.MAX_PEERS})")
+    assert config.flag_help("log_json") == "log one JSON object per line"  # --log-json / --no-log-json
+    assert _flag_helps("tap")["server_key"] == _flag_helps("stats")["server_key"] == \
+        config.OPTIONS["server_key"].help
 
 
 # --- load: the file and the environment around resolve ---------------------------------------

@@ -236,6 +236,10 @@ def test_print_config_shows_precedence(chat: Chat, tmp_path: Path) -> None:
     ("[broker]\nrate_burst = 0\n", "broker.rate_burst: must be at least 1, got 0"),
     ("[broker]\nrate_brust = 5\n", "unknown key 'broker.rate_brust' (did you mean 'rate_burst'?)"),
     ("port = \"high\"\n", 'port: expected an integer, got a string ("high")'),
+    ("[broker]\nmax_peers = 0\n", "broker.max_peers: must be at least 1, got 0"),
+    ("[broker]\nhistory_days = inf\n", "broker.history_days: must be a finite number, got inf"),
+    ("[client]\nnmae = \"alice\"\n", "unknown key 'client.nmae' (did you mean 'name'?)"),
+    ("[[broker]]\nport = 1\n", "'broker' must be a table ([broker]), got an array"),
     ("[broker\n", "invalid TOML: "),
 ])
 def test_an_invalid_config_file_stops_start_up_with_one_line(chat: Chat, tmp_path: Path, content: str,
@@ -247,6 +251,8 @@ def test_an_invalid_config_file_stops_start_up_with_one_line(chat: Chat, tmp_pat
     assert done.stdout == ""
     assert done.stderr.startswith(f"zchat: config file {path}: {expected}")
     assert done.stderr.count("\n") == 1
+    if not expected.startswith("invalid TOML"):  # else tomllib's own words follow
+        assert done.stderr == f"zchat: config file {path}: {expected}\n"
     assert not (keys.broker_dir(chat.config_dir) / "broker.json").exists()
 
 
@@ -254,6 +260,12 @@ def test_an_invalid_environment_value_stops_start_up_with_one_line(chat: Chat) -
     done = zchat(chat, "broker", *chat.endpoint_args(), env=clean_env(chat, ZCHAT_STATS_INTERVAL="often"))
     assert done.returncode == 2
     assert done.stderr == 'zchat: environment ZCHAT_STATS_INTERVAL="often": expected a number\n'
+    done = zchat(chat, "broker", *chat.endpoint_args(), env=clean_env(chat, ZCHAT_NEW_KEYS_PER_MINUTE="-1"))
+    assert done.returncode == 2
+    assert done.stderr == 'zchat: environment ZCHAT_NEW_KEYS_PER_MINUTE="-1": must be at least 0, got -1\n'
+    done = zchat(chat, "broker", *chat.endpoint_args(), "--connections-per-key", "0", env=clean_env(chat))
+    assert done.returncode == 2
+    assert done.stderr == "zchat: --connections-per-key: must be at least 1, got 0\n"
 
 
 def test_the_config_file_and_env_reach_the_broker_and_clients(chat: Chat) -> None:

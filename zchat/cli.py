@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from zchat import config, keys
-from zchat import limits as L
 from zchat.core import Limits
-from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
+from zchat.endpoints import Endpoints
 from zchat.history import Retention, StoredEvent
 from zchat.launcher import AUTOSTART_IDLE_EXIT
 from zchat.protocol import DEFAULT_ROOM
@@ -70,26 +69,29 @@ def _converted(text: str, kind: Callable[[str], T], what: str) -> T:
         raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
 
 
+def _setting(parser: argparse.ArgumentParser, key: str) -> None:
+    """The flag of a setting, its help and type from zchat.config.OPTIONS (written once, there).
+    It defaults to None: zchat.config fills it in from env, file and defaults."""
+    opt = config.OPTIONS[key]
+    if opt.kind == "bool":
+        parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=config.flag_help(key))
+        return
+    kinds: dict[str, type] = {"int": int, "float": float, "str": str, "path": Path}
+    parser.add_argument(opt.flag, type=kinds[opt.kind], default=None, metavar=opt.metavar,
+                        help=config.flag_help(key))
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    # Settings default to None here: zchat.config fills them in from env, file and defaults.
     parser.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="settings file (default $ZCHAT_CONFIG, else <config dir>/zchat.toml)")
-    parser.add_argument("--host", default=None,
-                        help=f"broker address (default {DEFAULT_HOST}; broker: 0.0.0.0 for all interfaces)")
-    parser.add_argument("--port", type=int, default=None,
-                        help=f"input (PULL) port (default {DEFAULT_PORT})")
-    parser.add_argument("--pub-port", type=int, default=None,
-                        help="publish (XPUB) port (default: --port + 1)")
-    parser.add_argument("--config-dir", type=Path, default=None,
-                        help="keys and broker state (default $ZCHAT_CONFIG_DIR or ~/.config/zchat)")
+    for key in ("host", "port", "pub_port", "config_dir"):
+        _setting(parser, key)
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", help="your chat name (asked when not given)")
-    parser.add_argument("--server-key", help="the broker's public key (hex or z85); found by itself "
-                        "when the broker runs on this machine with the same config dir")
-    parser.add_argument("--key", type=Path, help="your secret key file (default: one per name, made "
-                        "on first use in the config dir)")
+    for key in ("name", "server_key", "key"):
+        _setting(parser, key)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,43 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="run the broker in the foreground")
     _common(broker)
-    broker.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
-                        help="stop after this long with nobody online")
     broker.add_argument("--stop", action="store_true", help="stop the broker running for this config dir")
-    broker.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    broker.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
-                        help="log one JSON object per line")
-    broker.add_argument("--client-timeout", type=float, default=None, metavar="SECONDS",
-                        help=f"announce a silent client as left after this long (default "
-                        f"{L.CLIENT_TIMEOUT:g})")
-    broker.add_argument("--max-peers", type=int, default=None, metavar="N",
-                        help=f"keys tracked at once; keys that have not joined make room for new ones "
-                        f"(default {L.MAX_PEERS})")
-    broker.add_argument("--connections-per-key", type=int, default=None, metavar="N",
-                        help=f"connections one key may hold on each socket (default {L.CONNECTIONS_PER_KEY})")
-    broker.add_argument("--new-keys-per-minute", type=int, default=None, metavar="N",
-                        help=f"keys new to the broker admitted per source address and minute, 0 = no "
-                        f"limit (default {L.NEW_KEYS_PER_MINUTE})")
-    broker.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS",
-                        help=f"seconds between stats events on sys/, 0 = none (default "
-                        f"{L.STATS_INTERVAL:g})")
     broker.add_argument("--print-config", action="store_true",
                         help="print the effective settings and where each came from, then exit")
-    broker.add_argument("--authorized-keys", type=Path, default=None, metavar="FILE",
-                        help="closed mode: only keys in FILE ('name public-key [role]' lines; roles "
-                        "user, tap, admin) may connect; re-read on SIGHUP")
-    broker.add_argument("--db", type=Path, default=None,
-                        help="history database (default <config>/broker/history.sqlite3; "
-                        ":memory: keeps none)")
-    broker.add_argument("--history-keep", type=int, default=None, metavar="N",
-                        help=f"events kept per room, 0 = no limit (default {L.HISTORY_KEEP_PER_ROOM})")
-    broker.add_argument("--history-days", type=float, default=None, metavar="DAYS",
-                        help=f"drop events older than this, 0 = never (default {L.HISTORY_KEEP_DAYS:g})")
-    broker.add_argument("--rate-burst", type=int, default=None, metavar="N",
-                        help=f"messages a sender may send at once (default {L.RATE_BURST})")
-    broker.add_argument("--rate-per-second", type=float, default=None, metavar="R",
-                        help=f"sustained messages per second per sender, 0 = unlimited (default "
-                        f"{L.RATE_PER_SECOND:g})")
+    for key in config.BROKER_KEYS:
+        if config.OPTIONS[key].section == "broker":  # _common added the shared ones
+            _setting(broker, key)
 
     keygen = sub.add_parser("keygen", help="make a key pair and print the line for an operator's "
                             "authorized-keys file")
@@ -154,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = sub.add_parser("history", help="search and export the stored public history and the "
                              "private messages kept for offline users (sealed)")
-    history.add_argument("--config-dir", type=Path, default=None, help="the broker's config dir")
+    _setting(history, "config_dir")
     history.add_argument("--config", type=Path, default=None, metavar="FILE", help="settings file")
-    history.add_argument("--db", type=Path, default=None, help="the database (default: the broker's)")
+    _setting(history, "db")
     history.add_argument("--room", help="only this room")
     history.add_argument("--since", help="only events since a date (2026-11-26, '2026-11-26 14:00') "
                          "or an age (90m, 2h, 7d)")
@@ -184,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "recorded, with size or time rotation")
     _common(tap)
     tap.add_argument("--name", help="use the key kept for this name (default: tap); a tap never joins")
-    tap.add_argument("--server-key", help="the broker's public key (hex or z85); found by itself when the "
-                     "broker runs on this machine with the same config dir")
+    _setting(tap, "server_key")
     tap.add_argument("--key", type=Path, help="secret key file to use instead")
     tap.add_argument("--format", choices=("jsonl", "text"), default="jsonl",
                      help="jsonl: one JSON object per event (default); text: [date time] #room name: text")
@@ -218,8 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _monitor_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server-key", help="the broker's public key (hex or z85); found by itself when "
-                        "the broker runs on this machine with the same config dir")
+    _setting(parser, "server_key")
     parser.add_argument("--key", type=Path, help="secret key file to use (default: a 'monitor' key made in "
                         "the config dir)")
 

@@ -17,7 +17,9 @@ override the shared ones for that side:
     name = "alice"
 
 `resolve()` is pure (unit-tested); `load()` reads the file and the environment around it.
-Any invalid value raises ConfigError whose text is one line naming the key and the problem.
+msgspec checks every value (`msgspec.convert` against each option's type and `Meta` bounds; the
+file against structs that forbid unknown fields); this module only words what it refused:
+any invalid value raises ConfigError whose text is one line naming the key and the problem.
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ import difflib
 import json
 import math
 import os
+import re
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 from zchat import limits as L
 from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT
@@ -46,15 +53,15 @@ class ConfigError(Exception):
     """An invalid setting; the message is one line naming the key and the problem."""
 
 
-# --- checks: None when fine, else the problem -----------------------------------------
+class _Invalid(Exception):
+    """A value's problem in words; the caller says where the value came from."""
 
 
-def _between(low: float, high: float) -> Callable[[Any], str | None]:
-    return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g}, got {v!r}"
+# --- checks: bounds are msgspec constraints; the few no type can say are functions -----------
 
 
-def _at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"must be at least {low:g}, got {v!r}"
+_FINITE = Meta(le=sys.float_info.max)  # with the lower bound every float option has: no inf, no nan
+_NOT_EMPTY = Meta(min_length=1)
 
 
 def _log_level(value: str) -> str | None:
@@ -84,6 +91,8 @@ def _public_key(value: str) -> str | None:
 
 # --- the options ---------------------------------------------------------------------
 
+_BASE: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "path": str}
+
 
 @dataclass(frozen=True)
 class Option:
@@ -91,9 +100,11 @@ class Option:
     kind: str  # int | float | str | bool | path
     section: str  # "": shared (top level, or a side's table); "broker" / "client": that table only
     default: Any
-    help: str
+    help: str  # the one text for --help (cli.py adds the default)
+    bounds: Meta | None = None
     check: Callable[[Any], str | None] | None = None
     live: bool = False  # the broker applies a change on SIGHUP; otherwise it needs a restart
+    metavar: str | None = None  # the flag's argument in --help
 
     @property
     def env(self) -> str:
@@ -103,45 +114,56 @@ class Option:
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
 
+    @property
+    def type(self) -> Any:
+        """The type msgspec checks a value against: the kind with its bounds."""
+        extra = {"float": _FINITE, "path": _NOT_EMPTY}.get(self.kind)
+        metas = [m for m in (self.bounds, extra) if m is not None]
+        return Annotated[(_BASE[self.kind], *metas)] if metas else _BASE[self.kind]
+
 
 OPTIONS: dict[str, Option] = {o.key: o for o in (
     Option("config_dir", "path", "", None, "keys and broker state (default $XDG_CONFIG_HOME/zchat "
-           "or ~/.config/zchat)"),
-    Option("host", "str", "", DEFAULT_HOST, "broker address; on the broker the interface to bind",
-           _host),
-    Option("port", "int", "", DEFAULT_PORT, "the broker's input (PULL) port", _between(1, 65535)),
+           "or ~/.config/zchat)", metavar="DIR"),
+    Option("host", "str", "", DEFAULT_HOST, "broker address; on the broker the interface to bind, "
+           "0.0.0.0 for all", check=_host),
+    Option("port", "int", "", DEFAULT_PORT, "the broker's input (PULL) port", Meta(ge=1, le=65535)),
     Option("pub_port", "int", "", None, "the broker's publish (XPUB) port (default port + 1)",
-           _between(1, 65535)),
-    Option("idle_exit", "float", "broker", 0.0, "stop after this many seconds with nobody online "
-           "(0 = never)", _at_least(0), live=True),
+           Meta(ge=1, le=65535)),
+    Option("idle_exit", "float", "broker", 0.0, "stop after this many seconds with nobody online, "
+           "0 = never", Meta(ge=0), live=True, metavar="SECONDS"),
     Option("db", "path", "broker", None, "history database (default <config dir>/broker/"
-           "history.sqlite3; :memory: keeps none)"),
-    Option("authorized_keys", "path", "broker", None, "closed mode: the authorized-keys file "
-           "(its contents are re-read on SIGHUP)"),
-    Option("history_keep", "int", "broker", L.HISTORY_KEEP_PER_ROOM, "events kept per room "
-           "(0 = no limit)", _at_least(0), live=True),
+           "history.sqlite3; :memory: keeps none)", metavar="FILE"),
+    Option("authorized_keys", "path", "broker", None, "closed mode: only keys in FILE ('name "
+           "public-key [role]' lines; roles user, tap, admin) may connect; re-read on SIGHUP",
+           metavar="FILE"),
+    Option("history_keep", "int", "broker", L.HISTORY_KEEP_PER_ROOM, "events kept per room, "
+           "0 = no limit", Meta(ge=0), live=True, metavar="N"),
     Option("history_days", "float", "broker", L.HISTORY_KEEP_DAYS, "drop events older than this "
-           "(0 = never)", _at_least(0), live=True),
+           "many days, 0 = never", Meta(ge=0), live=True, metavar="DAYS"),
     Option("rate_burst", "int", "broker", L.RATE_BURST, "messages a sender may send at once",
-           _at_least(1), live=True),
+           Meta(ge=1), live=True, metavar="N"),
     Option("rate_per_second", "float", "broker", L.RATE_PER_SECOND, "sustained messages per second "
-           "per sender (0 = unlimited)", _at_least(0), live=True),
+           "per sender, 0 = unlimited", Meta(ge=0), live=True, metavar="R"),
     Option("client_timeout", "float", "broker", L.CLIENT_TIMEOUT, "seconds of silence after which a "
-           "client is announced as left", _at_least(0.5), live=True),
-    Option("max_peers", "int", "broker", L.MAX_PEERS, "keys the broker tracks at once (members "
-           "first: keys that have not joined make room)", _at_least(1)),
+           "client is announced as left", Meta(ge=0.5), live=True, metavar="SECONDS"),
+    Option("max_peers", "int", "broker", L.MAX_PEERS, "keys the broker tracks at once; keys that "
+           "have not joined make room for new ones", Meta(ge=1), metavar="N"),
     Option("connections_per_key", "int", "broker", L.CONNECTIONS_PER_KEY, "connections one key may "
-           "hold on each broker socket", _at_least(1)),
+           "hold on each broker socket", Meta(ge=1), metavar="N"),
     Option("new_keys_per_minute", "int", "broker", L.NEW_KEYS_PER_MINUTE, "keys new to the broker "
-           "admitted per source address and minute (0 = no limit)", _at_least(0)),
+           "admitted per source address and minute, 0 = no limit", Meta(ge=0), metavar="N"),
     Option("stats_interval", "float", "broker", L.STATS_INTERVAL, "seconds between stats events on "
-           "sys/ (0 = none)", _at_least(0), live=True),
+           "sys/, 0 = none", Meta(ge=0), live=True, metavar="SECONDS"),
     Option("log_level", "str", "broker", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL",
-           _log_level, live=True),
+           check=_log_level, live=True, metavar="LEVEL"),
     Option("log_json", "bool", "broker", False, "log one JSON object per line", live=True),
-    Option("name", "str", "client", None, "your chat name", _name),
-    Option("server_key", "str", "client", None, "the broker's public key (hex or z85)", _public_key),
-    Option("key", "path", "client", None, "your secret key file"),
+    Option("name", "str", "client", None, "your chat name (asked when not given)", check=_name),
+    Option("server_key", "str", "client", None, "the broker's public key (hex or z85); found by "
+           "itself when the broker runs on this machine with the same config dir", check=_public_key,
+           metavar="KEY"),
+    Option("key", "path", "client", None, "your secret key file (default: one per name, made on "
+           "first use in the config dir)", metavar="FILE"),
 )}
 
 _SHARED = ("config_dir", "host", "port", "pub_port")
@@ -164,7 +186,16 @@ COMMANDS: dict[str | None, tuple[str, tuple[str, ...]]] = {
 }
 
 
-# --- conversions -----------------------------------------------------------------------
+def flag_help(key: str) -> str:
+    """The option's --help text: its help and, when it has one, its default."""
+    opt = OPTIONS[key]
+    if opt.default is None or opt.kind == "bool":
+        return opt.help
+    default = f"{opt.default:g}" if opt.kind == "float" else opt.default
+    return f"{opt.help} (default {default})"
+
+
+# --- values: msgspec checks the type and bounds; the words are ours -------------------------
 
 
 def _describe(value: Any) -> str:
@@ -189,89 +220,127 @@ def _short(text: str, limit: int = 60) -> str:
 
 _EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
              "path": "a path (string)"}
+_TRUTH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+          "off": False}
 
 
-def _finish(opt: Option, value: Any) -> tuple[Any, str | None]:
-    """Range-check and normalise a value of the right type."""
-    if opt.kind == "float" and not math.isfinite(value):
-        return value, f"must be a finite number, got {value!r}"
-    if opt.kind == "path" and str(value) == "":
-        return value, "must not be empty"
-    problem = opt.check(value) if opt.check else None
-    if problem is None and opt.key == "log_level":
-        value = value.upper()
-    if opt.kind == "float":
-        value = float(value)
-    if opt.kind == "path":
-        value = Path(value).expanduser()
-    return value, problem
-
-
-def _from_file(opt: Option, raw: Any) -> tuple[Any, str | None]:
-    ok = {"int": type(raw) is int, "float": type(raw) in (int, float), "str": type(raw) is str,
-          "bool": type(raw) is bool, "path": type(raw) is str}[opt.kind]
-    if not ok:
-        return raw, f"expected {_EXPECTED[opt.kind]}, got {_describe(raw)}"
-    return _finish(opt, raw)
-
-
-def _from_env(opt: Option, text: str) -> tuple[Any, str | None]:
-    value: Any = text.strip()
+def _explain(opt: Option, value: Any) -> str:
+    """Why msgspec refused `value` for `opt`, said as a person would."""
     try:
-        if opt.kind == "int":
-            value = int(value)
-        elif opt.kind == "float":
-            value = float(value)
-        elif opt.kind == "bool":
-            truth = {"1": True, "true": True, "yes": True, "on": True,
-                     "0": False, "false": False, "no": False, "off": False}
-            value = truth[value.lower()]
-    except (ValueError, KeyError):
-        expected = "1/0, true/false, yes/no or on/off" if opt.kind == "bool" else _EXPECTED[opt.kind]
-        return text, f"expected {expected}"
-    return _finish(opt, value)
+        msgspec.convert(value, _BASE[opt.kind])  # strict: "1" is no integer, 1 is no boolean
+    except msgspec.ValidationError:
+        return f"expected {_EXPECTED[opt.kind]}, got {_describe(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if opt.kind == "path":
+        return "must not be empty"
+    assert opt.bounds is not None and opt.bounds.ge is not None  # the only bounds the table uses
+    if opt.bounds.le is not None:
+        return f"must be between {opt.bounds.ge:g} and {opt.bounds.le:g}, got {value!r}"
+    return f"must be at least {opt.bounds.ge:g}, got {value!r}"
 
 
-def _from_flag(opt: Option, value: Any) -> tuple[Any, str | None]:
-    return _finish(opt, value)  # argparse already gave it its type
+def _finish(opt: Option, value: Any) -> Any:
+    """Check what no type says, and normalise a value of the right type and in bounds."""
+    problem = opt.check(value) if opt.check else None
+    if problem:
+        raise _Invalid(problem)
+    if opt.key == "log_level":
+        return value.upper()
+    if opt.kind == "path":
+        return Path(value).expanduser()
+    return value
+
+
+def _typed(opt: Option, value: Any) -> Any:
+    """A value from a flag (argparse gave it its type) or from env text, checked and normalised."""
+    try:
+        converted = msgspec.convert(str(value) if isinstance(value, Path) else value, opt.type)
+    except msgspec.ValidationError:
+        raise _Invalid(_explain(opt, value)) from None
+    return _finish(opt, converted)
+
+
+def _from_env(opt: Option, text: str) -> Any:
+    text = text.strip()
+    if opt.kind == "bool":
+        if text.lower() not in _TRUTH:
+            raise _Invalid("expected 1/0, true/false, yes/no or on/off")
+        return _TRUTH[text.lower()]
+    try:
+        value = msgspec.convert(text, _BASE[opt.kind], strict=False)  # "12" -> 12
+    except msgspec.ValidationError:
+        raise _Invalid(f"expected {_EXPECTED[opt.kind]}") from None
+    return _typed(opt, value)
 
 
 # --- the file ----------------------------------------------------------------------------
 
 
-def _unknown(where: str, key: str, candidates: list[str]) -> ConfigError:
+def _table(name: str, keys: list[str], **tables: type) -> type:
+    """A msgspec struct for one table of the file: these keys, each optional, nothing else."""
+    fields = [(key, OPTIONS[key].type | UnsetType, UNSET) for key in keys]
+    fields += [(side, struct | UnsetType, UNSET) for side, struct in tables.items()]
+    return msgspec.defstruct(name, fields, forbid_unknown_fields=True)
+
+
+def _keys_of(section: str) -> list[str]:
+    return [k for k, o in OPTIONS.items() if o.section in ("", section)]
+
+
+_FILE = _table("File", _keys_of(""), **{side: _table(side.title(), _keys_of(side)) for side in SIDES})
+_ERROR = re.compile(r"(?P<what>.*?)(?: - at `\$\.(?P<path>[^`]*)`)?")
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>.*)`")
+
+
+def _unknown(table: str, key: str) -> str:
+    other = OPTIONS.get(key)
+    name = f"{table}.{key}" if table else key
+    if other is not None:
+        return f"{name}: belongs in the [{other.section}] table"
+    candidates = _keys_of(table) if table else [*_keys_of(""), *SIDES]
     close = difflib.get_close_matches(key.replace("-", "_"), candidates, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{where}unknown key '{key}'{hint}")
+    return f"unknown key '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
-def check_file(doc: Mapping[str, Any], origin: str) -> None:
-    """Every key known, of the right type and in range, wherever it is in the file."""
+def _file_problem(doc: Mapping[str, Any], error: str) -> str:
+    """msgspec's error (which check failed where) as today's one line about that key."""
+    match = _ERROR.fullmatch(error)
+    path = match["path"].split(".") if match and match["path"] else []
+    unknown = _UNKNOWN.fullmatch(match["what"]) if match else None
+    if unknown:
+        return _unknown(path[0] if path else "", unknown["key"])
+    if len(path) == 1 and path[0] in SIDES:
+        return f"'{path[0]}' must be a table ([{path[0]}]), got {_describe(doc[path[0]])}"
+    if path and path[-1] in OPTIONS and len(path) <= 2:
+        raw = doc[path[0]] if len(path) == 1 else doc[path[0]][path[1]]
+        return f"{'.'.join(path)}: {_explain(OPTIONS[path[-1]], raw)}"
+    return error  # a shape this module does not expect: msgspec's own words
+
+
+def check_file(doc: Mapping[str, Any], origin: str) -> dict[str, dict[str, Any]]:
+    """Every key known, of the right type and in range, wherever it is in the file.
+
+    Returns the checked values by table: "" for the top level, then "broker" and "client".
+    """
     where = f"config file {origin}: "
-    shared = [k for k, o in OPTIONS.items() if o.section == ""]
-    for key, raw in doc.items():
-        if key in SIDES:
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{where}'{key}' must be a table ([{key}]), got {_describe(raw)}")
-            allowed = [k for k, o in OPTIONS.items() if o.section in ("", key)]
-            for sub, value in raw.items():
-                if sub not in allowed:
-                    other = OPTIONS.get(sub)
-                    if other is not None:
-                        raise ConfigError(f"{where}{key}.{sub}: belongs in the [{other.section}] table")
-                    raise _unknown(where, f"{key}.{sub}", allowed)
-                _, problem = _from_file(OPTIONS[sub], value)
-                if problem:
-                    raise ConfigError(f"{where}{key}.{sub}: {problem}")
-            continue
-        opt = OPTIONS.get(key)
-        if opt is None:
-            raise _unknown(where, key, [*shared, *SIDES])
-        if opt.section != "":
-            raise ConfigError(f"{where}{key}: belongs in the [{opt.section}] table")
-        _, problem = _from_file(opt, raw)
-        if problem:
-            raise ConfigError(f"{where}{key}: {problem}")
+    try:
+        parsed = msgspec.convert(doc, _FILE)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(where + _file_problem(doc, str(exc))) from None
+    sides = {side: getattr(parsed, side) for side in SIDES}
+    tables = {"": parsed, **{side: struct for side, struct in sides.items() if struct is not UNSET}}
+    checked: dict[str, dict[str, Any]] = {side: {} for side in ("", *SIDES)}
+    for table, struct in tables.items():
+        for key in struct.__struct_fields__:
+            value = getattr(struct, key)
+            if key in SIDES or value is UNSET:
+                continue
+            try:
+                checked[table][key] = _finish(OPTIONS[key], value)
+            except _Invalid as exc:
+                raise ConfigError(f"{where}{table + '.' if table else ''}{key}: {exc}") from None
+    return checked
 
 
 def read_file(path: Path, explicit: bool) -> dict[str, Any] | None:
@@ -313,24 +382,26 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str,
     the parsed config file (checked whole, whatever this command reads of it); `side`: the
     file table this command reads ("broker" or "client"); `origin`: the file's name in messages.
     """
-    check_file(file, origin)
-    table = file.get(side, {})
+    tables = check_file(file, origin)
+    table, top = tables[side], tables[""]
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key, default in defaults.items():
         opt = OPTIONS[key]
         if flags.get(key) is not None:
-            value, problem = _from_flag(opt, flags[key])
-            if problem:
-                raise ConfigError(f"{opt.flag}: {problem}")
+            try:
+                value = _typed(opt, flags[key])  # argparse already gave it its type
+            except _Invalid as exc:
+                raise ConfigError(f"{opt.flag}: {exc}") from None
             source = f"flag {opt.flag}"
         elif env.get(opt.env, "").strip():  # set but empty counts as unset
-            value, problem = _from_env(opt, env[opt.env])
-            if problem:
-                raise ConfigError(f"environment {opt.env}={_short(env[opt.env])}: {problem}")
+            try:
+                value = _from_env(opt, env[opt.env])
+            except _Invalid as exc:
+                raise ConfigError(f"environment {opt.env}={_short(env[opt.env])}: {exc}") from None
             source = f"env {opt.env}"
-        elif key in table or (opt.section == "" and key in file):
-            value, _ = _from_file(opt, table[key] if key in table else file[key])  # checked above
+        elif key in table or key in top:
+            value = table[key] if key in table else top[key]
             source = f"file {origin}" + (f" [{side}]" if key in table else "")
         else:
             value, source = default, "default"
