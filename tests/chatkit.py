@@ -274,6 +274,11 @@ class World:
         elif not client.refused and len(client.pipe) < L.CLIENT_SNDHWM:
             client.pipe.append(body)
 
+    def push_raw(self, client: LoopClient, body: bytes) -> None:
+        """A frame `client`'s PUSH socket never made (a bug in a client), then settle."""
+        self.push(client, body)
+        self.settle()
+
     def subscribe(self, client: LoopClient, topic: str) -> None:
         if not self._reachable(client):
             return

@@ -8,6 +8,7 @@ import pytest
 from conftest import CLOCK, Chat, Proc
 from peers import RawPeer, broker_key
 
+from zchat import limits as L
 from zchat.protocol import Direct, Message
 
 pytestmark = pytest.mark.timeout(90)
@@ -134,6 +135,24 @@ def test_zchat_send_exits_0_once_accepted_and_non_zero_with_a_reason(chat: Chat)
     invalid = _send(chat, "--name", "deploy", "--room", "no spaces allowed", "x")
     assert invalid.wait_exit(15) == 2
     invalid.wait_for(r"^zchat send: invalid room")
+
+
+def test_zchat_send_refuses_an_over_long_text_unless_split(chat: Chat) -> None:
+    """Issue 14, item 8: exit 2 at once with the length and the limit (it timed out with exit
+    3); --split sends it as several messages, cut at spaces."""
+    chat.start_broker()
+    bob = chat.joined_client("bob")
+    words = [f"word{i:04d}" for i in range(333)]  # 2,996 characters
+    text = " ".join(words) + " end"
+    too_long = _send(chat, "--name", "deploy", text)
+    assert too_long.wait_exit(15) == 2
+    too_long.wait_for(rf"^zchat send: message too long \(3000 characters, the limit is {L.MAX_TEXT_CHARS}\); "
+                      r"--split sends it as several messages$")
+    assert bob.count("deploy") == 0
+    split = _send(chat, "--name", "deploy", "--split", text)
+    assert split.wait_exit(15) == 0
+    bob.wait_for(rf"^{CLOCK} deploy: word0222 .* word0332 end$", timeout=5)
+    bob.wait_for(rf"^{CLOCK} deploy: word0000 .* word0221$", timeout=1)
 
 
 def test_zchat_send_times_out_without_a_broker(chat: Chat) -> None:

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--room", help="the room to send to (default lobby)")
     target.add_argument("--to", metavar="NAME", help="send a private message to NAME instead")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    send.add_argument("--split", action="store_true",
+                      help=f"send a text over {L.MAX_TEXT_CHARS} characters as several messages, "
+                      "cut at spaces")
     send.add_argument("text", nargs="+", help="the message")
 
     tap = sub.add_parser("tap", help="log every public event (JSON lines or text), gaps backfilled or "
@@ -361,7 +364,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=keypair, rooms=rooms)
         return ChatClient(settings, on_event)
 
-    return run_send(make_client, args.name, " ".join(args.text), args.room, args.to, args.timeout)
+    return run_send(make_client, args.name, " ".join(args.text), args.room, args.to, args.timeout,
+                    split=args.split)
 
 
 def cmd_tap(args: argparse.Namespace) -> int:

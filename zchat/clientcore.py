@@ -37,6 +37,7 @@ from typing import Literal, NamedTuple
 from nacl.exceptions import CryptoError
 
 from zchat import limits as L
+from zchat.commands import too_long
 from zchat.e2e import Keyring, OpenError, fingerprint
 from zchat.events import (
     ClientEvent,
@@ -526,6 +527,10 @@ class ClientCore:
         if self._removed is not None:
             self._refuse(None, Code.NOT_JOINED, self._removed_detail(), now)
             return
+        problem = _field_problem(message)
+        if problem is not None:  # the broker's refusal would quote its validator
+            self._refuse(None, *problem, now)
+            return
         self._outbox.append(message)
 
     def _enter(self, room: str, now: Now) -> None:
@@ -549,6 +554,8 @@ class ClientCore:
             self._start_join(name, "reconnected", now)
         elif self._removed is not None:
             self._refuse(None, Code.NOT_JOINED, self._removed_detail(), now)
+        elif len(name) > L.MAX_NAME_CHARS:
+            self._refuse(None, Code.INVALID_NAME, f"names are at most {L.MAX_NAME_CHARS} characters", now)
         else:
             self._outbox.append(Nick(name=name))
 
@@ -578,7 +585,7 @@ class ClientCore:
             while self._ready_head(now):  # what was asked before closing still goes, in order
                 self._send(self._outbox.popleft(), now)  # type: ignore[arg-type]
             if message is not None and self.name is not None:
-                self._send(Leave(message=message), now)
+                self._send(Leave(message=message[:L.MAX_REASON_CHARS]), now)  # a parting word: cut, not lost
         self._closed = True
         self._pending_join = None
         self._out.append(Stopped())
@@ -790,6 +797,8 @@ class ClientCore:
                 self._confirm(draft.ref)
         if isinstance(event, (Message, Action)) and event.ref is not None and event.name == self.name:
             self._confirm(event.ref)
+        if isinstance(event, Error) and event.code == Code.BAD_REQUEST:
+            event = _readable(event)
         self._follow(event)
         if self._repeated_notice(event):
             return  # the same arrival/departure/rename, seen again through another shared room
@@ -931,8 +940,7 @@ class ClientCore:
     def _invalid(message: SpokenMessage) -> tuple[str, str] | None:
         """Why the broker would refuse `message` without naming it (so it would wait forever)."""
         if len(message.text) > L.MAX_TEXT_CHARS:
-            return Code.TOO_LARGE, (f"message too long ({len(message.text)} characters, the limit is "
-                                    f"{L.MAX_TEXT_CHARS})")
+            return Code.TOO_LARGE, too_long(message.text, L.MAX_TEXT_CHARS)
         if isinstance(message, DirectDraft):
             # Sealed end to end, so the broker cannot check these: checked here instead.
             if len(message.to) > L.MAX_NAME_CHARS:
@@ -964,6 +972,30 @@ class ClientCore:
     def _take(self) -> list[Effect]:
         out, self._out = self._out, []
         return out
+
+
+def _field_problem(message: ClientMessage) -> tuple[str, str] | None:
+    """A field of a request the broker's decoder would refuse as too long, said plainly."""
+    name = getattr(message, "name", None)
+    if isinstance(name, str) and len(name) > L.MAX_NAME_CHARS:
+        return Code.NO_SUCH_USER, f"no such user: names are at most {L.MAX_NAME_CHARS} characters"
+    room = getattr(message, "room", None)
+    if isinstance(room, str) and len(room) > L.MAX_ROOM_CHARS + 1:
+        return Code.INVALID_ROOM, f"no such room: rooms are at most {L.MAX_ROOM_CHARS} characters"
+    for field_name in ("reason", "message"):
+        text = getattr(message, field_name, None)
+        if isinstance(text, str) and len(text) > L.MAX_REASON_CHARS:
+            return Code.TOO_LARGE, (f"{field_name} too long ({len(text)} characters, the limit is "
+                                    f"{L.MAX_REASON_CHARS})")
+    return None
+
+
+def _readable(error: Error) -> Error:
+    """The broker's `bad_request` quotes its decoder (`Expected str of length <= 32 - at
+    $.name`): words for a programmer, not for a person. The client checks what it can first;
+    anything left is a bug in this client."""
+    detail = "the broker could not read a request from this client (bad_request); please report this"
+    return Error(seq=error.seq, ts=error.ts, code=error.code, detail=detail, ref=error.ref, key=error.key)
 
 
 # --- the API a UI calls -----------------------------------------------------------------

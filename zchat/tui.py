@@ -17,8 +17,9 @@ from typing import TextIO
 
 from zchat.client import JoinError, SendError
 from zchat.clientcore import ClientApi
-from zchat.commands import COMMANDS, UsageError, help_text, parse
+from zchat.commands import COMMANDS, UsageError, help_text, parse, split_text, too_long
 from zchat.events import ClientEvent, Connection, Status, StatusState
+from zchat.limits import MAX_TEXT_CHARS
 from zchat.protocol import Code, Joined, Left, LeftReason, normalize_room
 from zchat.render import View, clock, mentions, render
 
@@ -137,11 +138,16 @@ class Session:
         if name == "help":
             self.show(help_text(args[0] if args else None))
         elif name == "say":
-            client.say(args[0], self._current())
+            room = self._current()
+            for piece in self._pieces(args[0]):
+                client.say(piece, room)
         elif name == "me":
-            client.action(args[0], self._current())
+            room = self._current()
+            for piece in self._pieces(args[0]):
+                client.action(piece, room)
         elif name == "msg":
-            client.direct(args[0], args[1])
+            for piece in self._pieces(args[1]):
+                client.direct(args[0], piece)
         elif name == "nick":
             client.nick(args[0])
         elif name == "who":
@@ -161,6 +167,15 @@ class Session:
         elif name == "reconnect":
             client.reconnect()
         return None
+
+    def _pieces(self, text: str) -> list[str]:
+        """A line over the broker's limit goes as several messages, cut at spaces; the
+        person is told, since the others see it arrive in parts."""
+        if len(text) <= MAX_TEXT_CHARS:
+            return [text]
+        pieces = split_text(text, MAX_TEXT_CHARS)
+        self.show(f"* {too_long(text, MAX_TEXT_CHARS)}: sent as {len(pieces)} messages.")
+        return pieces
 
     def _current(self) -> str:
         if self.room is None:
