@@ -244,6 +244,28 @@ def test_no_validator_wording_reaches_the_screen(world: World) -> None:
     assert "Expected" not in "\n".join(alice.screen)
 
 
+def test_a_piped_session_shows_no_history_and_not_its_own_arrival(world: World) -> None:
+    """Issue 14, item 16: `echo hi | zchat client` showed the welcome, up to 50 events of
+    history and its own join before its one message. In a pipe (history 0, own arrival off)
+    it shows the welcome and what happens from then on; `--history N` asks for some."""
+    alice = world.join("alice")
+    world.type("alice", "earlier")
+    bot = world.join("bot", history=0, own_arrival=False)
+    world.type("bot", "hi")
+    assert bot.screen == [
+        "* Welcome, bot! 1 other(s) online: alice. Type /help for commands.",
+        "bot: hi",
+    ]
+    assert alice.screen[-2:] == ["- bot has joined the chat.", "bot: hi"]
+    some = world.join("some", history=1, own_arrival=False)
+    assert some.screen == [
+        "* Welcome, some! 2 other(s) online: alice, bot. Type /help for commands.",
+        "--- history of #lobby: 1 event(s) ---",
+        "bot: hi",
+        "--- end of history ---",
+    ]
+
+
 def test_refusals_are_shown_and_never_sent_again(world: World) -> None:
     alice, bob = world.join("alice"), world.join("bob")
     a, b = marks(alice, bob)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from zchat import limits as L
 from zchat.protocol import Direct, Message
 
 pytestmark = pytest.mark.timeout(90)
+CLOCK_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
 
 def _send(chat: Chat, *args: str) -> Proc:
@@ -153,6 +155,29 @@ def test_zchat_send_refuses_an_over_long_text_unless_split(chat: Chat) -> None:
     assert split.wait_exit(15) == 0
     bob.wait_for(rf"^{CLOCK} deploy: word0222 .* word0332 end$", timeout=5)
     bob.wait_for(rf"^{CLOCK} deploy: word0000 .* word0221$", timeout=1)
+
+
+def test_a_piped_client_shows_its_message_not_history_or_its_own_arrival(chat: Chat) -> None:
+    """Issue 14, item 16: `echo hi | zchat client` printed the welcome, the room's history and
+    its own join before its one message; `--history N` asks for some."""
+    chat.start_broker()
+    alice = chat.joined_client("alice")
+    for i in range(3):
+        alice.send(f"earlier {i}")
+    alice.wait_for(rf"^{CLOCK} alice: earlier 2$")
+    piped = chat.client("bot")
+    piped.send("hi")
+    piped.close_stdin()
+    assert piped.wait_exit(15) == 0
+    assert [CLOCK_RE.sub("", line) for line in piped.lines] == [
+        "* Welcome, bot! 1 other(s) online: alice. Type /help for commands.", "bot: hi"]
+    some = chat.client("some", "--history", "2")
+    some.send("hello")
+    some.close_stdin()
+    assert some.wait_exit(15) == 0
+    assert [CLOCK_RE.sub("", line) for line in some.lines][1:] == [
+        "--- history of #lobby: 2 event(s) ---", "bot: hi", "- bot has left the chat.",
+        "--- end of history ---", "some: hello"]
 
 
 def test_zchat_send_times_out_without_a_broker(chat: Chat) -> None:

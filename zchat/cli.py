@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="join the chat (terminal UI; plain lines when piped)")
     _common(client)
     _client_options(client)
+    client.add_argument("--history", type=int, default=None, metavar="N",
+                        choices=range(L.MAX_HISTORY_PER_REQUEST + 1),
+                        help=f"events of each room's history shown on joining (default {L.DEFAULT_HISTORY} "
+                        "on a terminal; 0 when piped, where your own arrival is not shown either)")
 
     send = sub.add_parser("send", help="send one message and exit once the broker accepted it")
     _common(send)
@@ -341,11 +345,15 @@ def cmd_client(args: argparse.Namespace) -> int:
     endpoints = _endpoints(args)
     server_key = _server_key(args)
 
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    history = args.history if args.history is not None else (L.DEFAULT_HISTORY if interactive else 0)
+
     def make_client(name: str, on_event):  # type: ignore[no-untyped-def]
-        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name))
+        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name),
+                                  history=history)
         return ChatClient(settings, on_event)
 
-    if sys.stdin.isatty() and sys.stdout.isatty():
+    if interactive:
         return run_interactive(make_client, args.name)
     return run_plain(make_client, args.name)
 

@@ -52,7 +52,7 @@ class Session:
     """One person's chat: the current room, and what each typed line does."""
 
     def __init__(self, color: bool, write: Callable[[str], None] | None = None,
-                 on_banned: Callable[[], None] | None = None) -> None:
+                 on_banned: Callable[[], None] | None = None, own_arrival: bool = True) -> None:
         self.client: Client | None = None
         self.room: str | None = None
         self.color = color
@@ -61,6 +61,7 @@ class Session:
         self._held: list[str] | None = None  # lines kept back while the screen is not ready
         self.exit_code = 0
         self.on_banned = on_banned  # end the front end: there is no way back with this key
+        self.own_arrival = own_arrival  # show "- me has joined the chat." (not in a pipe: noise)
 
     def attach(self, client: Client) -> None:
         self.client = client
@@ -101,6 +102,8 @@ class Session:
                 remaining = [room for room in (client.snapshot.rooms if client else ()) if room != event.room]
                 self.room = remaining[0] if remaining else None
             line = render(event, self.view())
+            if isinstance(event, Joined) and event.chat and event.name == me and not self.own_arrival:
+                line = None
             if line is not None:
                 bell = "\a" if self.color and mentions(event, me) else ""
                 self.show(line + bell)
@@ -336,7 +339,8 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
         print("Enter your name: ", end="", flush=True)
         name = stdin.readline().strip()
     # Banned: stop reading at once (the signal interrupts a read of stdin; SIGTERM is ours below).
-    session = Session(color=False, on_banned=lambda: signal.pthread_kill(main, signal.SIGTERM))
+    session = Session(color=False, on_banned=lambda: signal.pthread_kill(main, signal.SIGTERM),
+                      own_arrival=False)
     main = threading.main_thread().ident or 0
     try:
         client = _connect(make_client, session, name)
