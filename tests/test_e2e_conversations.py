@@ -186,3 +186,6 @@ def test_zchat_send_times_out_without_a_broker(chat: Chat) -> None:
     lost = _send(chat, "--name", "deploy", "--timeout", "2", "hello?")
     assert lost.wait_exit(15) == 3
     lost.wait_for(r"^zchat send: no broker answers at tcp://")
+    # Issue 14, item 11: the hint repeats the flags given (it said just "zchat broker").
+    pub = f" --pub-port {chat.pub_port}" if chat.pub_port != chat.port + 1 else ""
+    lost.wait_for(rf"\(start one with: zchat broker --port {chat.port}{pub}\)$")

@@ -163,7 +163,7 @@ class ChatClient(ClientApi):
 
     def _diagnose(self) -> tuple[str, str]:
         """Why a join failed or timed out, as (code, message), from what the monitor saw."""
-        return self._watch.explain(self.settings.endpoints.input)
+        return self._watch.explain(self.settings.endpoints.input, self.settings.endpoints.flags())
 
     # --- the I/O thread ------------------------------------------------------------
 

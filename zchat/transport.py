@@ -69,8 +69,9 @@ class HandshakeWatch:
                     self.handshake = "failed"
                     failures.append("failed")
 
-    def explain(self, endpoint: str) -> tuple[str, str]:
-        """Why nothing came back, as (code, one line for the user)."""
+    def explain(self, endpoint: str, flags: str = "") -> tuple[str, str]:
+        """Why nothing came back, as (code, one line for the user); `flags`: the connection
+        flags the user gave (Endpoints.flags), repeated in the hint."""
         if self.handshake == "auth" and self.status == BUSY_STATUS:
             return "busy", (f"the broker at {endpoint} refused the connection for now: too many "
                             "connections with this key, too many new keys from this address, or it "
@@ -83,7 +84,7 @@ class HandshakeWatch:
                                  "broker's public key?")
         if self.handshake == "none":
             return "unreachable", (f"no broker answers at {endpoint}: is it running? "
-                                   "(start one with: zchat broker)")
+                                   f"(start one with: zchat broker{flags})")
         return "timeout", f"the broker at {endpoint} accepted the connection but did not answer"
 
     def close(self, sock: zmq.Socket) -> None:
