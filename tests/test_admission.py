@@ -160,6 +160,7 @@ def test_silent_descriptors_oldest_first_and_reuse() -> None:
 def watch_with(status: int) -> HandshakeWatch:
     watch = HandshakeWatch.__new__(HandshakeWatch)
     watch.connected, watch.refused, watch.handshake, watch.status = True, 0, "auth", status
+    watch.identity = ""
     return watch
 
 

@@ -28,7 +28,7 @@ def test_late_joiner_sees_history_before_live_traffic(chat: Chat) -> None:
     for i in range(3):
         alice.send(f"early {i}")
     alice.wait_for(r"alice: early 2$")
-    bob = chat.joined_client("bob")
+    bob = chat.joined_client("bob", "--history", "50")
     bob.wait_for(rf"^{CLOCK} - bob has joined the chat\.$")
     header = bob.wait_for(r"^--- history of #lobby: \d+ event\(s\) ---$")
     shown = _lines_between(bob, re.escape(header), r"^--- end of history ---$")
@@ -70,7 +70,7 @@ def test_kill_9_under_traffic_loses_nothing_and_numbering_continues(chat: Chat) 
         _, after = watcher.wait_for(lambda t, e: isinstance(e, Message) and e.text == "after restart")
         assert after.seq > last_before.seq  # never reused
         # A late joiner sees the messages from before the crash.
-        carol = chat.joined_client("carol")
+        carol = chat.joined_client("carol", "--history", "50")
         carol.wait_for(r"^--- history of #lobby")
         for i in range(10):
             carol.wait_for(rf"alice: before crash {i}$", timeout=5)

@@ -48,7 +48,7 @@ class SysListener:
         self.endpoints = endpoints
         self.ctx = zmq.Context()
         self.sub = curve_client(self.ctx, zmq.SUB, endpoints, server_key, keypair)
-        self.watch = HandshakeWatch(self.sub)
+        self.watch = HandshakeWatch(self.sub, keypair.identity)
         self.monitor = self.watch.monitor
         self.sub.subscribe(SYSTEM_TOPIC.encode())
         self.sub.connect(endpoints.publish)
