@@ -346,7 +346,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     server_key = _server_key(args)
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    history = args.history if args.history is not None else (L.DEFAULT_HISTORY if interactive else 0)
+    history = getattr(args, "history", None)  # absent for the bare `zchat` start
+    if history is None:
+        history = L.DEFAULT_HISTORY if interactive else 0
 
     def make_client(name: str, on_event):  # type: ignore[no-untyped-def]
         settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name),

@@ -268,6 +268,7 @@ class ClientCore:
         self._key_requests: dict[int, str] = {}
         self.private_topic = private_topic(identity)
         self.history = history  # events of each room's history shown on joining it
+        self._join_history = history  # what the pending (or last) join asked for
         self.max_unconfirmed = max_unconfirmed
         self.name: str | None = None
         self.rooms: list[str] = list(rooms)
@@ -599,7 +600,10 @@ class ClientCore:
             last = self.tracker.last(room_topic(room))
             if last is not None:  # a gap being recovered counts from before it
                 seen[room] = last
-        self._pending_join = Join(name=name, rooms=list(self.rooms), history=self.history, seen=seen)
+        # A rejoin replays what we missed (up to DEFAULT_HISTORY per room) even when no history
+        # is shown on joining (a pipe): what was said meanwhile is not history.
+        self._join_history = self.history if not reason else (self.history or L.DEFAULT_HISTORY)
+        self._pending_join = Join(name=name, rooms=list(self.rooms), history=self._join_history, seen=seen)
         self._resubscribe_at = now.mono + RESUBSCRIBE_WAIT
         self._rejoin_failed = False
         self._send_join(now)
@@ -638,7 +642,7 @@ class ClientCore:
             topic = room_topic(room)
             self._entering.discard(topic)  # in it: the welcome's baseline counts
             last = had.get(room)
-            if welcome.resumed and self.history == 0 and last is not None and last < seq:
+            if welcome.resumed and self._join_history == 0 and last is not None and last < seq:
                 # Still a member, and no replay asked for: what came meanwhile was dropped while
                 # we waited for this welcome. Recover it like a gap.
                 self.tracker.baseline(topic, last)
@@ -664,7 +668,7 @@ class ClientCore:
             if in_flight:
                 # What we said may have been published with its echo lost on the way: the replay
                 # of what we missed (it follows the welcome) shows it. Resend the rest after that.
-                due = set() if self.history == 0 else {
+                due = set() if self._join_history == 0 else {
                     room for room, seq in welcome.rooms.items() if seen.get(room, seq) < seq}
                 self._rejoin = _Rejoin(in_flight, due, now.mono + RESEND_WAIT)
                 if not due:
