@@ -267,6 +267,11 @@ class World:
         elif not client.refused and len(client.pipe) < L.CLIENT_SNDHWM:
             client.pipe.append(body)
 
+    def push_raw(self, client: LoopClient, body: bytes) -> None:
+        """A frame `client`'s PUSH socket never made (a bug in a client), then settle."""
+        self.push(client, body)
+        self.settle()
+
     def subscribe(self, client: LoopClient, topic: str) -> None:
         if not self._reachable(client):
             return
@@ -337,7 +342,7 @@ class World:
     # --- users ----------------------------------------------------------------------
 
     def join(self, name: str, rooms: list[str] | None = None, history: int = L.DEFAULT_HISTORY,
-             key: str | None = None) -> User:
+             key: str | None = None, own_arrival: bool = True) -> User:
         """A new user types `name` at the prompt (`key`: whose key, if not the name's own)."""
         holder: list[User] = []
 
@@ -346,7 +351,7 @@ class World:
                 holder[0].raw.append(line)
                 holder[0].screen.append(CLOCK.sub("", line))
 
-        session = Session(color=False, write=show)
+        session = Session(color=False, write=show, own_arrival=own_arrival)
         client = LoopClient(self, identity_of(key or name), rooms or ["lobby"], session.on_event, history)
         user = User(name, client, session)
         holder.append(user)

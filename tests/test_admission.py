@@ -8,6 +8,7 @@ import pytest
 from zchat.admission import LogFold, NewKeyLimiter, address_group
 from zchat.auth import KEY_CONNECTIONS, NOT_AUTHORIZED, PUBLISH_ZAP_DOMAIN, ZAP_DOMAIN, Refusal, zap_reply
 from zchat.connections import Connections
+from zchat.endpoints import Endpoints
 from zchat.transport import HandshakeWatch
 
 KEY = bytes(range(32))
@@ -159,6 +160,7 @@ def test_silent_descriptors_oldest_first_and_reuse() -> None:
 def watch_with(status: int) -> HandshakeWatch:
     watch = HandshakeWatch.__new__(HandshakeWatch)
     watch.connected, watch.refused, watch.handshake, watch.status = True, 0, "auth", status
+    watch.identity = ""
     return watch
 
 
@@ -167,3 +169,16 @@ def test_the_client_tells_a_refusal_for_now_from_a_refused_key() -> None:
     assert code == "busy" and "refused the connection for now" in line and "try again later" in line
     code, line = watch_with(400).explain("tcp://127.0.0.1:1234")
     assert code == "auth" and "refused this key" in line
+
+
+def test_the_unreachable_hint_repeats_the_connection_flags_given() -> None:
+    """Issue 14, item 11: "start one with: zchat broker" even when --port/--host were given."""
+    watch = watch_with(0)
+    watch.connected, watch.handshake = False, "none"
+    default = Endpoints()
+    assert watch.explain(default.input, default.flags())[1].endswith("(start one with: zchat broker)")
+    given = Endpoints(host="::1", port=5555, pub_port=6000)
+    code, line = watch.explain(given.input, given.flags())
+    assert code == "unreachable"
+    assert line.endswith("(start one with: zchat broker --host ::1 --port 5555 --pub-port 6000)"), line
+    assert Endpoints(port=5555, pub_port=5556).flags() == " --port 5555"

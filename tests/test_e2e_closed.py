@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
-from conftest import CLOCK, Chat
+from conftest import CLOCK, Chat, Proc
 from peers import RawPeer, broker_key
 
 from zchat import keys
+from zchat.e2e import fingerprint
 from zchat.protocol import Message
 from zchat.tui import EXIT_BANNED
 
@@ -19,6 +21,10 @@ pytestmark = pytest.mark.timeout(90)
 def _key(chat: Chat, name: str) -> keys.KeyPair:
     """The key the client will pick for `name` in the shared config dir."""
     return keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name(name))
+
+
+def _secret_file(chat: Chat, name: str) -> Path:
+    return keys.client_keys_dir(chat.config_dir) / f"{keys.client_key_file_name(name)}.key_secret"
 
 
 def _write_keys(path: Path, entries: list[tuple[str, keys.KeyPair, str]]) -> None:
@@ -41,6 +47,29 @@ def test_unknown_key_is_refused_plainly(closed: tuple[Chat, Path]) -> None:
     mallory = chat.client("mallory")  # gets a fresh key nobody authorized
     mallory.wait_for(r"the broker refused this key", timeout=15)
     assert mallory.wait_exit(10) == 1
+
+
+@pytest.mark.parametrize("command", [["tap"], ["send", "--name", "mallory", "hello"],
+                                     ["client", "--name", "mallory"]])
+def test_a_refused_key_is_named_and_every_command_exits(closed: tuple[Chat, Path],
+                                                        command: list[str]) -> None:
+    """Issue 14, item 4: `zchat tap` printed nothing and never exited; send and the client said
+    "refused this key" without naming it. Each names the key and tells the user what to do."""
+    chat, _ = closed
+    pair = _key(chat, "mallory")  # nobody authorized it
+    args = ["-m", "zchat", command[0], *chat.endpoint_args(), "--key", str(_secret_file(chat, "mallory")),
+            *command[1:]]
+    started = time.monotonic()
+    proc = Proc(args, env=chat.env)
+    chat.procs.append(proc)
+    assert proc.wait_exit(15) != 0
+    assert time.monotonic() - started < 10
+    print_ = fingerprint(pair.identity)
+    refused = [line for line in proc.lines if "refused this key" in line]
+    assert len(refused) == 1, proc.lines
+    endpoint = f"tcp://127.0.0.1:{chat.port}"
+    assert f"refused this key {print_} ({endpoint}): ask its operator to add your public key" in refused[0]
+    assert pair.identity in refused[0]
 
 
 def test_names_are_fixed_by_the_file(closed: tuple[Chat, Path]) -> None:
@@ -98,7 +127,7 @@ def test_admin_kicks_mutes_and_bans(closed: tuple[Chat, Path]) -> None:
     carol.wait_for(rf"{CLOCK} - bob was kicked by alice\. \(be nice\)$")
     bob.send("/quit")
     assert bob.wait_exit(10) == 0
-    assert carol.count("bob has joined") == 1  # a kicked client does not come back by itself
+    assert alice.count("bob has joined") == 1  # a kicked client does not come back by itself
 
     bob = chat.joined_client("bob")  # a kick is not a ban
     alice.send("/ban bob for good")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 from conftest import CLOCK, Chat, Proc
 from peers import RawPeer, broker_key
 
+from zchat import limits as L
 from zchat.protocol import Direct, Message
 
 pytestmark = pytest.mark.timeout(90)
+CLOCK_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
 
 def _send(chat: Chat, *args: str) -> Proc:
@@ -136,9 +139,53 @@ def test_zchat_send_exits_0_once_accepted_and_non_zero_with_a_reason(chat: Chat)
     invalid.wait_for(r"^zchat send: invalid room")
 
 
+def test_zchat_send_refuses_an_over_long_text_unless_split(chat: Chat) -> None:
+    """Issue 14, item 8: exit 2 at once with the length and the limit (it timed out with exit
+    3); --split sends it as several messages, cut at spaces."""
+    chat.start_broker()
+    bob = chat.joined_client("bob")
+    words = [f"word{i:04d}" for i in range(333)]  # 2,996 characters
+    text = " ".join(words) + " end"
+    too_long = _send(chat, "--name", "deploy", text)
+    assert too_long.wait_exit(15) == 2
+    too_long.wait_for(rf"^zchat send: message too long \(3000 characters, the limit is {L.MAX_TEXT_CHARS}\); "
+                      r"--split sends it as several messages$")
+    assert bob.count("deploy") == 0
+    split = _send(chat, "--name", "deploy", "--split", text)
+    assert split.wait_exit(15) == 0
+    bob.wait_for(rf"^{CLOCK} deploy: word0222 .* word0332 end$", timeout=5)
+    bob.wait_for(rf"^{CLOCK} deploy: word0000 .* word0221$", timeout=1)
+
+
+def test_a_piped_client_shows_its_message_not_history_or_its_own_arrival(chat: Chat) -> None:
+    """Issue 14, item 16: `echo hi | zchat client` printed the welcome, the room's history and
+    its own join before its one message; `--history N` asks for some."""
+    chat.start_broker()
+    alice = chat.joined_client("alice")
+    for i in range(3):
+        alice.send(f"earlier {i}")
+    alice.wait_for(rf"^{CLOCK} alice: earlier 2$")
+    piped = chat.client("bot")
+    piped.send("hi")
+    piped.close_stdin()
+    assert piped.wait_exit(15) == 0
+    assert [CLOCK_RE.sub("", line) for line in piped.lines] == [
+        "* Welcome, bot! 1 other(s) online: alice. Type /help for commands.", "bot: hi"]
+    some = chat.client("some", "--history", "2")
+    some.send("hello")
+    some.close_stdin()
+    assert some.wait_exit(15) == 0
+    assert [CLOCK_RE.sub("", line) for line in some.lines][1:] == [
+        "--- history of #lobby: 2 event(s) ---", "bot: hi", "- bot has left the chat.",
+        "--- end of history ---", "some: hello"]
+
+
 def test_zchat_send_times_out_without_a_broker(chat: Chat) -> None:
     chat.start_broker()
     chat.broker.stop()  # type: ignore[union-attr]
     lost = _send(chat, "--name", "deploy", "--timeout", "2", "hello?")
     assert lost.wait_exit(15) == 3
     lost.wait_for(r"^zchat send: no broker answers at tcp://")
+    # Issue 14, item 11: the hint repeats the flags given (it said just "zchat broker").
+    pub = f" --pub-port {chat.pub_port}" if chat.pub_port != chat.port + 1 else ""
+    lost.wait_for(rf"\(start one with: zchat broker --port {chat.port}{pub}\)$")

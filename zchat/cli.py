@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from zchat import config, keys
+from zchat import limits as L
 from zchat.core import Limits
 from zchat.endpoints import Endpoints
 from zchat.history import Retention, StoredEvent
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="join the chat (terminal UI; plain lines when piped)")
     _common(client)
     _client_options(client)
+    client.add_argument("--history", type=int, default=None, metavar="N",
+                        choices=range(L.MAX_HISTORY_PER_REQUEST + 1),
+                        help=f"events of each room's history shown on joining (default {L.DEFAULT_HISTORY} "
+                        "on a terminal; 0 when piped, where your own arrival is not shown either)")
 
     send = sub.add_parser("send", help="send one message and exit once the broker accepted it")
     _common(send)
@@ -149,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--room", help=f"the room to send to (default {DEFAULT_ROOM})")
     target.add_argument("--to", metavar="NAME", help="send a private message to NAME instead")
     send.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait (default 10)")
+    send.add_argument("--split", action="store_true",
+                      help=f"send a text over {L.MAX_TEXT_CHARS} characters as several messages, "
+                      "cut at spaces")
     send.add_argument("text", nargs="+", help="the message")
 
     tap = sub.add_parser("tap", help="log every public event (JSON lines or text), gaps backfilled or "
@@ -392,11 +400,17 @@ def cmd_client(args: argparse.Namespace) -> int:
     endpoints = _endpoints(args)
     server_key = _server_key(args)
 
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    history = getattr(args, "history", None)  # absent for the bare `zchat` start
+    if history is None:
+        history = L.DEFAULT_HISTORY if interactive else 0
+
     def make_client(name: str, on_event):  # type: ignore[no-untyped-def]
-        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name))
+        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name),
+                                  history=history)
         return ChatClient(settings, on_event)
 
-    if sys.stdin.isatty() and sys.stdout.isatty():
+    if interactive:
         return run_interactive(make_client, args.name)
     return run_plain(make_client, args.name)
 
@@ -415,7 +429,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=keypair, rooms=rooms)
         return ChatClient(settings, on_event)
 
-    return run_send(make_client, args.name, " ".join(args.text), args.room, args.to, args.timeout)
+    return run_send(make_client, args.name, " ".join(args.text), args.room, args.to, args.timeout,
+                    split=args.split)
 
 
 def cmd_tap(args: argparse.Namespace) -> int:

@@ -170,7 +170,7 @@ class ChatClient(ClientApi):
 
     def _diagnose(self) -> tuple[str, str]:
         """Why a join failed or timed out, as (code, message), from what the monitor saw."""
-        return self._watch.explain(self.settings.endpoints.input)
+        return self._watch.explain(self.settings.endpoints.input, self.settings.endpoints.flags())
 
     # --- the I/O thread ------------------------------------------------------------
 
@@ -180,7 +180,7 @@ class ChatClient(ClientApi):
         self.push = curve_client(self.ctx, zmq.PUSH, ep, settings.server_key, settings.keypair, linger=1000)
         self.push.sndhwm = L.CLIENT_SNDHWM
         self.sub = curve_client(self.ctx, zmq.SUB, ep, settings.server_key, settings.keypair)
-        self._watch = HandshakeWatch(self.push)
+        self._watch = HandshakeWatch(self.push, settings.keypair.identity)
         self._carry_out(self.core.start())  # subscribe before connecting
         self.sub.connect(ep.publish)
         self.push.connect(ep.input)

@@ -37,6 +37,7 @@ from typing import Literal, NamedTuple
 from nacl.exceptions import CryptoError
 
 from zchat import limits as L
+from zchat.commands import too_long
 from zchat.e2e import Keyring, OpenError, fingerprint
 from zchat.events import (
     ClientEvent,
@@ -267,6 +268,7 @@ class ClientCore:
         self._key_requests: dict[int, str] = {}
         self.private_topic = private_topic(identity)
         self.history = history  # events of each room's history shown on joining it
+        self._join_history = history  # what the pending (or last) join asked for
         self.max_unconfirmed = max_unconfirmed
         self.name: str | None = None
         self.rooms: list[str] = list(rooms)
@@ -526,6 +528,10 @@ class ClientCore:
         if self._removed is not None:
             self._refuse(None, Code.NOT_JOINED, self._removed_detail(), now)
             return
+        problem = _field_problem(message)
+        if problem is not None:  # the broker's refusal would quote its validator
+            self._refuse(None, *problem, now)
+            return
         self._outbox.append(message)
 
     def _enter(self, room: str, now: Now) -> None:
@@ -549,6 +555,8 @@ class ClientCore:
             self._start_join(name, "reconnected", now)
         elif self._removed is not None:
             self._refuse(None, Code.NOT_JOINED, self._removed_detail(), now)
+        elif len(name) > L.MAX_NAME_CHARS:
+            self._refuse(None, Code.INVALID_NAME, f"names are at most {L.MAX_NAME_CHARS} characters", now)
         else:
             self._outbox.append(Nick(name=name))
 
@@ -578,7 +586,7 @@ class ClientCore:
             while self._ready_head(now):  # what was asked before closing still goes, in order
                 self._send(self._outbox.popleft(), now)  # type: ignore[arg-type]
             if message is not None and self.name is not None:
-                self._send(Leave(message=message), now)
+                self._send(Leave(message=message[:L.MAX_REASON_CHARS]), now)  # a parting word: cut, not lost
         self._closed = True
         self._pending_join = None
         self._out.append(Stopped())
@@ -592,7 +600,10 @@ class ClientCore:
             last = self.tracker.last(room_topic(room))
             if last is not None:  # a gap being recovered counts from before it
                 seen[room] = last
-        self._pending_join = Join(name=name, rooms=list(self.rooms), history=self.history, seen=seen)
+        # A rejoin replays what we missed (up to DEFAULT_HISTORY per room) even when no history
+        # is shown on joining (a pipe): what was said meanwhile is not history.
+        self._join_history = self.history if not reason else (self.history or L.DEFAULT_HISTORY)
+        self._pending_join = Join(name=name, rooms=list(self.rooms), history=self._join_history, seen=seen)
         self._resubscribe_at = now.mono + RESUBSCRIBE_WAIT
         self._rejoin_failed = False
         self._send_join(now)
@@ -631,7 +642,7 @@ class ClientCore:
             topic = room_topic(room)
             self._entering.discard(topic)  # in it: the welcome's baseline counts
             last = had.get(room)
-            if welcome.resumed and self.history == 0 and last is not None and last < seq:
+            if welcome.resumed and self._join_history == 0 and last is not None and last < seq:
                 # Still a member, and no replay asked for: what came meanwhile was dropped while
                 # we waited for this welcome. Recover it like a gap.
                 self.tracker.baseline(topic, last)
@@ -657,7 +668,7 @@ class ClientCore:
             if in_flight:
                 # What we said may have been published with its echo lost on the way: the replay
                 # of what we missed (it follows the welcome) shows it. Resend the rest after that.
-                due = set() if self.history == 0 else {
+                due = set() if self._join_history == 0 else {
                     room for room, seq in welcome.rooms.items() if seen.get(room, seq) < seq}
                 self._rejoin = _Rejoin(in_flight, due, now.mono + RESEND_WAIT)
                 if not due:
@@ -790,6 +801,8 @@ class ClientCore:
                 self._confirm(draft.ref)
         if isinstance(event, (Message, Action)) and event.ref is not None and event.name == self.name:
             self._confirm(event.ref)
+        if isinstance(event, Error) and event.code == Code.BAD_REQUEST:
+            event = _readable(event)
         self._follow(event)
         if self._repeated_notice(event):
             return  # the same arrival/departure/rename, seen again through another shared room
@@ -932,8 +945,7 @@ class ClientCore:
     def _invalid(message: SpokenMessage) -> tuple[str, str] | None:
         """Why the broker would refuse `message` without naming it (so it would wait forever)."""
         if len(message.text) > L.MAX_TEXT_CHARS:
-            return Code.TOO_LARGE, (f"message too long ({len(message.text)} characters, the limit is "
-                                    f"{L.MAX_TEXT_CHARS})")
+            return Code.TOO_LARGE, too_long(message.text, L.MAX_TEXT_CHARS)
         if isinstance(message, DirectDraft):
             # Sealed end to end, so the broker cannot check these: checked here instead.
             if len(message.to) > L.MAX_NAME_CHARS:
@@ -965,6 +977,30 @@ class ClientCore:
     def _take(self) -> list[Effect]:
         out, self._out = self._out, []
         return out
+
+
+def _field_problem(message: ClientMessage) -> tuple[str, str] | None:
+    """A field of a request the broker's decoder would refuse as too long, said plainly."""
+    name = getattr(message, "name", None)
+    if isinstance(name, str) and len(name) > L.MAX_NAME_CHARS:
+        return Code.NO_SUCH_USER, f"no such user: names are at most {L.MAX_NAME_CHARS} characters"
+    room = getattr(message, "room", None)
+    if isinstance(room, str) and len(room) > L.MAX_ROOM_CHARS + 1:
+        return Code.INVALID_ROOM, f"no such room: rooms are at most {L.MAX_ROOM_CHARS} characters"
+    for field_name in ("reason", "message"):
+        text = getattr(message, field_name, None)
+        if isinstance(text, str) and len(text) > L.MAX_REASON_CHARS:
+            return Code.TOO_LARGE, (f"{field_name} too long ({len(text)} characters, the limit is "
+                                    f"{L.MAX_REASON_CHARS})")
+    return None
+
+
+def _readable(error: Error) -> Error:
+    """The broker's `bad_request` quotes its decoder (`Expected str of length <= 32 - at
+    $.name`): words for a programmer, not for a person. The client checks what it can first;
+    anything left is a bug in this client."""
+    detail = "the broker could not read a request from this client (bad_request); please report this"
+    return Error(seq=error.seq, ts=error.ts, code=error.code, detail=detail, ref=error.ref, key=error.key)
 
 
 # --- the API a UI calls -----------------------------------------------------------------

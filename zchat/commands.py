@@ -101,3 +101,24 @@ def help_text(command: str | None = None) -> str:
     lines.append("Anything else is sent to the current room (start with // to send a leading /).")
     lines.append("Up/Down: input history; Tab: complete commands, names and rooms; Ctrl-D/Ctrl-C: leave.")
     return "\n".join(lines)
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Cut an over-long line into pieces of at most `limit` characters, at spaces where
+    there are any (as IRC clients do); a word longer than `limit` is cut inside."""
+    pieces: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        cut = rest.rfind(" ", 0, limit + 1)
+        if cut <= 0:
+            cut = limit
+        pieces.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        pieces.append(rest)
+    return pieces
+
+
+def too_long(text: str, limit: int) -> str:
+    """What the person is told about a line over the limit (the same words everywhere)."""
+    return f"message too long ({len(text)} characters, the limit is {limit})"

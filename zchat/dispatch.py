@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from zchat.admission import LogFold
 from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
 from zchat.history import DroppedMail, EventRow, HistoryStore, MailOutcome, MailRow
 from zchat.logsetup import escape
@@ -48,6 +49,7 @@ log = logging.getLogger("zchat.broker")
 
 _encode = msgspec.json.Encoder().encode
 # Errors about a frame's form: their details name the problem, never the content.
+ERROR_FOLD_SECONDS = 1.0  # identical errors to one key are logged once per this
 _INPUT_ERRORS = {Code.BAD_REQUEST, Code.TOO_LARGE, Code.TOO_MANY_FRAMES}
 
 
@@ -69,6 +71,9 @@ class Dispatcher:
         # Bytes sent on each private topic since the shell last saw that key's publish
         # connections drained (the shell resets it): what may be waiting for a slow reader.
         self.unread: dict[str, int] = {}
+        # The same error to the same key, again and again (a client retrying after a restart):
+        # logged once a second, with how many more there were.
+        self._error_fold = LogFold(ERROR_FOLD_SECONDS)
 
     def add(self, out: list[Out]) -> None:
         if out:
@@ -76,6 +81,7 @@ class Dispatcher:
 
     def flush(self, now: float) -> None:
         """Persist this turn's output, then publish it in order."""
+        self._log_folded(now)
         if not self.pending:
             return
         items, self.pending = self.pending, []
@@ -207,7 +213,15 @@ class Dispatcher:
         elif isinstance(event, Error):
             self.errors[event.code] = self.errors.get(event.code, 0) + 1
             who = topic.removeprefix(PRIVATE_PREFIX)[:12]
+            self._log_folded(event.ts)
+            if not self._error_fold.first(f"{who} {event.code}", event.ts):
+                return
             if event.code in _INPUT_ERRORS:  # the detail says what was wrong with the frame
                 log.info("refused input from %s: %s: %.200s", who, event.code, escape(event.detail))
             else:
                 log.info("error to %s: %s", who, event.code)
+
+    def _log_folded(self, now: float) -> None:
+        for kind, repeats in self._error_fold.due(now):
+            who, code = kind.split(" ", 1)
+            log.info("error to %s: %s ... %d more in %g s", who, code, repeats, self._error_fold.interval)

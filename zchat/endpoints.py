@@ -26,6 +26,18 @@ class Endpoints:
         host = f"[{self.host}]" if self.ipv6 else self.host
         return f"tcp://{host}:{port}"
 
+    def flags(self) -> str:
+        """The connection flags that reach this broker, for a hint the user can paste
+        (" --port 5555"): only those that differ from the defaults."""
+        words = []
+        if self.host != DEFAULT_HOST:
+            words.append(f"--host {self.host}")
+        if self.port != DEFAULT_PORT:
+            words.append(f"--port {self.port}")
+        if self.pub_port is not None and self.pub_port != self.port + 1:
+            words.append(f"--pub-port {self.pub_port}")
+        return "".join(" " + word for word in words)
+
     @property
     def input(self) -> str:
         return self._tcp(self.port)

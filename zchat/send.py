@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from zchat import limits as L
 from zchat.client import ChatClient, ClientEvent, JoinError, SendError
+from zchat.commands import split_text, too_long
 from zchat.events import Status, StatusState
 from zchat.protocol import DEFAULT_ROOM, Code, Error, normalize_room, valid_name
 
@@ -13,14 +15,21 @@ EXIT_OK, EXIT_REFUSED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
 
 
 def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], ChatClient],
-             name: str, text: str, room: str | None, to: str | None, timeout: float = 10.0) -> int:
-    """Join, send, wait for the broker's confirmation, leave. Returns an exit code."""
+             name: str, text: str, room: str | None, to: str | None, timeout: float = 10.0,
+             split: bool = False) -> int:
+    """Join, send, wait for the broker's confirmation, leave. Returns an exit code.
+
+    A text over the limit is invalid input unless `split`: then it goes as several messages,
+    cut at spaces, in order."""
     def fail(code: int, reason: str) -> int:
         print(f"zchat send: {reason}", file=sys.stderr, flush=True)
         return code
 
     if not text.strip():
         return fail(EXIT_INVALID, "nothing to send")
+    if len(text) > L.MAX_TEXT_CHARS and not split:
+        return fail(EXIT_INVALID, f"{too_long(text, L.MAX_TEXT_CHARS)}; --split sends it as several messages")
+    pieces = split_text(text, L.MAX_TEXT_CHARS)
     if not valid_name(name):
         return fail(EXIT_INVALID, f"invalid name {name!r}")
     if to is not None and not valid_name(to):
@@ -47,10 +56,11 @@ def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], C
             slow = exc.code in ("unreachable", "timeout")
             return fail(EXIT_TIMEOUT if slow else EXIT_REFUSED, str(exc))
         try:
-            if to is not None:
-                client.direct(to, text)
-            else:
-                client.say(text, target_room)
+            for piece in pieces:
+                if to is not None:
+                    client.direct(to, piece)
+                else:
+                    client.say(piece, target_room)
         except SendError as exc:
             return fail(EXIT_REFUSED, str(exc))
         if not client.wait_delivered(timeout):

@@ -48,7 +48,7 @@ class SysListener:
         self.endpoints = endpoints
         self.ctx = zmq.Context()
         self.sub = curve_client(self.ctx, zmq.SUB, endpoints, server_key, keypair)
-        self.watch = HandshakeWatch(self.sub)
+        self.watch = HandshakeWatch(self.sub, keypair.identity)
         self.monitor = self.watch.monitor
         self.sub.subscribe(SYSTEM_TOPIC.encode())
         self.sub.connect(endpoints.publish)
@@ -88,7 +88,8 @@ class SysListener:
 
     def _drain_monitor(self) -> None:
         if self.watch.drain():  # refused or failed: no point waiting any longer
-            raise NoAnswer(EXIT_REFUSED, self.watch.explain(self.endpoints.publish)[1])
+            _, line = self.watch.explain(self.endpoints.publish, self.endpoints.flags())
+            raise NoAnswer(EXIT_REFUSED, line)
 
     def silence(self, timeout: float) -> NoAnswer:
         """Why nothing arrived within `timeout` seconds."""
@@ -99,7 +100,8 @@ class SysListener:
         if watch.refused and not watch.connected:
             return NoAnswer(EXIT_NO_ANSWER, f"no answer from {ep} within {timeout:g} s: connection "
                             "refused (is the broker running?)")
-        return NoAnswer(EXIT_NO_ANSWER, f"no answer within {timeout:g} s: {watch.explain(ep)[1]}")
+        _, line = watch.explain(ep, self.endpoints.flags())
+        return NoAnswer(EXIT_NO_ANSWER, f"no answer within {timeout:g} s: {line}")
 
 
 # --- formatting (pure) ------------------------------------------------------------------------

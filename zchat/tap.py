@@ -49,7 +49,7 @@ from zchat.protocol import (
     room_of_topic,
 )
 from zchat.sealing import SealError, box_for, open_publication
-from zchat.transport import curve_client
+from zchat.transport import BUSY_STATUS, HandshakeWatch, curve_client
 
 log = logging.getLogger("zchat.tap")
 
@@ -392,6 +392,15 @@ def _pipe_reader_watch(out: TapLog) -> int | None:
         return None
 
 
+def _refused(watch: HandshakeWatch, endpoints: Endpoints) -> bool:
+    """True (and said, in one line) when the broker refused our key for good; a refusal for
+    now (too many connections) passes, as libzmq retries."""
+    if "auth" not in watch.drain() or watch.status == BUSY_STATUS:
+        return False
+    print(f"zchat tap: {watch.explain(endpoints.input, endpoints.flags())[1]}", file=sys.stderr, flush=True)
+    return True
+
+
 def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapLog,
             heartbeats: bool = False) -> int:
     """Log until SIGINT or SIGTERM; then write what is held, flush, close and return 0."""
@@ -404,6 +413,7 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     for topic in (private_topic(keypair.identity), ROOM_PREFIX, SYSTEM_TOPIC):
         sub.subscribe(topic.encode())
     sub.connect(endpoints.publish)
+    watch = HandshakeWatch(push, keypair.identity)  # a refused key: say so and exit
     push.connect(endpoints.input)
     tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats)
 
@@ -419,6 +429,7 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     poller.register(sub, zmq.POLLIN)
     poller.register(sub_monitor, zmq.POLLIN)
     poller.register(wake_r.fileno(), zmq.POLLIN)
+    poller.register(watch.monitor, zmq.POLLIN)
     reader_watch = _pipe_reader_watch(out)
     if reader_watch is not None:  # a pipe reports POLLERR once its reader has gone: stop then
         poller.register(reader_watch, zmq.POLLERR)
@@ -443,6 +454,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
                     tap.frame(data, time.monotonic())
             if reader_watch is not None and reader_watch in ready:
                 raise ReaderGone
+            if watch.monitor in ready and _refused(watch, endpoints):
+                return 1
             if wake_r.fileno() in ready:
                 try:
                     wake_r.recv(512)
@@ -459,6 +472,7 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
         wake_w.close()
         sub.disable_monitor()
         sub_monitor.close(0)
+        watch.close(push)
         sub.close(0)
         push.close(0)
         ctx.term()

@@ -11,6 +11,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zchat import limits as L
+from zchat.e2e import fingerprint
 from zchat.endpoints import Endpoints
 from zchat.keys import KeyPair
 
@@ -34,7 +35,8 @@ def curve_client(ctx: zmq.Context, kind: int, endpoints: Endpoints, server_key: 
 class HandshakeWatch:
     """Reads a client socket's monitor and remembers how far connecting got."""
 
-    def __init__(self, sock: zmq.Socket) -> None:
+    def __init__(self, sock: zmq.Socket, identity: str = "") -> None:
+        self.identity = identity  # our public key (hex): named when the broker refuses it
         self.monitor = sock.get_monitor_socket()
         self.connected = False  # a TCP connection was made
         self.refused = 0  # connection attempts that failed (nothing listening)
@@ -69,21 +71,24 @@ class HandshakeWatch:
                     self.handshake = "failed"
                     failures.append("failed")
 
-    def explain(self, endpoint: str) -> tuple[str, str]:
-        """Why nothing came back, as (code, one line for the user)."""
+    def explain(self, endpoint: str, flags: str = "") -> tuple[str, str]:
+        """Why nothing came back, as (code, one line for the user); `flags`: the connection
+        flags the user gave (Endpoints.flags), repeated in the hint."""
         if self.handshake == "auth" and self.status == BUSY_STATUS:
             return "busy", (f"the broker at {endpoint} refused the connection for now: too many "
                             "connections with this key, too many new keys from this address, or it "
                             "is full (its log says which); try again later")
         if self.handshake == "auth":
-            return "auth", (f"the broker refused this key ({endpoint}; closed mode: ask its operator "
-                            "to add your public key, or pass --key)")
+            key = f" {fingerprint(self.identity)}" if self.identity else ""
+            public = f" (your public key: {self.identity})" if self.identity else ""
+            return "auth", (f"the broker refused this key{key} ({endpoint}): ask its operator to add "
+                            f"your public key to its authorized keys{public}, or pass --key")
         if self.handshake == "failed" or (self.connected and self.handshake == "none"):
             return "handshake", (f"the security handshake with {endpoint} failed: is --server-key the "
                                  "broker's public key?")
         if self.handshake == "none":
             return "unreachable", (f"no broker answers at {endpoint}: is it running? "
-                                   "(start one with: zchat broker)")
+                                   f"(start one with: zchat broker{flags})")
         return "timeout", f"the broker at {endpoint} accepted the connection but did not answer"
 
     def close(self, sock: zmq.Socket) -> None:

@@ -17,9 +17,9 @@ from typing import TextIO
 
 from zchat.client import JoinError, SendError
 from zchat.clientcore import ClientApi
-from zchat.commands import COMMANDS, UsageError, help_text, parse
+from zchat.commands import COMMANDS, UsageError, help_text, parse, split_text, too_long
 from zchat.events import ClientEvent, Connection, Status, StatusState
-from zchat.limits import DEFAULT_HISTORY, MUTE_DEFAULT_SECONDS
+from zchat.limits import DEFAULT_HISTORY, MAX_TEXT_CHARS, MUTE_DEFAULT_SECONDS
 from zchat.protocol import Code, Joined, Left, LeftReason, normalize_room
 from zchat.render import View, clock, mentions, render
 
@@ -52,7 +52,7 @@ class Session:
     """One person's chat: the current room, and what each typed line does."""
 
     def __init__(self, color: bool, write: Callable[[str], None] | None = None,
-                 on_banned: Callable[[], None] | None = None) -> None:
+                 on_banned: Callable[[], None] | None = None, own_arrival: bool = True) -> None:
         self.client: Client | None = None
         self.room: str | None = None
         self.color = color
@@ -65,6 +65,7 @@ class Session:
         self.on_banned = on_banned  # end the front end: there is no way back with this key
         # Called (on the I/O thread) once the client has stopped working: the front end ends.
         self.on_failure: Callable[[], None] | None = None
+        self.own_arrival = own_arrival  # show "- me has joined the chat." (not in a pipe: noise)
 
     def attach(self, client: Client) -> None:
         self.client = client
@@ -106,6 +107,8 @@ class Session:
                 remaining = [room for room in (client.snapshot.rooms if client else ()) if room != event.room]
                 self.room = remaining[0] if remaining else None
             line = render(event, self.view())
+            if isinstance(event, Joined) and event.chat and event.name == me and not self.own_arrival:
+                line = None
             if line is not None:
                 bell = "\a" if self.color and mentions(event, me) else ""
                 self.show(line + bell)
@@ -145,11 +148,16 @@ class Session:
         if name == "help":
             self.show(help_text(args[0] if args else None))
         elif name == "say":
-            client.say(args[0], self._current())
+            room = self._current()
+            for piece in self._pieces(args[0]):
+                client.say(piece, room)
         elif name == "me":
-            client.action(args[0], self._current())
+            room = self._current()
+            for piece in self._pieces(args[0]):
+                client.action(piece, room)
         elif name == "msg":
-            client.direct(args[0], args[1])
+            for piece in self._pieces(args[1]):
+                client.direct(args[0], piece)
         elif name == "nick":
             client.nick(args[0])
         elif name == "who":
@@ -169,6 +177,15 @@ class Session:
         elif name == "reconnect":
             client.reconnect()
         return None
+
+    def _pieces(self, text: str) -> list[str]:
+        """A line over the broker's limit goes as several messages, cut at spaces; the
+        person is told, since the others see it arrive in parts."""
+        if len(text) <= MAX_TEXT_CHARS:
+            return [text]
+        pieces = split_text(text, MAX_TEXT_CHARS)
+        self.show(f"* {too_long(text, MAX_TEXT_CHARS)}: sent as {len(pieces)} messages.")
+        return pieces
 
     def _current(self) -> str:
         if self.room is None:
@@ -341,7 +358,8 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
         print("Enter your name: ", end="", flush=True)
         name = stdin.readline().strip()
     # Banned: stop reading at once (the signal interrupts a read of stdin; SIGTERM is ours below).
-    session = Session(color=False, on_banned=lambda: signal.pthread_kill(main, signal.SIGTERM))
+    session = Session(color=False, on_banned=lambda: signal.pthread_kill(main, signal.SIGTERM),
+                      own_arrival=False)
     main = threading.main_thread().ident or 0
     try:
         client = _connect(make_client, session, name)
