@@ -4,6 +4,8 @@ search for a room that does not exist says so instead of printing nothing."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +30,17 @@ def fill_history(db: Path, rooms: dict[str, int]) -> None:
 def piped(command: str, env: dict[str, str], timeout: float = 20) -> tuple[list[str], str, int]:
     """Run `command | head -1` in bash: (head's lines, the command's stderr, its exit status)."""
     script = f"{command} 2>stderr.txt | head -1; echo \"status=${{PIPESTATUS[0]}}\""
-    result = subprocess.run(["bash", "-c", script], cwd=env["TEST_DIR"], env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    lines = result.stdout.splitlines()
+    shell = subprocess.Popen(["bash", "-c", script], cwd=env["TEST_DIR"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, _ = shell.communicate(timeout=timeout)
+    finally:  # a command that never ends must not outlive the test
+        try:
+            os.killpg(shell.pid, signal.SIGKILL)  # the whole pipeline, whatever is left of it
+        except ProcessLookupError:
+            pass
+        shell.wait()
+    lines = stdout.splitlines()
     status = int(lines[-1].removeprefix("status="))
     return lines[:-1], (Path(env["TEST_DIR"]) / "stderr.txt").read_text(), status
 
