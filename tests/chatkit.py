@@ -73,6 +73,11 @@ def identity_of(name: str) -> str:
     return identity
 
 
+def chatkit_secret(identity: str) -> bytes:
+    """The secret key of an identity made by identity_of."""
+    return _SECRETS[identity]
+
+
 
 @dataclass
 class User:
@@ -95,7 +100,7 @@ class LoopClient(ClientApi):
         super().__init__(rooms)
         self.world = world
         self.identity = identity
-        self.core = ClientCore(identity, rooms, history, keyring=Keyring(_SECRETS[identity]))
+        self.core = ClientCore(identity, rooms, history, keyring=Keyring(chatkit_secret(identity)))
         self.on_event = on_event
         self.subscribed: dict[str, int] = {}  # what the SUB asks for
         self.approved: set[str] = set()  # what the broker installed

@@ -13,14 +13,27 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from chatkit import World, identity_of
+from chatkit import World, chatkit_secret, identity_of
 
 from zchat import limits as L
 from zchat.accounts import Account
-from zchat.clientcore import ClientCore, JoinChat, Now
+from zchat.clientcore import ClientCore, JoinChat, Now, Send, Speak
 from zchat.core import Limits
-from zchat.events import Connection
-from zchat.protocol import Heartbeat, History, Join, Message, Ping, Say, WhoReply
+from zchat.e2e import Keyring
+from zchat.events import Connection, DirectDraft
+from zchat.protocol import (
+    Heartbeat,
+    History,
+    Join,
+    KeyReply,
+    KeyRequest,
+    Message,
+    Msg,
+    Ping,
+    Say,
+    Welcome,
+    WhoReply,
+)
 from zchat.tui import EXIT_BANNED
 
 
@@ -178,6 +191,26 @@ def test_a_private_message_to_someone_offline_waits_for_them(world: World) -> No
 
 
 # --- refusals -------------------------------------------------------------------------------------
+
+
+def test_a_private_message_is_never_overtaken_while_its_key_is_fetched() -> None:
+    """The first /msg to a name waits for that name's key: what was said after it waits too."""
+    me = identity_of("alice")
+    core = ClientCore(me, keyring=Keyring(chatkit_secret(me)))
+    core.start()
+    core.request(JoinChat("alice"), Now(100.0, 5e9))
+    core.publication(f"u/{me}/", Welcome(seq=1, ts=5e9, id=me, name="alice", epoch="e", rooms={"lobby": 0},
+                                         online=2, members=["alice", "bob"], heartbeat=1.0, rate_burst=20,
+                                         rate_per_second=5.0), Now(100.1, 5e9))
+    sent = [e.message for e in core.request(Speak(DirectDraft("bob", "first", 7)), Now(100.2, 5e9))
+            + core.request(Speak(Say(room="lobby", text="then this", ref=8)), Now(100.3, 5e9))
+            if isinstance(e, Send)]
+    assert [type(m) for m in sent] == [KeyRequest]  # the room message waits behind the draft
+    bob = identity_of("bob")
+    sent = [e.message for e in core.publication(f"u/{me}/", KeyReply(seq=2, ts=5e9, name="bob", key=bob,
+                                                                      online=True, ref=7), Now(100.4, 5e9))
+            if isinstance(e, Send)]
+    assert [(type(m), m.ref) for m in sent] == [(Msg, 7), (Say, 8)]
 
 
 def test_a_changed_key_is_reported_and_the_message_is_not_sent_to_it(world: World) -> None:

@@ -117,6 +117,7 @@ def test_a_second_broker_for_one_config_dir_is_refused(chat: Chat) -> None:
     second = Proc(["broker.py", "--port", str(chat.port + 2), "--pub-port", str(chat.port + 3),
                    "--config-dir", str(chat.config_dir)], env=chat.env, stdin=False)
     chat.procs.append(second)
-    second.wait_for(rf"another broker \(pid {pid}\) is running with config dir {chat.config_dir}")
+    second.wait_for(rf"another broker \(pid {pid}, ports {chat.port}/{chat.pub_port}\) holds "
+                    rf"{chat.config_dir}/broker/broker\.lock")
     assert second.wait_exit(10) == 1
     assert first.proc.poll() is None and read_state(chat.config_dir)["pid"] == pid  # type: ignore[index]

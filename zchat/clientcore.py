@@ -260,11 +260,10 @@ class ClientCore:
                  keyring: Keyring | None = None) -> None:
         self.identity = identity
         # End-to-end private messages: our key pair (None: this client cannot send or read
-        # them), the key of each name we wrote to this session, drafts waiting for a name's
-        # key, and key requests in flight (by the ref of the draft that asked).
+        # them), the key of each name we wrote to this session, and key requests in flight (by
+        # the ref of the draft that asked: it waits at the head of the queue for the answer).
         self.keyring = keyring
         self._keys: dict[str, str] = {}
-        self._awaiting_key: dict[str, list[DirectDraft]] = {}
         self._key_requests: dict[int, str] = {}
         self.private_topic = private_topic(identity)
         self.history = history  # events of each room's history shown on joining it
@@ -384,7 +383,7 @@ class ClientCore:
             times.append(self._last_heartbeat + L.BROKER_SILENCE_LOST)
         if self._rejoin is not None:
             times.append(self._rejoin.until)
-        elif self._outbox and self._connected():
+        elif self._outbox and self._connected() and not self._waiting_for_key():
             times.append(self.bucket.ready_at())
         backfill = self.tracker.deadline()
         if backfill is not None:
@@ -444,24 +443,11 @@ class ClientCore:
     # --- end-to-end private messages ------------------------------------------------
 
     def _seal(self, draft: DirectDraft, now: Now) -> Msg | None:
-        """The wire form of a draft: sealed to its recipient's key and to ours. None when it
-        cannot go yet (its key is asked for first: the request goes at the front of the
-        queue, and the draft waits) or at all (refused here)."""
-        if self.keyring is None:
-            self._refuse(draft.ref, Code.BAD_REQUEST, "this client has no key to seal private messages",
-                         now)
-            self._confirm(draft.ref)
-            return None
-        name = name_key(draft.to)
-        key = self._keys.get(name)
-        if key is None:
-            waiting = self._awaiting_key.setdefault(name, [])
-            if not waiting:  # asked with the draft's ref: the answer, or the refusal, names it
-                self._key_requests[draft.ref] = name
-                self._outbox.appendleft(KeyRequest(name=draft.to, ref=draft.ref))
-            waiting.append(draft)
-            return None
+        """The wire form of a draft: sealed to its recipient's key and to ours (None: refused
+        here). Only called once that key is known."""
+        key = self._keys[name_key(draft.to)]
         try:
+            assert self.keyring is not None
             box, self_box = self.keyring.seal_for(key, draft.text)
         except (ValueError, CryptoError):  # the broker gave a key nobody can encrypt to
             self._refuse(draft.ref, Code.BAD_REQUEST,
@@ -471,27 +457,46 @@ class ClientCore:
         return Msg(to=draft.to, key=key, box=box, self_box=self_box, ref=draft.ref)
 
     def _ready_head(self, now: Now) -> bool:
-        """Make the head of the queue something to send (a draft becomes its sealed `msg`, or
-        makes way for its key request); False when the queue is empty."""
+        """Make the head of the queue something to send now; False when there is nothing (an
+        empty queue, or a draft waiting for its recipient's key: nothing said after it may
+        overtake it). A draft becomes its sealed `msg`, or sends its key request first."""
         while self._outbox and isinstance(self._outbox[0], DirectDraft):
-            sealed = self._seal(self._outbox.popleft(), now)
+            draft = self._outbox[0]
+            if self.keyring is None:
+                self._outbox.popleft()
+                self._refuse(draft.ref, Code.BAD_REQUEST, "this client has no key to seal private "
+                             "messages", now)
+                self._confirm(draft.ref)
+                continue
+            name = name_key(draft.to)
+            if name not in self._keys:
+                if name in self._key_requests.values():
+                    return False  # asked already: wait for the answer
+                # Asked with the draft's ref: the answer, or the refusal, names it.
+                self._key_requests[draft.ref] = name
+                self._outbox.appendleft(KeyRequest(name=draft.to, ref=draft.ref))
+                return True
+            self._outbox.popleft()
+            sealed = self._seal(draft, now)
             if sealed is not None:
                 self._outbox.appendleft(sealed)
         return bool(self._outbox)
 
-    def _requeue_awaiting(self) -> None:
-        """A rejoin: key requests in flight may be lost; their drafts go back in front, in order."""
-        waiting = [draft for drafts in self._awaiting_key.values() for draft in drafts]
-        self._awaiting_key.clear()
-        self._key_requests.clear()
-        self._outbox.extendleft(reversed(sorted(waiting, key=lambda draft: draft.ref)))
+    def _waiting_for_key(self) -> bool:
+        head = self._outbox[0] if self._outbox else None
+        return isinstance(head, DirectDraft) and name_key(head.to) not in self._keys
 
     def _on_key(self, reply: KeyReply) -> None:
         name = self._key_requests.pop(reply.ref, None) if reply.ref is not None else None
-        if name is None:
-            return  # another session's (it shares our stream), or stale
-        self._keys[name] = reply.key
-        self._outbox.extendleft(reversed(self._awaiting_key.pop(name, [])))  # in order, first
+        if name is not None:
+            self._keys[name] = reply.key  # the name as asked (its holder may go by another now)
+        # (else another session's: it shares our stream; or a stale answer)
+
+    def _on_key_refused(self, error: Error) -> None:
+        """No key for that name (`no_such_user`): the draft that asked is refused with the error."""
+        self._key_requests.pop(error.ref)  # type: ignore[arg-type]
+        self._outbox = deque(item for item in self._outbox
+                             if not (isinstance(item, DirectDraft) and item.ref == error.ref))
 
     def _on_key_changed(self, error: Error, now: Now) -> None:
         """Our draft was sealed to a key that no longer holds the name. It is not resent to the
@@ -663,7 +668,7 @@ class ClientCore:
         else:
             detail = "the broker restarted; rejoined" if restarted else "rejoined"
             self._show(Status(StatusState.RECONNECTED, detail, welcome.ts))
-            self._requeue_awaiting()
+            self._key_requests.clear()  # lost with the old connection, perhaps: asked again
             in_flight = {ref for ref, out in self._unconfirmed.items() if out.sent}
             if in_flight:
                 # What we said may have been published with its echo lost on the way: the replay
@@ -796,9 +801,7 @@ class ClientCore:
             self._on_key_changed(event, now)
             return
         if isinstance(event, Error) and event.ref in self._key_requests:
-            # No key for that name: every draft waiting for it is refused with this error.
-            for draft in self._awaiting_key.pop(self._key_requests.pop(event.ref), []):
-                self._confirm(draft.ref)
+            self._on_key_refused(event)  # shown, and its draft settled, below
         if isinstance(event, (Message, Action)) and event.ref is not None and event.name == self.name:
             self._confirm(event.ref)
         if isinstance(event, Error) and event.code == Code.BAD_REQUEST:
