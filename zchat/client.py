@@ -168,6 +168,10 @@ class ChatClient(ClientApi):
             except zmq.ZMQError:
                 pass  # a wake-up is already pending, or we are closing
 
+    def diagnose(self) -> tuple[str, str]:
+        """Why the broker has not answered, as (code, one line for the user)."""
+        return self._diagnose()
+
     def _diagnose(self) -> tuple[str, str]:
         """Why a join failed or timed out, as (code, message), from what the monitor saw."""
         return self._watch.explain(self.settings.endpoints.input, self.settings.endpoints.flags())
