@@ -48,3 +48,14 @@ def test_a_refused_key_settles_the_post_at_once() -> None:
     out = core.request(HandshakeFailed("auth", "the broker refused this key"), Now(10.1, 100.1))
     assert [(e.code, e.ref) for e in shown(out)] == [("auth", 5)]
     assert core.pending == 0
+
+
+def test_a_post_after_the_key_was_refused_is_refused_at_once() -> None:
+    """The refusal may come before the post is asked for (zchat send waited its whole timeout)."""
+    core = ClientCore(ME, rooms=[])
+    core.start()
+    core.request(HandshakeFailed("auth", "the broker refused this key"), Now(10.0, 100.0))
+    post = Post(room="ops", text="deployed", name="deploy", ref=6)
+    out = core.request(PostOnce(post), Now(10.1, 100.1))
+    assert sends(out) == [] and [(e.code, e.ref) for e in shown(out)] == [("auth", 6)]
+    assert core.pending == 0

@@ -315,6 +315,7 @@ class ClientCore:
         self._view_key: tuple[object, ...] = ()
         self._out: list[Effect] = []
         self._posts: dict[int, Post] = {}  # by ref: posts not yet answered
+        self._key_refused: HandshakeFailed | None = None  # before any welcome: posts are refused too
         self._next_post = 0.0  # when they go again
 
     # --- inputs --------------------------------------------------------------------
@@ -559,6 +560,9 @@ class ClientCore:
         if len(message.text) > L.MAX_TEXT_CHARS:
             self._refuse(message.ref, Code.TOO_LARGE, too_long(message.text, L.MAX_TEXT_CHARS), now)
             return
+        if self._key_refused is not None:  # libzmq may not try again after the refusal
+            self._refuse(message.ref, self._key_refused.code, self._key_refused.detail, now)
+            return
         self._posts[message.ref] = message
         self._resubscribe_at = now.mono + RESUBSCRIBE_WAIT
         self._send(message, now)
@@ -620,6 +624,7 @@ class ClientCore:
             if self._pending_join is not None:
                 self._pending_join = None
                 self._out.append(JoinDone(None, failure.code, failure.detail))
+            self._key_refused = failure
             for ref in list(self._posts):  # refused for good: nothing more will go
                 del self._posts[ref]
                 self._refuse(ref, failure.code, failure.detail, now)
