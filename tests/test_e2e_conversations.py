@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
+import sqlite3
 import time
 
 import pytest
 from conftest import CLOCK, Chat, Proc
 from peers import RawPeer, broker_key
 
+from zchat import keys
 from zchat import limits as L
-from zchat.protocol import Direct, Message
+from zchat.protocol import Direct, Mark, Message
 
 pytestmark = pytest.mark.timeout(90)
 CLOCK_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
@@ -189,3 +192,74 @@ def test_zchat_send_times_out_without_a_broker(chat: Chat) -> None:
     # Issue 14, item 11: the hint repeats the flags given (it said just "zchat broker").
     pub = f" --pub-port {chat.pub_port}" if chat.pub_port != chat.port + 1 else ""
     lost.wait_for(rf"\(start one with: zchat broker --port {chat.port}{pub}\)$")
+
+
+def _stored(chat: Chat, topic: str) -> list[dict]:
+    db = sqlite3.connect(chat.config_dir / "broker" / "history.sqlite3")
+    try:
+        return [json.loads(body) for (body,) in db.execute(
+            "SELECT body FROM events WHERE topic = ? ORDER BY seq", (topic,))]
+    finally:
+        db.close()
+
+
+def test_zchat_send_adds_one_message_and_no_presence_to_the_room_and_its_history(chat: Chat) -> None:
+    """Issue 14, item 14: every `zchat send` added a join and a leave (three events for one
+    message). It posts now: the room and its history get the message alone."""
+    chat.start_broker()
+    key = broker_key(chat.config_dir)
+    watcher = RawPeer(chat.port, chat.pub_port, key, [b"r/lobby/"])
+    try:
+        bob = chat.joined_client("bob")
+        bob.send("before")
+        watcher.wait_for(lambda t, e: isinstance(e, Message) and e.text == "before")
+        sent = _send(chat, "--name", "deploy", "build", "42", "is", "green")
+        assert sent.wait_exit(15) == 0
+        bob.wait_for(rf"^{CLOCK} deploy: build 42 is green$", timeout=5)
+        bob.send("after")
+        watcher.wait_for(lambda t, e: isinstance(e, Message) and e.text == "after")
+        live = [e for _, e in watcher.decoded() if not isinstance(e, Mark)]
+        since = next(i for i, e in enumerate(live) if isinstance(e, Message) and e.text == "before")
+        assert [(type(e).__name__, getattr(e, "name", "")) for e in live[since:]] == [
+            ("Message", "bob"), ("Message", "deploy"), ("Message", "bob")]
+        assert bob.count("deploy has") == 0
+        stored = _stored(chat, "r/lobby/")
+        texts = [(event["type"], event.get("name")) for event in stored]
+        assert texts[-3:] == [("message", "bob"), ("message", "deploy"), ("message", "bob")]
+    finally:
+        watcher.close()
+
+
+def test_zchat_send_refuses_a_name_this_key_may_not_use(chat: Chat) -> None:
+    """Another key may not post as an online member, nor as a look-alike of one."""
+    chat.start_broker()
+    bob = chat.joined_client("bob")
+    mallory = keys.client_keys_dir(chat.config_dir) / "client-mallory.key_secret"
+    keys.load_or_create(mallory.parent, "client-mallory")
+    for name, why in [("bob", "the name 'bob' is taken"), ("b0b", "looks like 'bob', who is online")]:
+        refused = _send(chat, "--key", str(mallory), "--name", name, "it is me, bob")
+        assert refused.wait_exit(15) == 1
+        refused.wait_for(rf"^zchat send: .*{re.escape(why)}")
+    bob.send("marker")
+    bob.wait_for(rf"^{CLOCK} bob: marker$")
+    assert bob.count("it is me") == 0
+
+
+def test_zchat_send_to_a_room_that_does_not_exist_needs_create(chat: Chat) -> None:
+    """Issue 14, item 15: `zchat send --room opps` (a typo) created the room `opps`."""
+    chat.start_broker()
+    bob = chat.joined_client("bob")
+    bob.send("/join ops")
+    bob.wait_for(rf"^{CLOCK} - bob has joined #ops\.$")
+    typo = _send(chat, "--name", "deploy", "--room", "opps", "deployed")
+    assert typo.wait_exit(15) == 1
+    line = typo.wait_for(r"^zchat send: ")
+    assert line == ("zchat send: there is no room #opps (rooms with people in them: #lobby, #ops); "
+                    "--create makes it")
+    assert _stored(chat, "r/opps/") == []
+    created = _send(chat, "--name", "deploy", "--room", "opps", "--create", "deployed")
+    assert created.wait_exit(15) == 0
+    assert [(e["type"], e["name"], e["text"]) for e in _stored(chat, "r/opps/")] == [
+        ("message", "deploy", "deployed")]
+    again = _send(chat, "--name", "deploy", "--room", "opps", "it exists now")
+    assert again.wait_exit(15) == 0

@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--room", help=f"the room to send to (default {DEFAULT_ROOM})")
     target.add_argument("--to", metavar="NAME", help="send a private message to NAME instead")
     send.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait (default 10)")
+    send.add_argument("--create", action="store_true",
+                      help="send to the room even if it does not exist yet (nobody in it, nothing said)")
     send.add_argument("--split", action="store_true",
                       help=f"send a text over {L.MAX_TEXT_CHARS} characters as several messages, "
                       "cut at spaces")
@@ -430,7 +432,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         return ChatClient(settings, on_event)
 
     return run_send(make_client, args.name, " ".join(args.text), args.room, args.to, args.timeout,
-                    split=args.split)
+                    split=args.split, create=args.create)
 
 
 def cmd_tap(args: argparse.Namespace) -> int:

@@ -168,6 +168,10 @@ class ChatClient(ClientApi):
             except zmq.ZMQError:
                 pass  # a wake-up is already pending, or we are closing
 
+    def diagnose(self) -> tuple[str, str]:
+        """Why the broker has not answered, as (code, one line for the user)."""
+        return self._diagnose()
+
     def _diagnose(self) -> tuple[str, str]:
         """Why a join failed or timed out, as (code, message), from what the monitor saw."""
         return self._watch.explain(self.settings.endpoints.input, self.settings.endpoints.flags())
@@ -284,6 +288,7 @@ class ChatClient(ClientApi):
             return None
 
     def _carry_out(self, effects: list[Effect]) -> None:
+        shown = False
         for effect in effects:
             if isinstance(effect, Send):
                 try:
@@ -293,6 +298,7 @@ class ChatClient(ClientApi):
             elif isinstance(effect, Show):
                 self.snapshot = effect.view
                 self._emit(effect.event)
+                shown = True
             elif isinstance(effect, Subscribe):
                 self.sub.setsockopt(zmq.SUBSCRIBE, effect.topic.encode())
             elif isinstance(effect, Unsubscribe):
@@ -303,7 +309,9 @@ class ChatClient(ClientApi):
                 self._join_done.set()
             elif isinstance(effect, Stopped):
                 self._stopped = True
-        if self.snapshot is not self.core.snapshot():
+        # After a Show too: its view may already be the core's, and a waiter (wait_delivered)
+        # must wake once on_event has seen what settled a message, not at its timeout.
+        if shown or self.snapshot is not self.core.snapshot():
             with self._settled:
                 self.snapshot = self.core.snapshot()
                 self._settled.notify_all()

@@ -84,6 +84,8 @@ from zchat.protocol import (
     Nick,
     Part,
     Ping,
+    Post,
+    Posted,
     ProtocolError,
     Renamed,
     RoomList,
@@ -157,6 +159,14 @@ class Ask:
 
 
 @dataclass(frozen=True, slots=True)
+class PostOnce:
+    """A `post` (zchat send): sent without joining, again until the broker answers its ref
+    (a resend is confirmed, never published twice), settled by `posted` or an error."""
+
+    message: Post
+
+
+@dataclass(frozen=True, slots=True)
 class EnterRoom:
     room: str  # normalized
 
@@ -192,8 +202,8 @@ class Close:
     message: str | None
 
 
-RequestType = (JoinChat | CancelJoin | Speak | Ask | EnterRoom | ChangeName | Reconnect | HandshakeFailed
-               | LinkDown | Close)
+RequestType = (JoinChat | CancelJoin | Speak | Ask | PostOnce | EnterRoom | ChangeName | Reconnect
+               | HandshakeFailed | LinkDown | Close)
 
 # --- effects: what the shell carries out, in order ------------------------------------------
 
@@ -303,6 +313,9 @@ class ClientCore:
         self._view: Snapshot | None = None
         self._view_key: tuple[object, ...] = ()
         self._out: list[Effect] = []
+        self._posts: dict[int, Post] = {}  # by ref: posts not yet answered
+        self._key_refused: HandshakeFailed | None = None  # before any welcome: posts are refused too
+        self._next_post = 0.0  # when they go again
 
     # --- inputs --------------------------------------------------------------------
 
@@ -317,6 +330,8 @@ class ClientCore:
             self._speak(request.message, now)
         elif isinstance(request, Ask):
             self._ask(request.message, now)
+        elif isinstance(request, PostOnce):
+            self._post(request.message, now)
         elif isinstance(request, JoinChat):
             self._start_join(request.name, "", now)
         elif isinstance(request, CancelJoin):
@@ -346,6 +361,8 @@ class ClientCore:
             self._on_lost(StatusState.SHUTDOWN, event.detail, event.ts)
         elif topic == SYSTEM_TOPIC:
             pass  # other broker notices (stats): not for the chat, and not numbered for us
+        elif topic == self.private_topic and self._answers_post(event):
+            self._show(event)
         elif topic == self.private_topic and isinstance(event, Welcome):
             self._on_welcome(event, now)
         elif topic == self.private_topic and isinstance(event, Error) and self._on_error(event, now):
@@ -362,6 +379,8 @@ class ClientCore:
         t = now.mono
         if self._pending_join is not None and t >= self._next_join:
             self._send_join(now)
+        if self._posts and t >= self._next_post:
+            self._send_posts(now)
         if self._connected() and t >= self._last_sent + L.CLIENT_PING_INTERVAL:
             self._send(Ping(), now)  # only when idle: the broker charges pings to our bucket too
         if self._watching() and t - self._last_heartbeat > L.BROKER_SILENCE_LOST:
@@ -377,6 +396,8 @@ class ClientCore:
         times = []
         if self._pending_join is not None:
             times.append(self._next_join)
+        if self._posts:
+            times.append(self._next_post)
         if self._connected():
             times.append(self._last_sent + L.CLIENT_PING_INTERVAL)
         if self._watching():
@@ -407,16 +428,16 @@ class ClientCore:
     @property
     def pending(self) -> int:
         """Messages said and not yet settled (confirmed or refused)."""
-        return len(self._unconfirmed)
+        return len(self._unconfirmed) + len(self._posts)
 
     def snapshot(self) -> Snapshot:
         key = (self.name, tuple(self.rooms), self._members_version, self.connection, self.lost_since,
-               self.online, len(self._unconfirmed))
+               self.online, self.pending)
         if self._view is None or key != self._view_key:
             self._view_key = key
             self._view = Snapshot(self.name, tuple(self.rooms), frozenset(self.members),
                                   frozenset(self.known_rooms), self.connection, self.lost_since,
-                                  self.online, len(self._unconfirmed))
+                                  self.online, self.pending)
         return self._view
 
     # --- requests ------------------------------------------------------------------------
@@ -539,6 +560,34 @@ class ClientCore:
             return
         self._outbox.append(message)
 
+    def _post(self, message: Post, now: Now) -> None:
+        assert message.ref is not None, "the shell numbers what is posted"
+        if len(message.text) > L.MAX_TEXT_CHARS:
+            self._refuse(message.ref, Code.TOO_LARGE, too_long(message.text, L.MAX_TEXT_CHARS), now)
+            return
+        if self._key_refused is not None:  # libzmq may not try again after the refusal
+            self._refuse(message.ref, self._key_refused.code, self._key_refused.detail, now)
+            return
+        self._posts[message.ref] = message
+        self._resubscribe_at = now.mono + RESUBSCRIBE_WAIT
+        self._send(message, now)
+        self._next_post = now.mono + L.JOIN_RETRY_INTERVAL
+
+    def _send_posts(self, now: Now) -> None:
+        """No answer yet: our private stream may not be approved yet (or was lost), or the
+        broker restarted. Send again; the broker answers a repeated ref without repeating."""
+        if now.mono >= self._resubscribe_at:
+            self._resubscribe_at = now.mono + RESUBSCRIBE_WAIT
+            self._resubscribe(self.private_topic)
+        for message in self._posts.values():
+            self._send(message, now)
+        self._next_post = now.mono + L.JOIN_RETRY_INTERVAL
+
+    def _answers_post(self, event: Event) -> bool:
+        """`posted`, or an error, naming a post we wait for: it is settled."""
+        ref = event.ref if isinstance(event, Posted | Error) else None
+        return ref is not None and self._posts.pop(ref, None) is not None
+
     def _enter(self, room: str, now: Now) -> None:
         topic = room_topic(room)
         if self._removed == Code.KICKED:  # /join ROOM after a kick: come back, into that room too
@@ -580,6 +629,10 @@ class ClientCore:
             if self._pending_join is not None:
                 self._pending_join = None
                 self._out.append(JoinDone(None, failure.code, failure.detail))
+            self._key_refused = failure
+            for ref in list(self._posts):  # refused for good: nothing more will go
+                del self._posts[ref]
+                self._refuse(ref, failure.code, failure.detail, now)
         elif failure.code == "auth" and self._removed is None:
             # Refused at a reconnection (a ban or a revocation whose notice we missed).
             self._removed = Code.REVOKED
@@ -1082,6 +1135,14 @@ class ClientApi:
 
     def part(self, room: str, message: str = "") -> None:
         self._submit(Ask(Part(room=room, message=message)))
+
+    def post(self, text: str, room: str, name: str, create: bool = False) -> int:
+        """Post `text` to `room` as `name` without joining; returns its ref. Settled (see
+        wait_delivered) by a `posted` event or an error with that ref."""
+        message = Post(room=room, text=text, name=name, ref=next(self._refs), create=create)
+        self._submit(PostOnce(message))
+        assert message.ref is not None
+        return message.ref
 
     def reconnect(self) -> None:
         """Rejoin after a kick, or after a rejoin found our name taken."""

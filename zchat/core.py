@@ -50,6 +50,8 @@ from zchat.protocol import (
     Nick,
     Part,
     Ping,
+    Post,
+    Posted,
     ProtocolError,
     Renamed,
     RoomList,
@@ -203,6 +205,8 @@ class Peer:
     history_bytes: float = 0.0
     history_refilled: float = 0.0
     notice: str | None = None  # why its publish connections were cut: told on resubscribing
+    # Its latest posts (ref -> room, seq of the message): a resent post is confirmed again.
+    posted: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
 class BrokerCore:
@@ -377,6 +381,8 @@ class BrokerCore:
             return throttled
         if isinstance(message, HistoryRequest):
             return self._history(peer, peer.member, message, now)
+        if isinstance(message, Post):
+            return self._post(peer, message, now)
         if peer.member is None:
             if isinstance(message, Leave):
                 return []  # leaving twice, or after a refused join: nothing to say
@@ -624,6 +630,66 @@ class BrokerCore:
             return empty
         return [self._publish(room_topic(room), lambda seq: Action(
             seq=seq, ts=self.ts(now), room=room, name=member.name, text=text, ref=me.ref))]
+
+    def _post(self, peer: Peer, post: Post, now: float) -> list[Out]:
+        """A message from a key that need not be a member: nobody joins or leaves. Checked in
+        this order: muted, invalid_name, name_taken, invalid_room, no_such_room, empty_text."""
+        ref = post.ref
+        done = peer.posted.get(ref) if ref is not None else None
+        if done is not None:  # a resend (our confirmation was lost): never published twice
+            return self._confirm_post(peer, *done, ref, now)
+        if self.muted and self.muted.get(peer.identity, 0.0) > now:
+            return self._muted(peer, now, ref)
+        name, refused = self._post_name(peer, post.name, now, ref)
+        if refused:
+            return refused
+        room = normalize_room(post.room)
+        if room is None:
+            return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {post.room!r}", ref)
+        topic = room_topic(room)
+        if not post.create and room not in self.rooms and self._last_seq(topic) == 0:
+            return self._error(peer, now, Code.NO_SUCH_ROOM, self._no_such_room(room), ref)
+        text, empty = self._text(peer, post.text, now, ref)
+        if empty:
+            return empty
+        out: list[Out] = [] if peer.member is not None else self._remember(name, peer.identity)
+        message = self._publish(topic, lambda seq: Message(seq=seq, ts=self.ts(now), room=room, name=name,
+                                                           text=text))
+        out.append(message)
+        if ref is not None:
+            peer.posted[ref] = (room, message.event.seq)
+            if len(peer.posted) > L.POSTS_REMEMBERED:
+                del peer.posted[next(iter(peer.posted))]
+        return out + self._confirm_post(peer, room, message.event.seq, ref, now)
+
+    def _post_name(self, peer: Peer, name: str, now: float, ref: int | None) -> tuple[str, list[Out]]:
+        """The name a post goes out under, or the refusal: closed mode's fixed name; a member's
+        own name; else a name this key could join with (free, not reserved, no look-alike)."""
+        if self.accounts is not None:
+            return self.accounts[peer.identity].name, []
+        if not valid_name(name):
+            return name, self._error(peer, now, Code.INVALID_NAME, invalid_name_detail(name), ref)
+        member = peer.member
+        if member is not None:
+            if name_key(name) != name_key(member.name):
+                return name, self._error(peer, now, Code.NAME_TAKEN, (
+                    f"this key is online as {member.name!r}: post under that name"), ref)
+            return member.name, []
+        refused = self._claim_refused(peer, name)
+        return name, ([] if refused is None else self._error(peer, now, Code.NAME_TAKEN, refused, ref))
+
+    def _no_such_room(self, room: str) -> str:
+        biggest = sorted(self.rooms.items(), key=lambda item: (-len(item[1]), item[0]))
+        listed = ", ".join(f"#{name}" for name, _ in biggest[:L.ROOMS_IN_REFUSAL])
+        more = len(biggest) - L.ROOMS_IN_REFUSAL
+        rooms = f"rooms with people in them: {listed}" if listed else "no room has anyone in it"
+        return f"there is no room #{room} ({rooms}{f' and {more} more' if more > 0 else ''})"
+
+    def _confirm_post(self, peer: Peer, room: str, at: int, ref: int | None, now: float) -> list[Out]:
+        topic = private_topic(peer.identity)
+        if topic not in peer.topics:  # nobody would receive it: the poster resends
+            return []
+        return [self._publish(topic, lambda seq: Posted(seq=seq, ts=self.ts(now), room=room, at=at, ref=ref))]
 
     def _bound_key(self, name: str) -> tuple[str | None, str | None]:
         """(the key bound to `name`, the online holder's name): the online holder's key, else

@@ -39,6 +39,8 @@ MEMBERS_IN_WELCOME = 200  # names listed in a welcome; the count is always exact
 MAX_NAMES_IN_REPLY = 500  # names listed in a who reply
 MAX_ROOMS_IN_REPLY = 500  # rooms listed in a rooms reply
 MAX_ROOMS_PER_MEMBER = 32
+POSTS_REMEMBERED = 16  # a key's latest posts whose resend is confirmed again, not published twice
+ROOMS_IN_REFUSAL = 20  # rooms named in a no_such_room refusal
 
 # Connections: what one key, one address and everyone together may hold open.
 CONNECTIONS_PER_KEY = 4  # live connections of one key on each broker socket (input, publish)

@@ -286,8 +286,21 @@ class Ping(ClientMessage, tag="ping"):
     pass
 
 
+class Post(ClientMessage, tag="post"):
+    """A one-shot message to a room from a key that need not be a member (`zchat send`): no
+    presence is announced. `name` must be one this key may use (closed mode: ignored). A
+    resend with the same `ref` is confirmed again, never published twice. A room that does
+    not exist (no members, nothing ever published) is refused unless `create`."""
+
+    room: RoomField
+    text: TextField
+    name: NameField
+    ref: Ref | None = None
+    create: bool = False
+
+
 ClientMessageType = (Join | Say | Me | Msg | KeyRequest | Nick | Who | Rooms | Enter | Part | HistoryRequest
-                     | Kick | Ban | Mute | Leave | Ping)
+                     | Kick | Ban | Mute | Leave | Ping | Post)
 
 # --- broker -> client ---------------------------------------------------------
 
@@ -426,6 +439,14 @@ class Mark(Event, tag="mark"):
     room: str
 
 
+class Posted(Event, tag="posted"):
+    """The broker published a `post`: its `message` is number `at` on r/<room>/."""
+
+    room: str
+    at: int
+    ref: int | None = None
+
+
 class Heartbeat(Event, tag="heartbeat"):
     epoch: str
     interval: float
@@ -468,7 +489,7 @@ class Stats(Event, tag="stats"):
 
 
 EventType = (Welcome | Message | Action | Direct | KeyReply | Joined | Left | Renamed | Muted | Error
-             | WhoReply | RoomList | History | Mark | Heartbeat | Shutdown | Stats)
+             | WhoReply | RoomList | History | Mark | Heartbeat | Shutdown | Stats | Posted)
 
 
 def decode_event(data: bytes | msgspec.Raw) -> EventType:
@@ -494,6 +515,7 @@ class Code(StrEnum):
     NOT_JOINED = "not_joined"
     NOT_IN_ROOM = "not_in_room"
     ALREADY_IN_ROOM = "already_in_room"
+    NO_SUCH_ROOM = "no_such_room"  # post: nobody is in it and nothing was ever said there
     TOO_MANY_ROOMS = "too_many_rooms"
     NO_SUCH_USER = "no_such_user"
     KEY_CHANGED = "key_changed"  # msg: `key` is not the key bound to the name any more

@@ -34,6 +34,7 @@ from zchat.protocol import (
     Me,
     Message,
     Muted,
+    Posted,
     Renamed,
     RoomList,
     Welcome,
@@ -164,6 +165,8 @@ def _body(event: ClientEvent, view: View) -> str | None:
         rooms = ", ".join(f"{r(room)} ({size})" for room, size in event.rooms.items()) or "none"
         more = f", and {event.count - len(event.rooms)} more" if event.count > len(event.rooms) else ""
         return f"* Rooms: {rooms}{more}"
+    if isinstance(event, Posted):
+        return f"* Posted to {r(event.room)} (event {event.at})."
     if isinstance(event, Welcome):
         others = [name for name in event.members if name != event.name]
         shown = ", ".join(n(name) for name in others[:20]) + (", ..." if len(others) > 20 else "")

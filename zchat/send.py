@@ -16,11 +16,13 @@ EXIT_OK, EXIT_REFUSED, EXIT_INVALID, EXIT_TIMEOUT = 0, 1, 2, 3
 
 def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], ChatClient],
              name: str, text: str, room: str | None, to: str | None, timeout: float = 10.0,
-             split: bool = False) -> int:
-    """Join, send, wait for the broker's confirmation, leave. Returns an exit code.
+             split: bool = False, create: bool = False) -> int:
+    """Send, wait for the broker's confirmation, stop. Returns an exit code.
 
-    A text over the limit is invalid input unless `split`: then it goes as several messages,
-    cut at spaces, in order."""
+    To a room it is a `post`: nobody joins or leaves, so the room sees the message alone. A
+    room that does not exist is refused unless `create`. A private message (`to`) joins the
+    chat in no room, so no room sees that either. A text over the limit is invalid input
+    unless `split`: then it goes as several messages, cut at spaces, in order."""
     def fail(code: int, reason: str) -> int:
         print(f"zchat send: {reason}", file=sys.stderr, flush=True)
         return code
@@ -46,28 +48,43 @@ def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], C
         elif isinstance(event, Status) and event.state == StatusState.KEY_CHANGED:  # not sent
             refusals.append(Error(seq=0, ts=event.ts, code=Code.KEY_CHANGED, detail=event.detail))
 
-    client = make_client([target_room], on_event)
+    def refused() -> int:
+        error = refusals[0]
+        if error.code == Code.NO_SUCH_ROOM:
+            return fail(EXIT_REFUSED, f"{error.detail}; --create makes it")
+        if error.code in ("unreachable", "timeout"):
+            return fail(EXIT_TIMEOUT, error.detail)
+        # Refused by the broker, or here (a message too long is invalid input).
+        return fail(EXIT_INVALID if error.code == Code.TOO_LARGE else EXIT_REFUSED, error.detail)
+
+    def unconfirmed() -> int:
+        code, reason = client.diagnose()
+        if code != "unreachable":
+            reason = f"the broker did not confirm the message within {timeout:g} s"
+        return fail(EXIT_TIMEOUT, reason)
+
+    client = make_client([], on_event)  # no room: nothing to subscribe to but our own stream
     client.start()
-    resumed = False  # already online in another session with this key: do not leave
+    resumed = True  # a post never joins: nothing to leave
     try:
-        try:
-            resumed = client.join(name, timeout=timeout).resumed
-        except JoinError as exc:
-            slow = exc.code in ("unreachable", "timeout")
-            return fail(EXIT_TIMEOUT if slow else EXIT_REFUSED, str(exc))
-        try:
-            for piece in pieces:
+        if to is not None:
+            try:
+                resumed = client.join(name, timeout=timeout).resumed
+            except JoinError as exc:
+                slow = exc.code in ("unreachable", "timeout")
+                return fail(EXIT_TIMEOUT if slow else EXIT_REFUSED, str(exc))
+        for piece in pieces:  # one at a time: a refusal stops the rest
+            try:
                 if to is not None:
                     client.direct(to, piece)
                 else:
-                    client.say(piece, target_room)
-        except SendError as exc:
-            return fail(EXIT_REFUSED, str(exc))
-        if not client.wait_delivered(timeout):
-            return fail(EXIT_TIMEOUT, f"the broker did not confirm the message within {timeout:g} s")
-        if refusals:  # by the broker, or here (a message too long is invalid input)
-            return fail(EXIT_INVALID if refusals[0].code == Code.TOO_LARGE else EXIT_REFUSED,
-                        refusals[0].detail)
+                    client.post(piece, target_room, name, create=create)
+            except SendError as exc:
+                return fail(EXIT_REFUSED, str(exc))
+            if not client.wait_delivered(timeout):
+                return unconfirmed()
+            if refusals:
+                return refused()
         return EXIT_OK
     finally:
         client.close(leave=not resumed)

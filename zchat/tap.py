@@ -206,6 +206,8 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
     elif kind == "direct":  # kept mail, from `zchat history`: its text only if opened (--key)
         said = _c(g("text")) if "text" in ev else "(private, sealed)"
         body = f"mail {_c(g('name'))} -> {_c(g('to'))}: {said}"
+    elif kind == "posted":  # `zchat send`'s confirmation, on its private stream
+        body = f"-- posted to #{_c(g('room'))} as event {_c(g('at'))}"
     elif kind == "heartbeat":
         body = f"-- heartbeat: epoch {_c(g('epoch'))}, {_c(g('online'))} online"
     elif kind == "shutdown":
