@@ -51,7 +51,8 @@ import zmq  # noqa: E402
 from zchat import keys  # noqa: E402
 from zchat import limits as L  # noqa: E402
 from zchat.auth import zap_reply  # noqa: E402
-from zchat.sealing import SealError, box_for, open_publication  # noqa: E402
+from zchat.e2e import Keyring  # noqa: E402
+from zchat.sealing import SealError, box_for, key_bytes, open_publication  # noqa: E402
 
 # --- what is measured -----------------------------------------------------------
 
@@ -469,7 +470,7 @@ class Member:
     """One zchat client as raw sockets: a CURVE PUSH + SUB pair with its own key."""
 
     __slots__ = ("sub", "push", "identity", "utopic", "welcome", "join", "t_start", "next_join",
-                 "joined_ns", "error", "box")
+                 "joined_ns", "error", "box", "secret")
 
     def __init__(self, ctx: zmq.Context, svc: dict, name: str, rooms: list[str],
                  extra_topics: tuple[bytes, ...] = ()) -> None:
@@ -478,6 +479,7 @@ class Member:
         self.utopic = f"u/{self.identity}/".encode()
         self.welcome = self.utopic + b' {"type":"welcome"'
         self.box = box_for(secret, svc["key"])  # opens our sealed private stream
+        self.secret = secret  # for end-to-end private messages (zchat.e2e), made when needed
         self.sub = curve_client(ctx, zmq.SUB, svc["key"], public, secret)
         self.sub.linger = 0
         for topic in [b"sys/", self.utopic, *(f"r/{r}/".encode() for r in rooms), *extra_topics]:
@@ -1238,7 +1240,11 @@ def measure_seal_micro(count: int) -> dict:
     broker_public, broker_secret = zmq.curve_keypair()
     public, secret = zmq.curve_keypair()
     topic = private_topic(keys.identity_of(public))
-    event = Direct(seq=123456, ts=time.time(), name="bob", to="alice", text="x" * TEXT_BYTES)
+    # A private message as it travels since end-to-end encryption: its text sealed by the sender.
+    sender, recipient = Keyring(key_bytes(zmq.curve_keypair()[1])), keys.identity_of(public)
+    text = "x" * TEXT_BYTES
+    dm_box, _ = sender.seal_for(recipient, text)
+    event = Direct(seq=123456, ts=time.time(), name="bob", to="alice", from_=sender.identity, box=dm_box)
     boxes = BoxCache(broker_secret)
     frame = boxes.seal_publication(topic, encode(event))  # the recipient's box is kept from here on
     box = box_for(secret, broker_public)
@@ -1254,8 +1260,12 @@ def measure_seal_micro(count: int) -> dict:
     open_us = per_event_us(lambda: open_publication(box, frame), count)
     fresh = [keys.identity_of(zmq.curve_keypair()[0]) for _ in range(200)]
     miss_us = per_event_us(lambda: boxes.box(fresh.pop()), len(fresh))
+    reader = Keyring(key_bytes(secret))
+    e2e_seal_us = per_event_us(lambda: sender.seal_for(recipient, text), count)  # both boxes
+    e2e_open_us = per_event_us(lambda: reader.open_from(sender.identity, dm_box), count)
     return {"encode_us": plain_us, "encode_seal_us": sealed_us, "seal_us": round(sealed_us - plain_us, 2),
             "open_us": open_us, "new_box_us": miss_us, "bytes_plain": len(encode(event)),
+            "e2e_seal_us": e2e_seal_us, "e2e_open_us": e2e_open_us,
             "bytes_sealed": len(frame) - len(topic) - 1}
 
 
@@ -1269,7 +1279,10 @@ def dm_proc(svc: dict, count: int, rate: float | None, results) -> None:  # type
     if failed:
         raise RuntimeError(f"the private-message members could not join: {[m.error for m in members]}")
     sender, receiver = members
-    prefix, suffix = b'{"type":"msg","to":"%s","text":"' % to.encode(), PAD + b'"}'
+    # End to end, as a client does it: sealed by the sender to the recipient's key (which a
+    # client asks the broker for once; known here) and to itself, opened by the recipient.
+    sealer, opener = Keyring(key_bytes(sender.secret)), Keyring(key_bytes(receiver.secret))
+    padding = PAD.decode()
     direct = receiver.utopic + b' {"type":"direct"'
     start = len(receiver.utopic) + 1
     lat: list[int] = []
@@ -1282,7 +1295,9 @@ def dm_proc(svc: dict, count: int, rate: float | None, results) -> None:  # type
         now = mono()
         while sent < count and now >= next_send:  # a burst at most, then read
             try:
-                sender.push.send(prefix + b"%020d" % mono() + suffix, zmq.NOBLOCK)
+                box, self_box = sealer.seal_for(receiver.identity, f"{mono():020d}{padding}")
+                sender.push.send(json.dumps({"type": "msg", "to": to, "key": receiver.identity, "box": box,
+                                             "self_box": self_box}).encode(), zmq.NOBLOCK)
             except zmq.Again:
                 break
             sent += 1
@@ -1297,7 +1312,8 @@ def dm_proc(svc: dict, count: int, rate: float | None, results) -> None:  # type
                     break
                 opened = receiver.readable(data)
                 if opened.startswith(direct):
-                    lat.append(mono() - text_ts(opened, start))
+                    event = json.loads(opened[start:])
+                    lat.append(mono() - int(opener.open_from(event["from"], event["box"])[:20]))
                     sealed += opened is not data
                     last_rx = mono()
         sender.drain()  # its own copies
@@ -1336,6 +1352,8 @@ def print_sealing(s: dict) -> None:
     print(f"  sealing, per private event: encode {m['encode_us']} us, encode+seal {m['encode_seal_us']} us "
           f"(+{m['seal_us']} us, {m['bytes_plain']} -> {m['bytes_sealed']} B); open {m['open_us']} us; "
           f"a new recipient's box {m['new_box_us']} us", flush=True)
+    print(f"  end to end, per private message: the sender seals both boxes {m['e2e_seal_us']} us, the "
+          f"recipient opens one {m['e2e_open_us']} us (client side)", flush=True)
     for label in ("flat_out", "paced"):
         r = s[label]
         offered = "flat out" if r["offered_per_s"] is None else f"offered {fmt_rate(r['offered_per_s'])}/s"
