@@ -141,6 +141,37 @@ def test_jsonl_and_text_against_real_traffic(chat: Chat, tmp_path: Path) -> None
     assert all(re.match(STAMP + " ", line) for line in lines)
 
 
+def test_room_and_type_filters(chat: Chat, tmp_path: Path) -> None:
+    """--room dev subscribes to r/dev/ only; --type keeps the named types (join: joined)."""
+    chat.start_broker()
+    path = tmp_path / "dev.jsonl"
+    dev = Output(path, start_tap(chat, "--output", str(path), "--room", "#Dev",
+                                 "--type", "message,join,epoch"))
+    everything, _ = live_tap(chat, tmp_path / "all.jsonl")
+    dev.wait_record(type="epoch")  # live
+    alice = chat.joined_client("alice")
+    alice.send("in the lobby")
+    alice.send("/join dev")
+    alice.wait_for(r"alice has joined #dev")  # her current room now
+    alice.send("in dev")
+    alice.send("/me acts in dev")
+    everything.wait_record(type="action", text="acts in dev")
+    records = dev.wait(lambda rs: any(r.get("text") == "in dev" for r in rs))
+    assert [(r.get("topic"), r["type"]) for r in records] == [
+        (None, "epoch"), ("r/dev/", "joined"), ("r/dev/", "message")]
+    # The broker never sent the lobby's events: no gap either (nothing was missed, nothing asked).
+    assert any(r.get("text") == "in the lobby" for r in everything.records())
+
+
+def test_unknown_type_room_or_template_field_is_one_line(chat: Chat) -> None:
+    for flags, said in ((("--type", "message,chatter"), "--type: unknown type chatter"),
+                        (("--room", "no room!"), "--room 'no room!': not a valid room name"),
+                        (("--format", "{time} {nmae}"), "unknown field {nmae}")):
+        tap = start_tap(chat, *flags, "--server-key", "0" * 64)
+        assert tap.wait_exit(10) == 2
+        assert len(tap.lines) == 1 and said in tap.lines[0], tap.lines
+
+
 def test_size_rotation(chat: Chat, tmp_path: Path) -> None:
     chat.start_broker()
     path = tmp_path / "tap.jsonl"

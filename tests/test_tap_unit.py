@@ -16,7 +16,7 @@ import pytest
 
 from zchat import limits as L
 from zchat.protocol import EventType
-from zchat.tap import Gap, Request, Reset, SeqTracker, TapLog, Write, make_handler, text_line
+from zchat.tap import Gap, Request, Reset, SeqTracker, TapLog, Write, make_handler, parse_types, text_line
 
 T = "r/lobby/"
 
@@ -421,3 +421,31 @@ def test_a_page_cut_short_by_the_brokers_byte_cap_asks_for_the_older_part() -> N
     assert account(out) == [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8), (9, 9), (10, 10)]
     assert only(out, Gap)[0].first == 4  # storage no longer had 4
     assert t.deadline() is None
+
+
+# --- filters, templates, counts ---------------------------------------------------------
+
+
+def test_type_names_are_the_json_type_values_with_join_and_leave_as_aliases() -> None:
+    assert parse_types("message, action,join,LEAVE") == {"message", "action", "joined", "left"}
+    assert parse_types("gap,epoch,reset") == {"gap", "epoch", "reset"}
+    with pytest.raises(ValueError, match=r"unknown type chatter, talk; known: action, direct"):
+        parse_types("talk,message,chatter")
+    with pytest.raises(ValueError, match="unknown type"):
+        parse_types(",")
+
+
+def test_type_filter_and_count_in_the_log() -> None:
+    handler = Lines()
+    out = TapLog(handler, "jsonl", types=frozenset({"message", "gap"}), count=2)
+    out.event(T, {"type": "joined", "seq": 1, "ts": TS, "name": "a"})
+    out.gap(Gap(T, 2, 2), TS)
+    out.epoch("abc", None, TS)
+    assert not out.done
+    out.event(T, {"type": "message", "seq": 3, "ts": TS, "text": "one"})
+    assert not out.done  # the tap's own records are not counted
+    out.event(T, {"type": "message", "seq": 4, "ts": TS, "text": "two"})
+    assert out.done
+    out.event(T, {"type": "message", "seq": 5, "ts": TS, "text": "three"})  # past the count: dropped
+    out.gap(Gap(T, 6, 6), TS)
+    assert [json.loads(line).get("text", "gap") for line in handler.lines] == ["gap", "one", "two"]
