@@ -449,3 +449,30 @@ def test_type_filter_and_count_in_the_log() -> None:
     out.event(T, {"type": "message", "seq": 5, "ts": TS, "text": "three"})  # past the count: dropped
     out.gap(Gap(T, 6, 6), TS)
     assert [json.loads(line).get("text", "gap") for line in handler.lines] == ["gap", "one", "two"]
+
+
+def test_a_template_names_record_fields_time_is_a_datetime_and_missing_fields_render_empty() -> None:
+    handler = Lines()
+    out = TapLog(handler, "{time:%H:%M:%S} {room} <{name}> {text}|{seq:>4}|{backfill}|{topic}")
+    out.event(T, {"type": "message", "seq": 3, "ts": TS, "room": "lobby", "name": "al\x1b[2Jice",
+                  "text": "hi\nthere"}, backfill=True)
+    out.event(T, {"type": "joined", "seq": 4, "ts": TS, "room": "lobby", "name": "bob"})
+    out.gap(Gap(T, 5, 7), TS)
+    hms = time.strftime("%H:%M:%S", time.localtime(TS))
+    assert handler.lines == [f"{hms} lobby <alice> hi there|   3|True|r/lobby/",
+                             f"{hms} lobby <bob> |   4||r/lobby/",
+                             f"{hms}  <> |||r/lobby/"]  # no seq: empty, its spec ignored
+    gaps = Lines()
+    TapLog(gaps, "{type} {from}-{to} ({missing})").gap(Gap(T, 5, 7), TS)
+    assert gaps.lines == ["gap 5-7 (3)"]
+
+
+@pytest.mark.parametrize(("template", "said"), [
+    ("{time} {nmae}", "unknown field {nmae}"),
+    ("{0} {text}", "name each field"),
+    ("{text", "expected '}'"),
+    ("plain", "unknown format 'plain'"),
+])
+def test_a_bad_template_is_refused_at_start(template: str, said: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(said)):
+        TapLog(None, template)
