@@ -408,3 +408,28 @@ def test_rotation_needs_an_output_file(chat: Chat) -> None:
     tap = start_tap(chat, "--rotate-bytes", "100", "--server-key", "0" * 64)
     assert tap.wait_exit(10) == 2
     assert "rotation needs --output" in "\n".join(tap.lines)
+
+
+# --- bounds -------------------------------------------------------------------------
+
+
+def test_a_template_and_a_count_to_stdout(chat: Chat) -> None:
+    """-C 3 exits 0 after three events (its own epoch record not counted), formatted by a template."""
+    chat.start_broker()
+    tap = start_tap(chat, "--type", "message,epoch", "-C", "3", "--format", "{type}: {room} <{name}> {text}")
+    tap.wait_for(r"^epoch:  <> $")
+    alice = chat.joined_client("alice")
+    for i in range(5):
+        alice.send(f"number {i}")
+    assert tap.wait_exit(10) == 0
+    assert tap.lines == ["epoch:  <> "] + [f"message: lobby <alice> number {i}" for i in range(3)]
+
+
+def test_seconds_bound_exits_zero(chat: Chat, tmp_path: Path) -> None:
+    chat.start_broker()
+    path = tmp_path / "tap.jsonl"
+    started = time.monotonic()
+    out = Output(path, start_tap(chat, "-W", "1.5", "--output", str(path)))
+    out.wait_record(type="epoch")
+    assert out.tap.wait_exit(10) == 0
+    assert 1.5 <= time.monotonic() - started < 8
