@@ -433,3 +433,62 @@ def test_seconds_bound_exits_zero(chat: Chat, tmp_path: Path) -> None:
     out.wait_record(type="epoch")
     assert out.tap.wait_exit(10) == 0
     assert 1.5 <= time.monotonic() - started < 8
+
+
+# --- resuming ---------------------------------------------------------------------------
+
+
+def test_a_resumed_tap_writes_the_same_file_as_one_that_never_stopped(chat: Chat, tmp_path: Path) -> None:
+    """Stopped for ~10 s while 500 messages are sent, then restarted with --resume: the same room
+    records as a tap that ran throughout, in the same order, once each, with no gap record."""
+    start_fast_broker(chat)
+    steady, _ = live_tap(chat, tmp_path / "steady.jsonl")
+    path = tmp_path / "resumed.jsonl"
+
+    def resumed_tap() -> Output:
+        out = Output(path, start_tap(chat, "--name", "logger", "--resume", "--output", str(path)))
+        out.wait(lambda records: sum(r["type"] == "epoch" for r in records) == epochs + 1)
+        return out
+
+    epochs = 0
+    resumed = resumed_tap()
+    peer = join_raw(chat, "pub", ["lobby"])
+    try:
+        def say(n: int) -> None:
+            peer.send(json.dumps({"type": "say", "room": "lobby", "text": f"number {n}"}).encode())
+
+        for n in range(20):
+            say(n)
+        resumed.wait_record(type="message", text="number 19")
+        resumed.tap.proc.send_signal(signal.SIGTERM)
+        assert resumed.tap.wait_exit(10) == 0
+        stopped = time.monotonic()
+        for n in range(20, 520):
+            say(n)
+            time.sleep(0.02)  # the scenario: 500 messages over ~10 s while the logger is down
+        steady.wait_record(type="message", text="number 519")
+        down = time.monotonic() - stopped
+        epochs = 1
+        resumed = resumed_tap()
+        for n in range(520, 540):
+            say(n)
+        resumed.wait_record(type="message", text="number 539", timeout=30)
+        steady.wait_record(type="message", text="number 539")
+        for out in (steady, resumed):  # before the sender leaves: its `left` is not compared
+            out.tap.proc.send_signal(signal.SIGTERM)
+            assert out.tap.wait_exit(10) == 0
+    finally:
+        peer.close()
+
+    def room_records(out: Output) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "backfill"} for r in out.records()
+                if r.get("topic") == "r/lobby/"]
+
+    records = resumed.records()
+    assert not [r for r in records if r["type"] == "gap"]
+    assert room_records(resumed) == room_records(steady)
+    texts = [r["text"] for r in room_records(resumed) if r["type"] == "message"]
+    assert texts == [f"number {n}" for n in range(540)]
+    backfilled = [r["text"] for r in records if r.get("backfill")]
+    assert backfilled == [f"number {n}" for n in range(20, 520)]  # from the broker's history
+    print(f"\nresume: {len(backfilled)} events backfilled after {down:.1f} s down")

@@ -16,7 +16,19 @@ import pytest
 
 from zchat import limits as L
 from zchat.protocol import EventType
-from zchat.tap import Gap, Request, Reset, SeqTracker, TapLog, Write, make_handler, parse_types, text_line
+from zchat.tap import (
+    Gap,
+    Probe,
+    Request,
+    Reset,
+    SeqTracker,
+    TapLog,
+    Write,
+    make_handler,
+    parse_types,
+    resume_points,
+    text_line,
+)
 
 T = "r/lobby/"
 
@@ -476,3 +488,54 @@ def test_a_template_names_record_fields_time_is_a_datetime_and_missing_fields_re
 def test_a_bad_template_is_refused_at_start(template: str, said: str) -> None:
     with pytest.raises(ValueError, match=re.escape(said)):
         TapLog(None, template)
+
+
+# --- resuming ---------------------------------------------------------------------------
+
+
+def test_resume_probes_a_quiet_topic_and_backfills_what_came_after_the_file() -> None:
+    t = SeqTracker()
+    probe = t.resume(T, 40, 0.0)[0]
+    assert isinstance(probe, Probe) and (probe.topic, probe.after) == (T, 40)
+    ask = only(t.probed(probe.ref, 45, 0.1), Request)[0]  # the topic got to 45 meanwhile
+    assert (ask.after, ask.before) == (40, 46)
+    out = t.history(ask.ref, T, 40, [(s, f"e{s}") for s in range(41, 46)], 0.2)
+    assert writes(out) == [(s, True) for s in range(41, 46)] and not only(out, Gap)
+    assert writes(t.event(T, 46, "e46", 0.3)) == [(46, False)]
+    assert t.probed(probe.ref, 99, 0.4) == []  # answered once
+
+
+def test_a_live_event_before_the_probe_answer_recovers_the_range_once() -> None:
+    t = SeqTracker()
+    probe = t.resume(T, 10, 0.0)[0]
+    ask = only(t.event(T, 13, "e13", 0.1), Request)[0]
+    assert (ask.after, ask.before) == (10, 13)
+    assert t.probed(probe.ref, 13, 0.2) == []  # nothing new beyond what is held
+    out = t.history(ask.ref, T, 10, [(11, "e11"), (12, "e12")], 0.3)
+    assert account(out) == [(11, 11), (12, 12), (13, 13)]
+
+
+def test_probes_are_paced_and_sent_again_after_a_broker_restart() -> None:
+    t = SeqTracker(burst=1, rate=1.0)
+    first = t.resume("r/a/", 5, 0.0)
+    assert only(first, Probe) and t.resume("r/b/", 7, 0.0) == []
+    assert t.deadline() == pytest.approx(1.0)
+    later = only(t.tick(1.0), Probe)
+    assert [(p.topic, p.after) for p in later] == [("r/b/", 7)]
+    again = only(t.restarted(5.0), Probe)
+    assert sorted(p.topic for p in again) == ["r/a/"]  # the token refilled for one of two
+    assert sorted(p.topic for p in only(t.tick(6.0), Probe)) == ["r/b/"]
+
+
+def test_resume_points_read_the_last_seq_of_each_room_in_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "tap.jsonl"
+    lines = [{"type": "epoch", "epoch": "e", "ts": TS},
+             {"topic": "r/a/", "type": "message", "seq": 3},
+             {"topic": "r/b/", "type": "joined", "seq": 8},
+             {"topic": "r/a/", "type": "gap", "from": 4, "to": 6},
+             {"topic": "r/b/", "type": "reset", "last": 8, "seq": 1},
+             {"topic": "sys/", "type": "shutdown", "seq": 99}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"topic": "r/a/", "type": "mess')
+    assert resume_points(path, ["r/"]) == {"r/a/": 6, "r/b/": 0}
+    assert resume_points(path, ["r/b/"]) == {"r/b/": 0}
+    assert resume_points(tmp_path / "none.jsonl", ["r/"]) == {}

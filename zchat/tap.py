@@ -42,7 +42,7 @@ from nacl.public import Box
 
 from zchat import limits as L
 from zchat.endpoints import Endpoints
-from zchat.flow import BACKFILL_WAIT, Gap, Out, Request, Reset, SeqTracker, Write
+from zchat.flow import BACKFILL_WAIT, Gap, Out, Probe, Request, Reset, SeqTracker, Write
 from zchat.keys import KeyPair
 from zchat.protocol import (
     ROOM_PREFIX,
@@ -62,8 +62,8 @@ from zchat.transport import BUSY_STATUS, HandshakeWatch, curve_client
 log = logging.getLogger("zchat.tap")
 
 # The bookkeeping lives in zchat.flow; these names stay importable from here.
-__all__ = ["BACKFILL_WAIT", "Gap", "Out", "Request", "Reset", "SeqTracker", "Tap", "TapLog", "Write",
-           "make_handler", "run_tap", "text_line"]
+__all__ = ["BACKFILL_WAIT", "Gap", "Out", "Probe", "Request", "Reset", "SeqTracker", "Tap", "TapLog", "Write",
+           "make_handler", "resume_points", "run_tap", "text_line"]
 
 DRAIN_BATCH = 1000  # messages read before looking at the timers again
 HOLD_MAX = 10_000  # room frames kept back while the broker's epoch is not yet known
@@ -419,7 +419,7 @@ class Tap:
     """Moves frames from the SUB through the tracker into the log; requests go out on the PUSH."""
 
     def __init__(self, out: TapLog, push: zmq.Socket, identity: str, box: Box,
-                 heartbeats: bool = False) -> None:
+                 heartbeats: bool = False, resume: dict[str, int] | None = None) -> None:
         self.out = out
         self.box = box  # opens our sealed private stream
         self.push = push
@@ -432,6 +432,8 @@ class Tap:
         # its epoch record, not precede it.
         self.epoch_known = False
         self.held: list[bytes] = []
+        # --resume: each room topic's last seq in the file, counted from once the broker is heard
+        self.resume = dict(resume or {})
 
     def connection_lost(self) -> None:
         self.epoch_known = False
@@ -464,13 +466,19 @@ class Tap:
                     self.apply(self.tracker.restarted(now))
             if isinstance(epoch, str) and not self.epoch_known:
                 self.epoch_known = True
+                # Subscribed now (u/ included): baselines from the file before any held frame.
+                resume, self.resume = self.resume, {}
+                for topic_, seq in resume.items():
+                    self.apply(self.tracker.resume(topic_, seq, now))
                 held, self.held = self.held, []
                 for frame in held:
                     self.frame(frame, now)
             if kind not in ("heartbeat", "stats") or self.heartbeats:  # the broker's pulse: opt-in
                 self.out.event(topic, ev)
         elif topic == self.private:
-            if kind == "history" and type(ev.get("ref")) is int and type(ev.get("after")) is int:
+            if kind == "history" and ev.get("ref") in self.tracker.probes and type(ev.get("upto")) is int:
+                self.apply(self.tracker.probed(ev["ref"], ev["upto"], now))
+            elif kind == "history" and type(ev.get("ref")) is int and type(ev.get("after")) is int:
                 events = [(e["seq"], e) for e in ev.get("events") or []
                           if isinstance(e, dict) and type(e.get("seq")) is int]
                 room = f"{ROOM_PREFIX}{ev.get('room')}/"
@@ -494,14 +502,47 @@ class Tap:
                 self.out.gap(item, time.time())
             elif isinstance(item, Reset):
                 self.out.reset(item, time.time())
+            elif isinstance(item, Probe):  # no events: the answer's upto is what counts
+                self._send(HistoryRequest(room=room_of_topic(item.topic) or "", after=item.after, limit=0,
+                                          ref=item.ref))
             else:
                 room = room_of_topic(item.topic) or ""
-                request = HistoryRequest(room=room, after=item.after, before=item.before,
-                                         limit=item.limit, ref=item.ref)
-                try:
-                    self.push.send(encode_client_message(request), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # the broker is unreachable: the deadline turns this into a gap record
+                self._send(HistoryRequest(room=room, after=item.after, before=item.before,
+                                          limit=item.limit, ref=item.ref))
+
+    def _send(self, request: HistoryRequest) -> None:
+        try:
+            self.push.send(encode_client_message(request), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the broker is unreachable: the deadline turns this into a gap record
+
+
+def resume_points(path: Path, topics: list[str]) -> dict[str, int]:
+    """--resume: the last seq of each room topic a jsonl log accounts for (an event's seq, a
+    gap's `to`), in file order, so a reset's new numbering wins. Only `topics` (r/ for all)
+    count; an unreadable line (cut short by a crash) is skipped."""
+    last: dict[str, int] = {}
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return last
+    with file:
+        for line in file:
+            try:
+                record = _decode(line)
+            except msgspec.DecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            topic = record.get("topic")
+            if not isinstance(topic, str) or not room_of_topic(topic) or \
+                    not any(topic.startswith(prefix) for prefix in topics):
+                continue
+            kind = record.get("type")
+            seq = record.get("to") if kind == "gap" else record.get("seq")
+            if type(seq) is int:
+                last[topic] = seq - 1 if kind == "reset" else seq  # the reset's event follows it
+    return last
 
 
 def _pipe_reader_watch(out: TapLog) -> int | None:
@@ -540,7 +581,7 @@ def room_topics(rooms: list[str] | None) -> list[str]:
 
 def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapLog,
             heartbeats: bool = False, rooms: list[str] | None = None,
-            seconds: float | None = None) -> int:
+            seconds: float | None = None, resume: dict[str, int] | None = None) -> int:
     """Log until SIGINT or SIGTERM, `out` has its count of events, or `seconds` have passed;
     then write what is held, flush, close and return 0."""
     topics = room_topics(rooms)
@@ -556,7 +597,7 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     sub.connect(endpoints.publish)
     watch = HandshakeWatch(push, keypair.identity)  # a refused key: say so and exit
     push.connect(endpoints.input)
-    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats)
+    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats, resume)
 
     stopping: list[int] = []
     wake_r, wake_w = socket.socketpair()
