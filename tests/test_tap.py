@@ -141,6 +141,37 @@ def test_jsonl_and_text_against_real_traffic(chat: Chat, tmp_path: Path) -> None
     assert all(re.match(STAMP + " ", line) for line in lines)
 
 
+def test_room_and_type_filters(chat: Chat, tmp_path: Path) -> None:
+    """--room dev subscribes to r/dev/ only; --type keeps the named types (join: joined)."""
+    chat.start_broker()
+    path = tmp_path / "dev.jsonl"
+    dev = Output(path, start_tap(chat, "--output", str(path), "--room", "#Dev",
+                                 "--type", "message,join,epoch"))
+    everything, _ = live_tap(chat, tmp_path / "all.jsonl")
+    dev.wait_record(type="epoch")  # live
+    alice = chat.joined_client("alice")
+    alice.send("in the lobby")
+    alice.send("/join dev")
+    alice.wait_for(r"alice has joined #dev")  # her current room now
+    alice.send("in dev")
+    alice.send("/me acts in dev")
+    everything.wait_record(type="action", text="acts in dev")
+    records = dev.wait(lambda rs: any(r.get("text") == "in dev" for r in rs))
+    assert [(r.get("topic"), r["type"]) for r in records] == [
+        (None, "epoch"), ("r/dev/", "joined"), ("r/dev/", "message")]
+    # The broker never sent the lobby's events: no gap either (nothing was missed, nothing asked).
+    assert any(r.get("text") == "in the lobby" for r in everything.records())
+
+
+def test_unknown_type_room_or_template_field_is_one_line(chat: Chat) -> None:
+    for flags, said in ((("--type", "message,chatter"), "--type: unknown type chatter"),
+                        (("--room", "no room!"), "--room 'no room!': not a valid room name"),
+                        (("--format", "{time} {nmae}"), "unknown field {nmae}")):
+        tap = start_tap(chat, *flags, "--server-key", "0" * 64)
+        assert tap.wait_exit(10) == 2
+        assert len(tap.lines) == 1 and said in tap.lines[0], tap.lines
+
+
 def test_size_rotation(chat: Chat, tmp_path: Path) -> None:
     chat.start_broker()
     path = tmp_path / "tap.jsonl"
@@ -377,3 +408,87 @@ def test_rotation_needs_an_output_file(chat: Chat) -> None:
     tap = start_tap(chat, "--rotate-bytes", "100", "--server-key", "0" * 64)
     assert tap.wait_exit(10) == 2
     assert "rotation needs --output" in "\n".join(tap.lines)
+
+
+# --- bounds -------------------------------------------------------------------------
+
+
+def test_a_template_and_a_count_to_stdout(chat: Chat) -> None:
+    """-C 3 exits 0 after three events (its own epoch record not counted), formatted by a template."""
+    chat.start_broker()
+    tap = start_tap(chat, "--type", "message,epoch", "-C", "3", "--format", "{type}: {room} <{name}> {text}")
+    tap.wait_for(r"^epoch:  <> $")
+    alice = chat.joined_client("alice")
+    for i in range(5):
+        alice.send(f"number {i}")
+    assert tap.wait_exit(10) == 0
+    assert tap.lines == ["epoch:  <> "] + [f"message: lobby <alice> number {i}" for i in range(3)]
+
+
+def test_seconds_bound_exits_zero(chat: Chat, tmp_path: Path) -> None:
+    chat.start_broker()
+    path = tmp_path / "tap.jsonl"
+    started = time.monotonic()
+    out = Output(path, start_tap(chat, "-W", "1.5", "--output", str(path)))
+    out.wait_record(type="epoch")
+    assert out.tap.wait_exit(10) == 0
+    assert 1.5 <= time.monotonic() - started < 8
+
+
+# --- resuming ---------------------------------------------------------------------------
+
+
+def test_a_resumed_tap_writes_the_same_file_as_one_that_never_stopped(chat: Chat, tmp_path: Path) -> None:
+    """Stopped for ~10 s while 500 messages are sent, then restarted with --resume: the same room
+    records as a tap that ran throughout, in the same order, once each, with no gap record."""
+    start_fast_broker(chat)
+    steady, _ = live_tap(chat, tmp_path / "steady.jsonl")
+    path = tmp_path / "resumed.jsonl"
+
+    def resumed_tap() -> Output:
+        out = Output(path, start_tap(chat, "--name", "logger", "--resume", "--output", str(path)))
+        out.wait(lambda records: sum(r["type"] == "epoch" for r in records) == epochs + 1)
+        return out
+
+    epochs = 0
+    resumed = resumed_tap()
+    peer = join_raw(chat, "pub", ["lobby"])
+    try:
+        def say(n: int) -> None:
+            peer.send(json.dumps({"type": "say", "room": "lobby", "text": f"number {n}"}).encode())
+
+        for n in range(20):
+            say(n)
+        resumed.wait_record(type="message", text="number 19")
+        resumed.tap.proc.send_signal(signal.SIGTERM)
+        assert resumed.tap.wait_exit(10) == 0
+        stopped = time.monotonic()
+        for n in range(20, 520):
+            say(n)
+            time.sleep(0.02)  # the scenario: 500 messages over ~10 s while the logger is down
+        steady.wait_record(type="message", text="number 519")
+        down = time.monotonic() - stopped
+        epochs = 1
+        resumed = resumed_tap()
+        for n in range(520, 540):
+            say(n)
+        resumed.wait_record(type="message", text="number 539", timeout=30)
+        steady.wait_record(type="message", text="number 539")
+        for out in (steady, resumed):  # before the sender leaves: its `left` is not compared
+            out.tap.proc.send_signal(signal.SIGTERM)
+            assert out.tap.wait_exit(10) == 0
+    finally:
+        peer.close()
+
+    def room_records(out: Output) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "backfill"} for r in out.records()
+                if r.get("topic") == "r/lobby/"]
+
+    records = resumed.records()
+    assert not [r for r in records if r["type"] == "gap"]
+    assert room_records(resumed) == room_records(steady)
+    texts = [r["text"] for r in room_records(resumed) if r["type"] == "message"]
+    assert texts == [f"number {n}" for n in range(540)]
+    backfilled = [r["text"] for r in records if r.get("backfill")]
+    assert backfilled == [f"number {n}" for n in range(20, 520)]  # from the broker's history
+    print(f"\nresume: {len(backfilled)} events backfilled after {down:.1f} s down")

@@ -16,7 +16,19 @@ import pytest
 
 from zchat import limits as L
 from zchat.protocol import EventType
-from zchat.tap import Gap, Request, Reset, SeqTracker, TapLog, Write, make_handler, text_line
+from zchat.tap import (
+    Gap,
+    Probe,
+    Request,
+    Reset,
+    SeqTracker,
+    TapLog,
+    Write,
+    make_handler,
+    parse_types,
+    resume_points,
+    text_line,
+)
 
 T = "r/lobby/"
 
@@ -421,3 +433,109 @@ def test_a_page_cut_short_by_the_brokers_byte_cap_asks_for_the_older_part() -> N
     assert account(out) == [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8), (9, 9), (10, 10)]
     assert only(out, Gap)[0].first == 4  # storage no longer had 4
     assert t.deadline() is None
+
+
+# --- filters, templates, counts ---------------------------------------------------------
+
+
+def test_type_names_are_the_json_type_values_with_join_and_leave_as_aliases() -> None:
+    assert parse_types("message, action,join,LEAVE") == {"message", "action", "joined", "left"}
+    assert parse_types("gap,epoch,reset") == {"gap", "epoch", "reset"}
+    with pytest.raises(ValueError, match=r"unknown type chatter, talk; known: action, direct"):
+        parse_types("talk,message,chatter")
+    with pytest.raises(ValueError, match="unknown type"):
+        parse_types(",")
+
+
+def test_type_filter_and_count_in_the_log() -> None:
+    handler = Lines()
+    out = TapLog(handler, "jsonl", types=frozenset({"message", "gap"}), count=2)
+    out.event(T, {"type": "joined", "seq": 1, "ts": TS, "name": "a"})
+    out.gap(Gap(T, 2, 2), TS)
+    out.epoch("abc", None, TS)
+    assert not out.done
+    out.event(T, {"type": "message", "seq": 3, "ts": TS, "text": "one"})
+    assert not out.done  # the tap's own records are not counted
+    out.event(T, {"type": "message", "seq": 4, "ts": TS, "text": "two"})
+    assert out.done
+    out.event(T, {"type": "message", "seq": 5, "ts": TS, "text": "three"})  # past the count: dropped
+    out.gap(Gap(T, 6, 6), TS)
+    assert [json.loads(line).get("text", "gap") for line in handler.lines] == ["gap", "one", "two"]
+
+
+def test_a_template_names_record_fields_time_is_a_datetime_and_missing_fields_render_empty() -> None:
+    handler = Lines()
+    out = TapLog(handler, "{time:%H:%M:%S} {room} <{name}> {text}|{seq:>4}|{backfill}|{topic}")
+    out.event(T, {"type": "message", "seq": 3, "ts": TS, "room": "lobby", "name": "al\x1b[2Jice",
+                  "text": "hi\nthere"}, backfill=True)
+    out.event(T, {"type": "joined", "seq": 4, "ts": TS, "room": "lobby", "name": "bob"})
+    out.gap(Gap(T, 5, 7), TS)
+    hms = time.strftime("%H:%M:%S", time.localtime(TS))
+    assert handler.lines == [f"{hms} lobby <alice> hi there|   3|True|r/lobby/",
+                             f"{hms} lobby <bob> |   4||r/lobby/",
+                             f"{hms}  <> |||r/lobby/"]  # no seq: empty, its spec ignored
+    gaps = Lines()
+    TapLog(gaps, "{type} {from}-{to} ({missing})").gap(Gap(T, 5, 7), TS)
+    assert gaps.lines == ["gap 5-7 (3)"]
+
+
+@pytest.mark.parametrize(("template", "said"), [
+    ("{time} {nmae}", "unknown field {nmae}"),
+    ("{0} {text}", "name each field"),
+    ("{text", "expected '}'"),
+    ("plain", "unknown format 'plain'"),
+])
+def test_a_bad_template_is_refused_at_start(template: str, said: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(said)):
+        TapLog(None, template)
+
+
+# --- resuming ---------------------------------------------------------------------------
+
+
+def test_resume_probes_a_quiet_topic_and_backfills_what_came_after_the_file() -> None:
+    t = SeqTracker()
+    probe = t.resume(T, 40, 0.0)[0]
+    assert isinstance(probe, Probe) and (probe.topic, probe.after) == (T, 40)
+    ask = only(t.probed(probe.ref, 45, 0.1), Request)[0]  # the topic got to 45 meanwhile
+    assert (ask.after, ask.before) == (40, 46)
+    out = t.history(ask.ref, T, 40, [(s, f"e{s}") for s in range(41, 46)], 0.2)
+    assert writes(out) == [(s, True) for s in range(41, 46)] and not only(out, Gap)
+    assert writes(t.event(T, 46, "e46", 0.3)) == [(46, False)]
+    assert t.probed(probe.ref, 99, 0.4) == []  # answered once
+
+
+def test_a_live_event_before_the_probe_answer_recovers_the_range_once() -> None:
+    t = SeqTracker()
+    probe = t.resume(T, 10, 0.0)[0]
+    ask = only(t.event(T, 13, "e13", 0.1), Request)[0]
+    assert (ask.after, ask.before) == (10, 13)
+    assert t.probed(probe.ref, 13, 0.2) == []  # nothing new beyond what is held
+    out = t.history(ask.ref, T, 10, [(11, "e11"), (12, "e12")], 0.3)
+    assert account(out) == [(11, 11), (12, 12), (13, 13)]
+
+
+def test_probes_are_paced_and_sent_again_after_a_broker_restart() -> None:
+    t = SeqTracker(burst=1, rate=1.0)
+    first = t.resume("r/a/", 5, 0.0)
+    assert only(first, Probe) and t.resume("r/b/", 7, 0.0) == []
+    assert t.deadline() == pytest.approx(1.0)
+    later = only(t.tick(1.0), Probe)
+    assert [(p.topic, p.after) for p in later] == [("r/b/", 7)]
+    again = only(t.restarted(5.0), Probe)
+    assert sorted(p.topic for p in again) == ["r/a/"]  # the token refilled for one of two
+    assert sorted(p.topic for p in only(t.tick(6.0), Probe)) == ["r/b/"]
+
+
+def test_resume_points_read_the_last_seq_of_each_room_in_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "tap.jsonl"
+    lines = [{"type": "epoch", "epoch": "e", "ts": TS},
+             {"topic": "r/a/", "type": "message", "seq": 3},
+             {"topic": "r/b/", "type": "joined", "seq": 8},
+             {"topic": "r/a/", "type": "gap", "from": 4, "to": 6},
+             {"topic": "r/b/", "type": "reset", "last": 8, "seq": 1},
+             {"topic": "sys/", "type": "shutdown", "seq": 99}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"topic": "r/a/", "type": "mess')
+    assert resume_points(path, ["r/"]) == {"r/a/": 6, "r/b/": 0}
+    assert resume_points(path, ["r/b/"]) == {"r/b/": 0}
+    assert resume_points(tmp_path / "none.jsonl", ["r/"]) == {}

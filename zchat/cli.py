@@ -167,8 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--name", help="use the key kept for this name (default: tap); a tap never joins")
     _setting(tap, "server_key")
     tap.add_argument("--key", type=Path, help="secret key file to use instead")
-    tap.add_argument("--format", choices=("jsonl", "text"), default="jsonl",
-                     help="jsonl: one JSON object per event (default); text: [date time] #room name: text")
+    tap.add_argument("--format", default="jsonl", metavar="jsonl|text|TEMPLATE",
+                     help="jsonl: one JSON object per event (default); text: [date time] #room name: text; "
+                     "or a template naming the JSON record's fields, like "
+                     "'{time:%%H:%%M:%%S} {room} <{name}> {text}' (time: a datetime from ts; "
+                     "a field a record lacks renders empty)")
+    tap.add_argument("--room", action="append", metavar="ROOM",
+                     help="subscribe to this room only (repeatable; default: every room)")
+    tap.add_argument("--type", metavar="TYPE,...",
+                     help="keep only these record types: the JSON type values (message, action, joined "
+                     "or join, left or leave, renamed, gap, epoch, ...)")
+    tap.add_argument("--resume", action="store_true",
+                     help="continue the jsonl FILE of --output: fetch from the broker's history what was "
+                     "published after the last seq of each room in it, then go on live")
+    tap.add_argument("-C", "--count", type=_count, metavar="N", help="exit after N events")
+    tap.add_argument("-W", "--seconds", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
     tap.add_argument("--output", "-o", type=Path, metavar="FILE", help="append to FILE (default stdout)")
     tap.add_argument("--mode", metavar="OCTAL", help="permission bits of FILE and the rotated files "
                      "(default 600: only you can read the log)")
@@ -436,9 +449,26 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
-    from zchat.tap import ReaderGone, TapLog, make_handler, parse_file_mode, run_tap
+    from zchat.tap import (
+        ReaderGone,
+        TapLog,
+        make_handler,
+        parse_file_mode,
+        parse_types,
+        resume_points,
+        room_topics,
+        run_tap,
+    )
 
     file_mode = parse_file_mode(args.mode) if args.mode is not None else None
+    types = parse_types(args.type) if args.type is not None else None
+    topics = room_topics(args.room)  # an invalid name: one line, before connecting
+    resume = None
+    if args.resume:
+        if args.output is None or args.format != "jsonl":
+            raise ValueError("--resume needs --output FILE in the jsonl format (it reads FILE's last seqs)")
+        resume = resume_points(args.output, topics)
+    TapLog(None, args.format)  # an unknown format or template field: said now, before connecting
     endpoints, server_key = _endpoints(args), _server_key(args)
     keypair = _keypair(args, args.name or "tap")
     try:
@@ -447,8 +477,10 @@ def cmd_tap(args: argparse.Namespace) -> int:
         print(f"zchat tap: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return 1
     try:
-        return run_tap(endpoints, server_key, keypair, TapLog(handler, args.format),
-                       heartbeats=args.heartbeats)
+        out = TapLog(handler, args.format, types=types, count=args.count)
+        heartbeats = args.heartbeats or bool(types and types & {"heartbeat", "stats"})
+        return run_tap(endpoints, server_key, keypair, out, heartbeats=heartbeats, rooms=args.room,
+                       seconds=args.seconds, resume=resume)
     except ReaderGone:  # `zchat tap | head -3`
         _silence_stdout()
         return 0

@@ -119,7 +119,17 @@ class Request:
         return self.before - self.after - 1
 
 
-Out = Write | Gap | Reset | Request
+@dataclass(slots=True)
+class Probe:
+    """Ask how far `topic` has got: a history request for no events after `after`, whose
+    answer's `upto` is the topic's latest seq (see SeqTracker.resume)."""
+
+    topic: str
+    after: int
+    ref: int
+
+
+Out = Write | Gap | Reset | Request | Probe
 
 
 @dataclass(slots=True)
@@ -159,6 +169,8 @@ class SeqTracker:
         self.resets = resets
         self.max_recover = max_recover
         self._waiting: deque[str] = deque()  # topics waiting for a request token, in order
+        self.probes: dict[int, str] = {}  # outstanding probe -> topic
+        self._probes_waiting: deque[str] = deque()  # topics to probe once a token is there
 
     def baseline(self, topic: str, seq: int, recover: bool = True) -> None:
         """Count `topic` from `seq` on (a welcome's baseline), forgetting what was held or asked."""
@@ -172,6 +184,25 @@ class SeqTracker:
             self.refs.pop(t.ref, None)
         if topic in self._waiting:
             self._waiting.remove(topic)
+        if topic in self._probes_waiting:
+            self._probes_waiting.remove(topic)
+        for ref in [ref for ref, probed in self.probes.items() if probed == topic]:
+            del self.probes[ref]
+
+    def resume(self, topic: str, seq: int, now: float) -> list[Out]:
+        """Count `topic` from `seq` on (what an earlier run wrote) and probe how far it has got:
+        the answer (`probed`) acts as a mark, so what was published after `seq` is backfilled by
+        the usual machinery even if the topic stays quiet. A live event before the answer
+        recovers the same range itself."""
+        self.baseline(topic, seq)
+        return self._ask_probe(topic, now)
+
+    def probed(self, ref: int, upto: int, now: float) -> list[Out]:
+        """The answer to probe `ref`: `upto` is its topic's latest seq."""
+        topic = self.probes.pop(ref, None)
+        if topic is None or topic not in self.topics:
+            return []
+        return self.mark(topic, upto, now)
 
     def last(self, topic: str) -> int | None:
         """Every seq of `topic` up to this one is accounted for (None: not tracked)."""
@@ -253,6 +284,8 @@ class SeqTracker:
         while self._waiting and self.bucket.take(now):
             topic = self._waiting.popleft()
             out += self._request(topic, self.topics[topic], now)
+        while self._probes_waiting and self.bucket.take(now):
+            out.append(self._probe(self._probes_waiting.popleft()))
         return out
 
     def restarted(self, now: float) -> list[Out]:
@@ -262,6 +295,9 @@ class SeqTracker:
             del self.refs[ref]
             self.topics[topic].ref = None
             out += self._ask(topic, self.topics[topic], now)
+        for ref, topic in list(self.probes.items()):
+            del self.probes[ref]
+            out += self._ask_probe(topic, now)
         return out
 
     def close(self) -> list[Out]:
@@ -274,7 +310,7 @@ class SeqTracker:
     def deadline(self) -> float | None:
         """When `tick` next has something to do (None: nothing pending)."""
         times = [self.topics[topic].deadline for topic in self.refs.values()]
-        if self._waiting:
+        if self._waiting or self._probes_waiting:
             times.append(self.bucket.ready_at())
         return min(times, default=None)
 
@@ -307,6 +343,17 @@ class SeqTracker:
             return self._request(topic, t, now)
         self._waiting.append(topic)
         return []
+
+    def _ask_probe(self, topic: str, now: float) -> list[Out]:
+        if self.bucket.take(now):
+            return [self._probe(topic)]
+        self._probes_waiting.append(topic)
+        return []
+
+    def _probe(self, topic: str) -> Probe:
+        ref = next(self._next_ref)
+        self.probes[ref] = topic
+        return Probe(topic, self.topics[topic].last, ref)
 
     def _request(self, topic: str, t: _Topic, now: float) -> list[Out]:
         assert t.held is not None

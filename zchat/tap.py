@@ -20,33 +20,41 @@ is the shell around it.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import re
 import signal
 import socket
 import stat
+import string
 import sys
 import time
+import typing
 from logging.handlers import RotatingFileHandler, TimedRotatingFileHandler
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 import zmq
 from nacl.public import Box
 
 from zchat import limits as L
 from zchat.endpoints import Endpoints
-from zchat.flow import BACKFILL_WAIT, Gap, Out, Request, Reset, SeqTracker, Write
+from zchat.flow import BACKFILL_WAIT, Gap, Out, Probe, Request, Reset, SeqTracker, Write
 from zchat.keys import KeyPair
 from zchat.protocol import (
     ROOM_PREFIX,
     SYSTEM_TOPIC,
+    EventType,
     HistoryRequest,
     clean_text,
     encode_client_message,
+    normalize_room,
     private_topic,
     room_of_topic,
+    room_topic,
 )
 from zchat.sealing import SealError, box_for, open_publication
 from zchat.transport import BUSY_STATUS, HandshakeWatch, curve_client
@@ -54,8 +62,8 @@ from zchat.transport import BUSY_STATUS, HandshakeWatch, curve_client
 log = logging.getLogger("zchat.tap")
 
 # The bookkeeping lives in zchat.flow; these names stay importable from here.
-__all__ = ["BACKFILL_WAIT", "Gap", "Out", "Request", "Reset", "SeqTracker", "Tap", "TapLog", "Write",
-           "make_handler", "run_tap", "text_line"]
+__all__ = ["BACKFILL_WAIT", "Gap", "Out", "Probe", "Request", "Reset", "SeqTracker", "Tap", "TapLog", "Write",
+           "make_handler", "resume_points", "run_tap", "text_line"]
 
 DRAIN_BATCH = 1000  # messages read before looking at the timers again
 HOLD_MAX = 10_000  # room frames kept back while the broker's epoch is not yet known
@@ -238,53 +246,168 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
     return f"[{_clock(g('ts'))}] " + ("(backfill) " if backfill else "") + body
 
 
-class TapLog:
-    """Formats records (JSON lines or text) and hands them to a logging handler."""
+# --- which records, in which shape ----------------------------------------------------
 
-    def __init__(self, handler: logging.Handler, fmt: str = "jsonl") -> None:
+# The tap's own records, beside the broker's events.
+TAP_RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "gap": ("topic", "from", "to", "missing", "ts"),
+    "reset": ("topic", "last", "seq", "ts"),
+    "epoch": ("epoch", "previous", "ts"),
+}
+TYPE_ALIASES = {"join": "joined", "leave": "left", "rename": "renamed", "mute": "muted"}
+
+
+def _event_fields() -> dict[str, tuple[str, ...]]:
+    """Each event type's JSON `type` value and the JSON names of its fields."""
+    kinds: dict[str, tuple[str, ...]] = {}
+    for cls in typing.get_args(EventType):
+        info = msgspec.inspect.type_info(cls)
+        assert isinstance(info, msgspec.inspect.StructType) and isinstance(info.tag, str)
+        kinds[info.tag] = tuple(field.encode_name for field in info.fields)
+    return kinds
+
+
+RECORD_FIELDS = _event_fields() | TAP_RECORD_FIELDS
+RECORD_TYPES = frozenset(RECORD_FIELDS)
+# What a template may name: every field of any record, `topic`, `backfill`, and `time` (from `ts`).
+TEMPLATE_FIELDS = frozenset(f for fields in RECORD_FIELDS.values() for f in fields) | {
+    "type", "topic", "backfill", "time"}
+
+
+def parse_types(text: str) -> frozenset[str]:
+    """--type message,action,join: the JSON `type` values to keep (join/leave name joined/left)."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    kinds = frozenset(TYPE_ALIASES.get(name, name) for name in names)
+    unknown = sorted(kinds - RECORD_TYPES)
+    if not names or unknown:
+        raise ValueError(f"--type: unknown type {', '.join(unknown) or '(none)'}; known: "
+                         + ", ".join(sorted(RECORD_TYPES)) + " (join and leave for joined and left)")
+    return kinds
+
+
+class _Template(string.Formatter):
+    """str.format over a record: a field the record lacks renders empty (its format spec
+    ignored); every value is cleaned like the text format's."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        try:
+            names = [field for _, field, _, _ in self.parse(template) if field is not None]
+        except ValueError as exc:
+            raise ValueError(f"--format {template!r}: {exc}") from None
+        for field in names:
+            root = re.split(r"[.\[]", field, maxsplit=1)[0]
+            if root == "" or root.isdigit():
+                raise ValueError(f"--format {template!r}: name each field, like {{name}} or {{text}}")
+            if root not in TEMPLATE_FIELDS:
+                raise ValueError(f"--format {template!r}: unknown field {{{root}}}; known: "
+                                 + ", ".join(sorted(TEMPLATE_FIELDS)))
+
+    def render(self, record: dict) -> str:
+        ts = record.get("ts")
+        if isinstance(ts, int | float) and not isinstance(ts, bool):
+            record = record | {"time": datetime.datetime.fromtimestamp(ts)}  # local time
+        return self.vformat(self.template, (), record)
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().get_field(field_name, args, kwargs)
+        except (KeyError, IndexError, AttributeError, TypeError):
+            return _MISSING, field_name
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if value is _MISSING or value is None:
+            return ""
+        try:
+            return clean_text(format(value, format_spec))
+        except (ValueError, TypeError):  # a spec that does not fit this record's value
+            return clean_text(str(value))
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        return value if value is _MISSING else super().convert_field(value, conversion)
+
+
+_MISSING = object()
+
+
+class TapLog:
+    """Formats records (JSON lines, text, or a template) and hands them to a logging handler.
+
+    `types`: keep only records of these types (None: all). `count`: stop after this many
+    events (the tap's own gap, reset and epoch records are not counted); `done` says so."""
+
+    def __init__(self, handler: logging.Handler | None, fmt: str = "jsonl", *,
+                 types: frozenset[str] | None = None, count: int | None = None) -> None:
+        self.template: _Template | None = None
         if fmt not in ("jsonl", "text"):
-            raise ValueError(f"unknown format {fmt!r}: jsonl or text")
-        self.handler = handler
+            if "{" not in fmt:
+                raise ValueError(f"unknown format {fmt!r}: jsonl, text, or a template like "
+                                 "'{time:%H:%M:%S} {room} <{name}> {text}'")
+            self.template = _Template(fmt)
+        self.handler = handler or logging.NullHandler()
         self.text = fmt == "text"
+        self.types = types
+        self.left = count
+        self.done = count is not None and count <= 0
 
     def _emit(self, line: str) -> None:
         self.handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO,
                                                    "levelname": "INFO", "name": log.name}))
 
+    def _skip(self, kind: object) -> bool:
+        return self.done or (self.types is not None and kind not in self.types)
+
+    def _record(self, record: dict) -> None:
+        if self.template is not None:
+            self._emit(self.template.render(record))
+        else:
+            self._emit(_encode(record).decode())
+
     def event(self, topic: str, ev: dict, backfill: bool = False) -> None:
+        if self._skip(ev.get("type")):
+            return
         if self.text:
             self._emit(text_line(topic, ev, backfill))
-            return
-        record = {"topic": topic}
-        record.update(ev)
-        record["topic"] = topic
-        if backfill:
-            record["backfill"] = True
-        self._emit(_encode(record).decode())
+        else:
+            record = {"topic": topic}
+            record.update(ev)
+            record["topic"] = topic
+            if backfill:
+                record["backfill"] = True
+            self._record(record)
+        if self.left is not None:
+            self.left -= 1
+            self.done = self.left <= 0
 
     def gap(self, gap: Gap, ts: float) -> None:
+        if self._skip("gap"):
+            return
         if self.text:
             self._emit(f"[{_clock(ts)}] !! gap in {_where(gap.topic)}: {gap.missing} events missing "
                        f"(seq {gap.first}-{gap.last})")
         else:
-            self._emit(_encode({"type": "gap", "topic": gap.topic, "from": gap.first, "to": gap.last,
-                                "missing": gap.missing, "ts": ts}).decode())
+            self._record({"type": "gap", "topic": gap.topic, "from": gap.first, "to": gap.last,
+                          "missing": gap.missing, "ts": ts})
 
     def reset(self, reset: Reset, ts: float) -> None:
+        if self._skip("reset"):
+            return
         if self.text:
             self._emit(f"[{_clock(ts)}] !! {_where(reset.topic)}: seq went back from {reset.last} to "
                        f"{reset.seq}; the broker lost its history, counting again from here")
         else:
-            self._emit(_encode({"type": "reset", "topic": reset.topic, "last": reset.last,
-                                "seq": reset.seq, "ts": ts}).decode())
+            self._record({"type": "reset", "topic": reset.topic, "last": reset.last,
+                          "seq": reset.seq, "ts": ts})
 
     def epoch(self, epoch: str, previous: str | None, ts: float) -> None:
+        if self._skip("epoch"):
+            return
         if self.text:
             what = f"broker epoch {_c(epoch)}" if previous is None else \
                 f"broker restarted: epoch {_c(previous)} -> {_c(epoch)}"
             self._emit(f"[{_clock(ts)}] !! {what}")
         else:
-            self._emit(_encode({"type": "epoch", "epoch": epoch, "previous": previous, "ts": ts}).decode())
+            self._record({"type": "epoch", "epoch": epoch, "previous": previous, "ts": ts})
 
     def close(self) -> None:
         self.handler.flush()
@@ -298,7 +421,7 @@ class Tap:
     """Moves frames from the SUB through the tracker into the log; requests go out on the PUSH."""
 
     def __init__(self, out: TapLog, push: zmq.Socket, identity: str, box: Box,
-                 heartbeats: bool = False) -> None:
+                 heartbeats: bool = False, resume: dict[str, int] | None = None) -> None:
         self.out = out
         self.box = box  # opens our sealed private stream
         self.push = push
@@ -311,6 +434,8 @@ class Tap:
         # its epoch record, not precede it.
         self.epoch_known = False
         self.held: list[bytes] = []
+        # --resume: each room topic's last seq in the file, counted from once the broker is heard
+        self.resume = dict(resume or {})
 
     def connection_lost(self) -> None:
         self.epoch_known = False
@@ -343,13 +468,19 @@ class Tap:
                     self.apply(self.tracker.restarted(now))
             if isinstance(epoch, str) and not self.epoch_known:
                 self.epoch_known = True
+                # Subscribed now (u/ included): baselines from the file before any held frame.
+                resume, self.resume = self.resume, {}
+                for topic_, seq in resume.items():
+                    self.apply(self.tracker.resume(topic_, seq, now))
                 held, self.held = self.held, []
                 for frame in held:
                     self.frame(frame, now)
             if kind not in ("heartbeat", "stats") or self.heartbeats:  # the broker's pulse: opt-in
                 self.out.event(topic, ev)
         elif topic == self.private:
-            if kind == "history" and type(ev.get("ref")) is int and type(ev.get("after")) is int:
+            if kind == "history" and ev.get("ref") in self.tracker.probes and type(ev.get("upto")) is int:
+                self.apply(self.tracker.probed(ev["ref"], ev["upto"], now))
+            elif kind == "history" and type(ev.get("ref")) is int and type(ev.get("after")) is int:
                 events = [(e["seq"], e) for e in ev.get("events") or []
                           if isinstance(e, dict) and type(e.get("seq")) is int]
                 room = f"{ROOM_PREFIX}{ev.get('room')}/"
@@ -373,14 +504,47 @@ class Tap:
                 self.out.gap(item, time.time())
             elif isinstance(item, Reset):
                 self.out.reset(item, time.time())
+            elif isinstance(item, Probe):  # no events: the answer's upto is what counts
+                self._send(HistoryRequest(room=room_of_topic(item.topic) or "", after=item.after, limit=0,
+                                          ref=item.ref))
             else:
                 room = room_of_topic(item.topic) or ""
-                request = HistoryRequest(room=room, after=item.after, before=item.before,
-                                         limit=item.limit, ref=item.ref)
-                try:
-                    self.push.send(encode_client_message(request), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # the broker is unreachable: the deadline turns this into a gap record
+                self._send(HistoryRequest(room=room, after=item.after, before=item.before,
+                                          limit=item.limit, ref=item.ref))
+
+    def _send(self, request: HistoryRequest) -> None:
+        try:
+            self.push.send(encode_client_message(request), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the broker is unreachable: the deadline turns this into a gap record
+
+
+def resume_points(path: Path, topics: list[str]) -> dict[str, int]:
+    """--resume: the last seq of each room topic a jsonl log accounts for (an event's seq, a
+    gap's `to`), in file order, so a reset's new numbering wins. Only `topics` (r/ for all)
+    count; an unreadable line (cut short by a crash) is skipped."""
+    last: dict[str, int] = {}
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return last
+    with file:
+        for line in file:
+            try:
+                record = _decode(line)
+            except msgspec.DecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            topic = record.get("topic")
+            if not isinstance(topic, str) or not room_of_topic(topic) or \
+                    not any(topic.startswith(prefix) for prefix in topics):
+                continue
+            kind = record.get("type")
+            seq = record.get("to") if kind == "gap" else record.get("seq")
+            if type(seq) is int:
+                last[topic] = seq - 1 if kind == "reset" else seq  # the reset's event follows it
+    return last
 
 
 def _pipe_reader_watch(out: TapLog) -> int | None:
@@ -403,21 +567,39 @@ def _refused(watch: HandshakeWatch, endpoints: Endpoints) -> bool:
     return True
 
 
+def room_topics(rooms: list[str] | None) -> list[str]:
+    """The room topics to subscribe to: r/ (every room), or r/<room>/ for each of `rooms`
+    (ValueError for an invalid name)."""
+    if not rooms:
+        return [ROOM_PREFIX]
+    topics = []
+    for name in rooms:
+        room = normalize_room(name)
+        if room is None:
+            raise ValueError(f"--room {name!r}: not a valid room name")
+        topics.append(room_topic(room))
+    return sorted(set(topics))
+
+
 def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapLog,
-            heartbeats: bool = False) -> int:
-    """Log until SIGINT or SIGTERM; then write what is held, flush, close and return 0."""
+            heartbeats: bool = False, rooms: list[str] | None = None,
+            seconds: float | None = None, resume: dict[str, int] | None = None) -> int:
+    """Log until SIGINT or SIGTERM, `out` has its count of events, or `seconds` have passed;
+    then write what is held, flush, close and return 0."""
+    topics = room_topics(rooms)
     ctx = zmq.Context()
     sub = curve_client(ctx, zmq.SUB, endpoints, server_key, keypair)
     push = curve_client(ctx, zmq.PUSH, endpoints, server_key, keypair)
     push.sndhwm = L.CLIENT_SNDHWM
-    # libzmq sends a SUB's subscriptions in byte order (r/, sys/, u/...), so a first heartbeat
-    # proves r/ is installed; u/<id>/ follows within the same batch.
-    for topic in (private_topic(keypair.identity), ROOM_PREFIX, SYSTEM_TOPIC):
+    # libzmq sends a SUB's subscriptions in byte order (r/..., sys/, u/...), so a first heartbeat
+    # proves the room topics are installed; u/<id>/ follows within the same batch.
+    # With --room, the broker sends only those rooms: the filtering is ZeroMQ's.
+    for topic in (private_topic(keypair.identity), *topics, SYSTEM_TOPIC):
         sub.subscribe(topic.encode())
     sub.connect(endpoints.publish)
     watch = HandshakeWatch(push, keypair.identity)  # a refused key: say so and exit
     push.connect(endpoints.input)
-    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats)
+    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats, resume)
 
     stopping: list[int] = []
     wake_r, wake_w = socket.socketpair()
@@ -435,9 +617,10 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     reader_watch = _pipe_reader_watch(out)
     if reader_watch is not None:  # a pipe reports POLLERR once its reader has gone: stop then
         poller.register(reader_watch, zmq.POLLERR)
+    stop_at = None if seconds is None else time.monotonic() + seconds
     try:
-        while not stopping:
-            deadline = tap.tracker.deadline()
+        while not stopping and not out.done:
+            deadline = min((t for t in (tap.tracker.deadline(), stop_at) if t is not None), default=None)
             timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             ready = dict(poller.poll(timeout))
             if sub_monitor in ready:
@@ -454,6 +637,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
                     except zmq.Again:
                         break
                     tap.frame(data, time.monotonic())
+                    if out.done:
+                        break
             if reader_watch is not None and reader_watch in ready:
                 raise ReaderGone
             if watch.monitor in ready and _refused(watch, endpoints):
@@ -464,6 +649,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
                 except BlockingIOError:
                     pass
             tap.apply(tap.tracker.tick(time.monotonic()))
+            if stop_at is not None and time.monotonic() >= stop_at:
+                break
         tap.apply(tap.tracker.close())
         return 0
     finally:
