@@ -613,8 +613,10 @@ class Broker:
                     if topic == SYSTEM_TOPIC:  # e.g. `zchat stats` or `health`: answer it soon
                         self._next_stats = min(self._next_stats, max(now, self._stats_at + STATS_MIN_GAP))
                 else:
-                    # DEBUG: subscriptions are not rate-limited, so one peer could flood the log.
-                    log.debug("refused subscription %r from %s", topic[:80], (identity or "?")[:12])
+                    # Subscriptions are not rate-limited: log a key's refusals once per interval.
+                    who = (identity or "?")[:12]
+                    if self._fold.first(f"refused subscription from {who}", time.monotonic()):
+                        log.info("refused subscription %r from %s", topic[:80], who)
                 self._publish(out)
             elif identity is not None:
                 core.on_unsubscribe(identity, topic)

@@ -125,11 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "for use with --key PATH (default: the key zchat uses for NAME in the config dir)")
 
     history = sub.add_parser("history", help="search and export the stored public history and the "
-                             "private messages kept for offline users (sealed)")
+                             "private messages kept for offline users (sealed); with --host, --port or "
+                             "--pub-port: a room's history, asked of that broker with your key")
     _setting(history, "config_dir")
     history.add_argument("--config", type=Path, default=None, metavar="FILE", help="settings file")
     _setting(history, "db")
-    history.add_argument("--room", help="only this room")
+    for key in ("host", "port", "pub_port", "server_key", "name"):
+        _setting(history, key)
+    history.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                         help="with --host/--port: how long to wait for each answer (default 10)")
+    history.add_argument("--room", help="only this room (required with --host/--port)")
     history.add_argument("--since", help="only events since a date (2026-11-26, '2026-11-26 14:00') "
                          "or an age (90m, 2h, 7d)")
     history.add_argument("--grep", metavar="TEXT", help="only events whose text or name contains TEXT")
@@ -137,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="one JSON object per line")
     history.add_argument("--key", type=Path, metavar="FILE",
                          help="a recipient's secret key file: open the kept private messages sealed to "
-                         "that key (all others show as '(private, sealed)')")
+                         "that key (all others show as '(private, sealed)'); with --host/--port: the "
+                         "key to ask with (default: the key kept for --name, else your login name)")
 
     client = sub.add_parser("client", help="join the chat (terminal UI; plain lines when piped)")
     _common(client)
@@ -356,9 +362,53 @@ def _open_kept_mail(rows: list[StoredEvent], key_file: Path | None,
     return shown
 
 
+REMOTE_FLAGS = ("host", "port", "pub_port")  # given any of these, `history` asks that broker
+
+
+def cmd_remote_history(args: argparse.Namespace) -> int:
+    """A room's history from the broker at --host/--port, as the user's own key may read it."""
+    import getpass
+    import json
+
+    from zchat.protocol import normalize_room
+    from zchat.remote_history import HistoryPager, NoAnswer, fetch_history
+    from zchat.tap import text_line
+
+    for key, value in config.load("send", args.flags).values.items():  # the client's settings
+        setattr(args, key, value)
+    if not args.room:
+        print("zchat history: --room is required with --host/--port (a broker lists only the "
+              "rooms people are in, not those with history)", file=sys.stderr)
+        return 2
+    room = normalize_room(args.room)
+    if room is None:
+        raise ValueError(f"invalid room {args.room!r}")
+    endpoints = _endpoints(args)
+    since = parse_since(args.since, time.time()) if args.since else None
+    pager = HistoryPager(room, limit=args.limit, since=since, grep=args.grep)
+    try:
+        bodies = fetch_history(endpoints, _server_key(args), _keypair(args, args.name or getpass.getuser()),
+                               pager, args.timeout)
+    except NoAnswer as exc:
+        print(f"zchat history: {exc}", file=sys.stderr)
+        return exc.code
+    if not pager.found_any:  # a typo must not look like an empty room
+        print(f"zchat history: no history of #{room} at {endpoints.input} (no such room?)", file=sys.stderr)
+        return 1
+    topic = f"r/{room}/"
+    for body in bodies:
+        if args.json:  # the tap's jsonl shape: the event's own fields with its topic first
+            sys.stdout.write('{"topic":"' + topic + '",' + body.decode()[1:] + "\n")
+        else:
+            sys.stdout.write(text_line(topic, json.loads(body)) + "\n")
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     import json
 
+    if any(args.flags.get(key) is not None for key in REMOTE_FLAGS):
+        return cmd_remote_history(args)
     from zchat.history import kept_mail, search, stored_rooms
     from zchat.protocol import normalize_room
     from zchat.tap import text_line

@@ -57,6 +57,10 @@ MAX_HISTORY_PER_REQUEST = 500
 HISTORY_KEEP_PER_ROOM = 10_000  # retention: newest events kept per room...
 HISTORY_KEEP_DAYS = 30.0  # ...and none older than this
 MAX_HISTORY_PAGE_BYTES = 256 * 1024  # stored events in one history answer; fewer, with `more`
+# The largest frame the broker sends a client: a full history page plus what wraps it (its
+# topic u/<id>/ and a space, 68 bytes; the seal, 40; the answer's other fields, at most 219;
+# a comma between events, 499): 826 bytes, so 1 KiB of headroom. Size a receive limit to it.
+MAX_PUBLISHED_FRAME_BYTES = MAX_HISTORY_PAGE_BYTES + 1024
 # History answers per key, in bytes: a token bucket (full at first sight). An empty one refuses
 # history requests (rate_limited) and shortens the history a join or an enter brings.
 HISTORY_BYTES_BURST = 4 * 1024 * 1024
