@@ -125,6 +125,14 @@ def test_a_room_that_does_not_exist_is_refused_with_the_rooms_unless_created() -
     assert kinds(post(core, B, room="opps", ref=10)) == [("r/opps/", "Message"), (u(B), "Posted")]
 
 
+def test_the_default_room_always_exists() -> None:
+    """A fresh broker, nobody in: `zchat send hello` goes to the lobby, where everyone starts."""
+    core = make()
+    poster(core, B)
+    out = post(core, B, room="lobby")
+    assert kinds(out) == [("r/lobby/", "Message"), (u(B), "Posted")]
+
+
 def test_the_refusal_lists_a_bounded_number_of_rooms() -> None:
     core = make()
     for i in range(L.ROOMS_IN_REFUSAL + 3):

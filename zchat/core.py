@@ -647,7 +647,9 @@ class BrokerCore:
         if room is None:
             return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {post.room!r}", ref)
         topic = room_topic(room)
-        if not post.create and room not in self.rooms and self._last_seq(topic) == 0:
+        # The default room always exists (everyone starts there); another must have been used.
+        if (not post.create and room != DEFAULT_ROOM and room not in self.rooms
+                and self._last_seq(topic) == 0):
             return self._error(peer, now, Code.NO_SUCH_ROOM, self._no_such_room(room), ref)
         text, empty = self._text(peer, post.text, now, ref)
         if empty:
