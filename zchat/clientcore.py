@@ -463,13 +463,12 @@ class ClientCore:
 
     # --- end-to-end private messages ------------------------------------------------
 
-    def _seal(self, draft: DirectDraft, now: Now) -> Msg | None:
+    def _seal(self, draft: DirectDraft, keyring: Keyring, now: Now) -> Msg | None:
         """The wire form of a draft: sealed to its recipient's key and to ours (None: refused
         here). Only called once that key is known."""
         key = self._keys[name_key(draft.to)]
         try:
-            assert self.keyring is not None
-            box, self_box = self.keyring.seal_for(key, draft.text)
+            box, self_box = keyring.seal_for(key, draft.text)
         except (ValueError, CryptoError):  # the broker gave a key nobody can encrypt to
             self._refuse(draft.ref, Code.BAD_REQUEST,
                          f"cannot encrypt to {draft.to}'s key ({fingerprint(key)})", now)
@@ -498,7 +497,7 @@ class ClientCore:
                 self._outbox.appendleft(KeyRequest(name=draft.to, ref=draft.ref))
                 return True
             self._outbox.popleft()
-            sealed = self._seal(draft, now)
+            sealed = self._seal(draft, self.keyring, now)
             if sealed is not None:
                 self._outbox.appendleft(sealed)
         return bool(self._outbox)
