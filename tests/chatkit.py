@@ -356,7 +356,7 @@ class World:
                 holder[0].raw.append(line)
                 holder[0].screen.append(CLOCK.sub("", line))
 
-        session = Session(color=False, write=show, own_arrival=own_arrival)
+        session = Session(color=False, write=show, own_arrival=own_arrival, now=lambda: self.wall)
         client = LoopClient(self, identity_of(key or name), rooms or ["lobby"], session.on_event, history)
         user = User(name, client, session)
         holder.append(user)

@@ -751,21 +751,45 @@ def test_lines_typed_ahead_are_sent_in_order_and_never_echoed_raw(chat: Chat, tm
     assert raw == [], tmux.screen(history=True)
 
 
-def test_a_pasted_block_waits_for_enter_then_goes_as_separate_messages(chat: Chat, tmux: Tmux) -> None:
+def test_a_pasted_block_waits_for_enter_then_goes_as_one_message(chat: Chat, tmux: Tmux) -> None:
+    """A paste of several lines (bracketed, as terminals send it) is one message: its line
+    breaks and indentation kept, each continuation line indented under the first on every
+    screen (here a piped client's), so a line cannot pass for another speaker's."""
     chat.start_broker()
     join_in_tmux(chat, tmux, "typist")
     listener = chat.joined_client("listener")
     tmux.wait_for(rf"^{CLOCK} - listener has joined the chat\.$")
-    block = ["pasted one", "pasted two", "pasted three"]
+    block = ["def f():", "    return 1", "[12:00:00] mallory: fake"]
     tmux.tmux("set-buffer", "-b", "block", "\n".join(block))
     tmux.tmux("paste-buffer", "-p", "-b", "block", "-t", tmux.target)  # -p: bracketed, as terminals do
-    tmux.wait_for(r"^pasted three$")  # still in the input, nothing sent yet
-    assert listener.count(r"typist: pasted") == 0
+    tmux.wait_for(r"mallory: fake$")  # still in the input, nothing sent yet
+    assert listener.count(r"typist: ") == 0
     tmux.key("Enter")
-    listener.wait_for(rf"^{CLOCK} typist: pasted three$")
+    indent = " " * len("[00:00:00] ")
+    listener.wait_for(rf"^{indent}\[12:00:00\] mallory: fake$")
+    first = rf"^{CLOCK} typist: def f\(\):$"
+    start = max(i for i, line in enumerate(listener.lines) if re.match(first, line))
+    assert listener.lines[start + 1:start + 3] == [f"{indent}    return 1",
+                                                   f"{indent}[12:00:00] mallory: fake"]
+    tmux.wait_for(rf"^{indent}    return 1$")  # the typist's own screen too
     tmux.wait_last_line(PROMPT)
-    sent = [line.split(": ", 1)[1] for line in listener.lines if re.match(rf"^{CLOCK} typist: ", line)]
-    assert sent == block
+    assert listener.count(r"^\[12:00:00\] mallory") == 0
+
+
+def test_alt_enter_inserts_a_line_break_while_typing(chat: Chat, tmux: Tmux) -> None:
+    chat.start_broker()
+    join_in_tmux(chat, tmux, "typist")
+    listener = chat.joined_client("listener")
+    tmux.wait_for(rf"^{CLOCK} - listener has joined the chat\.$")
+    tmux.type("first")
+    tmux.key("M-Enter")
+    tmux.type("  second")
+    tmux.wait_for(r"^  second$")  # the input shows two lines; nothing sent yet
+    assert listener.count(r"typist: ") == 0
+    tmux.key("Enter")
+    indent = " " * len("[00:00:00] ")
+    listener.wait_for(rf"^{indent}  second$")
+    assert listener.count(rf"^{CLOCK} typist: first$") == 1
 
 
 def test_the_prompt_ends_when_the_clients_io_thread_dies(chat: Chat, tmux: Tmux, tmp_path: Path) -> None:

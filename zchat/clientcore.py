@@ -95,7 +95,7 @@ from zchat.protocol import (
     Welcome,
     Who,
     WhoReply,
-    clean_text,
+    clean_message,
     decode_event,
     name_key,
     private_topic,
@@ -1005,7 +1005,7 @@ class ClientCore:
             # Sealed end to end, so the broker cannot check these: checked here instead.
             if len(message.to) > L.MAX_NAME_CHARS:
                 return Code.INVALID_NAME, f"no such user: names are at most {L.MAX_NAME_CHARS} characters"
-            if not clean_text(message.text).strip():
+            if not clean_message(message.text):
                 return Code.EMPTY_TEXT, "message is empty"
             return None
         if len(message.room) > L.MAX_ROOM_CHARS + 1:

@@ -100,6 +100,7 @@ def help_text(command: str | None = None) -> str:
         lines.append(f"  {f'{name} {spec.usage}'.ljust(width)}  {spec.summary}")
     lines.append("Anything else is sent to the current room (start with // to send a leading /).")
     lines.append("Up/Down: input history; Tab: complete commands, names and rooms; Ctrl-D/Ctrl-C: leave.")
+    lines.append("Alt+Enter (or Esc then Enter): a line break; a paste of several lines is one message.")
     return "\n".join(lines)
 
 
@@ -117,6 +118,24 @@ def split_text(text: str, limit: int) -> list[str]:
     if rest:
         pieces.append(rest)
     return pieces
+
+
+def split_lines(text: str, limit: int, max_lines: int) -> list[str]:
+    """Cut a message of several lines into messages of at most `max_lines` lines and `limit`
+    characters, between lines (a line longer than `limit` is cut as split_text cuts it)."""
+    pieces: list[str] = []
+    chunk: list[str] = []
+    size = 0  # of "\n".join(chunk)
+    for line in text.split("\n"):
+        for part in split_text(line, limit) if len(line) > limit else [line]:
+            if chunk and (len(chunk) >= max_lines or size + 1 + len(part) > limit):
+                pieces.append("\n".join(chunk))
+                chunk = []
+            size = size + 1 + len(part) if chunk else len(part)
+            chunk.append(part)
+    if chunk:
+        pieces.append("\n".join(chunk))
+    return [piece for piece in pieces if piece.strip()]
 
 
 def too_long(text: str, limit: int) -> str:

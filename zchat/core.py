@@ -61,6 +61,7 @@ from zchat.protocol import (
     Welcome,
     Who,
     WhoReply,
+    clean_message,
     clean_text,
     decode_client_message,
     lookalike_key,
@@ -592,7 +593,7 @@ class BrokerCore:
         return room, []
 
     def _text(self, peer: Peer, raw: str, now: float, ref: int | None) -> tuple[str, list[Out]]:
-        text = clean_text(raw).strip()
+        text = clean_message(raw)  # line breaks kept
         return text, ([] if text else self._error(peer, now, Code.EMPTY_TEXT, "message is empty", ref))
 
     def _say(self, peer: Peer, member: Member, say: Say, now: float) -> list[Out]:
@@ -606,9 +607,8 @@ class BrokerCore:
                 return error
             room = checked
         text = say.text
-        if not (text.isascii() and text.isprintable()):  # else nothing to clean, cheaply known
-            text = clean_text(text)
-        text = text.strip()
+        # Printable ASCII has nothing to clean, cheaply known; else clean, keeping line breaks.
+        text = text.strip() if text.isascii() and text.isprintable() else clean_message(text)
         if not text:
             return self._error(peer, now, Code.EMPTY_TEXT, "message is empty", say.ref)
         topic = room_topic(room)

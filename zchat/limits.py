@@ -13,6 +13,9 @@ from __future__ import annotations
 MAX_BODY_BYTES = 24 * 1024
 MAX_FRAME_BYTES = 64 * 1024  # ZMQ_MAXMSGSIZE on the broker's PULL socket
 MAX_TEXT_CHARS = 2000
+# Line breaks a message keeps (a paste of code, a stack trace): past this many lines, the rest
+# of its breaks become spaces, so one message never fills a screen with lines.
+MAX_TEXT_LINES = 50
 MAX_NAME_CHARS = 32
 MAX_ROOM_CHARS = 32
 MAX_REASON_CHARS = 200

@@ -153,6 +153,31 @@ def clean_text(text: str) -> str:
     return text
 
 
+def clean_message(text: str) -> str:
+    """`clean_text` for what someone said (a message, an action, a private message): its line
+    breaks (LF or CR LF) are kept as LF (a lone CR becomes a space, as in clean_text), at
+    most limits.MAX_TEXT_LINES lines (further breaks become spaces). Each line is cleaned as
+    `clean_text` cleans and loses its trailing spaces; blank lines before and after the text
+    are dropped. One line is stripped on both sides, as before; the first of several keeps
+    its indentation (code stays readable). A receiver indents continuation lines (render),
+    so none can pass for a header line of another speaker."""
+    if "\n" not in text:
+        return clean_text(text).strip()
+    lines = [clean_text(line).rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    first = 0
+    while first < len(lines) and not lines[first].strip():
+        first += 1
+    lines = lines[first:]
+    if len(lines) <= 1:
+        return lines[0].strip() if lines else ""
+    keep = limits.MAX_TEXT_LINES
+    if len(lines) > keep:
+        lines[keep - 1:] = [" ".join(line.strip() for line in lines[keep - 1:] if line.strip())]
+    return "\n".join(lines)
+
+
 # --- client -> broker ---------------------------------------------------------
 
 RoomField = Annotated[str, Meta(max_length=limits.MAX_ROOM_CHARS + 1)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 import zlib
 from dataclasses import dataclass
 
@@ -39,12 +40,37 @@ from zchat.protocol import (
     RoomList,
     Welcome,
     WhoReply,
+    clean_message,
     clean_text,
 )
 
 # Readable on dark and light backgrounds: no black, white or blue-on-black.
 _PALETTE = ("31", "32", "33", "35", "36", "91", "92", "93", "95", "96")
 _RESET = "\x1b[0m"
+DEFAULT_CLOCK = "%H:%M:%S"  # the config file's timestamp_format changes it
+
+
+class Days:
+    """The local date of the last event shown, to draw a day-change line between two events of
+    different dates. It starts at the date of `today` (a timestamp the shell gives: this module
+    reads no clock), so history older than today shows its date, and today's does not."""
+
+    def __init__(self, today: float) -> None:
+        self.last = time.localtime(today)[:3]
+
+    def change(self, ts: float) -> str | None:
+        """The day-change line to draw before an event at `ts`, or None (the same date)."""
+        day = time.localtime(ts)[:3]
+        if day == self.last:
+            return None
+        self.last = day
+        return day_line(ts)
+
+
+def day_line(ts: float) -> str:
+    """`-- Wednesday 2 December 2026 --` for the local date of `ts`."""
+    t = time.localtime(ts)
+    return f"-- {time.strftime('%A', t)} {t.tm_mday} {time.strftime('%B %Y', t)} --"
 
 
 @dataclass(frozen=True)
@@ -54,11 +80,45 @@ class View:
     me: str | None = None
     room: str | None = None  # the current room: messages elsewhere are tagged #room
     color: bool = False
+    clock_format: str = DEFAULT_CLOCK  # strftime format of each line's clock
+    hyperlinks: bool = False  # URLs as OSC 8 links (a terminal, colours on, not switched off)
+    days: Days | None = None  # day-change lines (None: none)
 
 
-def clock(ts: float) -> str:
-    """HH:MM:SS in local time of a broker timestamp."""
-    return time.strftime("%H:%M:%S", time.localtime(ts))
+def clock(ts: float, layout: str = DEFAULT_CLOCK) -> str:
+    """The clock of a line (HH:MM:SS by default) in local time of a broker timestamp; cleaned,
+    as a format from the config file could hold anything."""
+    return clean_text(time.strftime(layout, time.localtime(ts)))
+
+
+def cells(text: str) -> int:
+    """Terminal columns `text` takes (wide East Asian characters two, combining marks none)."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
+
+
+# A URL made of printable ASCII (an OSC 8 target must be), without a closing punctuation mark.
+_URL = re.compile(r"\bhttps?://[!-~]+")
+_URL_TAIL = ".,;:!?'\")]}>"
+
+
+def hyperlink(text: str) -> str:
+    """`text` (already cleaned: no escape can be in it) with each URL wrapped in an OSC 8
+    hyperlink, so a terminal keeps a long link clickable where it wraps."""
+    def link(match: re.Match[str]) -> str:
+        url = match.group(0)
+        stripped = url.rstrip(_URL_TAIL)
+        tail = url[len(stripped):]
+        if len(stripped) <= len("https://"):
+            return url
+        return f"\x1b]8;;{stripped}\x1b\\{stripped}\x1b]8;;\x1b\\{tail}"
+    return _URL.sub(link, text)
+
+
+def _said(text: str, view: View) -> str:
+    """What someone said, cleaned (line breaks kept), then its links (never the other way)."""
+    said = clean_message(text)
+    return hyperlink(said) if view.hyperlinks and view.color else said
 
 
 def name_color(name: str) -> str:
@@ -83,10 +143,14 @@ def render(event: ClientEvent, view: View = View()) -> str | None:
     body = _body(event, view)
     if body is None:
         return None
-    line = f"[{clock(event.ts)}] {body}"
+    head = f"[{clock(event.ts, view.clock_format)}] "
+    if "\n" in body:  # only a message's own line breaks: each continuation under the first
+        body = body.replace("\n", "\n" + " " * max(2, cells(head)))
+    line = head + body
     if view.color and mentions(event, view.me):
         line = f"\x1b[7m{line}{_RESET}"  # reverse video: hard to miss
-    return line
+    change = view.days.change(event.ts) if view.days is not None else None
+    return line if change is None else f"{change}\n{line}"
 
 
 def _replay(replay: Replay, view: View) -> str | None:
@@ -125,19 +189,19 @@ def _body(event: ClientEvent, view: View) -> str | None:
     r = lambda room: "#" + clean_text(room)  # noqa: E731  (a broker should have cleaned it; trust nothing)
     if isinstance(event, Message):
         tag = f"{r(event.room)} " if view.room and event.room != view.room else ""
-        return f"{tag}{n(event.name)}: {clean_text(event.text)}"
+        return f"{tag}{n(event.name)}: {_said(event.text, view)}"
     if isinstance(event, Action):
         tag = f"{r(event.room)} " if view.room and event.room != view.room else ""
-        return f"{tag}* {n(event.name)} {clean_text(event.text)}"
+        return f"{tag}* {n(event.name)} {_said(event.text, view)}"
     if isinstance(event, PrivateMessage):
         if event.text is None:
             return (f"! a private message from {n(event.name)} could not be opened "
                     "(it was not sealed to your key, or was damaged)")
         if view.me is not None and event.name == view.me:
             note = " (offline: delivered when they next join)" if event.offline else ""
-            return f"-> {n(event.to)}{note}: {clean_text(event.text)}"
+            return f"-> {n(event.to)}{note}: {_said(event.text, view)}"
         note = " (while you were away)" if event.offline else ""
-        return f"<- {n(event.name)}{note}: {clean_text(event.text)}"
+        return f"<- {n(event.name)}{note}: {_said(event.text, view)}"
     if isinstance(event, Joined):
         where = "the chat" if event.chat else r(event.room)
         return f"- {n(event.name)} has joined {where}."
@@ -179,11 +243,11 @@ def _body(event: ClientEvent, view: View) -> str | None:
     if isinstance(event, Pending):
         said = event.message
         if isinstance(said, DirectDraft):
-            line = f"-> {n(said.to)}: {clean_text(said.text)}"
+            line = f"-> {n(said.to)}: {_said(said.text, view)}"
         elif isinstance(said, Me):
-            line = f"* {n(view.me or '')} {clean_text(said.text)}"
+            line = f"* {n(view.me or '')} {_said(said.text, view)}"
         else:
-            line = f"{n(view.me or '')}: {clean_text(said.text)}"
+            line = f"{n(view.me or '')}: {_said(said.text, view)}"
         return f"(pending) {line}"
     if isinstance(event, Gap):
         where = clean_text(event.topic)

@@ -12,16 +12,17 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TextIO
 
 from zchat.client import JoinError, SendError
 from zchat.clientcore import ClientApi
-from zchat.commands import COMMANDS, UsageError, help_text, parse, split_text, too_long
+from zchat.commands import COMMANDS, UsageError, help_text, parse, split_lines, split_text, too_long
 from zchat.events import ClientEvent, Connection, Status, StatusState
-from zchat.limits import DEFAULT_HISTORY, MAX_TEXT_CHARS, MUTE_DEFAULT_SECONDS
+from zchat.limits import DEFAULT_HISTORY, MAX_TEXT_CHARS, MAX_TEXT_LINES, MUTE_DEFAULT_SECONDS
 from zchat.protocol import Code, Joined, Left, LeftReason, normalize_room
-from zchat.render import View, clock, mentions, render
+from zchat.render import DEFAULT_CLOCK, Days, View, clock, mentions, render
 
 RETRY_NAME = {Code.NAME_TAKEN, Code.INVALID_NAME}
 EXIT_BANNED = 4  # the broker banned this key (or it was revoked): documented in the README
@@ -52,7 +53,10 @@ class Session:
     """One person's chat: the current room, and what each typed line does."""
 
     def __init__(self, color: bool, write: Callable[[str], None] | None = None,
-                 on_banned: Callable[[], None] | None = None, own_arrival: bool = True) -> None:
+                 on_banned: Callable[[], None] | None = None, own_arrival: bool = True,
+                 now: Callable[[], float] = time.time, clock_format: str = DEFAULT_CLOCK,
+                 hyperlinks: bool = False,
+                 log: Callable[[ClientEvent, str | None], None] | None = None) -> None:
         self.client: Client | None = None
         self.room: str | None = None
         self.color = color
@@ -66,6 +70,10 @@ class Session:
         # Called (on the I/O thread) once the client has stopped working: the front end ends.
         self.on_failure: Callable[[], None] | None = None
         self.own_arrival = own_arrival  # show "- me has joined the chat." (not in a pipe: noise)
+        self.days = Days(now())  # day-change lines, from today's date on
+        self.clock_format = clock_format  # the config file's timestamp_format
+        self.hyperlinks = hyperlinks  # URLs as OSC 8 links (only with colours)
+        self.log = log  # log_dir: each event to its buffer's file (zchat.chatlog), with our name
 
     def attach(self, client: Client) -> None:
         self.client = client
@@ -73,7 +81,8 @@ class Session:
         self.room = rooms[0] if rooms else None
 
     def view(self) -> View:
-        return View(me=self.client.snapshot.name if self.client else None, room=self.room, color=self.color)
+        return View(me=self.client.snapshot.name if self.client else None, room=self.room, color=self.color,
+                    clock_format=self.clock_format, hyperlinks=self.hyperlinks, days=self.days)
 
     def show(self, text: str) -> None:
         with self._lock:  # else `release` could empty the hold between our test and append
@@ -112,6 +121,8 @@ class Session:
             if line is not None:
                 bell = "\a" if self.color and mentions(event, me) else ""
                 self.show(line + bell)
+            if self.log is not None:
+                self.log(event, me)
         if isinstance(event, Status) and event.state == StatusState.BANNED:
             self.exit_code = EXIT_BANNED
             if self.on_banned is not None:
@@ -122,11 +133,20 @@ class Session:
     # --- outgoing -------------------------------------------------------------
 
     def execute(self, text: str) -> str | None:
-        """Run every line of `text` (a paste may hold several), in order.
+        """Run what was typed or pasted. Several lines are one message, line breaks and
+        indentation kept (a paste of code), also after /me or /msg NAME; lines that start with
+        another command run one by one, in order, as if typed one after the other.
 
         Returns the leave message when the person quits, else None.
         """
-        for line in text.splitlines():
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        while lines and not lines[-1].strip():
+            lines.pop()
+        while lines and not lines[0].strip():
+            lines.pop(0)
+        if len(lines) > 1 and self._one_message(lines[0]):
+            lines = ["\n".join(lines)]
+        for line in lines:
             if not line.strip():
                 continue
             try:
@@ -137,6 +157,13 @@ class Session:
             if quit_message is not None:
                 return quit_message
         return None
+
+    @staticmethod
+    def _one_message(first: str) -> bool:
+        """Do the lines starting with `first` make one message (not a list of commands)?"""
+        if not first.startswith("/") or first.startswith("//"):
+            return True
+        return first.split(None, 1)[0].lower() in ("/me", "/msg")
 
     def _execute_line(self, line: str) -> str | None:
         client = self.client
@@ -179,12 +206,19 @@ class Session:
         return None
 
     def _pieces(self, text: str) -> list[str]:
-        """A line over the broker's limit goes as several messages, cut at spaces; the
-        person is told, since the others see it arrive in parts."""
-        if len(text) <= MAX_TEXT_CHARS:
+        """A line over the broker's limit goes as several messages, cut at spaces (several
+        lines: between lines, at most MAX_TEXT_LINES each); the person is told, since the
+        others see it arrive in parts."""
+        lines = text.count("\n") + 1
+        if len(text) <= MAX_TEXT_CHARS and lines <= MAX_TEXT_LINES:
             return [text]
-        pieces = split_text(text, MAX_TEXT_CHARS)
-        self.show(f"* {too_long(text, MAX_TEXT_CHARS)}: sent as {len(pieces)} messages.")
+        if lines > 1:
+            pieces = split_lines(text, MAX_TEXT_CHARS, MAX_TEXT_LINES)
+            why = (too_long(text, MAX_TEXT_CHARS) if len(text) > MAX_TEXT_CHARS
+                   else f"message too long ({lines} lines, the limit is {MAX_TEXT_LINES})")
+        else:
+            pieces, why = split_text(text, MAX_TEXT_CHARS), too_long(text, MAX_TEXT_CHARS)
+        self.show(f"* {why}: sent as {len(pieces)} messages.")
         return pieces
 
     def _current(self) -> str:
@@ -309,6 +343,10 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
         said = session.execute(text)
         if said is not None:
             event.app.exit(result=said)
+
+    @bindings.add("escape", "enter")  # Alt+Enter (Esc, then Enter): a line break in the message
+    def _line_break(event: KeyPressEvent) -> None:
+        event.current_buffer.insert_text("\n")
 
     chat_prompt: PromptSession[str] = PromptSession(
         completer=_completer(session), complete_while_typing=False, key_bindings=bindings,
