@@ -350,8 +350,10 @@ def test_text_lines_are_cleaned_and_backfill_is_marked() -> None:
     evil = {"type": "message", "seq": 1, "ts": TS, "room": "lobby", "name": "al\x1b[2Jice",
             "text": "red \x1b[31malert\x1b[0m\nfake line\u202e"}
     line = text_line("r/lobby/", evil, backfill=True)
-    assert line == f"[{clock(TS)}] (backfill) #lobby alice: red alert fake line"
-    assert line.isprintable()
+    # A line break someone typed is kept; the next line is indented, never a record of its own.
+    indent = " " * len(f"[{clock(TS)}] ")
+    assert line == f"[{clock(TS)}] (backfill) #lobby alice: red alert\n{indent}fake line"
+    assert all(row.isprintable() for row in line.split("\n"))
     unknown = text_line("r/lobby/", {"type": "poll", "seq": 2, "ts": TS, "q": "tea?\x07"})
     assert re.fullmatch(r"\[.+\] #lobby poll: \{.*\"q\":\"tea\?.*\}", unknown) and unknown.isprintable()
 

@@ -95,12 +95,19 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
         _setting(parser, key)
 
 
+def _chat_options(parser: argparse.ArgumentParser) -> None:
+    """What the chat's screen looks like, and its logs (`zchat` and `zchat client`)."""
+    for key in ("timestamp_format", "hyperlinks", "log_dir"):
+        _setting(parser, key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="zchat", description="Secure command-line chat on ZeroMQ. Without a subcommand: join the "
         "local chat, starting a broker in the background if none is running.")
     _common(parser)
     _client_options(parser)
+    _chat_options(parser)
     parser.add_argument("--idle-exit", type=_seconds_or_zero, default=AUTOSTART_IDLE_EXIT, metavar="SECONDS",
                         help="a broker started here stops this long after the last user leaves "
                         f"(default {AUTOSTART_IDLE_EXIT:g})")
@@ -148,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="join the chat (terminal UI; plain lines when piped)")
     _common(client)
     _client_options(client)
+    _chat_options(client)
     client.add_argument("--history", type=int, default=None, metavar="N",
                         choices=range(L.MAX_HISTORY_PER_REQUEST + 1),
                         help=f"events of each room's history shown on joining (default {L.DEFAULT_HISTORY} "
@@ -460,7 +468,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     from zchat.client import ChatClient, ClientSettings
-    from zchat.tui import run_interactive, run_plain
+    from zchat.render import DEFAULT_CLOCK
+    from zchat.tui import Look, run_interactive, run_plain
 
     endpoints = _endpoints(args)
     server_key = _server_key(args)
@@ -475,9 +484,12 @@ def cmd_client(args: argparse.Namespace) -> int:
                                   history=history)
         return ChatClient(settings, on_event)
 
+    look = Look(clock_format=getattr(args, "timestamp_format", None) or DEFAULT_CLOCK,
+                hyperlinks=getattr(args, "hyperlinks", True) is not False,
+                log_dir=getattr(args, "log_dir", None))
     if interactive:
-        return run_interactive(make_client, args.name)
-    return run_plain(make_client, args.name)
+        return run_interactive(make_client, args.name, look)
+    return run_plain(make_client, args.name, look=look)
 
 
 def cmd_send(args: argparse.Namespace) -> int:

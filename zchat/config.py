@@ -79,6 +79,20 @@ def _name(value: str) -> str | None:
                                            "digits, '.', '-' or '_', starting with a letter or digit")
 
 
+# strftime directives a timestamp_format may use (C89, POSIX and the common glibc ones), each
+# with an optional glibc flag (%-d: no padding): anything else is a typo, said at start-up.
+_CLOCK_DIRECTIVE = re.compile(r"%[-_0^#]?([aAbBcCdDeFgGhHIjklmMnpPrRsStTuUVwWxXyYzZ%])|%(.?)", re.DOTALL)
+
+
+def _clock_format(value: str) -> str | None:
+    if len(value) > 64 or not value.isprintable():
+        return f"a strftime format of at most 64 printable characters, got {value!r}"
+    for match in _CLOCK_DIRECTIVE.finditer(value):
+        if match.group(1) is None:
+            return f"unknown strftime directive %{match.group(2)} in {value!r} (use %H:%M:%S and the like)"
+    return None
+
+
 def _public_key(value: str) -> str | None:
     from zchat.keys import parse_public_key
 
@@ -164,6 +178,12 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
            metavar="KEY"),
     Option("key", "path", "client", None, "your secret key file (default: one per name, made on "
            "first use in the config dir)", metavar="FILE"),
+    Option("timestamp_format", "str", "client", None, "the clock on each line, a strftime format "
+           "(default hours:minutes:seconds)", check=_clock_format, metavar="FORMAT"),
+    Option("hyperlinks", "bool", "client", True, "make URLs clickable (OSC 8 links) on a terminal "
+           "with colours (never with NO_COLOR)"),
+    Option("log_dir", "path", "client", None, "write each room and private conversation to a "
+           "text file per day in DIR (as irssi's autolog)", metavar="DIR"),
 )}
 
 _SHARED = ("config_dir", "host", "port", "pub_port")
@@ -171,14 +191,15 @@ BROKER_KEYS = (*_SHARED, "idle_exit", "db", "authorized_keys", "history_keep", "
                "rate_burst", "rate_per_second", "client_timeout", "max_peers", "connections_per_key",
                "new_keys_per_minute", "stats_interval", "log_level", "log_json")
 CLIENT_KEYS = (*_SHARED, "name", "server_key", "key")
+CHAT_KEYS = (*CLIENT_KEYS, "timestamp_format", "hyperlinks", "log_dir")  # the chat's screen only
 MONITOR_KEYS = (*_SHARED, "server_key")  # tap, stats, health: their own key, never a user's
 
 # command -> (the file table it reads, the settings it resolves)
 COMMANDS: dict[str | None, tuple[str, tuple[str, ...]]] = {
     "broker": ("broker", BROKER_KEYS),
     "history": ("broker", ("config_dir", "db")),
-    None: ("client", CLIENT_KEYS),  # `zchat` alone
-    "client": ("client", CLIENT_KEYS),
+    None: ("client", CHAT_KEYS),  # `zchat` alone
+    "client": ("client", CHAT_KEYS),
     "send": ("client", CLIENT_KEYS),
     "tap": ("client", MONITOR_KEYS),
     "stats": ("client", MONITOR_KEYS),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from zchat import limits as L
 from zchat.client import ChatClient, ClientEvent, JoinError, SendError
-from zchat.commands import split_text, too_long
+from zchat.commands import split_lines, split_text, too_long
 from zchat.events import Status, StatusState
 from zchat.protocol import DEFAULT_ROOM, Code, Error, normalize_room, valid_name
 
@@ -31,7 +31,12 @@ def run_send(make_client: Callable[[list[str], Callable[[ClientEvent], None]], C
         return fail(EXIT_INVALID, "nothing to send")
     if len(text) > L.MAX_TEXT_CHARS and not split:
         return fail(EXIT_INVALID, f"{too_long(text, L.MAX_TEXT_CHARS)}; --split sends it as several messages")
-    pieces = split_text(text, L.MAX_TEXT_CHARS)
+    lines = text.strip("\n").count("\n") + 1  # line breaks are kept (one message of several lines)
+    if lines > L.MAX_TEXT_LINES and not split:
+        return fail(EXIT_INVALID, f"message too long ({lines} lines, the limit is {L.MAX_TEXT_LINES}); "
+                    "--split sends it as several messages")
+    pieces = (split_lines(text.strip("\n"), L.MAX_TEXT_CHARS, L.MAX_TEXT_LINES) if lines > 1
+              else split_text(text, L.MAX_TEXT_CHARS))
     if not valid_name(name):
         return fail(EXIT_INVALID, f"invalid name {name!r}")
     if to is not None and not valid_name(to):

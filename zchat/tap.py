@@ -49,6 +49,7 @@ from zchat.protocol import (
     SYSTEM_TOPIC,
     EventType,
     HistoryRequest,
+    clean_message,
     clean_text,
     encode_client_message,
     normalize_room,
@@ -198,9 +199,9 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
     kind, g = ev.get("type"), ev.get
     where = _where(topic)
     if kind == "message":
-        body = f"{where} {_c(g('name'))}: {_c(g('text'))}"
+        body = f"{where} {_c(g('name'))}: {clean_message(str(g('text')))}"
     elif kind == "action":
-        body = f"{where} * {_c(g('name'))} {_c(g('text'))}"
+        body = f"{where} * {_c(g('name'))} {clean_message(str(g('text')))}"
     elif kind == "joined":
         body = f"{where} -> {_c(g('name'))} " + ("joined the chat" if g("chat") else "entered")
     elif kind == "left":
@@ -212,7 +213,7 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
         state = "online" if g("online") else "offline"
         body = f"-- key of {_c(g('name'))} ({state}): {_c(g('key'))}"
     elif kind == "direct":  # kept mail, from `zchat history`: its text only if opened (--key)
-        said = _c(g("text")) if "text" in ev else "(private, sealed)"
+        said = clean_message(str(g("text"))) if "text" in ev else "(private, sealed)"
         body = f"mail {_c(g('name'))} -> {_c(g('to'))}: {said}"
     elif kind == "posted":  # `zchat send`'s confirmation, on its private stream
         body = f"-- posted to #{_c(g('room'))} as event {_c(g('at'))}"
@@ -243,7 +244,10 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
         body = f"#{_c(g('room'))} -- {len(g('events') or [])} stored events up to seq {_c(g('upto'))}"
     else:  # an event type this tap does not know: still on record
         body = f"{where} {_c(kind)}: {_c(_encode(ev).decode())}"
-    return f"[{_clock(g('ts'))}] " + ("(backfill) " if backfill else "") + body
+    head = f"[{_clock(g('ts'))}] "
+    if "\n" in body:  # a message's own line breaks: continuation lines indented under the first
+        body = body.replace("\n", "\n" + " " * len(head))
+    return head + ("(backfill) " if backfill else "") + body
 
 
 # --- which records, in which shape ----------------------------------------------------

@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from zchat.client import JoinError, SendError
@@ -26,6 +28,23 @@ from zchat.render import DEFAULT_CLOCK, Days, View, clock, mentions, render
 
 RETRY_NAME = {Code.NAME_TAKEN, Code.INVALID_NAME}
 EXIT_BANNED = 4  # the broker banned this key (or it was revoked): documented in the README
+
+
+@dataclass(frozen=True)
+class Look:
+    """The config file's settings for the chat's screen and its logs."""
+
+    clock_format: str = DEFAULT_CLOCK  # timestamp_format
+    hyperlinks: bool = True  # OSC 8 links, when colours are on
+    log_dir: Path | None = None
+
+    def apply(self, session: Session) -> None:
+        session.clock_format = self.clock_format
+        session.hyperlinks = self.hyperlinks and session.color
+        if self.log_dir is not None:
+            from zchat.chatlog import ChatLog
+
+            session.log = ChatLog(self.log_dir, self.clock_format, warn=session.show)
 
 
 Client = ClientApi  # zchat.client.ChatClient, or a test's in-process stand-in
@@ -304,12 +323,13 @@ def _completer(session: Session):  # type: ignore[no-untyped-def]
     return ChatCompleter()
 
 
-def run_interactive(make_client: ClientFactory, name: str | None) -> int:
+def run_interactive(make_client: ClientFactory, name: str | None, look: Look = Look()) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
     from prompt_toolkit.patch_stdout import patch_stdout
 
     session = Session(color=use_color(sys.stdout))
+    look.apply(session)
     # Until the chat prompt is up, what arrives is kept back: a line written straight to the
     # terminal while prompt_toolkit starts drawing could be drawn over.
     session.hold()
@@ -390,7 +410,8 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     return session.exit_code
 
 
-def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.stdin) -> int:
+def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.stdin,
+              look: Look = Look()) -> int:
     """Scripts and pipes: each input line is a message or command; output is plain lines."""
     if not name:
         print("Enter your name: ", end="", flush=True)
@@ -398,6 +419,7 @@ def run_plain(make_client: ClientFactory, name: str | None, stdin: TextIO = sys.
     # Banned: stop reading at once (the signal interrupts a read of stdin; SIGTERM is ours below).
     session = Session(color=False, on_banned=lambda: signal.pthread_kill(main, signal.SIGTERM),
                       own_arrival=False)
+    look.apply(session)
     main = threading.main_thread().ident or 0
     try:
         client = _connect(make_client, session, name)
