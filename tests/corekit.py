@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 
-from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Publish, Remember
+from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, FindSince, Mail, Publish, Remember
 from zchat.protocol import Error, decode_publication, encode_publication
 
 SYS = "sys/"
@@ -44,7 +44,7 @@ def checked(out: list) -> list[Publish]:
     publications = []
     for item in out:
         if not isinstance(item, Publish):
-            assert isinstance(item, (Fetch, Mail, DeliverMail, Remember, Disconnect, Banned)), item
+            assert isinstance(item, (Fetch, Mail, DeliverMail, Remember, Disconnect, Banned, FindSince)), item
             continue
         topic, event = decode_publication(encode_publication(item.topic.encode(), item.event))
         assert topic == item.topic

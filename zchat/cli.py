@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--resume", action="store_true",
                      help="continue the jsonl FILE of --output: fetch from the broker's history what was "
                      "published after the last seq of each room in it, then go on live")
+    tap.add_argument("--since", metavar="TIME",
+                     help="first replay the stored events from TIME (a date like 2026-11-26, '2026-11-26 "
+                     "14:00' or 2026-11-26T14:00, or an age like -10m, 2h, 7d), then go on live")
     tap.add_argument("-C", "--count", type=_count, metavar="N", help="exit after N events")
     tap.add_argument("-W", "--seconds", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
     tap.add_argument("--output", "-o", type=Path, metavar="FILE", help="append to FILE (default stdout)")
@@ -299,8 +302,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def parse_since(text: str, now: float) -> float:
-    """An absolute local date/time, or an age like 90m, 2h, 7d."""
+    """An absolute local date/time, an age like 90m, 2h, 7d, or @SECONDS since the epoch."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text.startswith("@") and text[1:].replace(".", "", 1).isdigit():
+        return float(text[1:])
     if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
         return now - float(text[:-1]) * units[text[-1]]
     for layout in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
@@ -530,6 +535,9 @@ def cmd_tap(args: argparse.Namespace) -> int:
         if args.output is None or args.format != "jsonl":
             raise ValueError("--resume needs --output FILE in the jsonl format (it reads FILE's last seqs)")
         resume = resume_points(args.output, topics)
+    if args.since is not None and args.resume:
+        raise ValueError("--since and --resume cannot go together: --resume starts where FILE ends")
+    since = parse_since(args.since.removeprefix("-"), time.time()) if args.since is not None else None
     TapLog(None, args.format)  # an unknown format or template field: said now, before connecting
     endpoints, server_key = _endpoints(args), _server_key(args)
     keypair = _keypair(args, args.name or "tap")
@@ -542,7 +550,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
         out = TapLog(handler, args.format, types=types, count=args.count)
         heartbeats = args.heartbeats or bool(types and types & {"heartbeat", "stats"})
         return run_tap(endpoints, server_key, keypair, out, heartbeats=heartbeats, rooms=args.room,
-                       seconds=args.seconds, resume=resume)
+                       seconds=args.seconds, resume=resume, since=since)
     except ReaderGone:  # `zchat tap | head -3`
         _silence_stdout()
         return 0

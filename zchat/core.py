@@ -58,6 +58,7 @@ from zchat.protocol import (
     Rooms,
     Say,
     Shutdown,
+    Since,
     Welcome,
     Who,
     WhoReply,
@@ -173,7 +174,18 @@ class Banned:
     identity: str
 
 
-Out = Publish | Fetch | Mail | DeliverMail | Remember | Disconnect | Banned
+@dataclass(slots=True)
+class FindSince:
+    """Ask the shell where each room's stored events from wall time `since` on begin (rooms:
+    these only, else every room), to answer with a SinceReply on `identity`'s private stream."""
+
+    identity: str
+    since: float
+    rooms: list[str] | None
+    ref: int | None = None
+
+
+Out = Publish | Fetch | Mail | DeliverMail | Remember | Disconnect | Banned | FindSince
 
 
 @dataclass(slots=True)
@@ -382,6 +394,8 @@ class BrokerCore:
             return throttled
         if isinstance(message, HistoryRequest):
             return self._history(peer, peer.member, message, now)
+        if isinstance(message, Since):
+            return self._since(peer, message, now)
         if isinstance(message, Post):
             return self._post(peer, message, now)
         if peer.member is None:
@@ -820,6 +834,19 @@ class BrokerCore:
         last = self._last_seq(room_topic(room))
         upto = last if request.before is None else min(last, max(0, request.before - 1))
         return [Fetch(peer.identity, room, request.after, upto, request.limit, request.ref)]
+
+    def _since(self, peer: Peer, request: Since, now: float) -> list[Out]:
+        """A tap's replay from a time: for taps only (closed mode: roles tap and admin), like
+        the r/ subscription that shows every room at once."""
+        if self.accounts is not None and self._role(peer.identity) not in ("tap", "admin"):
+            return self._error(peer, now, Code.FORBIDDEN,
+                               "replays from a time are for taps (role tap or admin)", request.ref)
+        rooms = None
+        if request.rooms is not None:
+            rooms = [normalize_room(room) for room in request.rooms]
+            if None in rooms:
+                return self._error(peer, now, Code.INVALID_ROOM, "invalid room in since", request.ref)
+        return [FindSince(peer.identity, request.ts, rooms, request.ref)]  # type: ignore[arg-type]
 
     def _history_bytes(self, peer: Peer, now: float) -> float:
         """Refill the key's history byte bucket; what it holds now (may be below 0)."""

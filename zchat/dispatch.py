@@ -22,8 +22,20 @@ from collections.abc import Callable
 import msgspec
 
 from zchat.admission import LogFold
-from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
+from zchat.core import (
+    Banned,
+    BrokerCore,
+    DeliverMail,
+    Disconnect,
+    Fetch,
+    FindSince,
+    Mail,
+    Out,
+    Publish,
+    Remember,
+)
 from zchat.history import DroppedMail, EventRow, HistoryStore, MailOutcome, MailRow
+from zchat.limits import MAX_ROOMS_IN_REPLY
 from zchat.logsetup import escape
 from zchat.protocol import (
     PRIVATE_PREFIX,
@@ -38,6 +50,7 @@ from zchat.protocol import (
     Mark,
     Message,
     ProtocolError,
+    SinceReply,
     clean_text,
     decode_event,
     private_topic,
@@ -130,6 +143,8 @@ class Dispatcher:
                 self._answer_mail(item, next(outcomes), now)
             elif isinstance(item, Fetch):
                 self._answer_fetch(item, now)
+            elif isinstance(item, FindSince):
+                self._answer_since(item, now)
             elif isinstance(item, DeliverMail):
                 self._deliver_mail(item, now)
             elif isinstance(item, Banned):
@@ -155,6 +170,13 @@ class Dispatcher:
         self._send_reply(fetch.identity, lambda seq: History(
             seq=seq, ts=now, room=fetch.room, events=events, after=fetch.after, upto=fetch.upto,
             lost=lost, ref=fetch.ref, more=first > 0))
+
+    def _answer_since(self, find: FindSince, now: float) -> None:
+        topics = None if find.rooms is None else [room_topic(room) for room in find.rooms]
+        found, count = self.store.since(find.since, topics, MAX_ROOMS_IN_REPLY)
+        seqs = {topic[len(ROOM_PREFIX):-1]: seq for topic, seq in found.items()}
+        self._send_reply(find.identity, lambda seq: SinceReply(
+            seq=seq, ts=now, since=find.since, seqs=seqs, count=count, ref=find.ref))
 
     def _deliver_mail(self, request: DeliverMail, now: float) -> None:
         for body in self.store.take_mail(request.identity):  # bounded by the store

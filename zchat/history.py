@@ -376,6 +376,45 @@ class HistoryStore:
             (topic, after, upto, limit)).fetchall()
         return [bytes(body) for (body,) in reversed(rows)]
 
+    def since(self, since: float, topics: list[str] | None, limit: int) -> tuple[dict[str, int], int]:
+        """For `tap --since`: each public room with stored events at or after `since` (only
+        `topics`, if given) -> the seq just before its first such event; at most `limit` rooms
+        (the most recently active), and how many there are. No index on ts: ts rises with seq,
+        so a binary search over seq finds the first one (some twenty lookups a room)."""
+        rooms = {topic: (last, newest) for topic, last, newest in self.db.execute(
+            "SELECT topic, last_seq, newest FROM rooms WHERE topic LIKE 'r/%'")}
+        for topic in self._written:  # rooms written to since the last pass: their rows lag behind
+            row = self.db.execute("SELECT seq, ts FROM events WHERE topic = ? ORDER BY seq DESC LIMIT 1",
+                                  (topic,)).fetchone()
+            if row is not None and topic.startswith("r/"):
+                last, newest = rooms.get(topic, (0, row[1]))
+                rooms[topic] = (max(last, row[0]), max(newest, row[1]))
+        wanted = set(topics) if topics is not None else None
+        rows = sorted(((newest, topic, last) for topic, (last, newest) in rooms.items()
+                       if newest >= since and (wanted is None or topic in wanted)), reverse=True)
+        rows = [(topic, last) for _, topic, last in rows]
+        seqs: dict[str, int] = {}
+        for topic, last in rows[:limit]:
+            first = self._first_since(topic, since, last)
+            if first is not None:
+                seqs[topic] = first - 1
+        return seqs, len(rows)
+
+    def _first_since(self, topic: str, since: float, last: int) -> int | None:
+        """The seq of `topic`'s first stored event with ts >= `since` (None: there is none)."""
+        query = "SELECT seq, ts FROM events WHERE topic = ? AND seq >= ? ORDER BY seq LIMIT 1"
+        lo, hi, found = 0, last, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            row = self.db.execute(query, (topic, mid)).fetchone()
+            if row is None:
+                hi = mid - 1
+            elif row[1] >= since:
+                found, hi = row[0], mid - 1
+            else:
+                lo = row[0] + 1
+        return found
+
     def take_mail(self, recipient: str) -> list[bytes]:
         """The mail kept for `recipient`, oldest first, for the caller to publish now. It is
         deleted by the next `write`, in the commit that follows the publishing, and is not

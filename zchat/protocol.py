@@ -324,8 +324,18 @@ class Post(ClientMessage, tag="post"):
     create: bool = False
 
 
+class Since(ClientMessage, tag="since"):
+    """Taps only (closed mode: roles tap and admin): where the stored events of each public room
+    from broker time `ts` on begin, to replay them (`tap --since`) with `history` requests.
+    `rooms`: only these (default: every room). Answered with a `since` event."""
+
+    ts: Annotated[float, Meta(ge=0, le=2**40)]
+    rooms: Annotated[list[RoomField], Meta(max_length=limits.MAX_TOPICS_PER_PEER)] | None = None
+    ref: Ref | None = None
+
+
 ClientMessageType = (Join | Say | Me | Msg | KeyRequest | Nick | Who | Rooms | Enter | Part | HistoryRequest
-                     | Kick | Ban | Mute | Leave | Ping | Post)
+                     | Kick | Ban | Mute | Leave | Ping | Post | Since)
 
 # --- broker -> client ---------------------------------------------------------
 
@@ -472,6 +482,17 @@ class Posted(Event, tag="posted"):
     ref: int | None = None
 
 
+class SinceReply(Event, tag="since"):
+    """The answer to `since`: for each room with stored events at or after `since`, the seq just
+    before the first of them (replay with `history` requests after it). At most
+    limits.MAX_ROOMS_IN_REPLY rooms, those whose newest event is newest first; `count` is exact."""
+
+    since: float
+    seqs: dict[str, int]
+    count: int
+    ref: int | None = None
+
+
 class Heartbeat(Event, tag="heartbeat"):
     epoch: str
     interval: float
@@ -514,7 +535,7 @@ class Stats(Event, tag="stats"):
 
 
 EventType = (Welcome | Message | Action | Direct | KeyReply | Joined | Left | Renamed | Muted | Error
-             | WhoReply | RoomList | History | Mark | Heartbeat | Shutdown | Stats | Posted)
+             | WhoReply | RoomList | History | Mark | Heartbeat | Shutdown | Stats | Posted | SinceReply)
 
 
 def decode_event(data: bytes | msgspec.Raw) -> EventType:

@@ -49,6 +49,7 @@ from zchat.protocol import (
     SYSTEM_TOPIC,
     EventType,
     HistoryRequest,
+    Since,
     clean_message,
     clean_text,
     encode_client_message,
@@ -68,6 +69,8 @@ __all__ = ["BACKFILL_WAIT", "Gap", "Out", "Probe", "Request", "Reset", "SeqTrack
 
 DRAIN_BATCH = 1000  # messages read before looking at the timers again
 HOLD_MAX = 10_000  # room frames kept back while the broker's epoch is not yet known
+SINCE_WAIT = 10.0  # seconds to wait for the answer to --since before going on live only
+SINCE_REF = 1  # the ref of the --since request (the tracker's refs start far above it)
 
 
 # --- output ----------------------------------------------------------------------
@@ -425,7 +428,8 @@ class Tap:
     """Moves frames from the SUB through the tracker into the log; requests go out on the PUSH."""
 
     def __init__(self, out: TapLog, push: zmq.Socket, identity: str, box: Box,
-                 heartbeats: bool = False, resume: dict[str, int] | None = None) -> None:
+                 heartbeats: bool = False, resume: dict[str, int] | None = None,
+                 since: float | None = None, rooms: list[str] | None = None) -> None:
         self.out = out
         self.box = box  # opens our sealed private stream
         self.push = push
@@ -440,6 +444,12 @@ class Tap:
         self.held: list[bytes] = []
         # --resume: each room topic's last seq in the file, counted from once the broker is heard
         self.resume = dict(resume or {})
+        # --since: asked once the broker is heard; until its answer (or SINCE_WAIT), room frames
+        # are kept back, so each room's replay starts before its first live event.
+        self.since = since
+        self.since_rooms = rooms
+        self.since_ref: int | None = None
+        self.since_deadline = 0.0
 
     def connection_lost(self) -> None:
         self.epoch_known = False
@@ -452,7 +462,8 @@ class Tap:
             return
         raw_topic, _, body = data.partition(b" ")
         topic = raw_topic.decode("utf-8", "replace")
-        if not self.epoch_known and topic.startswith(ROOM_PREFIX) and len(self.held) < HOLD_MAX:
+        if ((not self.epoch_known or self.since_ref is not None) and topic.startswith(ROOM_PREFIX)
+                and len(self.held) < HOLD_MAX):
             self.held.append(data)
             return
         try:
@@ -476,13 +487,20 @@ class Tap:
                 resume, self.resume = self.resume, {}
                 for topic_, seq in resume.items():
                     self.apply(self.tracker.resume(topic_, seq, now))
-                held, self.held = self.held, []
-                for frame in held:
-                    self.frame(frame, now)
+                if self.since is not None:  # held on until the answer
+                    self._ask_since(now)
+                else:
+                    self._release_held(now)
             if kind not in ("heartbeat", "stats") or self.heartbeats:  # the broker's pulse: opt-in
                 self.out.event(topic, ev)
         elif topic == self.private:
-            if kind == "history" and ev.get("ref") in self.tracker.probes and type(ev.get("upto")) is int:
+            if kind == "since" and self.since_ref is not None and ev.get("ref") == self.since_ref:
+                self._replay_from(ev.get("seqs"), ev.get("count"), now)
+            elif kind == "error" and self.since_ref is not None and ev.get("ref") == self.since_ref:
+                log.warning("broker: %s: %s; going on live only", _c(ev.get("code")), _c(ev.get("detail")))
+                self.since_ref = None
+                self._release_held(now)
+            elif kind == "history" and ev.get("ref") in self.tracker.probes and type(ev.get("upto")) is int:
                 self.apply(self.tracker.probed(ev["ref"], ev["upto"], now))
             elif kind == "history" and type(ev.get("ref")) is int and type(ev.get("after")) is int:
                 events = [(e["seq"], e) for e in ev.get("events") or []
@@ -500,6 +518,49 @@ class Tap:
         else:
             self.out.event(topic, ev)
 
+    def _release_held(self, now: float) -> None:
+        held, self.held = self.held, []
+        for frame in held:
+            self.frame(frame, now)
+
+    def _ask_since(self, now: float) -> None:
+        """--since: ask where each room's events from that time begin (once: later
+        reconnections resume from what was written, as always)."""
+        since, self.since = self.since, None
+        self.since_ref = SINCE_REF
+        self.since_deadline = now + SINCE_WAIT
+        rooms = [room_of_topic(topic) or "" for topic in self.since_rooms] if self.since_rooms else None
+        self._send(Since(ts=since or 0.0, rooms=rooms, ref=SINCE_REF))
+
+    def _replay_from(self, seqs: object, count: object, now: float) -> None:
+        """The broker said where to start: each room is counted from there, and what follows is
+        fetched from its history by the usual backfill (as --resume does), before its live
+        events, which were held until now."""
+        self.since_ref = None
+        found = {room: seq for room, seq in seqs.items()
+                 if isinstance(room, str) and type(seq) is int} if isinstance(seqs, dict) else {}
+        if type(count) is int and count > len(found):
+            log.warning("--since: %d rooms have events since then; replaying the %d most recent",
+                        count, len(found))
+        for room, seq in sorted(found.items()):
+            topic = room_topic(room) if normalize_room(room) == room else None
+            if topic is not None:
+                self.apply(self.tracker.resume(topic, seq, now))
+        self._release_held(now)
+
+    def tick(self, now: float) -> None:
+        """Timers: the --since answer that never came (live only, said), then the tracker's."""
+        if self.since_ref is not None and now >= self.since_deadline:
+            log.warning("--since: no answer from the broker; going on live only")
+            self.since_ref = None
+            self._release_held(now)
+        self.apply(self.tracker.tick(now))
+
+    def deadline(self) -> float | None:
+        times = [t for t in (self.tracker.deadline(), self.since_deadline if self.since_ref else None)
+                 if t is not None]
+        return min(times, default=None)
+
     def apply(self, outs: list[Out]) -> None:
         for item in outs:
             if isinstance(item, Write):
@@ -516,7 +577,7 @@ class Tap:
                 self._send(HistoryRequest(room=room, after=item.after, before=item.before,
                                           limit=item.limit, ref=item.ref))
 
-    def _send(self, request: HistoryRequest) -> None:
+    def _send(self, request: HistoryRequest | Since) -> None:
         try:
             self.push.send(encode_client_message(request), zmq.NOBLOCK)
         except zmq.Again:
@@ -587,7 +648,8 @@ def room_topics(rooms: list[str] | None) -> list[str]:
 
 def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapLog,
             heartbeats: bool = False, rooms: list[str] | None = None,
-            seconds: float | None = None, resume: dict[str, int] | None = None) -> int:
+            seconds: float | None = None, resume: dict[str, int] | None = None,
+            since: float | None = None) -> int:
     """Log until SIGINT or SIGTERM, `out` has its count of events, or `seconds` have passed;
     then write what is held, flush, close and return 0."""
     topics = room_topics(rooms)
@@ -603,7 +665,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     sub.connect(endpoints.publish)
     watch = HandshakeWatch(push, keypair.identity)  # a refused key: say so and exit
     push.connect(endpoints.input)
-    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats, resume)
+    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats, resume,
+              since=since, rooms=topics if rooms else None)
 
     stopping: list[int] = []
     wake_r, wake_w = socket.socketpair()
@@ -624,7 +687,7 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     stop_at = None if seconds is None else time.monotonic() + seconds
     try:
         while not stopping and not out.done:
-            deadline = min((t for t in (tap.tracker.deadline(), stop_at) if t is not None), default=None)
+            deadline = min((t for t in (tap.deadline(), stop_at) if t is not None), default=None)
             timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             ready = dict(poller.poll(timeout))
             if sub_monitor in ready:
@@ -652,7 +715,7 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
                     wake_r.recv(512)
                 except BlockingIOError:
                     pass
-            tap.apply(tap.tracker.tick(time.monotonic()))
+            tap.tick(time.monotonic())
             if stop_at is not None and time.monotonic() >= stop_at:
                 break
         tap.apply(tap.tracker.close())
