@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "published after the last seq of each room in it, then go on live")
     tap.add_argument("--since", metavar="TIME",
                      help="first replay the stored events from TIME (a date like 2026-11-26, '2026-11-26 "
-                     "14:00' or 2026-11-26T14:00, or an age like -10m, 2h, 7d), then go on live")
+                     "14:00' or 2026-11-26T14:00, or an age like 10m, 2h, 7d), then go on live")
     tap.add_argument("-C", "--count", type=_count, metavar="N", help="exit after N events")
     tap.add_argument("-W", "--seconds", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
     tap.add_argument("--output", "-o", type=Path, metavar="FILE", help="append to FILE (default stdout)")
