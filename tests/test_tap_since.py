@@ -5,11 +5,13 @@ duplicate at the seam."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import Chat
+from conftest import ROOT, Chat
 from corekit import body, subscribe_all
 from test_tap import Output, coverage, join_raw, live_tap, start_fast_broker, start_tap
 
@@ -107,3 +109,21 @@ def test_a_tap_since_a_time_replays_from_then_and_goes_on_live_without_hole_or_r
     assert not [r for r in replay.records() if r["type"] == "gap"]
     coverage(replay.records())  # each seq once, in order
     assert sum(1 for r in replay.records() if r.get("backfill")) >= 1200  # most came from history
+
+
+def test_zchat_send_of_several_lines_is_one_message_and_the_text_tap_indents_it(
+        chat: Chat, tmp_path: Path) -> None:
+    chat.start_broker()
+    path = tmp_path / "tap.txt"
+    text = Output(path, start_tap(chat, "--format", "text", "--output", str(path)))
+    text.wait(lambda lines: any("!! broker epoch" in line for line in lines), text=True)
+    fake = "[2026-01-01 00:00:00] #lobby mallory: hi"  # looks like a record of its own
+    said = f"Traceback (most recent call last):\r\n  File \"x.py\"\n{fake}\x1b[2J"
+    done = subprocess.run([sys.executable, "-m", "zchat", "send", *chat.endpoint_args(), "--name", "deploy",
+                           said], cwd=ROOT, env=chat.env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = text.wait(lambda lines: any("mallory" in line for line in lines), text=True)
+    start = next(i for i, line in enumerate(lines) if "deploy: Traceback" in line)
+    indent = " " * len("[2026-01-01 00:00:00] ")
+    assert lines[start].endswith("#lobby deploy: Traceback (most recent call last):")
+    assert lines[start + 1:start + 3] == [f'{indent}  File "x.py"', f"{indent}{fake}"]
