@@ -56,6 +56,12 @@ def prefill(db: Path, events: int) -> None:
     store.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
@@ -134,13 +140,17 @@ def main() -> int:
                 except AssertionError:
                     continue
             live_phase(peer, 1.0, args.rate)  # warm up
+            cpu0 = cpu_seconds(broker.pid)
             quiet = live_phase(peer, args.seconds, args.rate)
+            cpu1 = cpu_seconds(broker.pid)
             out = Path(tmp) / "replay.jsonl"
             command = ["nice", "-n", str(args.nice), sys.executable, "-m", "zchat", "tap", *common,
                        "--room", "archive", "--since", "2h", "-o", str(out)]
             tap = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             started = time.monotonic()
             busy = live_phase(peer, args.seconds, args.rate)
+            cpu2 = cpu_seconds(broker.pid)
+            tap_cpu = cpu_seconds(tap.pid)  # nice's exec: the same process
             written = sum(1 for _ in out.open()) if out.exists() else 0
             while written < args.events and time.monotonic() - started < 300:
                 time.sleep(1)  # a benchmark, not a test: poll the file for the replay's end
@@ -152,6 +162,8 @@ def main() -> int:
                 p50, p99, top = percentile(rtts, 0.5), percentile(rtts, 0.99), max(rtts, default=float("nan"))
                 print(f"  {name:18} {len(rtts):6d} {p50:7.2f} {p99:7.2f} {top:7.2f}")
             print(f"  p99 ratio during/without: {percentile(busy, 0.99) / percentile(quiet, 0.99):.2f}")
+            print(f"broker CPU per phase: {cpu1 - cpu0:.2f} s without, {cpu2 - cpu1:.2f} s during the "
+                  f"replay; the tap's {tap_cpu:.2f} s (same cores)")
             print(f"replay: {written} records written in {took:.1f} s ({written / took:.0f}/s)")
             peer.close()
         finally:

@@ -21,6 +21,7 @@ from zchat import limits as L
 from zchat.chatlog import ChatLog
 from zchat.protocol import Action, Message, Say
 from zchat.render import View, day_line, render
+from zchat.tui import Look, Session
 
 IND = " " * len("[00:00:00] ")  # continuation lines start under the text after the clock
 
@@ -252,3 +253,17 @@ def test_an_invalid_timestamp_format_is_one_line_naming_it(layout: str, problem:
         _chat_settings({"client": {"timestamp_format": layout}})
     message = str(info.value)
     assert "\n" not in message and "client.timestamp_format" in message and problem in message, message
+
+
+def test_an_unusable_log_dir_is_said_on_the_screen_and_the_chat_goes_on(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    shown: list[str] = []
+    session = Session(color=True, write=shown.append)
+    Look(clock_format="%H:%M", hyperlinks=True, log_dir=blocker / "logs").apply(session)
+    assert session.log is None
+    assert shown == [f"! log_dir: cannot use {blocker / 'logs'}: Not a directory; not logging"]
+    assert session.clock_format == "%H:%M" and session.hyperlinks
+    plain = Session(color=False, write=shown.append)
+    Look(hyperlinks=True).apply(plain)
+    assert not plain.hyperlinks  # no colours (a pipe, NO_COLOR): no links either

@@ -44,7 +44,10 @@ class Look:
         if self.log_dir is not None:
             from zchat.chatlog import ChatLog
 
-            session.log = ChatLog(self.log_dir, self.clock_format, warn=session.show)
+            try:
+                session.log = ChatLog(self.log_dir, self.clock_format, warn=session.show)
+            except OSError as exc:  # said on the screen; the chat goes on without its log
+                session.show(f"! log_dir: cannot use {self.log_dir}: {exc.strerror}; not logging")
 
 
 Client = ClientApi  # zchat.client.ChatClient, or a test's in-process stand-in
