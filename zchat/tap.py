@@ -245,6 +245,9 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
         body = f"-- {_c(g('count'))} rooms: {rooms}"
     elif kind == "history":
         body = f"#{_c(g('room'))} -- {len(g('events') or [])} stored events up to seq {_c(g('upto'))}"
+    elif kind == "since":  # the answer to `tap --since`, seen by a tap of the same key
+        rooms = ", ".join(f"#{_c(room)} after {_c(seq)}" for room, seq in (g("seqs") or {}).items())
+        body = f"-- replay from {_clock(g('since'))}: {_c(g('count'))} rooms: {rooms}"
     else:  # an event type this tap does not know: still on record
         body = f"{where} {_c(kind)}: {_c(_encode(ev).decode())}"
     head = f"[{_clock(g('ts'))}] "
