@@ -267,3 +267,17 @@ def test_an_unusable_log_dir_is_said_on_the_screen_and_the_chat_goes_on(tmp_path
     plain = Session(color=False, write=shown.append)
     Look(hyperlinks=True).apply(plain)
     assert not plain.hyperlinks  # no colours (a pipe, NO_COLOR): no links either
+
+
+def test_zchat_send_refuses_more_lines_than_the_limit_unless_split(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from zchat.send import EXIT_INVALID, run_send
+
+    def no_client(*_: object) -> None:
+        raise AssertionError("nothing is sent")
+
+    text = "\n".join(f"line {i}" for i in range(L.MAX_TEXT_LINES + 1))
+    assert run_send(no_client, "deploy", text, "lobby", None) == EXIT_INVALID  # type: ignore[arg-type]
+    lines = L.MAX_TEXT_LINES
+    assert capsys.readouterr().err == (f"zchat send: message too long ({lines + 1} lines, the limit is "
+                                       f"{lines}); --split sends it as several messages\n")
