@@ -16,7 +16,7 @@ from typing import NoReturn, TypeVar
 from zchat import config, keys
 from zchat import limits as L
 from zchat.core import Limits
-from zchat.endpoints import Endpoints
+from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
 from zchat.history import Retention, StoredEvent
 from zchat.launcher import AUTOSTART_IDLE_EXIT
 from zchat.protocol import DEFAULT_ROOM
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a broker started here stops this long after the last user leaves "
                         f"(default {AUTOSTART_IDLE_EXIT:g})")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{broker,client,send,tap,history,keygen,stats,health}")
+                                metavar="{broker,relay,client,send,tap,history,keygen,stats,health}")
 
     broker = sub.add_parser("broker", help="run the broker in the foreground")
     _common(broker)
@@ -115,6 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     for key in config.BROKER_KEYS:
         if config.OPTIONS[key].section == "broker":  # _common added the shared ones
             _setting(broker, key)
+
+    relay = sub.add_parser("relay", help="run a relay: clients connect to it as to a broker; it "
+                           "forwards to the broker (or another relay) upstream")
+    relay.add_argument("--upstream", required=True, metavar="HOST[:PORT]",
+                       help="the broker's (or upstream relay's) address and input port (default port "
+                       f"{DEFAULT_PORT}); its publish port is PORT + 1 unless --upstream-pub-port")
+    relay.add_argument("--upstream-pub-port", type=int, default=None, metavar="PORT")
+    relay.add_argument("--server-key", required=True, metavar="KEY",
+                       help="the upstream's public key (hex or z85), as its banner prints it")
+    relay.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default %(default)s)")
+    relay.add_argument("--port", type=int, default=DEFAULT_PORT + 10, help="input (PULL) port "
+                       "(default %(default)s)")
+    relay.add_argument("--pub-port", type=int, default=None, help="publish (XPUB) port (default port + 1)")
+    relay.add_argument("--config-dir", type=Path, default=None, metavar="DIR",
+                       help="the relay's key pair lives in DIR/relay (default: the usual config dir)")
+    relay.add_argument("--authorized-keys", type=Path, default=None, metavar="FILE",
+                       help="closed mode: only keys in FILE may connect (same format as the broker's)")
+    relay.add_argument("--relay-keys", type=Path, default=None, metavar="FILE",
+                       help="keys of downstream relays whose marks are kept (chaining; default "
+                       "DIR/relay/relay-keys if present)")
+    relay.add_argument("--log-level", default="INFO", metavar="LEVEL")
 
     keygen = sub.add_parser("keygen", help="make a key pair and print the line for an operator's "
                             "authorized-keys file")
@@ -279,6 +300,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
             endpoints=Endpoints(host=v["host"], port=v["port"], pub_port=v["pub_port"]),
             config_dir=v["config_dir"], idle_exit=v["idle_exit"] or None, limits=limits, db_path=v["db"],
             authorized_keys=v["authorized_keys"],
+            relay_keys=v["relay_keys"],
             retention=Retention(per_room=v["history_keep"], days=v["history_days"]),
             stats_interval=v["stats_interval"], log_level=v["log_level"], log_json=v["log_json"],
             connections_per_key=v["connections_per_key"], new_keys_per_minute=v["new_keys_per_minute"],
@@ -301,6 +323,23 @@ def parse_since(text: str, now: float) -> float:
         except ValueError:
             continue
     raise ValueError(f"--since {text!r}: use a date like 2026-11-26 or '2026-11-26 14:00', or an age like 2h")
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from zchat import logsetup
+    from zchat.relay import RelaySettings, serve
+
+    single_colon = args.upstream.count(":") == 1  # host:port (an IPv6 address alone has more)
+    host, _, port = args.upstream.rpartition(":") if single_colon else (args.upstream, "", "")
+    upstream = Endpoints(host=host or args.upstream, port=int(port) if port else DEFAULT_PORT,
+                         pub_port=args.upstream_pub_port)
+    settings = RelaySettings(
+        upstream=upstream, server_key=keys.parse_public_key(args.server_key),
+        endpoints=Endpoints(host=args.host, port=args.port, pub_port=args.pub_port),
+        config_dir=args.config_dir or keys.default_config_dir(), authorized_keys=args.authorized_keys,
+        relay_keys=args.relay_keys, log_level=args.log_level)
+    logsetup.configure(settings.log_level)
+    return serve(settings)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -587,6 +626,12 @@ def _settings(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "relay":  # its own flags only (no settings file)
+        try:
+            return cmd_relay(args)
+        except ValueError as exc:
+            print(f"zchat: {exc}", file=sys.stderr)
+            return 2
     handlers = {"broker": cmd_broker, "client": cmd_client, "send": cmd_send, "tap": cmd_tap,
                 "history": cmd_history, "keygen": cmd_keygen, "stats": cmd_stats, "health": cmd_health}
     try:

@@ -135,8 +135,11 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     Option("db", "path", "broker", None, "history database (default <config dir>/broker/"
            "history.sqlite3; :memory: keeps none)", metavar="FILE"),
     Option("authorized_keys", "path", "broker", None, "closed mode: only keys in FILE ('name "
-           "public-key [role]' lines; roles user, tap, admin) may connect; re-read on SIGHUP",
+           "public-key [role]' lines; roles user, tap, admin, relay) may connect; re-read on SIGHUP",
            metavar="FILE"),
+    Option("relay_keys", "path", "broker", None, "keys of relays, which may mark their clients' "
+           "identities ('public-key' lines; default <config dir>/broker/relay-keys if present; in "
+           "closed mode the role relay counts too)", metavar="FILE"),
     Option("history_keep", "int", "broker", L.HISTORY_KEEP_PER_ROOM, "events kept per room, "
            "0 = no limit", Meta(ge=0), live=True, metavar="N"),
     Option("history_days", "float", "broker", L.HISTORY_KEEP_DAYS, "drop events older than this "
@@ -167,7 +170,7 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
 )}
 
 _SHARED = ("config_dir", "host", "port", "pub_port")
-BROKER_KEYS = (*_SHARED, "idle_exit", "db", "authorized_keys", "history_keep", "history_days",
+BROKER_KEYS = (*_SHARED, "idle_exit", "db", "authorized_keys", "relay_keys", "history_keep", "history_days",
                "rate_burst", "rate_per_second", "client_timeout", "max_peers", "connections_per_key",
                "new_keys_per_minute", "stats_interval", "log_level", "log_json")
 CLIENT_KEYS = (*_SHARED, "name", "server_key", "key")
