@@ -91,7 +91,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    for key in ("name", "server_key", "key"):
+    for key in ("name", "server_key", "broker_key", "key"):
         _setting(parser, key)
 
 
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--upstream-pub-port", type=int, default=None, metavar="PORT")
     relay.add_argument("--server-key", required=True, metavar="KEY",
                        help="the upstream's public key (hex or z85), as its banner prints it")
+    relay.add_argument("--broker-key", default=None, metavar="KEY",
+                       help="the broker's public key, for the client command line printed (clients "
+                       "open their sealed private streams with it; default: --server-key)")
     relay.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default %(default)s)")
     relay.add_argument("--port", type=int, default=DEFAULT_PORT + 10, help="input (PULL) port "
                        "(default %(default)s)")
@@ -193,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(tap)
     tap.add_argument("--name", help="use the key kept for this name (default: tap); a tap never joins")
     _setting(tap, "server_key")
+    _setting(tap, "broker_key")
     tap.add_argument("--key", type=Path, help="secret key file to use instead")
     tap.add_argument("--format", default="jsonl", metavar="jsonl|text|TEMPLATE",
                      help="jsonl: one JSON object per event (default); text: [date time] #room name: text; "
@@ -268,6 +272,12 @@ def _server_key(args: argparse.Namespace) -> bytes:
     return keys.load_public(path)
 
 
+def _broker_key(args: argparse.Namespace) -> bytes | None:
+    """The broker's key when it differs from the server key (connected through a relay)."""
+    text = getattr(args, "broker_key", None)
+    return keys.parse_public_key(text) if text else None
+
+
 def _keypair(args: argparse.Namespace, name: str) -> keys.KeyPair:
     if args.key:
         return keys.load(args.key)
@@ -335,6 +345,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
                          pub_port=args.upstream_pub_port)
     settings = RelaySettings(
         upstream=upstream, server_key=keys.parse_public_key(args.server_key),
+        broker_key=keys.parse_public_key(args.broker_key or args.server_key),
         endpoints=Endpoints(host=args.host, port=args.port, pub_port=args.pub_port),
         config_dir=args.config_dir or keys.default_config_dir(), authorized_keys=args.authorized_keys,
         relay_keys=args.relay_keys, log_level=args.log_level)
@@ -511,7 +522,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     def make_client(name: str, on_event):  # type: ignore[no-untyped-def]
         settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name),
-                                  history=history)
+                                  history=history, broker_key=_broker_key(args))
         return ChatClient(settings, on_event)
 
     if interactive:
@@ -530,7 +541,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     keypair = _keypair(args, args.name)
 
     def make_client(rooms, on_event):  # type: ignore[no-untyped-def]
-        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=keypair, rooms=rooms)
+        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=keypair, rooms=rooms,
+                                  broker_key=_broker_key(args))
         return ChatClient(settings, on_event)
 
     return run_send(make_client, args.name, " ".join(args.text), args.room, args.to, args.timeout,
@@ -569,6 +581,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
         out = TapLog(handler, args.format, types=types, count=args.count)
         heartbeats = args.heartbeats or bool(types and types & {"heartbeat", "stats"})
         return run_tap(endpoints, server_key, keypair, out, heartbeats=heartbeats, rooms=args.room,
+                       broker_key=_broker_key(args),
                        seconds=args.seconds, resume=resume)
     except ReaderGone:  # `zchat tap | head -3`
         _silence_stdout()

@@ -81,6 +81,7 @@ class ClientSettings:
     rooms: list[str] = field(default_factory=lambda: [DEFAULT_ROOM])
     history: int = L.DEFAULT_HISTORY  # events of each room's history shown on joining it
     max_unconfirmed: int = 1000
+    broker_key: bytes | None = None  # z85; through a relay, the broker's (it seals u/<id>/), else server_key
 
 
 class ChatClient(ClientApi):
@@ -92,7 +93,7 @@ class ChatClient(ClientApi):
         self._on_event = on_event or self.events.put
         # The broker seals our private stream to our key (PROTOCOL.md "Sealed private streams"),
         # and private messages are sealed end to end with the same key pair (zchat.e2e).
-        self._box = box_for(settings.keypair.secret, settings.server_key)
+        self._box = box_for(settings.keypair.secret, settings.broker_key or settings.server_key)
         self.unopened = 0  # u/ publications that did not open with our key: dropped
         self.core = ClientCore(self.identity, settings.rooms, settings.history, settings.max_unconfirmed,
                                keyring=Keyring(key_bytes(settings.keypair.secret)))

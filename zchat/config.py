@@ -165,6 +165,9 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     Option("server_key", "str", "client", None, "the broker's public key (hex or z85); found by "
            "itself when the broker runs on this machine with the same config dir", check=_public_key,
            metavar="KEY"),
+    Option("broker_key", "str", "client", None, "through a relay: the broker's public key (hex or "
+           "z85), which seals your private stream (default: the server key); the relay prints it",
+           check=_public_key, metavar="KEY"),
     Option("key", "path", "client", None, "your secret key file (default: one per name, made on "
            "first use in the config dir)", metavar="FILE"),
 )}
@@ -173,8 +176,8 @@ _SHARED = ("config_dir", "host", "port", "pub_port")
 BROKER_KEYS = (*_SHARED, "idle_exit", "db", "authorized_keys", "relay_keys", "history_keep", "history_days",
                "rate_burst", "rate_per_second", "client_timeout", "max_peers", "connections_per_key",
                "new_keys_per_minute", "stats_interval", "log_level", "log_json")
-CLIENT_KEYS = (*_SHARED, "name", "server_key", "key")
-MONITOR_KEYS = (*_SHARED, "server_key")  # tap, stats, health: their own key, never a user's
+CLIENT_KEYS = (*_SHARED, "name", "server_key", "broker_key", "key")
+MONITOR_KEYS = (*_SHARED, "server_key", "broker_key")  # tap, stats, health: their own key, never a user's
 
 # command -> (the file table it reads, the settings it resolves)
 COMMANDS: dict[str | None, tuple[str, tuple[str, ...]]] = {

@@ -88,6 +88,7 @@ def relay_dir(config_dir: Path) -> Path:
 class RelaySettings:
     upstream: Endpoints  # the broker's (or another relay's) input and publish ports
     server_key: bytes  # upstream's public key, z85
+    broker_key: bytes | None = None  # the broker's (seals private streams), for the banner; default server_key
     endpoints: Endpoints = field(default_factory=Endpoints)  # where clients connect
     config_dir: Path = field(default_factory=keys.default_config_dir)
     authorized_keys: Path | None = None  # closed mode: only these keys (role relay: may mark)
@@ -184,7 +185,8 @@ class Relay:
             f"  publish (XPUB) {ep.publish}",
             f"  upstream {up.input} / {up.publish}",
             f"  relay public key {self.identity}",
-            f"  clients: zchat client --host {host} {port_args} --server-key {self.identity}",
+            f"  clients: zchat client --host {host} {port_args} --server-key {self.identity} "
+            f"--broker-key {keys.identity_of(self.settings.broker_key or self.settings.server_key)}",
             "  (the upstream broker must list this key as a relay: relay-keys file or role relay)",
         ])
 
