@@ -41,7 +41,8 @@ def trust_relays(chat: Chat, *config_dirs: Path) -> Path:
 
 
 def start_relay(chat: Chat, config_dir: Path, upstream_port: int | None = None,
-                upstream_pub_port: int | None = None, server_key: str | None = None, *extra: str) -> RelayProc:
+                upstream_pub_port: int | None = None, server_key: str | None = None,
+                *extra: str) -> RelayProc:
     """A relay in front of the chat's broker (or of `upstream_port`, e.g. another relay)."""
     key = relay_key(config_dir)
     up = upstream_port or chat.port

@@ -8,8 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 from conftest import CLOCK, Chat
-from relaykit import joined_relay_client, start_relay, trust_relays
+from peers import RawPeer, broker_key
+from relaykit import joined_relay_client, relay_client, relay_key, start_relay, trust_relays
+
+from zchat import keys
+from zchat.relaying import MESSAGE, mark
+from zchat.tui import EXIT_BANNED
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,3 +61,103 @@ def test_kill_9_of_a_relay_client_is_announced_within_2_seconds(chat: Chat, tmp_
     bob.proc.send_signal(signal.SIGKILL)
     alice.wait_for(rf"^{CLOCK} - bob has left the chat\.$", timeout=2.0)
     assert time.monotonic() - killed_at < 2.0
+
+
+def _key(chat: Chat, name: str) -> keys.KeyPair:
+    return keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name(name))
+
+
+def test_closed_mode_moderation_across_relays(chat: Chat, tmp_path: Path) -> None:
+    """An admin on relay A kicks, mutes and bans a user on relay B; relay A is closed with the
+    same file, relay B is open (the broker's file decides)."""
+    dirs = [tmp_path / "relay-a", tmp_path / "relay-b"]
+    path = tmp_path / "authorized_keys"
+    path.write_text("".join(f"{name} {pair.identity} {role}\n" for name, pair, role in (
+        ("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user"),
+        ("carol", _key(chat, "carol"), "user"), ("relay-a", relay_key(dirs[0]), "relay"),
+        ("relay-b", relay_key(dirs[1]), "relay"))))
+    chat.start_broker("--authorized-keys", str(path))
+    a = start_relay(chat, dirs[0], None, None, None, "--authorized-keys", str(path))
+    b = start_relay(chat, dirs[1])
+    alice = joined_relay_client(chat, a, "alice")
+    bob = joined_relay_client(chat, b, "bob")
+    carol = joined_relay_client(chat, a, "carol")
+    mallory = relay_client(chat, a, "mallory")  # in nobody's file: relay A refuses it
+    mallory.wait_for(r"refused this key", timeout=15)
+    alice.send("/mute bob 60")
+    for proc in (alice, bob, carol):
+        proc.wait_for(rf"{CLOCK} - bob was muted for 60 s by alice\.")
+    bob.send("can I talk?")
+    bob.wait_for(rf"{CLOCK} ! you are muted for \d+ more seconds")
+    alice.send("/mute bob 0")
+    bob.wait_for(rf"{CLOCK} - bob may speak again \(alice\)\.")
+    alice.send("/kick bob be nice")
+    bob.wait_for(rf"{CLOCK} \* You were kicked by alice: be nice\.")
+    carol.wait_for(rf"{CLOCK} - bob was kicked by alice\. \(be nice\)$")
+    b.proc.wait_for(r"cut 2 connection\(s\) of " + _key(chat, "bob").identity[:12], timeout=5)
+    bob.send("/quit")
+    assert bob.wait_exit(10) == 0
+    bob = joined_relay_client(chat, b, "bob")  # a kick is not a ban
+    alice.send("/ban bob for good")
+    bob.wait_for(rf"{CLOCK} \* You were banned by alice: for good\.")
+    carol.wait_for(rf"{CLOCK} - bob was banned by alice\. \(for good\)$")
+    assert bob.wait_exit(10) == EXIT_BANNED
+    for relay in (b, a):  # refused at either relay now
+        again = relay_client(chat, relay, "bob")
+        again.wait_for(r"refused this key", timeout=15)
+
+
+def test_an_eavesdropper_on_relay_a_cannot_read_a_dm_between_users_on_relay_b(
+        chat: Chat, tmp_path: Path) -> None:
+    a, b = _two_relays(chat, tmp_path)
+    alice = joined_relay_client(chat, b, "alice")
+    bob = joined_relay_client(chat, b, "bob")
+    targets = [f"u/{_key(chat, name).identity}/".encode() for name in ("alice", "bob")]
+    spy = RawPeer(a.port, a.pub_port, a.key.public, [*targets, b"u/", b"", b"sys/"])
+    # The attack of DESIGN.md "Privacy": data frames raced against subscriptions on an XSUB.
+    racer = spy.ctx.socket(zmq.XSUB)
+    racer.linger = 0
+    racer.curve_serverkey, racer.curve_publickey, racer.curve_secretkey = (
+        a.key.public, spy.keypair.public, spy.keypair.secret)
+    racer.connect(f"tcp://127.0.0.1:{a.pub_port}")
+    try:
+        spy.wait_for(lambda topic, event: topic == "sys/", timeout=10)  # its connection is live
+        for _ in range(50):
+            for target in targets:
+                racer.send(b"\x01" + target)
+                racer.send(b"junk data frame")
+        for n in range(5):
+            alice.send(f"/msg bob eaves-{n}-drop")
+            bob.wait_for(rf"<- alice: eaves-{n}-drop$")
+        bob.send("/msg alice reply-secret-99")
+        alice.wait_for(r"<- bob: reply-secret-99$")
+        spy.poll(0.5)
+        private = [data for data in spy.received if data.startswith(b"u/")]
+        assert private == [], private[:3]
+        assert not any(b"eaves-" in data or b"reply-secret" in data for data in spy.received)
+    finally:
+        racer.close(0)
+        spy.close()
+
+
+def test_a_marked_frame_from_a_key_that_is_no_relay_is_refused(chat: Chat, tmp_path: Path) -> None:
+    chat.start_broker("--relay-keys", str(trust_relays(chat, tmp_path / "relay-a")))
+    a = start_relay(chat, tmp_path / "relay-a")
+    alice = joined_relay_client(chat, a, "alice")
+    bob = _key(chat, "bob")
+    forged = mark(MESSAGE, bob.identity, b'{"type":"join","name":"bob"}')
+    # Straight to the broker, and to the relay: both refuse and cut the key.
+    direct = RawPeer(chat.port, chat.pub_port, broker_key(chat.config_dir), [b"sys/"])
+    via_relay = RawPeer(a.port, a.pub_port, a.key.public, [b"sys/"])
+    try:
+        direct.wait_for(lambda topic, event: topic == "sys/", timeout=10)
+        direct.send(forged)
+        chat.broker.wait_for(rf"key {direct.identity[:12]}, not a relay, sent a marked frame", timeout=10)
+        via_relay.send(forged)
+        a.proc.wait_for(rf"key {via_relay.identity[:12]}, not a relay, sent a marked frame", timeout=10)
+        alice.send("/who")
+        alice.wait_for(r"alice")
+        assert alice.count("bob") == 0
+    finally:
+        direct.close()
+        via_relay.close()

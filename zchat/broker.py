@@ -56,6 +56,7 @@ from zchat.lockfile import Locked, LockFile
 from zchat.protocol import PRIVATE_PREFIX, SYSTEM_TOPIC, Stats
 from zchat.relaying import (
     ALL_UNSUBSCRIBED,
+    BAN,
     GONE,
     MESSAGE,
     SUBSCRIBED,
@@ -528,6 +529,8 @@ class Broker:
                             "connection(s)", identity[:12], size, count)
 
     def _ban(self, identity: str) -> None:
+        for relay in self.book.last_seen:  # it must not come back through any relay either
+            self.xpub.send(cut_notice(relay, identity, BAN))
         # Called mid-flush: a full disk or an unwritable directory must not stop the broker.
         # The ban holds in memory either way; only its survival across a restart is lost.
         try:

@@ -51,6 +51,7 @@ from zchat.core import topic_allowed
 from zchat.endpoints import Endpoints
 from zchat.relaying import (
     ALL_UNSUBSCRIBED,
+    BAN,
     CUT,
     GONE,
     MESSAGE,
@@ -88,7 +89,7 @@ def relay_dir(config_dir: Path) -> Path:
 class RelaySettings:
     upstream: Endpoints  # the broker's (or another relay's) input and publish ports
     server_key: bytes  # upstream's public key, z85
-    broker_key: bytes | None = None  # the broker's (seals private streams), for the banner; default server_key
+    broker_key: bytes | None = None  # the broker's (it seals private streams), for the banner
     endpoints: Endpoints = field(default_factory=Endpoints)  # where clients connect
     config_dir: Path = field(default_factory=keys.default_config_dir)
     authorized_keys: Path | None = None  # closed mode: only these keys (role relay: may mark)
@@ -431,9 +432,13 @@ class Relay:
     def _control(self, data: bytes) -> None:
         """A publication on our control topic: `cut <id>` (kicked, banned...)."""
         found = parse_control(data)
-        if found is None or found[0] != CUT:
+        if found is None or found[0] not in (CUT, BAN):
             return
-        client = found[1]
+        command, client = found
+        if command == BAN:  # refused here from now on (in memory: the broker keeps the list)
+            self.banned.add(client)
+            for relay in self.relays:
+                self.xpub.send(cut_notice(relay, client, BAN))
         relay = self.origin.get(client)
         if relay is not None:
             self.xpub.send(cut_notice(relay, client))  # the relay it came through cuts it

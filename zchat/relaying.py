@@ -26,6 +26,7 @@ HEADER = 2 + KEY_BYTES
 # subscription is a prefix of it (the empty one is refused).
 CONTROL_PREFIX = "\x00relay/"
 CUT = b"cut"
+BAN = b"ban"
 
 
 class MarkError(ValueError):
@@ -72,9 +73,10 @@ def control_topic(relay: str) -> str:
     return f"{CONTROL_PREFIX}{relay}/"
 
 
-def cut_notice(relay: str, identity: str) -> bytes:
-    """What the upstream publishes to a relay to have it cut one client's connections."""
-    return f"{control_topic(relay)} ".encode() + CUT + b" " + identity.encode()
+def cut_notice(relay: str, identity: str, command: bytes = CUT) -> bytes:
+    """What the upstream publishes to a relay to have it cut one client's connections (CUT),
+    or also refuse its key from now on (BAN)."""
+    return f"{control_topic(relay)} ".encode() + command + b" " + identity.encode()
 
 
 def parse_control(data: bytes) -> tuple[bytes, str] | None:

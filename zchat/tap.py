@@ -600,7 +600,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     sub.connect(endpoints.publish)
     watch = HandshakeWatch(push, keypair.identity)  # a refused key: say so and exit
     push.connect(endpoints.input)
-    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, broker_key or server_key), heartbeats, resume)
+    box = box_for(keypair.secret, broker_key or server_key)  # through a relay: the broker's key
+    tap = Tap(out, push, keypair.identity, box, heartbeats, resume)
 
     stopping: list[int] = []
     wake_r, wake_w = socket.socketpair()
