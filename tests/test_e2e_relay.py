@@ -161,3 +161,28 @@ def test_a_marked_frame_from_a_key_that_is_no_relay_is_refused(chat: Chat, tmp_p
     finally:
         direct.close()
         via_relay.close()
+
+
+def test_kill_9_of_a_relay_announces_its_clients_and_they_move_to_the_other_relay(
+        chat: Chat, tmp_path: Path) -> None:
+    a, b = _two_relays(chat, tmp_path)
+    alice = joined_relay_client(chat, a, "alice")  # relay A only
+    both = f"127.0.0.1:{a.port}:{a.pub_port},127.0.0.1:{b.port}:{b.pub_port}"
+    bob = chat.client("bob", "--host", both, "--server-key", f"{a.identity},{b.identity}", "--broker-key",
+                      keys.identity_of(broker_key(chat.config_dir)))
+    bob.wait_for(rf"{CLOCK} \* Welcome, bob!", timeout=15)
+    carol = chat.joined_client("carol")  # on the broker itself
+    carol.send("before the crash")
+    bob.wait_for(rf"{CLOCK} carol: before the crash$")
+    killed_at = time.monotonic()
+    a.proc.proc.send_signal(signal.SIGKILL)
+    carol.wait_for(rf"^{CLOCK} - alice has left the chat\.$", timeout=2.0)
+    assert time.monotonic() - killed_at < 2.0
+    for n in range(5):  # said while bob moves: he must see them all, not a silent gap
+        carol.send(f"while-moving-{n}")
+    bob.wait_for(r"Reconnected|rejoined", timeout=15)
+    for n in range(5):
+        bob.wait_for(rf"carol: while-moving-{n}$", timeout=15)
+    bob.send("bob via relay b")
+    carol.wait_for(rf"{CLOCK} bob: bob via relay b$", timeout=10)
+    assert alice.proc.poll() is None  # alice has no other endpoint: she waits, reconnecting

@@ -248,14 +248,45 @@ def _monitor_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _endpoints(args: argparse.Namespace) -> Endpoints:
-    """The broker's endpoints; a host name that does not resolve is an error here, at once
-    (ZeroMQ would keep retrying it silently)."""
-    try:
-        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ValueError(f"--host {args.host!r}: no such host ({getattr(exc, 'strerror', None) or exc})") \
-            from None
-    return Endpoints(host=args.host, port=args.port, pub_port=args.pub_port)
+    """The broker's endpoints (the first of --host a,b); a host name that does not resolve is
+    an error here, at once (ZeroMQ would keep retrying it silently)."""
+    return _endpoint_list(args)[0]
+
+
+def _endpoint_list(args: argparse.Namespace) -> list[Endpoints]:
+    """Every endpoint of `--host a,b,...`: each HOST, HOST:PORT or HOST:PORT:PUB_PORT (an IPv6
+    address with ports in brackets, [::1]:PORT); --port and --pub-port are the defaults."""
+    found = []
+    for entry in str(args.host).split(","):
+        host, port, pub_port = entry, args.port, args.pub_port
+        rest = ""
+        if entry.startswith("[") and "]" in entry:
+            host, rest = entry[1:].split("]", 1)
+        elif 1 <= entry.count(":") <= 2 and entry.split(":", 1)[0]:
+            host, rest = entry.split(":", 1)
+            rest = ":" + rest
+        if rest:
+            numbers = rest.lstrip(":").split(":")
+            if not all(n.isdigit() for n in numbers) or len(numbers) > 2:
+                raise ValueError(f"--host {entry!r}: expected HOST[:PORT[:PUB_PORT]]")
+            port = int(numbers[0])
+            pub_port = int(numbers[1]) if len(numbers) == 2 else (pub_port if port == args.port else None)
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ValueError(f"--host {host!r}: no such host ({getattr(exc, 'strerror', None) or exc})") \
+                from None
+        found.append(Endpoints(host=host, port=port, pub_port=pub_port))
+    return found
+
+
+def _alternates(args: argparse.Namespace, server_key: bytes) -> list[tuple[Endpoints, bytes]]:
+    """The endpoints after the first of --host a,b, each with its key (the --server-key list's
+    entry at the same place, else its last one)."""
+    endpoints = _endpoint_list(args)[1:]
+    keys_given = [keys.parse_public_key(k) for k in args.server_key.split(",")] if args.server_key \
+        else [server_key]
+    return [(ep, keys_given[min(i + 1, len(keys_given) - 1)]) for i, ep in enumerate(endpoints)]
 
 
 def _config_dir(args: argparse.Namespace) -> Path:
@@ -264,7 +295,7 @@ def _config_dir(args: argparse.Namespace) -> Path:
 
 def _server_key(args: argparse.Namespace) -> bytes:
     if args.server_key:
-        return keys.parse_public_key(args.server_key)
+        return keys.parse_public_key(args.server_key.split(",")[0])
     path = keys.broker_public_key_path(_config_dir(args))
     if not path.exists():
         raise SystemExit(f"zchat: no broker key at {path}; pass --server-key (the broker prints it "
@@ -522,7 +553,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     def make_client(name: str, on_event):  # type: ignore[no-untyped-def]
         settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name),
-                                  history=history, broker_key=_broker_key(args))
+                                  history=history, broker_key=_broker_key(args),
+                                  alternates=_alternates(args, server_key))
         return ChatClient(settings, on_event)
 
     if interactive:

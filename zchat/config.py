@@ -83,7 +83,8 @@ def _public_key(value: str) -> str | None:
     from zchat.keys import parse_public_key
 
     try:
-        parse_public_key(value)
+        for key in value.split(","):  # one per --host endpoint (clients of relays)
+            parse_public_key(key)
     except ValueError as exc:
         return str(exc)
     return None
