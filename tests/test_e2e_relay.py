@@ -3,18 +3,22 @@ loopback with CURVE; clients connect to a relay exactly as to a broker."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import zmq
-from conftest import CLOCK, Chat
-from peers import RawPeer, broker_key
-from relaykit import joined_relay_client, relay_client, relay_key, start_relay, trust_relays
+from conftest import CLOCK, Chat, Proc
+from peers import FaultyProxy, RawPeer, broker_key
+from relaykit import RelayProc, joined_relay_client, relay_client, relay_key, start_relay, trust_relays
+from test_tap import Output
 
 from zchat import keys
+from zchat.protocol import Joined, Welcome
 from zchat.relaying import MESSAGE, mark
+from zchat.sealing import box_for
 from zchat.tui import EXIT_BANNED
 
 pytestmark = pytest.mark.timeout(120)
@@ -186,3 +190,99 @@ def test_kill_9_of_a_relay_announces_its_clients_and_they_move_to_the_other_rela
     bob.send("bob via relay b")
     carol.wait_for(rf"{CLOCK} bob: bob via relay b$", timeout=10)
     assert alice.proc.poll() is None  # alice has no other endpoint: she waits, reconnecting
+
+
+def test_kill_9_of_the_broker_and_a_restart_everyone_behind_relays_recovers(
+        chat: Chat, tmp_path: Path) -> None:
+    a, b = _two_relays(chat, tmp_path)
+    alice = joined_relay_client(chat, a, "alice")
+    bob = joined_relay_client(chat, b, "bob")
+    alice.wait_for(r"bob has joined the chat")
+    chat.broker.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    chat.broker.proc.wait(5)  # type: ignore[union-attr]
+    for proc in (alice, bob):
+        proc.wait_for(rf"{CLOCK} \* Connection to the broker lost", timeout=10)
+    chat.start_broker("--relay-keys", str(chat.config_dir.parent / "relay-keys"))
+    for proc in (alice, bob):
+        proc.wait_for(rf"{CLOCK} \* Reconnected", timeout=15)
+    alice.send("after the restart")
+    bob.wait_for(rf"{CLOCK} alice: after the restart$", timeout=10)
+    bob.send("/msg alice still-private-42")
+    alice.wait_for(r"<- bob: still-private-42$", timeout=10)
+
+
+def test_the_tap_works_through_a_relay(chat: Chat, tmp_path: Path) -> None:
+    (a, _) = _two_relays(chat, tmp_path)
+    path = tmp_path / "tap.jsonl"
+    tap = Proc(["-m", "zchat", "tap", "--port", str(a.port), "--pub-port", str(a.pub_port),
+                "--config-dir", str(chat.config_dir), "--server-key", a.identity, "--broker-key",
+                keys.identity_of(broker_key(chat.config_dir)), "--output", str(path)],
+               env=chat.env, stdin=False)
+    chat.procs.append(tap)
+    out = Output(path, tap)
+    out.wait_record(type="epoch", timeout=15)
+    alice = chat.joined_client("alice")  # on the broker; the tap is behind relay A
+    alice.send("seen by the tap")
+    out.wait_record(type="message", text="seen by the tap", timeout=10)
+
+
+def test_a_chained_relay_relay_to_relay_to_broker(chat: Chat, tmp_path: Path) -> None:
+    a, b = _two_relays(chat, tmp_path)
+    # Relay C's upstream is relay A, which keeps C's marks (C is in A's relay-keys)...
+    c_dir = tmp_path / "relay-c"
+    (a.config_dir / "relay" / "relay-keys").write_text(f"{relay_key(c_dir).identity}\n")
+    a.proc.stop()  # ...read at start: restart A with it
+    a = start_relay(chat, a.config_dir)
+    c = start_relay(chat, c_dir, a.port, a.pub_port, a.identity, "--broker-key",
+                    keys.identity_of(broker_key(chat.config_dir)))
+    dave = joined_relay_client(chat, c, "dave")
+    bob = joined_relay_client(chat, b, "bob")
+    dave.wait_for(r"bob has joined the chat")
+    dave.send("hello from two hops away")
+    bob.wait_for(rf"{CLOCK} dave: hello from two hops away$")
+    bob.send("/msg dave sealed-two-hops")
+    dave.wait_for(r"<- bob: sealed-two-hops$")
+    dave.send("/join #deep")
+    dave.wait_for(r"#deep")
+    erin = joined_relay_client(chat, c, "erin")
+    bob.wait_for(r"erin has joined the chat")
+    killed_at = time.monotonic()
+    dave.proc.send_signal(signal.SIGKILL)  # a client of C: C tells A, A passes it on
+    bob.wait_for(rf"^{CLOCK} - dave has left the chat\.$", timeout=2.0)
+    assert time.monotonic() - killed_at < 2.0
+    c.proc.proc.send_signal(signal.SIGKILL)  # C itself: A announces its clients
+    bob.wait_for(rf"^{CLOCK} - erin has left the chat\.$", timeout=2.0)
+    assert erin.proc.poll() is None
+
+
+def test_one_join_through_a_relay_is_enough_no_slow_joiner_loss(chat: Chat, tmp_path: Path) -> None:
+    """The broker completes a relayed join only once the relay's upstream subscriptions are
+    live (installed downstream first): a single join, sent before the connection is even up,
+    gets the welcome and the client's own joined notice on the room, every time."""
+    dirs = [tmp_path / "relay-a"]
+    chat.start_broker("--relay-keys", str(trust_relays(chat, *dirs)))
+    # The relay's subscriptions reach the broker late (its reports of them do not): the
+    # broker must wait for the subscriptions themselves.
+    slow = FaultyProxy(chat.pub_port, delay=0.3)
+    a = start_relay(chat, dirs[0], chat.port, slow.port)
+    sealing = broker_key(chat.config_dir)
+    join = json.dumps({"type": "join", "name": "x", "rooms": ["lobby"]})
+    try:
+        for n in range(8):
+            _join_once(a, sealing, join.replace('"x"', f'"joiner{n}"'), f"joiner{n}")
+    finally:
+        slow.close()
+
+
+def _join_once(relay: RelayProc, sealing: bytes, join: str, name: str) -> None:
+    peer = RawPeer(relay.port, relay.pub_port, relay.key.public, [])
+    peer.box = box_for(peer.keypair.secret, sealing)
+    for topic in (f"u/{peer.identity}/", "r/lobby/", "sys/"):
+        peer.sub.subscribe(topic.encode())
+    try:
+        peer.send(join.encode())  # once, at once
+        peer.wait_for(lambda topic, event: isinstance(event, Welcome), timeout=10)
+        peer.wait_for(lambda topic, event: topic == "r/lobby/" and isinstance(event, Joined)
+                      and event.name == name, timeout=5)
+    finally:
+        peer.close()
