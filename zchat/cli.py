@@ -372,8 +372,15 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     single_colon = args.upstream.count(":") == 1  # host:port (an IPv6 address alone has more)
     host, _, port = args.upstream.rpartition(":") if single_colon else (args.upstream, "", "")
+    if port and not port.isdigit():
+        raise ValueError(f"--upstream {args.upstream!r}: expected HOST[:PORT]")
     upstream = Endpoints(host=host or args.upstream, port=int(port) if port else DEFAULT_PORT,
                          pub_port=args.upstream_pub_port)
+    try:  # ZeroMQ would retry a name that does not resolve silently, for ever
+        socket.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"--upstream {upstream.host!r}: no such host "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
     settings = RelaySettings(
         upstream=upstream, server_key=keys.parse_public_key(args.server_key),
         broker_key=keys.parse_public_key(args.broker_key or args.server_key),
@@ -677,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"zchat: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"zchat: {exc}", file=sys.stderr)
+            return 1
     handlers = {"broker": cmd_broker, "client": cmd_client, "send": cmd_send, "tap": cmd_tap,
                 "history": cmd_history, "keygen": cmd_keygen, "stats": cmd_stats, "health": cmd_health}
     try:
