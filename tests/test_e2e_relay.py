@@ -286,3 +286,14 @@ def _join_once(relay: RelayProc, sealing: bytes, join: str, name: str) -> None:
                       and event.name == name, timeout=5)
     finally:
         peer.close()
+
+
+def test_sighup_rereads_the_relay_keys(chat: Chat, tmp_path: Path) -> None:
+    broker = chat.start_broker("--relay-keys", str(tmp_path / "relay-keys"))  # no such file yet
+    a = start_relay(chat, tmp_path / "relay-a")
+    alice = relay_client(chat, a, "alice")
+    broker.wait_for(rf"key {a.identity[:12]}, not a relay, sent a marked frame", timeout=15)
+    (tmp_path / "relay-keys").write_text(a.identity + "\n")
+    broker.proc.send_signal(signal.SIGHUP)
+    broker.wait_for(r"1 relay key\(s\) may mark", timeout=10)
+    alice.wait_for(rf"{CLOCK} \* Welcome, alice!", timeout=20)

@@ -416,14 +416,28 @@ class Broker:
         path = self.settings.authorized_keys
         if path is None:
             log.info("SIGHUP: open mode, no authorized-keys file to re-read")
+            self._reload_relays(None)
             return
         try:
             accounts = load_authorized_keys(path)
         except KeyFileError as exc:
             log.error("SIGHUP: keeping the current keys: %s", exc)
             return
+        self._reload_relays(accounts)
         log.info("SIGHUP: %d authorized keys (was %d)", len(accounts), len(self.core.accounts or {}))
         self._publish(self.core.set_accounts(accounts, now))
+
+    def _reload_relays(self, accounts: dict | None) -> None:
+        """SIGHUP: the relay keys afresh. A relay no longer listed is cut: its clients leave."""
+        try:
+            relays = self._relay_keys(accounts)
+        except BrokerError as exc:
+            log.error("SIGHUP: keeping the current relay keys: %s", exc)
+            return
+        for gone in self.relays - relays:
+            self.inputs.cut(gone)
+            self.outputs.cut(gone)
+        self.relays = relays
 
     def _admit(self, identity: str, domain: bytes, address: str) -> Refusal | None:
         """The ZAP decision for one handshake (see zchat.auth.Refusal for what a client sees)."""
