@@ -297,3 +297,26 @@ def test_sighup_rereads_the_relay_keys(chat: Chat, tmp_path: Path) -> None:
     broker.proc.send_signal(signal.SIGHUP)
     broker.wait_for(r"1 relay key\(s\) may mark", timeout=10)
     alice.wait_for(rf"{CLOCK} \* Welcome, alice!", timeout=20)
+
+
+def test_a_hung_relay_client_and_a_hung_relay_are_announced_within_5_seconds(
+        chat: Chat, tmp_path: Path) -> None:
+    a, b = _two_relays(chat, tmp_path)
+    alice = joined_relay_client(chat, a, "alice")
+    bob = joined_relay_client(chat, b, "bob")
+    carol = joined_relay_client(chat, b, "carol")
+    alice.wait_for(r"carol has joined the chat")
+    stopped_at = time.monotonic()
+    carol.proc.send_signal(signal.SIGSTOP)  # a client behind relay B hangs
+    alice.wait_for(rf"^{CLOCK} - carol has left the chat\.$", timeout=5.0)
+    assert time.monotonic() - stopped_at < 5.0
+    stopped_at = time.monotonic()
+    b.proc.proc.send_signal(signal.SIGSTOP)  # relay B itself hangs
+    alice.wait_for(rf"^{CLOCK} - bob has left the chat\.$", timeout=5.0)
+    assert time.monotonic() - stopped_at < 5.0
+    mark = len(alice.lines)
+    b.proc.proc.send_signal(signal.SIGCONT)
+    alice.wait_for(rf"^{CLOCK} - bob has joined the chat\.$", timeout=15, start=mark)
+    bob.send("back through relay b")
+    alice.wait_for(rf"{CLOCK} bob: back through relay b$", timeout=10)
+    carol.proc.send_signal(signal.SIGCONT)
