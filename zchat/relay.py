@@ -423,7 +423,7 @@ class Relay:
             except zmq.Again:
                 count -= 1
                 break
-            if data[:1] == b"\x00":
+            if not data or data[0] == 0:  # our control topic (an empty frame: dropped there)
                 self._control(data)
                 continue
             send(data)
