@@ -172,26 +172,31 @@ def _upstream(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket, bytes, int, int
     return xpub, pull, public, port, pub_port
 
 
-def _forward_rate(ctx: zmq.Context, xpub: zmq.Socket, pull: zmq.Socket, front_pub: str, front_key: bytes,
-                  seconds: float) -> float:
-    """Publish as fast as possible upstream for `seconds`; frames/s the subscriber received."""
-    public, secret = zmq.curve_keypair()
-    sub = B.curve_client(ctx, zmq.SUB, front_key, public, secret)
-    sub.rcvhwm = B.L.XPUB_SNDHWM
-    sub.subscribe(FORWARD_TOPIC)
-    sub.connect(front_pub)
+def _forward_rates(ctx: zmq.Context, xpub: zmq.Socket, fronts: list[tuple[str, bytes]],
+                   seconds: float) -> list[float]:
+    """Publish upstream as fast as possible for `seconds`, every frame to every forwarder at
+    once (side by side: the same frames, the same moment's load); frames/s each forwarder's
+    one subscriber received."""
+    subs = []
+    for front_pub, front_key in fronts:
+        public, secret = zmq.curve_keypair()
+        sub = B.curve_client(ctx, zmq.SUB, front_key, public, secret)
+        sub.rcvhwm = B.L.XPUB_SNDHWM
+        sub.subscribe(FORWARD_TOPIC)
+        sub.connect(front_pub)
+        subs.append(sub)
+    xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # each forwarder's subscription, not only the first
     deadline = time.monotonic() + 15
-    while True:  # the subscription reaches the fake broker through the forwarder
-        if xpub.poll(100):
-            if xpub.recv().startswith(b"\x01" + FORWARD_TOPIC):
-                break
+    subscribed = 0
+    while subscribed < len(fronts):  # each forwarder passed its subscriber's topic upstream
+        if xpub.poll(100) and xpub.recv().startswith(b"\x01" + FORWARD_TOPIC):
+            subscribed += 1
         if time.monotonic() > deadline:
-            raise RuntimeError("the forwarder never subscribed upstream")
-        xpub.send(b"sys/ warmup")
-    received = [0]
+            raise RuntimeError("a forwarder never subscribed upstream")
+    received = [0] * len(subs)
     stop = threading.Event()
 
-    def receive() -> None:
+    def receive(i: int, sub: zmq.Socket) -> None:
         while not stop.is_set():
             if sub.poll(100):
                 while True:
@@ -199,54 +204,55 @@ def _forward_rate(ctx: zmq.Context, xpub: zmq.Socket, pull: zmq.Socket, front_pu
                         sub.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    received[0] += 1
+                    received[i] += 1
 
-    reader = threading.Thread(target=receive, daemon=True)
-    reader.start()
-    time.sleep(0.3)  # warm-up (timed measurement, not a synchronisation)
-    before, t0 = received[0], time.monotonic()
-    end = t0 + seconds
+    readers = [threading.Thread(target=receive, args=(i, sub), daemon=True) for i, sub in enumerate(subs)]
+    for reader in readers:
+        reader.start()
     send = xpub.send
+    warm_end = time.monotonic() + 0.3  # warm-up before counting (a timed phase, not a synchronisation)
+    while time.monotonic() < warm_end:
+        for _ in range(1000):
+            send(FORWARD_BODY)
+    before, t0 = list(received), time.monotonic()
+    end = t0 + seconds
     while time.monotonic() < end:
         for _ in range(1000):
             send(FORWARD_BODY)
-    rate = (received[0] - before) / (time.monotonic() - t0)
+    span = time.monotonic() - t0
+    rates = [(now - then) / span for now, then in zip(received, before, strict=True)]
     stop.set()
-    reader.join(2)
-    sub.close(0)
-    while pull.poll(0):
-        pull.recv()
-    return rate
+    for reader in readers:
+        reader.join(2)
+    for sub in subs:
+        sub.close(0)
+    return rates
 
 
 def run_forwarding(workdir: Path, seconds: float) -> dict:
     ctx = zmq.Context()
     xpub, pull, up_key, port, pub_port = _upstream(ctx)
-    result: dict = {}
+    relay = proxy = None
     try:
         relay = RelayService(workdir, port, pub_port, up_key)
-        try:
-            rate = _forward_rate(ctx, xpub, pull, relay.publish, relay.key.public, seconds)
-            result["relay_per_s"] = round(rate)
-        finally:
-            relay.stop()
         public, secret = zmq.curve_keypair()
         front_pub = B.free_port()
         argv = [sys.executable, str(Path(__file__).resolve()), "_forwarder", f"tcp://127.0.0.1:{pub_port}",
                 str(front_pub), public.decode(), secret.decode(), up_key.decode()]
         proxy = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=B.ROOT, env=_env())
         B.CHILDREN.append(proxy)
-        try:
-            assert proxy.stdout is not None
-            proxy.stdout.readline()  # "proxy ready"
-            result["proxy_per_s"] = round(_forward_rate(ctx, xpub, pull, f"tcp://127.0.0.1:{front_pub}",
-                                                        public, seconds))
-        finally:
+        assert proxy.stdout is not None
+        proxy.stdout.readline()  # "proxy ready"
+        relay_rate, proxy_rate = _forward_rates(
+            ctx, xpub, [(relay.publish, relay.key.public), (f"tcp://127.0.0.1:{front_pub}", public)], seconds)
+        return {"relay_per_s": round(relay_rate), "proxy_per_s": round(proxy_rate),
+                "ratio": round(relay_rate / max(proxy_rate, 1), 2)}
+    finally:
+        if relay is not None:
+            relay.stop()
+        if proxy is not None:
             proxy.kill()
             proxy.wait(5)
-        result["ratio"] = round(result["relay_per_s"] / max(result["proxy_per_s"], 1), 2)
-        return result
-    finally:
         xpub.close(0)
         pull.close(0)
         ctx.term()
