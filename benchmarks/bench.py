@@ -478,7 +478,7 @@ class Member:
         self.identity = keys.identity_of(public)
         self.utopic = f"u/{self.identity}/".encode()
         self.welcome = self.utopic + b' {"type":"welcome"'
-        self.box = box_for(secret, svc["key"])  # opens our sealed private stream
+        self.box = box_for(secret, svc.get("box_key", svc["key"]))  # opens our sealed private stream
         self.secret = secret  # for end-to-end private messages (zchat.e2e), made when needed
         self.sub = curve_client(ctx, zmq.SUB, svc["key"], public, secret)
         self.sub.linger = 0
@@ -1768,9 +1768,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--abrupt-close", action="store_true",
                         help="senders close right after the window instead of waiting for the subscribers "
                         "to drain (reproduces a libzmq assertion crash in the broker, see README)")
-    parser.add_argument("--only", default="throughput,latency,scale,chatty,joins,sealing",
+    parser.add_argument("--only", default="throughput,latency,scale,chatty,joins,sealing,relay",
                         help="comma-separated subset of: throughput,latency,scale,chatty,joins,sealing,"
-                        "profile (default: all but profile, which --profile adds)")
+                        "relay,profile (default: all but profile, which --profile adds)")
     args = parser.parse_args(argv)
     cfg = PROFILES["quick" if args.quick else "full"]
     only = set(args.only.split(","))
@@ -1910,6 +1910,11 @@ def main(argv: list[str] | None = None) -> int:
         if "sealing" in only:
             res["sealing"] = run_sealing(workdir, cfg, broker_args)
             print_sealing(res["sealing"])
+        if "relay" in only:  # issue 11 §3: relays (benchmarks/relay_bench.py)
+            import relay_bench
+
+            res["relay"] = relay_bench.run(workdir, args.quick, broker_args)
+            relay_bench.print_relay(res["relay"])
         res["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
         res["summary"] = summary(res)
         print("")

@@ -99,7 +99,7 @@ def test_a_comment_in_the_keys_place_is_still_a_comment() -> None:
     ("alice", "expected 'name public-key [role]', got 1 fields"),
     ("alice KEY user extra", "expected 'name public-key [role]', got 4 fields"),
     ("al/ice {key}", "invalid name 'al/ice'"),
-    ("alice {key} root", "unknown role 'root' (use user, tap, admin)"),
+    ("alice {key} root", "unknown role 'root' (use user, tap, admin, relay)"),
     ("alice nothex", "a public key is 40 z85 characters or 64 hex digits"),
     ("alice " + "~" * 40, "a public key is 40 z85 characters or 64 hex digits"),
 ])

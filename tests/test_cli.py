@@ -217,6 +217,15 @@ def bad_inputs(home: Path, port: int) -> dict[str, list[list[str]]]:
             ["tap", "--output", str(home / "log"), "--rotate-bytes", "0", *nowhere, *server],
             ["tap", "--output", str(home / "log"), "--rotate-when", "sometimes", *nowhere, *server],
         ],
+        "relay": [
+            ["relay", "--upstream", "127.0.0.1:1", "--server-key", "not-a-key"],
+            ["relay", *server],
+            ["relay", "--upstream", "127.0.0.1:abc", *server],
+            ["relay", "--upstream", "no-such-host.invalid", *server],
+            ["relay", "--upstream", "127.0.0.1:1", *server, "--config-dir", str(home / "a-file")],
+            ["relay", "--upstream", "127.0.0.1:1", *server, "--authorized-keys", str(home / "missing")],
+            ["relay", "--upstream", "127.0.0.1:1", *server, "--relay-keys", str(home / "junk")],
+        ],
         "stats": [
             *common("stats"),
             ["stats", "--timeout", "2", *nowhere, *server],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROLES = ("user", "tap", "admin")
+ROLES = ("user", "tap", "admin", "relay")  # relay: may mark its clients' identities
 
 
 @dataclass(frozen=True)

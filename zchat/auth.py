@@ -8,7 +8,7 @@ the broker receives then carries a sender identity no client can forge.
 
 Open mode (no file): any CURVE key may connect. Closed mode: only keys listed
 in the authorized-keys file, one per line as `name public-key [role]`
-(public key in z85 or hex; roles user, tap, admin; a word starting with `#`
+(public key in z85 or hex; roles user, tap, admin, relay; a word starting with `#`
 starts a comment).
 Banned keys are refused in both modes.
 """

@@ -48,12 +48,24 @@ from zchat.auth import (
 )
 from zchat.brokerstate import LOCK_FILE, STATE_FILE, read_state, state_path  # noqa: F401  (read_state: re-exported)
 from zchat.connections import Connections, bytes_received, drained, shutdown_fd
-from zchat.core import BrokerCore, Disconnect, Limits, Out
+from zchat.core import BrokerCore, Disconnect, Limits, Out, topic_allowed
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
 from zchat.history import HistoryStore, Retention, open_to_others
 from zchat.lockfile import Locked, LockFile
 from zchat.protocol import PRIVATE_PREFIX, SYSTEM_TOPIC, Stats
+from zchat.relaying import (
+    ALL_UNSUBSCRIBED,
+    BAN,
+    GONE,
+    MESSAGE,
+    SUBSCRIBED,
+    MarkError,
+    RelayBook,
+    control_topic,
+    cut_notice,
+    parse_mark,
+)
 from zchat.sealing import BoxCache
 
 log = logging.getLogger("zchat.broker")
@@ -81,6 +93,9 @@ class BrokerSettings:
     db_path: Path | None = None  # default: <config>/broker/history.sqlite3; ":memory:" keeps nothing
     retention: Retention = field(default_factory=Retention)
     authorized_keys: Path | None = None  # closed mode: only these keys, with fixed names and roles
+    # Keys of relays (may mark their clients' identities), one per line; in closed mode the
+    # authorized-keys file's `relay` role counts too. None: <config>/broker/relay-keys if present.
+    relay_keys: Path | None = None
     stats_interval: float = L.STATS_INTERVAL  # seconds between stats events on sys/; 0 = none
     log_level: str = "INFO"
     log_json: bool = False
@@ -114,6 +129,27 @@ def resident_bytes() -> int:
             return int(statm.read().split()[1]) * PAGE_SIZE
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def read_relay_keys(path: Path) -> set[str]:
+    """Identities from a relay-keys file: `public-key [comment]` lines (hex or z85), `#`
+    comments. A missing file lists none; a bad line is a start-up error."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        raise BrokerError(f"cannot read the relay keys {path}: {exc.strerror}") from None
+    found: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        try:
+            found.add(keys.identity_of(keys.parse_public_key(words[0])))
+        except ValueError as exc:
+            raise BrokerError(f"{path}:{number}: {exc}") from None
+    return found
 
 
 def read_bans(path: Path) -> set[str]:
@@ -187,6 +223,13 @@ class Broker:
                 self._unlock()
                 raise BrokerError(str(exc)) from None
         self.bans_path = keys.broker_dir(settings.config_dir) / "banned-keys"
+        try:
+            self.relays = self._relay_keys(accounts)
+        except BrokerError:
+            self.store.close()
+            self._unlock()
+            raise
+        self.book = RelayBook()  # relays' clients and subscriptions
         self.core = BrokerCore(self.epoch, time.monotonic(), settings.limits, stored_seq=self.store.last_seq,
                                known_names=self.store.known_names(), accounts=accounts,
                                banned=read_bans(self.bans_path))
@@ -238,6 +281,16 @@ class Broker:
         self._next_stats = self.started + (settings.stats_interval or L.STATS_INTERVAL)
 
     # --- start-up ------------------------------------------------------------
+
+    def _relay_keys(self, accounts: dict | None) -> set[str]:
+        """Keys whose marks are believed: the relay-keys file, and `relay` accounts."""
+        path = self.settings.relay_keys or keys.broker_dir(self.settings.config_dir) / "relay-keys"
+        relays = read_relay_keys(path)
+        if accounts is not None:
+            relays |= {identity for identity, account in accounts.items() if account.role == "relay"}
+        if relays:
+            log.info("%d relay key(s) may mark their clients' identities", len(relays))
+        return relays
 
     def _lock(self, db_path: Path) -> list[LockFile]:
         """One broker per config dir and per database: a second one would number events from
@@ -363,14 +416,28 @@ class Broker:
         path = self.settings.authorized_keys
         if path is None:
             log.info("SIGHUP: open mode, no authorized-keys file to re-read")
+            self._reload_relays(None)
             return
         try:
             accounts = load_authorized_keys(path)
         except KeyFileError as exc:
             log.error("SIGHUP: keeping the current keys: %s", exc)
             return
+        self._reload_relays(accounts)
         log.info("SIGHUP: %d authorized keys (was %d)", len(accounts), len(self.core.accounts or {}))
         self._publish(self.core.set_accounts(accounts, now))
+
+    def _reload_relays(self, accounts: dict | None) -> None:
+        """SIGHUP: the relay keys afresh. A relay no longer listed is cut: its clients leave."""
+        try:
+            relays = self._relay_keys(accounts)
+        except BrokerError as exc:
+            log.error("SIGHUP: keeping the current relay keys: %s", exc)
+            return
+        for gone in self.relays - relays:
+            self.inputs.cut(gone)
+            self.outputs.cut(gone)
+        self.relays = relays
 
     def _admit(self, identity: str, domain: bytes, address: str) -> Refusal | None:
         """The ZAP decision for one handshake (see zchat.auth.Refusal for what a client sees)."""
@@ -414,7 +481,11 @@ class Broker:
         while self._pending_cuts and self._pending_cuts[0][0] <= now:
             _, identity = self._pending_cuts.pop(0)
             count = self.inputs.cut(identity) + self.outputs.cut(identity)
-            log.info("cut %d connection(s) of %s", count, identity[:12])
+            relay = self.book.via.get(identity)
+            if relay is not None:  # its connections are the relay's: have the relay cut them
+                self.xpub.send(cut_notice(relay, identity))
+            log.info("cut %d connection(s) of %s%s", count, identity[:12],
+                     f" (relay {relay[:12]} told)" if relay else "")
 
     def _check_inputs(self, now: float) -> None:
         """Cut input connections that send more bytes a second than the frame ceiling's worth
@@ -428,6 +499,8 @@ class Broker:
         looks: dict[int, tuple[int, float]] = {}
         unnamed = self.inputs.unattributed  # accepted, key not known yet
         for fd in self.inputs.all() + list(unnamed):
+            if self.relays and self.inputs.owner(fd) in self.relays:
+                continue  # a relay carries many clients: each is limited at its own frames
             received = bytes_received(fd)
             if received is None:
                 continue
@@ -470,6 +543,8 @@ class Broker:
                             "connection(s)", identity[:12], size, count)
 
     def _ban(self, identity: str) -> None:
+        for relay in self.book.last_seen:  # it must not come back through any relay either
+            self.xpub.send(cut_notice(relay, identity, BAN))
         # Called mid-flush: a full disk or an unwritable directory must not stop the broker.
         # The ban holds in memory either way; only its survival across a restart is lost.
         try:
@@ -597,6 +672,9 @@ class Broker:
                 topic = data[1:].decode()
             except UnicodeDecodeError:
                 continue
+            if identity in self.relays:
+                self._relay_subscription(identity, frame, data, topic, now)
+                continue
             if data[0] == 1:
                 if identity is not None:
                     self._remember_fd(self.outputs, frame, identity)
@@ -651,6 +729,7 @@ class Broker:
     def _drain_messages(self, now: float) -> None:
         # The hot loop: names bound once, no helper calls on the common path.
         recv, on_message, add, inputs = self.pull.recv, self.core.on_message, self.dispatch.add, self.inputs
+        relays = self.relays
         for _ in range(DRAIN_BATCH):
             try:
                 frame = recv(zmq.NOBLOCK, copy=False)
@@ -672,13 +751,107 @@ class Broker:
                              (identity or "?")[:12])
                     add(self.core.on_oversized(identity, frames, size, now))
                     continue
+            body = frame.buffer
+            if identity in relays or (body and body[0] == 0):  # marked: see zchat.relaying
+                self._relayed(identity, body, now)
+                continue
             try:
-                out = on_message(identity, frame.buffer, frames, now)
+                out = on_message(identity, body, frames, now)
             except Exception as exc:  # a bug must not take the chat down for everyone
                 self._internal_error(identity, exc)
                 continue
             if out:
                 add(out)
+
+    # --- relays (docs/PROTOCOL.md "Relays") ------------------------------------------
+
+    def _relayed(self, relay: str | None, body: memoryview, now: float) -> None:
+        """A frame from a relay key (marked: a client's; unmarked: its own keep-alive), or a
+        marked frame from any other key, which is refused: only relays may mark."""
+        if relay is None:
+            return
+        if relay not in self.relays:
+            if self._fold.first(f"forged mark from {relay[:12]}", time.monotonic()):
+                log.warning("key %s, not a relay, sent a marked frame: dropped, key cut", relay[:12])
+            self.refused["forged_mark"] = self.refused.get("forged_mark", 0) + 1
+            self._cut(relay)
+            return
+        book, core = self.book, self.core
+        book.seen(relay, now)
+        if not body or body[0] != 0:
+            return
+        try:
+            marked = parse_mark(body)
+            client, kind = marked.identity, marked.kind
+            topic = "" if kind in (MESSAGE, GONE, ALL_UNSUBSCRIBED) else bytes(marked.payload).decode()
+        except (MarkError, UnicodeDecodeError) as exc:
+            if self._fold.first(f"bad mark from {relay[:12]}", time.monotonic()):
+                log.warning("relay %s sent a bad mark: %s", relay[:12], exc)
+            return
+        if client in self.relays:
+            return  # a relay is never a client through another one
+        if kind == MESSAGE:
+            if book.via.get(client) != relay:
+                book.came_through(relay, client)
+            try:
+                out = core.on_message(client, marked.payload, 1, now)
+            except Exception as exc:  # a bug must not take the chat down for everyone
+                self._internal_error(client, exc)
+                return
+            self._publish(out)
+        elif kind == SUBSCRIBED:
+            if book.client_subscribed(relay, client, topic) and book.via.get(client) == relay:
+                self._relayed_subscription(client, topic, now)
+        elif kind == GONE:
+            if book.client_gone(relay, client):
+                log.debug("client %s left relay %s", client[:12], relay[:12])
+                self._publish(core.on_disconnect(client, now))
+        elif kind == ALL_UNSUBSCRIBED:
+            book.client_unsubscribed_all(relay, client)
+            if book.via.get(client) == relay:
+                core.on_unsubscribed_all(client)
+        else:  # UNSUBSCRIBED
+            book.client_unsubscribed(relay, client, topic)
+            if book.via.get(client) == relay:
+                core.on_unsubscribe(client, topic)
+
+    def _relayed_subscription(self, client: str, topic: str, now: float) -> None:
+        """A relayed client's subscription is live (reported by its relay, and the relay's
+        own installed here): judged by the same policy as a direct one's."""
+        allowed, out = self.core.on_subscribe(client, topic, now)
+        if not allowed and self._fold.first(f"refused subscription from {client[:12]}", time.monotonic()):
+            log.info("refused relayed subscription %r from %s", topic[:80], client[:12])
+        self._publish(out)
+
+    def _relay_subscription(self, relay: str, frame: zmq.Frame, data: bytes, topic: str, now: float) -> None:
+        """A relay's own (un)subscription: the union of what its clients need. It may have
+        any private stream (sealed to each client) and its own control topic."""
+        book = self.book
+        if data[0] == 1:
+            self._remember_fd(self.outputs, frame, relay)
+            if self._xpub_shifted:
+                return
+            if topic != control_topic(relay) and not topic_allowed(relay, topic, True, "relay"):
+                if self._fold.first(f"refused subscription from {relay[:12]}", time.monotonic()):
+                    log.info("refused subscription %r from relay %s", topic[:80], relay[:12])
+                return
+            self.xpub.setsockopt(zmq.SUBSCRIBE, data[1:])
+            for client in book.relay_subscribed(relay, topic):
+                if book.via.get(client) == relay:
+                    self._relayed_subscription(client, topic, now)
+            return
+        for client in book.relay_unsubscribed(relay, topic):
+            if book.via.get(client) == relay:
+                self.core.on_unsubscribe(client, topic)
+        if not self._xpub_shifted:
+            self.xpub.setsockopt(zmq.UNSUBSCRIBE, data[1:])
+
+    def _relay_gone(self, relay: str, now: float) -> None:
+        """A relay's input connection closed (or it went silent): its clients have left."""
+        clients = self.book.relay_gone(relay)
+        log.info("relay %s gone: %d client(s) through it announced as left", relay[:12], len(clients))
+        for client in clients:
+            self._publish(self.core.on_disconnect(client, now))
 
     def _drain_parts(self, first: zmq.Frame) -> tuple[int, int]:
         """Read the rest of a multipart message, keeping none of it: (frames, bytes)."""
@@ -717,6 +890,8 @@ class Broker:
                 del self._closing[key]
                 identity = key[0]
                 if not self.inputs.knows(identity):
+                    if identity in self.relays:
+                        self._relay_gone(identity, now)
                     self._publish(self.core.on_disconnect(identity, now))
 
     @staticmethod
@@ -746,6 +921,10 @@ class Broker:
             identity = connections.closed(event["value"])
             if identity is not None and connections is self.outputs and not self.outputs.knows(identity):
                 self.core.on_unsubscribed_all(identity)
+                if identity in self.relays:
+                    for client in self.book.relay_output_closed(identity):
+                        if self.book.via.get(client) == identity:
+                            self.core.on_unsubscribed_all(client)
             if identity is not None and connections is self.inputs:  # the input one counts
                 self._closing[(identity, event["value"])] = now + CLOSE_GRACE
 
@@ -768,6 +947,11 @@ class Broker:
             deadline = now - timeout
             peers = self.core.peers
             for identity in self.inputs.identities():
+                if identity in self.relays:  # a relay is no peer: its keep-alives count
+                    if self.book.last_seen.get(identity, now) < deadline:
+                        cut += self._count_cut("silent", self.inputs.cut(identity), identity)
+                        self._relay_gone(identity, now)
+                    continue
                 peer = peers.get(identity)
                 if peer is None or peer.last_seen < deadline:
                     cut += self._count_cut("silent", self.inputs.cut(identity), identity)

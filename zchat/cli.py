@@ -16,7 +16,7 @@ from typing import NoReturn, TypeVar
 from zchat import config, keys
 from zchat import limits as L
 from zchat.core import Limits
-from zchat.endpoints import Endpoints
+from zchat.endpoints import DEFAULT_HOST, DEFAULT_PORT, Endpoints
 from zchat.history import Retention, StoredEvent
 from zchat.launcher import AUTOSTART_IDLE_EXIT
 from zchat.protocol import DEFAULT_ROOM
@@ -91,7 +91,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    for key in ("name", "server_key", "key"):
+    for key in ("name", "server_key", "broker_key", "key"):
         _setting(parser, key)
 
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a broker started here stops this long after the last user leaves "
                         f"(default {AUTOSTART_IDLE_EXIT:g})")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{broker,client,send,tap,history,keygen,stats,health}")
+                                metavar="{broker,relay,client,send,tap,history,keygen,stats,health}")
 
     broker = sub.add_parser("broker", help="run the broker in the foreground")
     _common(broker)
@@ -122,6 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     for key in config.BROKER_KEYS:
         if config.OPTIONS[key].section == "broker":  # _common added the shared ones
             _setting(broker, key)
+
+    relay = sub.add_parser("relay", help="run a relay: clients connect to it as to a broker; it "
+                           "forwards to the broker (or another relay) upstream")
+    relay.add_argument("--upstream", required=True, metavar="HOST[:PORT]",
+                       help="the broker's (or upstream relay's) address and input port (default port "
+                       f"{DEFAULT_PORT}); its publish port is PORT + 1 unless --upstream-pub-port")
+    relay.add_argument("--upstream-pub-port", type=int, default=None, metavar="PORT")
+    relay.add_argument("--server-key", required=True, metavar="KEY",
+                       help="the upstream's public key (hex or z85), as its banner prints it")
+    relay.add_argument("--broker-key", default=None, metavar="KEY",
+                       help="the broker's public key, for the client command line printed (clients "
+                       "open their sealed private streams with it; default: --server-key)")
+    relay.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default %(default)s)")
+    relay.add_argument("--port", type=int, default=DEFAULT_PORT + 10, help="input (PULL) port "
+                       "(default %(default)s)")
+    relay.add_argument("--pub-port", type=int, default=None, help="publish (XPUB) port (default port + 1)")
+    relay.add_argument("--config-dir", type=Path, default=None, metavar="DIR",
+                       help="the relay's key pair lives in DIR/relay (default: the usual config dir)")
+    relay.add_argument("--authorized-keys", type=Path, default=None, metavar="FILE",
+                       help="closed mode: only keys in FILE may connect (same format as the broker's)")
+    relay.add_argument("--relay-keys", type=Path, default=None, metavar="FILE",
+                       help="keys of downstream relays whose marks are kept (chaining; default "
+                       "DIR/relay/relay-keys if present)")
+    relay.add_argument("--log-level", default="INFO", metavar="LEVEL")
 
     keygen = sub.add_parser("keygen", help="make a key pair and print the line for an operator's "
                             "authorized-keys file")
@@ -180,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(tap)
     tap.add_argument("--name", help="use the key kept for this name (default: tap); a tap never joins")
     _setting(tap, "server_key")
+    _setting(tap, "broker_key")
     tap.add_argument("--key", type=Path, help="secret key file to use instead")
     tap.add_argument("--format", default="jsonl", metavar="jsonl|text|TEMPLATE",
                      help="jsonl: one JSON object per event (default); text: [date time] #room name: text; "
@@ -234,14 +259,45 @@ def _monitor_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _endpoints(args: argparse.Namespace) -> Endpoints:
-    """The broker's endpoints; a host name that does not resolve is an error here, at once
-    (ZeroMQ would keep retrying it silently)."""
-    try:
-        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ValueError(f"--host {args.host!r}: no such host ({getattr(exc, 'strerror', None) or exc})") \
-            from None
-    return Endpoints(host=args.host, port=args.port, pub_port=args.pub_port)
+    """The broker's endpoints (the first of --host a,b); a host name that does not resolve is
+    an error here, at once (ZeroMQ would keep retrying it silently)."""
+    return _endpoint_list(args)[0]
+
+
+def _endpoint_list(args: argparse.Namespace) -> list[Endpoints]:
+    """Every endpoint of `--host a,b,...`: each HOST, HOST:PORT or HOST:PORT:PUB_PORT (an IPv6
+    address with ports in brackets, [::1]:PORT); --port and --pub-port are the defaults."""
+    found = []
+    for entry in str(args.host).split(","):
+        host, port, pub_port = entry, args.port, args.pub_port
+        rest = ""
+        if entry.startswith("[") and "]" in entry:
+            host, rest = entry[1:].split("]", 1)
+        elif 1 <= entry.count(":") <= 2 and entry.split(":", 1)[0]:
+            host, rest = entry.split(":", 1)
+            rest = ":" + rest
+        if rest:
+            numbers = rest.lstrip(":").split(":")
+            if not all(n.isdigit() for n in numbers) or len(numbers) > 2:
+                raise ValueError(f"--host {entry!r}: expected HOST[:PORT[:PUB_PORT]]")
+            port = int(numbers[0])
+            pub_port = int(numbers[1]) if len(numbers) == 2 else (pub_port if port == args.port else None)
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ValueError(f"--host {host!r}: no such host ({getattr(exc, 'strerror', None) or exc})") \
+                from None
+        found.append(Endpoints(host=host, port=port, pub_port=pub_port))
+    return found
+
+
+def _alternates(args: argparse.Namespace, server_key: bytes) -> list[tuple[Endpoints, bytes]]:
+    """The endpoints after the first of --host a,b, each with its key (the --server-key list's
+    entry at the same place, else its last one)."""
+    endpoints = _endpoint_list(args)[1:]
+    keys_given = [keys.parse_public_key(k) for k in args.server_key.split(",")] if args.server_key \
+        else [server_key]
+    return [(ep, keys_given[min(i + 1, len(keys_given) - 1)]) for i, ep in enumerate(endpoints)]
 
 
 def _config_dir(args: argparse.Namespace) -> Path:
@@ -250,12 +306,18 @@ def _config_dir(args: argparse.Namespace) -> Path:
 
 def _server_key(args: argparse.Namespace) -> bytes:
     if args.server_key:
-        return keys.parse_public_key(args.server_key)
+        return keys.parse_public_key(args.server_key.split(",")[0])
     path = keys.broker_public_key_path(_config_dir(args))
     if not path.exists():
         raise SystemExit(f"zchat: no broker key at {path}; pass --server-key (the broker prints it "
                          "when it starts)")
     return keys.load_public(path)
+
+
+def _broker_key(args: argparse.Namespace) -> bytes | None:
+    """The broker's key when it differs from the server key (connected through a relay)."""
+    text = getattr(args, "broker_key", None)
+    return keys.parse_public_key(text) if text else None
 
 
 def _keypair(args: argparse.Namespace, name: str) -> keys.KeyPair:
@@ -290,6 +352,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
             endpoints=Endpoints(host=v["host"], port=v["port"], pub_port=v["pub_port"]),
             config_dir=v["config_dir"], idle_exit=v["idle_exit"] or None, limits=limits, db_path=v["db"],
             authorized_keys=v["authorized_keys"],
+            relay_keys=v["relay_keys"],
             retention=Retention(per_room=v["history_keep"], days=v["history_days"]),
             stats_interval=v["stats_interval"], log_level=v["log_level"], log_json=v["log_json"],
             connections_per_key=v["connections_per_key"], new_keys_per_minute=v["new_keys_per_minute"],
@@ -314,6 +377,31 @@ def parse_since(text: str, now: float) -> float:
         except ValueError:
             continue
     raise ValueError(f"--since {text!r}: use a date like 2026-11-26 or '2026-11-26 14:00', or an age like 2h")
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from zchat import logsetup
+    from zchat.relay import RelaySettings, serve
+
+    single_colon = args.upstream.count(":") == 1  # host:port (an IPv6 address alone has more)
+    host, _, port = args.upstream.rpartition(":") if single_colon else (args.upstream, "", "")
+    if port and not port.isdigit():
+        raise ValueError(f"--upstream {args.upstream!r}: expected HOST[:PORT]")
+    upstream = Endpoints(host=host or args.upstream, port=int(port) if port else DEFAULT_PORT,
+                         pub_port=args.upstream_pub_port)
+    try:  # ZeroMQ would retry a name that does not resolve silently, for ever
+        socket.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"--upstream {upstream.host!r}: no such host "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    settings = RelaySettings(
+        upstream=upstream, server_key=keys.parse_public_key(args.server_key),
+        broker_key=keys.parse_public_key(args.broker_key or args.server_key),
+        endpoints=Endpoints(host=args.host, port=args.port, pub_port=args.pub_port),
+        config_dir=args.config_dir or keys.default_config_dir(), authorized_keys=args.authorized_keys,
+        relay_keys=args.relay_keys, log_level=args.log_level)
+    logsetup.configure(settings.log_level)
+    return serve(settings)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -486,7 +574,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     def make_client(name: str, on_event):  # type: ignore[no-untyped-def]
         settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name),
-                                  history=history)
+                                  history=history, broker_key=_broker_key(args),
+                                  alternates=_alternates(args, server_key))
         return ChatClient(settings, on_event)
 
     look = Look(clock_format=getattr(args, "timestamp_format", None) or DEFAULT_CLOCK,
@@ -508,7 +597,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     keypair = _keypair(args, args.name)
 
     def make_client(rooms, on_event):  # type: ignore[no-untyped-def]
-        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=keypair, rooms=rooms)
+        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=keypair, rooms=rooms,
+                                  broker_key=_broker_key(args))
         return ChatClient(settings, on_event)
 
     return run_send(make_client, args.name, " ".join(args.text), args.room, args.to, args.timeout,
@@ -550,6 +640,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
         out = TapLog(handler, args.format, types=types, count=args.count)
         heartbeats = args.heartbeats or bool(types and types & {"heartbeat", "stats"})
         return run_tap(endpoints, server_key, keypair, out, heartbeats=heartbeats, rooms=args.room,
+                       broker_key=_broker_key(args),
                        seconds=args.seconds, resume=resume, since=since)
     except ReaderGone:  # `zchat tap | head -3`
         _silence_stdout()
@@ -607,6 +698,15 @@ def _settings(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "relay":  # its own flags only (no settings file)
+        try:
+            return cmd_relay(args)
+        except ValueError as exc:
+            print(f"zchat: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"zchat: {exc}", file=sys.stderr)
+            return 1
     handlers = {"broker": cmd_broker, "client": cmd_client, "send": cmd_send, "tap": cmd_tap,
                 "history": cmd_history, "keygen": cmd_keygen, "stats": cmd_stats, "health": cmd_health}
     try:

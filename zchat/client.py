@@ -63,6 +63,8 @@ from zchat.transport import HandshakeWatch, curve_client
 
 log = logging.getLogger("zchat.client")
 MAX_POLL_MS = 1000  # wake up at least this often, whatever the core's deadline
+FAILOVER_AFTER = 2.0  # seconds lost (no heartbeat) before trying the next endpoint
+SWITCH_MIN = 1.0  # least seconds between two switches of endpoint
 
 
 class JoinError(Exception):
@@ -81,6 +83,9 @@ class ClientSettings:
     rooms: list[str] = field(default_factory=lambda: [DEFAULT_ROOM])
     history: int = L.DEFAULT_HISTORY  # events of each room's history shown on joining it
     max_unconfirmed: int = 1000
+    broker_key: bytes | None = None  # z85; through a relay, the broker's (it seals u/<id>/), else server_key
+    # Other endpoints (relays) with their server keys: tried in turn when the link is lost.
+    alternates: list[tuple[Endpoints, bytes]] = field(default_factory=list)
 
 
 class ChatClient(ClientApi):
@@ -92,7 +97,7 @@ class ChatClient(ClientApi):
         self._on_event = on_event or self.events.put
         # The broker seals our private stream to our key (PROTOCOL.md "Sealed private streams"),
         # and private messages are sealed end to end with the same key pair (zchat.e2e).
-        self._box = box_for(settings.keypair.secret, settings.server_key)
+        self._box = box_for(settings.keypair.secret, settings.broker_key or settings.server_key)
         self.unopened = 0  # u/ publications that did not open with our key: dropped
         self.core = ClientCore(self.identity, settings.rooms, settings.history, settings.max_unconfirmed,
                                keyring=Keyring(key_bytes(settings.keypair.secret)))
@@ -109,6 +114,10 @@ class ChatClient(ClientApi):
         self._join_result: JoinDone | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        # Where the sockets are connected: settings.endpoints, then each alternate in turn.
+        self._paths = [(settings.endpoints, settings.server_key), *settings.alternates]
+        self._path = 0
+        self._switched_at = 0.0
 
     # --- API (any thread) --------------------------------------------------------
 
@@ -206,6 +215,9 @@ class ChatClient(ClientApi):
                 self._handle_requests()
                 if not self._stopped:
                     self._carry_out(self.core.tick(self._now()))
+                    if len(self._paths) > 1 and self.core.lost_since is not None \
+                            and time.monotonic() - self._switched_at > FAILOVER_AFTER:
+                        self._switch()  # silent (hung, or its link died quietly): try the next one
         except BaseException as exc:  # whatever kills it is reported, and close() cannot hang
             self._failed(exc)
         finally:
@@ -248,6 +260,26 @@ class ChatClient(ClientApi):
             self._carry_out(self.core.request(HandshakeFailed(*self._diagnose()), self._now()))
         if self._watch.disconnects > disconnects:  # the broker went away: no need to wait for silence
             self._carry_out(self.core.request(LinkDown(), self._now()))
+            if len(self._paths) > 1 and time.monotonic() - self._switched_at > SWITCH_MIN:
+                self._switch()
+
+    def _switch(self) -> None:
+        """Move both sockets to the next endpoint (a relay of the same broker). The SUB keeps
+        its subscriptions and sends them there; the core rejoins when heartbeats come back and
+        recovers what it missed (seq gaps, history)."""
+        old, _ = self._paths[self._path]
+        self._path = (self._path + 1) % len(self._paths)
+        new, key = self._paths[self._path]
+        self._switched_at = time.monotonic()
+        for sock, endpoint in ((self.sub, old.publish), (self.push, old.input)):
+            try:
+                sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass  # not connected any more
+            sock.curve_serverkey = key  # taken at connect time
+        log.info("endpoint %s lost: trying %s", old.input, new.input)
+        self.sub.connect(new.publish)
+        self.push.connect(new.input)
 
     def _drain_wake(self) -> None:
         while True:

@@ -97,7 +97,8 @@ def _public_key(value: str) -> str | None:
     from zchat.keys import parse_public_key
 
     try:
-        parse_public_key(value)
+        for key in value.split(","):  # one per --host endpoint (clients of relays)
+            parse_public_key(key)
     except ValueError as exc:
         return str(exc)
     return None
@@ -149,8 +150,11 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     Option("db", "path", "broker", None, "history database (default <config dir>/broker/"
            "history.sqlite3; :memory: keeps none)", metavar="FILE"),
     Option("authorized_keys", "path", "broker", None, "closed mode: only keys in FILE ('name "
-           "public-key [role]' lines; roles user, tap, admin) may connect; re-read on SIGHUP",
+           "public-key [role]' lines; roles user, tap, admin, relay) may connect; re-read on SIGHUP",
            metavar="FILE"),
+    Option("relay_keys", "path", "broker", None, "keys of relays, which may mark their clients' "
+           "identities ('public-key' lines; default <config dir>/broker/relay-keys if present; in "
+           "closed mode the role relay counts too)", metavar="FILE"),
     Option("history_keep", "int", "broker", L.HISTORY_KEEP_PER_ROOM, "events kept per room, "
            "0 = no limit", Meta(ge=0), live=True, metavar="N"),
     Option("history_days", "float", "broker", L.HISTORY_KEEP_DAYS, "drop events older than this "
@@ -176,6 +180,9 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
     Option("server_key", "str", "client", None, "the broker's public key (hex or z85); found by "
            "itself when the broker runs on this machine with the same config dir", check=_public_key,
            metavar="KEY"),
+    Option("broker_key", "str", "client", None, "through a relay: the broker's public key (hex or "
+           "z85), which seals your private stream (default: the server key); the relay prints it",
+           check=_public_key, metavar="KEY"),
     Option("key", "path", "client", None, "your secret key file (default: one per name, made on "
            "first use in the config dir)", metavar="FILE"),
     Option("timestamp_format", "str", "client", None, "the clock on each line, a strftime format "
@@ -187,12 +194,12 @@ OPTIONS: dict[str, Option] = {o.key: o for o in (
 )}
 
 _SHARED = ("config_dir", "host", "port", "pub_port")
-BROKER_KEYS = (*_SHARED, "idle_exit", "db", "authorized_keys", "history_keep", "history_days",
+BROKER_KEYS = (*_SHARED, "idle_exit", "db", "authorized_keys", "relay_keys", "history_keep", "history_days",
                "rate_burst", "rate_per_second", "client_timeout", "max_peers", "connections_per_key",
                "new_keys_per_minute", "stats_interval", "log_level", "log_json")
-CLIENT_KEYS = (*_SHARED, "name", "server_key", "key")
+CLIENT_KEYS = (*_SHARED, "name", "server_key", "broker_key", "key")
 CHAT_KEYS = (*CLIENT_KEYS, "timestamp_format", "hyperlinks", "log_dir")  # the chat's screen only
-MONITOR_KEYS = (*_SHARED, "server_key")  # tap, stats, health: their own key, never a user's
+MONITOR_KEYS = (*_SHARED, "server_key", "broker_key")  # tap, stats, health: their own key, never a user's
 
 # command -> (the file table it reads, the settings it resolves)
 COMMANDS: dict[str | None, tuple[str, tuple[str, ...]]] = {

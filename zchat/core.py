@@ -222,6 +222,23 @@ class Peer:
     posted: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
+def topic_allowed(identity: str, topic: str, closed: bool, role: str) -> bool:
+    """The subscription policy (shared by the broker and relays): public prefixes, and of the
+    private streams only the subscriber's own. Every public room at once (`r/`) is for taps; in
+    closed mode, by role (tap, admin, relay). A `relay` key carries its clients' private
+    streams, which are sealed to each client: it may subscribe to any `u/<id>/`."""
+    if topic == ROOM_PREFIX:
+        return not closed or role in ("tap", "admin", "relay")
+    if topic == SYSTEM_TOPIC:
+        return True
+    if topic.startswith(PRIVATE_PREFIX):
+        if role == "relay":
+            rest = topic[len(PRIVATE_PREFIX):]
+            return len(rest) == 65 and rest.endswith("/") and all(c in "0123456789abcdef" for c in rest[:-1])
+        return topic == private_topic(identity)
+    return room_of_topic(topic) is not None
+
+
 class BrokerCore:
     def __init__(self, epoch: str, now: float, limits: Limits | None = None,
                  seqs: dict[str, int] | None = None, known_names: dict[str, str] | None = None,
@@ -341,15 +358,8 @@ class BrokerCore:
         return account.role if account is not None else "user"
 
     def _topic_allowed(self, identity: str, topic: str) -> bool:
-        if not self._admitted(identity):
-            return False
-        if topic == ROOM_PREFIX:  # every public room at once: taps; in closed mode, by role
-            return self.accounts is None or self._role(identity) in ("tap", "admin")
-        if topic == SYSTEM_TOPIC:
-            return True
-        if topic.startswith(PRIVATE_PREFIX):
-            return topic == private_topic(identity)
-        return room_of_topic(topic) is not None
+        return self._admitted(identity) and topic_allowed(
+            identity, topic, self.accounts is not None, self._role(identity))
 
     # --- messages ------------------------------------------------------------
 

@@ -652,7 +652,7 @@ def room_topics(rooms: list[str] | None) -> list[str]:
 def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapLog,
             heartbeats: bool = False, rooms: list[str] | None = None,
             seconds: float | None = None, resume: dict[str, int] | None = None,
-            since: float | None = None) -> int:
+            since: float | None = None, broker_key: bytes | None = None) -> int:
     """Log until SIGINT or SIGTERM, `out` has its count of events, or `seconds` have passed;
     then write what is held, flush, close and return 0."""
     topics = room_topics(rooms)
@@ -668,7 +668,8 @@ def run_tap(endpoints: Endpoints, server_key: bytes, keypair: KeyPair, out: TapL
     sub.connect(endpoints.publish)
     watch = HandshakeWatch(push, keypair.identity)  # a refused key: say so and exit
     push.connect(endpoints.input)
-    tap = Tap(out, push, keypair.identity, box_for(keypair.secret, server_key), heartbeats, resume,
+    box = box_for(keypair.secret, broker_key or server_key)  # through a relay: the broker's key
+    tap = Tap(out, push, keypair.identity, box, heartbeats, resume,
               since=since, rooms=topics if rooms else None)
 
     stopping: list[int] = []
