@@ -472,7 +472,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     def make_client(name: str, on_event):  # type: ignore[no-untyped-def]
         settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name),
-                                  history=history)
+                                  history=history, ignore_file=_config_dir(args) / "ignored-keys")
         return ChatClient(settings, on_event)
 
     if interactive:

@@ -58,7 +58,9 @@ from zchat.protocol import (
     DEFAULT_ROOM,
     SYSTEM_TOPIC,
     Action,
+    Away,
     Ban,
+    Bans,
     ClientMessage,
     Code,
     Direct,
@@ -91,7 +93,9 @@ from zchat.protocol import (
     RoomList,
     Rooms,
     Say,
+    SetTopic,
     Shutdown,
+    Unban,
     Welcome,
     Who,
     WhoReply,
@@ -112,6 +116,7 @@ BACKFILL_PAGES = 20  # a gap is recovered up to this many full history pages (it
 # Joining: no welcome on our private stream this long after subscribing it means the broker may
 # not have installed it (PROTOCOL.md "Sealed private streams"): unsubscribe and subscribe again.
 RESUBSCRIBE_WAIT = 1.0
+IGNORE_REFS = 1 << 42  # key requests made for /ignore are numbered from here (above the others)
 
 SpokenMessage = Say | Me | DirectDraft
 
@@ -202,8 +207,21 @@ class Close:
     message: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    """/ignore NAME: hide what the key now holding NAME says (its key is asked for if unknown);
+    with no name, list whom we ignore."""
+
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unignore:
+    name: str
+
+
 RequestType = (JoinChat | CancelJoin | Speak | Ask | PostOnce | EnterRoom | ChangeName | Reconnect
-               | HandshakeFailed | LinkDown | Close)
+               | HandshakeFailed | LinkDown | Close | Ignore | Unignore)
 
 # --- effects: what the shell carries out, in order ------------------------------------------
 
@@ -245,7 +263,14 @@ class Stopped:
     """Closing is done: stop the I/O loop."""
 
 
-Effect = Send | Subscribe | Unsubscribe | Show | JoinDone | Stopped
+@dataclass(frozen=True, slots=True)
+class IgnoresChanged:
+    """The ignore list changed: the shell keeps it (key -> the name it had) across restarts."""
+
+    ignored: dict[str, str]
+
+
+Effect = Send | Subscribe | Unsubscribe | Show | JoinDone | Stopped | IgnoresChanged
 
 
 @dataclass(slots=True)
@@ -267,8 +292,17 @@ class _Rejoin:
 class ClientCore:
     def __init__(self, identity: str, rooms: Iterable[str] = (DEFAULT_ROOM,),
                  history: int = L.DEFAULT_HISTORY, max_unconfirmed: int = 1000,
-                 keyring: Keyring | None = None) -> None:
+                 keyring: Keyring | None = None, ignored: dict[str, str] | None = None) -> None:
         self.identity = identity
+        # /ignore, bound to keys (a rename does not escape it): key -> the name it had when
+        # ignored; which key each name is held by, as joins, renames and key answers tell us;
+        # our key requests for /ignore (ref -> name), and those checking an ignored key's name.
+        self.ignored: dict[str, str] = dict(ignored or {})
+        self._name_keys: dict[str, str] = {}
+        self._ignore_asks: dict[int, str] = {}
+        self._ignore_probes: dict[int, str] = {}
+        self._ignore_refs = itertools.count(IGNORE_REFS + secrets.randbelow(IGNORE_REFS))
+        self._away = ""  # our away message, set again after a rejoin that starts us afresh
         # End-to-end private messages: our key pair (None: this client cannot send or read
         # them), the key of each name we wrote to this session, and key requests in flight (by
         # the ref of the draft that asked: it waits at the head of the queue for the answer).
@@ -350,6 +384,10 @@ class ClientCore:
         elif isinstance(request, Close):
             self._close(request.message, now)
             return self._take()
+        elif isinstance(request, Ignore):
+            self._ignore(request.name, now)
+        elif isinstance(request, Unignore):
+            self._unignore(request.name, now)
         self._flush(now)
         return self._take()
 
@@ -549,6 +587,94 @@ class ClientCore:
         return PrivateMessage(event.seq, event.ts, event.name, event.to, event.from_, text, event.ref,
                               event.offline)
 
+    # --- /ignore -----------------------------------------------------------------------
+
+    def _ignore(self, name: str | None, now: Now) -> None:
+        if name is None:
+            listed = ", ".join(f"{clean_text(label)} ({fingerprint(key)})"
+                               for key, label in self.ignored.items())
+            self._info(f"Ignored: {listed}." if listed else "You ignore nobody.", now)
+            return
+        key = self._name_keys.get(name_key(name))
+        if key is not None:
+            self._ignore_key(key, name, now)
+            return
+        ref = next(self._ignore_refs)
+        self._ignore_asks[ref] = name
+        self._ask(KeyRequest(name=name, ref=ref), now)
+
+    def _ignore_key(self, key: str, name: str, now: Now) -> None:
+        if key == self.identity:
+            self._info("You cannot ignore yourself.", now)
+            return
+        self.ignored.pop(key, None)
+        self.ignored[key] = name
+        self._name_keys[name_key(name)] = key
+        self._out.append(IgnoresChanged(dict(self.ignored)))
+        self._info(f"Ignoring {clean_text(name)} (key {fingerprint(key)}): what that key says is hidden, "
+                   f"whatever its name. /unignore {clean_text(name)} to undo.", now)
+
+    def _unignore(self, name: str, now: Now) -> None:
+        wanted = name_key(name)
+        keys = [key for key, label in self.ignored.items() if name_key(label) == wanted]
+        holder = self._name_keys.get(wanted)
+        if holder in self.ignored and holder not in keys:
+            keys.append(holder)
+        if not keys:
+            self._info(f"You do not ignore {clean_text(name)}.", now)
+            return
+        for key in keys:
+            del self.ignored[key]
+        self._out.append(IgnoresChanged(dict(self.ignored)))
+        self._info(f"No longer ignoring {clean_text(name)}.", now)
+
+    def _on_ignore_key(self, reply: KeyReply, now: Now) -> bool:
+        """A key answer to /ignore, or to our check of an ignored key's name: True if ours."""
+        ref = reply.ref
+        if ref in self._ignore_asks:
+            self._ignore_key(reply.key, self._ignore_asks.pop(ref), now)  # type: ignore[arg-type]
+            return True
+        if ref in self._ignore_probes:
+            if reply.online:
+                self._name_keys[name_key(reply.name)] = reply.key
+            del self._ignore_probes[ref]  # type: ignore[arg-type]
+            return True
+        return False
+
+    def _probe_ignored(self) -> None:
+        """Joining: ask which key holds each ignored key's name now (people here before us)."""
+        self._ignore_probes.clear()
+        for label in dict.fromkeys(self.ignored.values()):
+            ref = next(self._ignore_refs)
+            self._ignore_probes[ref] = label
+            self._outbox.append(KeyRequest(name=label, ref=ref))
+
+    def _learn_key(self, event: Event) -> None:
+        """Keep which key holds which name (for /ignore)."""
+        if isinstance(event, Joined) and event.key:
+            self._name_keys[name_key(event.name)] = event.key
+        elif isinstance(event, Renamed):
+            key = self._name_keys.pop(name_key(event.old), None)
+            if key is not None:
+                self._name_keys[name_key(event.new)] = key
+        elif isinstance(event, Left) and event.reason != LeftReason.PART:
+            self._name_keys.pop(name_key(event.name), None)
+        if len(self._name_keys) > L.KNOWN_NAMES:  # a long session in a busy chat: start afresh
+            self._name_keys.clear()
+
+    def _hidden(self, event: object) -> bool:
+        """Said by a key we ignore: not shown."""
+        if not self.ignored:
+            return False
+        if isinstance(event, PrivateMessage):
+            return event.key in self.ignored
+        if isinstance(event, (Message, Action)):
+            return self._name_keys.get(name_key(event.name)) in self.ignored
+        return False
+
+    def _info(self, text: str, now: Now) -> None:
+        self._show(Status(StatusState.INFO, text, now.wall))
+
     def _ask(self, message: ClientMessage, now: Now) -> None:
         if self._removed is not None:
             self._refuse(None, Code.NOT_JOINED, self._removed_detail(), now)
@@ -557,6 +683,8 @@ class ClientCore:
         if problem is not None:  # the broker's refusal would quote its validator
             self._refuse(None, *problem, now)
             return
+        if isinstance(message, Away):
+            self._away = message.message
         self._outbox.append(message)
 
     def _post(self, message: Post, now: Now) -> None:
@@ -715,6 +843,10 @@ class ClientCore:
         self._last_heartbeat = now.mono
         self._last_sent = now.mono
         self._out.append(JoinDone(welcome))
+        if self.ignored:
+            self._probe_ignored()
+        if not first and not welcome.resumed and self._away:  # the broker forgot it: say it again
+            self._outbox.append(Away(message=self._away))
         if first:
             self._show(welcome)
         else:
@@ -823,6 +955,8 @@ class ClientCore:
 
     def _show_recovered(self, topic: str, events: list[Event], lost: int) -> None:
         room = room_of_topic(topic)
+        if self.ignored:
+            events = [event for event in events if not self._hidden(event)]
         if events and room is not None:
             self._show(Replay(ReplayKind.BACKFILL, room, events, lost, self._last_ts))
         elif lost:
@@ -844,11 +978,18 @@ class ClientCore:
             opened = self._open_direct(event)
             if opened.ref is not None and opened.key == self.identity:
                 self._confirm(opened.ref)
-            self._show(opened)
+            if not self._hidden(opened):
+                self._show(opened)
             return
         if isinstance(event, KeyReply):
-            self._on_key(event)
+            if not self._on_ignore_key(event, now):
+                self._on_key(event)
             return
+        if isinstance(event, Error) and event.ref is not None and (
+                self._ignore_probes.pop(event.ref, None) is not None):
+            return  # an ignored key's name is not held now: nothing to say
+        if isinstance(event, Error) and event.ref is not None:
+            self._ignore_asks.pop(event.ref, None)  # /ignore of an unknown name: shown below
         if isinstance(event, Error) and event.code == Code.KEY_CHANGED:
             self._on_key_changed(event, now)
             return
@@ -859,8 +1000,11 @@ class ClientCore:
         if isinstance(event, Error) and event.code == Code.BAD_REQUEST:
             event = _readable(event)
         self._follow(event)
+        self._learn_key(event)
         if self._repeated_notice(event):
             return  # the same arrival/departure/rename, seen again through another shared room
+        if self._hidden(event):
+            return
         self._show(event)
         if isinstance(event, Error) and event.ref is not None:
             self._confirm(event.ref)  # refused: settled too, and never sent again
@@ -889,6 +1033,10 @@ class ClientCore:
             rejoin.rooms_due.discard(history.room)
             if not rejoin.rooms_due:
                 self._resend()
+        for event in events:
+            self._learn_key(event)
+        if self.ignored:
+            events = [event for event in events if not self._hidden(event)]
         kind = ReplayKind.MISSED if history.after > 0 else ReplayKind.HISTORY
         skipped = 0
         if history.after > 0 and events and events[0].seq > history.after + 1 + history.lost:
@@ -1146,6 +1294,29 @@ class ClientApi:
     def reconnect(self) -> None:
         """Rejoin after a kick, or after a rejoin found our name taken."""
         self._submit(Reconnect())
+
+    def topic(self, room: str, text: str | None = None) -> None:
+        """Ask `room`'s topic (None) or set it ("" clears it)."""
+        self._submit(Ask(SetTopic(room=room, text=text)))
+
+    def away(self, message: str = "") -> None:
+        """Mark ourselves away with `message`; "" marks us back."""
+        self._submit(Ask(Away(message=message)))
+
+    def ignore(self, name: str | None = None) -> None:
+        """Hide what NAME's key says, from now on and across restarts; None lists them."""
+        self._submit(Ignore(name))
+
+    def unignore(self, name: str) -> None:
+        self._submit(Unignore(name))
+
+    def unban(self, target: str) -> None:
+        """Admin: lift the ban of a name's last key, or of a key."""
+        self._submit(Ask(Unban(target=target)))
+
+    def bans(self) -> None:
+        """Admin: list the banned keys."""
+        self._submit(Ask(Bans()))
 
     def _default_room(self) -> str:
         rooms = self.snapshot.rooms

@@ -22,7 +22,19 @@ from collections.abc import Callable
 import msgspec
 
 from zchat.admission import LogFold
-from zchat.core import Banned, BrokerCore, DeliverMail, Disconnect, Fetch, Mail, Out, Publish, Remember
+from zchat.core import (
+    Banned,
+    BrokerCore,
+    DeliverMail,
+    Disconnect,
+    Fetch,
+    KeepTopic,
+    Mail,
+    Out,
+    Pardoned,
+    Publish,
+    Remember,
+)
 from zchat.history import DroppedMail, EventRow, HistoryStore, MailOutcome, MailRow
 from zchat.logsetup import escape
 from zchat.protocol import (
@@ -56,13 +68,15 @@ _INPUT_ERRORS = {Code.BAD_REQUEST, Code.TOO_LARGE, Code.TOO_MANY_FRAMES}
 class Dispatcher:
     def __init__(self, core: BrokerCore, store: HistoryStore, send: Callable[[bytes], object],
                  boxes: BoxCache, cut: Callable[[str], None] = lambda identity: None,
-                 ban: Callable[[str], None] = lambda identity: None) -> None:
+                 ban: Callable[[str], None] = lambda identity: None,
+                 unban: Callable[[str], None] = lambda identity: None) -> None:
         self.core = core
         self.boxes = boxes  # seals private publications to their recipient
         self.store = store
         self.send = send
         self.cut = cut  # shut an identity's connections down
         self.ban = ban  # remember a banned identity across restarts
+        self.unban = unban  # and forget it when an admin lifts the ban
         self.pending: list[Out] = []
         # For the broker's stats (totals since start-up).
         self.published = 0  # frames sent
@@ -134,6 +148,10 @@ class Dispatcher:
                 self._deliver_mail(item, now)
             elif isinstance(item, Banned):
                 self.ban(item.identity)
+            elif isinstance(item, Pardoned):
+                self.unban(item.identity)
+            elif isinstance(item, KeepTopic):
+                self.store.set_topic(room_topic(item.room), item.text, item.by, now)
             elif isinstance(item, Disconnect):
                 self.cut(item.identity)  # after the notices above have been sent
 

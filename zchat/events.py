@@ -24,6 +24,7 @@ class StatusState(StrEnum):
     BANNED = "banned"  # banned, or the key was revoked or refused: no way back with this key
     FAILED = "failed"  # the client itself failed (its I/O thread died): start it again
     KEY_CHANGED = "key_changed"  # another key holds a name we wrote to: a warning to read
+    INFO = "info"  # the client's answer to a local command (/ignore): a line to read
 
 
 @dataclass(frozen=True)
