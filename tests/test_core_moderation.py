@@ -362,7 +362,7 @@ def test_mute_of_a_member_in_no_room_tells_them_privately() -> None:
     # The admin shares no room with bob: told on its own stream too, with when it ends.
     assert kinds(out) == [(u(B), "Muted"), (u(A), "Muted")]
     assert out[0].event.seconds == 30 and out[0].event.name == "bob"
-    assert out[1].event == out[0].event.__class__(**{**msgspec.structs.asdict(out[0].event), "seq": out[1].event.seq})
+    assert out[1].event == msgspec.structs.replace(out[0].event, seq=out[1].event.seq)
     assert out[0].event.until == 31.0
 
 

@@ -1033,10 +1033,12 @@ class ClientCore:
             rejoin.rooms_due.discard(history.room)
             if not rejoin.rooms_due:
                 self._resend()
-        for event in events:
+        shown = []
+        for event in events:  # in order: who holds a name changes along the way
             self._learn_key(event)
-        if self.ignored:
-            events = [event for event in events if not self._hidden(event)]
+            if not self._hidden(event):
+                shown.append(event)
+        events = shown
         kind = ReplayKind.MISSED if history.after > 0 else ReplayKind.HISTORY
         skipped = 0
         if history.after > 0 and events and events[0].seq > history.after + 1 + history.lost:

@@ -585,7 +585,7 @@ class BrokerCore:
             members=[self.peers[i].member.name for i in islice(self.names.values(), L.MEMBERS_IN_WELCOME)],  # type: ignore[union-attr]
             heartbeat=self.limits.heartbeat_interval, rate_burst=self.limits.rate_burst,
             rate_per_second=self.limits.rate_per_second, resumed=resumed)))
-        return out + fetches + joined
+        return out + self._tell_topics(peer, new_rooms, now) + fetches + joined
 
     def _remember(self, name: str, identity: str) -> list[Out]:
         key = name_key(name)
@@ -910,6 +910,7 @@ class BrokerCore:
             if ROOM_PREFIX in peer.topics or room_topic(room) in peer.topics:
                 del peer.pending_rooms[room]
                 upto = self._last_seq(room_topic(room))
+                out += self._tell_topics(peer, [room], now)
                 if history and upto:
                     out.append(Fetch(peer.identity, room, 0, upto, history))
                 out += self._add_to_room(peer, member, room, now, chat=False)
@@ -1052,13 +1053,15 @@ class BrokerCore:
     def _add_to_room(self, peer: Peer, member: Member, room: str, now: float, chat: bool) -> list[Out]:
         member.rooms.append(room)
         self.rooms.setdefault(room, set()).add(peer.identity)
-        out: list[Out] = [self._publish(room_topic(room), lambda seq: Joined(
+        return [self._publish(room_topic(room), lambda seq: Joined(
             seq=seq, ts=self.ts(now), room=room, name=member.name, chat=chat, key=peer.identity))]
-        topic = self.topics.get(room)
-        if topic is not None:  # told to the newcomer alone, after its arrival
-            out.append(self._publish(private_topic(peer.identity), lambda seq: RoomTopic(
-                seq=seq, ts=self.ts(now), room=room, text=topic[0], by=topic[1])))
-        return out
+
+    def _tell_topics(self, peer: Peer, rooms: Iterable[str], now: float) -> list[Out]:
+        """The topics of rooms `peer` enters, on its stream: numbered before the history that
+        follows (the shell numbers that as it answers), so they arrive in order."""
+        topics = [(room, self.topics[room]) for room in rooms if room in self.topics]
+        return [self._publish(private_topic(peer.identity), lambda seq, room=room, topic=topic: RoomTopic(
+            seq=seq, ts=self.ts(now), room=room, text=topic[0], by=topic[1])) for room, topic in topics]
 
     def _remove_from_room(self, peer: Peer, member: Member, room: str, reason: LeftReason, message: str,
                           now: float, by: str = "") -> Publish:
