@@ -14,6 +14,7 @@ from chatkit import World, identity_of
 
 from zchat.accounts import Account
 from zchat.client import read_ignored, write_ignored
+from zchat.clientcore import FOLD_QUIET
 from zchat.e2e import fingerprint
 from zchat.protocol import RoomTopic, decode_event
 from zchat.render import clock
@@ -293,3 +294,64 @@ def test_mute_shows_when_it_ends_to_the_admin_and_to_the_muted(closed: World) ->
     b = len(bob.screen)
     closed.type("bob", "let me speak")
     assert after(bob, b) == ["! you are muted for 60 more seconds"]
+
+
+# --- folding mass departures --------------------------------------------------------------------
+
+CROWD = [f"user{i:02}" for i in range(40)]
+
+
+def test_a_broker_restart_shows_one_line_per_room_not_eighty(world: World) -> None:
+    alice = world.join("alice", rooms=["lobby", "games"])
+    crowd = [world.join(name, history=0, own_arrival=False) for name in CROWD]
+    for user in crowd[:5]:  # five of them are in #games too
+        world.type(user.name, "/join games")
+    world.advance(1)
+    a = len(alice.screen)
+    seen = marks(*crowd)
+    world.kill_broker()
+    world.advance(5)
+    for user in crowd[-2:]:  # two never come back
+        user.client.link_up = False
+    world.start_broker()
+    world.advance_until(lambda: alice.client.core.online == 39, 20)
+    world.advance(FOLD_QUIET + 1)
+    world.type("user00", "all good?")
+    assert after(alice, a) == ["* Connection to the broker lost; reconnecting...",
+                               "* Reconnected (the broker restarted; rejoined).",
+                               "- alice has joined the chat.",  # (her own arrival, as always)
+                               "- 40 people lost their connection; 38 back.",
+                               "#games - 5 people lost their connection; 5 back.",
+                               "#games user00: all good?"]
+    # And what the crowd sees of each other is folded too: one line per room, no run of 80.
+    for i, user in enumerate(crowd[:38]):
+        since = after(user, seen[i])
+        assert len([line for line in since if "lost their connection" in line]) == (2 if i < 5 else 1), since
+        assert [line for line in since if "has joined" in line or "has left" in line] == [], since
+
+
+def test_many_lost_connections_at_once_fold_into_one_line_after_the_first(world: World) -> None:
+    """A relay's death: the broker sees 40 connections go at once, then come back."""
+    alice = world.join("alice")
+    crowd = [world.join(name, history=0, own_arrival=False) for name in CROWD]
+    a = len(alice.screen)
+    for user in crowd:
+        user.client.link_up = False
+    world.advance_until(lambda: alice.client.core.online <= 1 and len(alice.screen) > a, 10)
+    for user in crowd:
+        user.client.link_up = True
+    world.advance_until(lambda: alice.client.core.online == 41, 20)
+    world.advance(FOLD_QUIET + 1)
+    assert after(alice, a) == ["- user00 has left the chat.", "- 40 people lost their connection; 40 back."]
+
+
+def test_a_few_lost_connections_are_shown_one_by_one_in_order(world: World) -> None:
+    alice, bob = world.join("alice"), world.join("bob")
+    carol = world.join("carol")
+    a = len(alice.screen)
+    bob.client.link_up = False
+    world.advance_until(lambda: len(alice.screen) > a, 10)
+    bob.client.link_up = True
+    world.advance_until(lambda: "- bob has joined the chat." in carol.screen[a:], 10)
+    world.type("carol", "welcome back")  # shows bob's return first: the order is kept
+    assert after(alice, a) == ["- bob has left the chat.", "- bob has joined the chat.", "carol: welcome back"]

@@ -43,6 +43,7 @@ from zchat.events import (
     ClientEvent,
     Connection,
     DirectDraft,
+    Folded,
     Gap,
     Pending,
     PrivateMessage,
@@ -117,6 +118,13 @@ BACKFILL_PAGES = 20  # a gap is recovered up to this many full history pages (it
 # not have installed it (PROTOCOL.md "Sealed private streams"): unsubscribe and subscribe again.
 RESUBSCRIBE_WAIT = 1.0
 IGNORE_REFS = 1 << 42  # key requests made for /ignore are numbered from here (above the others)
+# Mass events (PROTOCOL.md "Folding mass departures"): a room's connection losses and returns
+# are folded into one line while they keep coming (each extends the window by FOLD_QUIET, up to
+# FOLD_MAX after the first); fewer than FOLD_MIN people are shown one by one, as they came.
+FOLD_QUIET = 3.0
+FOLD_MAX = 30.0
+FOLD_MIN = 3
+_LOST = (LeftReason.DISCONNECTED, LeftReason.TIMEOUT)
 
 SpokenMessage = Say | Me | DirectDraft
 
@@ -280,6 +288,18 @@ class _Outgoing:
 
 
 @dataclass(slots=True)
+class _Fold:
+    """A room's departures and returns being folded into one line."""
+
+    lost: set[str]  # names that lost their connection
+    back: set[str]  # ...and came back since
+    held: list[Event]  # the notices folded, in order (shown as they are if few people)
+    until: float  # shown when no more come before this (monotonic)...
+    ends: float  # ...or at this at the latest
+    shown: int = 0  # notices of `lost` shown before folding began (the first departure)
+
+
+@dataclass(slots=True)
 class _Rejoin:
     """After a rejoin: what was sent before it and never confirmed waits for the replays of what
     we missed (they show whether it was published), then goes again, ahead of the rest."""
@@ -303,6 +323,11 @@ class ClientCore:
         self._ignore_probes: dict[int, str] = {}
         self._ignore_refs = itertools.count(IGNORE_REFS + secrets.randbelow(IGNORE_REFS))
         self._away = ""  # our away message, set again after a rejoin that starts us afresh
+        # Who is in each of our rooms (from an automatic `who ROOM`, then joins and departures):
+        # what a broker restart took away. Our who requests (ref -> room); folds by room.
+        self._occupants: dict[str, set[str]] = {}
+        self._who_refs: dict[int, str] = {}
+        self._folds: dict[str, _Fold] = {}
         # End-to-end private messages: our key pair (None: this client cannot send or read
         # them), the key of each name we wrote to this session, and key requests in flight (by
         # the ref of the draft that asked: it waits at the head of the queue for the answer).
@@ -424,6 +449,9 @@ class ClientCore:
         if self._watching() and t - self._last_heartbeat > L.BROKER_SILENCE_LOST:
             self._on_lost(StatusState.LOST, "connection to the broker lost; reconnecting", now.wall)
         self._apply(self.tracker.tick(t), now)
+        for room, fold in list(self._folds.items()):
+            if t >= min(fold.until, fold.ends):
+                self._end_fold(room, now)
         if self._rejoin is not None and t >= self._rejoin.until:
             self._resend()
         self._flush(now)
@@ -447,6 +475,7 @@ class ClientCore:
         backfill = self.tracker.deadline()
         if backfill is not None:
             times.append(backfill)
+        times += [min(fold.until, fold.ends) for fold in self._folds.values()]
         return min(times, default=None)
 
     # --- state for the UI ----------------------------------------------------------------
@@ -672,6 +701,82 @@ class ClientCore:
             return self._name_keys.get(name_key(event.name)) in self.ignored
         return False
 
+    # --- folding mass departures ---------------------------------------------------------
+
+    def _ask_who(self, room: str) -> None:
+        """Who is in `room`: asked (once per welcome, and on entering it) to know who a broker
+        restart takes away. The answer is not shown."""
+        ref = next(self._ignore_refs)
+        self._who_refs[ref] = room
+        self._outbox.append(Who(room=room, ref=ref))
+
+    def _on_occupants(self, reply: WhoReply) -> None:
+        room = self._who_refs.pop(reply.ref)  # type: ignore[arg-type]
+        if room in self.rooms:
+            self._occupants[room] = set(reply.names)
+
+    def _occupy(self, event: Event) -> None:
+        """Keep each room's occupants in step with its events."""
+        if isinstance(event, Joined):
+            if event.name == self.name and not event.chat and event.room not in self._occupants:
+                self._occupants[event.room] = {event.name}
+                self._ask_who(event.room)  # entered one more room: who is there
+            elif event.room in self._occupants:
+                self._occupants[event.room].add(event.name)
+        elif isinstance(event, Left):
+            if event.name == self.name and event.reason == LeftReason.PART:
+                self._occupants.pop(event.room, None)
+                self._folds.pop(event.room, None)
+            else:
+                self._occupants.get(event.room, set()).discard(event.name)
+        elif isinstance(event, Renamed) and event.room in self._occupants:
+            occupants = self._occupants[event.room]
+            if event.old in occupants:
+                occupants.discard(event.old)
+                occupants.add(event.new)
+
+    def _fold(self, event: Event, now: Now) -> bool:
+        """Fold a connection loss or return into its room's line: True when it is held. A lost
+        connection with no fold going shows, and starts one."""
+        if not isinstance(event, Joined | Left) or event.name == self.name:
+            return False
+        fold = self._folds.get(event.room)
+        if fold is not None:
+            return self._absorb(fold, event, now)
+        if isinstance(event, Left) and event.reason in _LOST:
+            self._folds[event.room] = _Fold({event.name}, set(), [], now.mono + FOLD_QUIET,
+                                            now.mono + FOLD_MAX, shown=1)
+        return False
+
+    def _absorb(self, fold: _Fold, event: Event, now: Now) -> bool:
+        if isinstance(event, Left) and event.reason in _LOST:
+            fold.lost.add(event.name)
+            fold.back.discard(event.name)
+        elif isinstance(event, Joined) and event.chat and event.name in fold.lost:
+            fold.back.add(event.name)
+        else:
+            return False
+        fold.held.append(event)
+        fold.until = now.mono + FOLD_QUIET
+        return True
+
+    def _end_fold(self, room: str, now: Now) -> None:
+        self._release_few(room)
+        fold = self._folds.pop(room)
+        if fold.held:
+            self._show(Folded(room, len(fold.lost), len(fold.back), now.wall))
+
+    def _release_few(self, room: str | None) -> None:
+        """While a fold holds notices of only a few people, anything else in its room shows
+        them first, as they came: a lone departure and return keep their order."""
+        fold = self._folds.get(room) if room is not None else None
+        if fold is None or not fold.held or len(fold.lost) >= FOLD_MIN:
+            return
+        held, fold.held = fold.held, []
+        for event in held:
+            if not self._repeated_notice(event) and not self._hidden(event):
+                self._show(event)
+
     def _info(self, text: str, now: Now) -> None:
         self._show(Status(StatusState.INFO, text, now.wall))
 
@@ -843,6 +948,14 @@ class ClientCore:
         self._last_heartbeat = now.mono
         self._last_sent = now.mono
         self._out.append(JoinDone(welcome))
+        if restarted:  # everyone lost the connection: fold their returns, room by room
+            for room in welcome.rooms:
+                lost = self._occupants.get(room, set()) - {welcome.name}
+                if len(lost) >= FOLD_MIN:
+                    self._folds[room] = _Fold(lost, set(), [], now.mono + FOLD_QUIET, now.mono + FOLD_MAX)
+        self._occupants = {}
+        for room in welcome.rooms:
+            self._ask_who(room)
         if self.ignored:
             self._probe_ignored()
         if not first and not welcome.resumed and self._away:  # the broker forgot it: say it again
@@ -999,8 +1112,15 @@ class ClientCore:
             self._confirm(event.ref)
         if isinstance(event, Error) and event.code == Code.BAD_REQUEST:
             event = _readable(event)
+        if isinstance(event, WhoReply) and event.ref is not None and event.ref in self._who_refs:
+            self._on_occupants(event)
+            return
         self._follow(event)
         self._learn_key(event)
+        self._occupy(event)
+        if self._fold(event, now):
+            return
+        self._release_few(getattr(event, "room", None))
         if self._repeated_notice(event):
             return  # the same arrival/departure/rename, seen again through another shared room
         if self._hidden(event):
@@ -1034,10 +1154,15 @@ class ClientCore:
             if not rejoin.rooms_due:
                 self._resend()
         shown = []
+        fold = self._folds.get(history.room) if history.after > 0 else None
         for event in events:  # in order: who holds a name changes along the way
             self._learn_key(event)
+            if fold is not None and self._absorb(fold, event, now):
+                continue  # a return after the broker restarted: part of the room's one line
             if not self._hidden(event):
                 shown.append(event)
+        if fold is not None and not shown and not history.lost and len(shown) < len(events):
+            return  # nothing left to show but the fold's line
         events = shown
         kind = ReplayKind.MISSED if history.after > 0 else ReplayKind.HISTORY
         skipped = 0

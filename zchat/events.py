@@ -97,7 +97,19 @@ class Pending:
     ts: float
 
 
-ClientEvent = Event | Status | Gap | Replay | Pending | PrivateMessage
+@dataclass(frozen=True)
+class Folded:
+    """Many people in `room` lost their connection at once (a broker restart, a relay's death):
+    one line instead of a notice for each departure and each return. `lost` of them went,
+    `back` of those came back within the window."""
+
+    room: str
+    lost: int
+    back: int
+    ts: float
+
+
+ClientEvent = Event | Status | Gap | Replay | Pending | PrivateMessage | Folded
 
 
 class Connection(StrEnum):

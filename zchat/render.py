@@ -17,6 +17,7 @@ from zchat.e2e import fingerprint
 from zchat.events import (
     ClientEvent,
     DirectDraft,
+    Folded,
     Gap,
     Pending,
     PrivateMessage,
@@ -214,6 +215,10 @@ def _body(event: ClientEvent, view: View) -> str | None:
         else:
             line = f"{n(view.me or '')}: {clean_text(said.text)}"
         return f"(pending) {line}"
+    if isinstance(event, Folded):
+        tag = f"{r(event.room)} " if view.room and event.room != view.room else ""
+        people = "1 person" if event.lost == 1 else f"{event.lost} people"
+        return f"{tag}- {people} lost their connection; {event.back} back."
     if isinstance(event, Gap):
         where = clean_text(event.topic)
         if where.startswith(ROOM_PREFIX):
