@@ -354,4 +354,5 @@ def test_a_few_lost_connections_are_shown_one_by_one_in_order(world: World) -> N
     bob.client.link_up = True
     world.advance_until(lambda: "- bob has joined the chat." in carol.screen[a:], 10)
     world.type("carol", "welcome back")  # shows bob's return first: the order is kept
-    assert after(alice, a) == ["- bob has left the chat.", "- bob has joined the chat.", "carol: welcome back"]
+    assert after(alice, a) == ["- bob has left the chat.", "- bob has joined the chat.",
+                               "carol: welcome back"]
