@@ -87,3 +87,19 @@ def test_an_ignore_list_is_kept_in_the_config_dir_across_client_restarts(chat: C
     carol.send("can you hear me?")
     again.wait_for(rf"{CLOCK} carol: can you hear me\?$")
     assert again.count("you cannot hear me") == 0
+
+
+def test_a_broker_restart_shows_one_line_for_everyone_who_lost_the_connection(chat: Chat) -> None:
+    chat.start_broker()
+    alice = chat.joined_client("alice")
+    crowd = [chat.joined_client(f"user{i}") for i in range(5)]
+    alice.wait_for(rf"{CLOCK} - user4 has joined the chat\.$")
+    alice.send("/who")  # (answered after every arrival above)
+    alice.wait_for(rf"{CLOCK} \* Online \(6\): ")
+    mark = len(alice.lines)
+    _restart(chat)
+    alice.wait_for(rf"{CLOCK} - 5 people lost their connection; 5 back\.$", timeout=30, start=mark)
+    crowd[0].send("all good?")
+    alice.wait_for(rf"{CLOCK} user0: all good\?$", start=mark)
+    since = alice.lines[mark:]
+    assert [line for line in since if "has joined" in line or "has left" in line] == [], since

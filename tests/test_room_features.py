@@ -6,6 +6,7 @@ Lines are compared without their `[HH:MM:SS] ` clock.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -356,3 +357,19 @@ def test_a_few_lost_connections_are_shown_one_by_one_in_order(world: World) -> N
     world.type("carol", "welcome back")  # shows bob's return first: the order is kept
     assert after(alice, a) == ["- bob has left the chat.", "- bob has joined the chat.",
                                "carol: welcome back"]
+
+
+def test_the_new_commands_parse_and_misuse_is_told_without_sending() -> None:
+    from zchat.commands import Command, UsageError, parse
+
+    assert parse("/topic") == Command("topic", ("",))
+    assert parse("/topic  Rust  & more ") == Command("topic", ("Rust  & more",))
+    assert parse("/away gone for lunch") == Command("away", ("gone for lunch",))
+    assert parse("/back") == Command("back", ())
+    assert parse("/ignore") == Command("ignore", ())
+    assert parse("/unban " + "ab" * 32) == Command("unban", ("ab" * 32,))
+    for line, usage in [("/unban", "usage: /unban NAME|KEY"), ("/unignore", "usage: /unignore NAME"),
+                        ("/back now", "usage: /back"), ("/bans all", "usage: /bans"),
+                        ("/ignore a b", "usage: /ignore [NAME]")]:
+        with pytest.raises(UsageError, match=re.escape(usage)):
+            parse(line)
