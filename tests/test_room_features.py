@@ -157,6 +157,18 @@ def test_away_is_shown_in_who_and_told_once_per_sender_per_away_period(world: Wo
     assert after(alice, a) == ["-> bob: and now?", "* bob is away: away", "-> bob: still?"]
 
 
+def test_a_muted_member_cannot_speak_through_an_away_message(closed: World) -> None:
+    alice, bob = closed.join("alice"), closed.join("bob")
+    closed.type("alice", "/mute bob 60")
+    b = len(bob.screen)
+    closed.type("bob", "/away listen to me")
+    closed.type("bob", "/back")
+    assert after(bob, b) == ["! you are muted for 60 more seconds", "* You are no longer marked as away."]
+    a = len(alice.screen)
+    closed.type("alice", "/who")
+    assert after(alice, a) == ["* Online (2): alice, bob"]
+
+
 def test_away_is_set_again_after_the_broker_restarts(world: World) -> None:
     alice, bob = world.join("alice"), world.join("bob")
     world.type("bob", "/away gone fishing")

@@ -296,7 +296,6 @@ class _Fold:
     held: list[Event]  # the notices folded, in order (shown as they are if few people)
     until: float  # shown when no more come before this (monotonic)...
     ends: float  # ...or at this at the latest
-    shown: int = 0  # notices of `lost` shown before folding began (the first departure)
 
 
 @dataclass(slots=True)
@@ -706,6 +705,8 @@ class ClientCore:
     def _ask_who(self, room: str) -> None:
         """Who is in `room`: asked (once per welcome, and on entering it) to know who a broker
         restart takes away. The answer is not shown."""
+        if len(self._who_refs) > 4 * L.MAX_ROOMS_PER_MEMBER:  # answers lost with a connection
+            self._who_refs.clear()
         ref = next(self._ignore_refs)
         self._who_refs[ref] = room
         self._outbox.append(Who(room=room, ref=ref))
@@ -745,7 +746,7 @@ class ClientCore:
             return self._absorb(fold, event, now)
         if isinstance(event, Left) and event.reason in _LOST:
             self._folds[event.room] = _Fold({event.name}, set(), [], now.mono + FOLD_QUIET,
-                                            now.mono + FOLD_MAX, shown=1)
+                                            now.mono + FOLD_MAX)
         return False
 
     def _absorb(self, fold: _Fold, event: Event, now: Now) -> bool:

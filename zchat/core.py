@@ -791,6 +791,8 @@ class BrokerCore:
             seq=seq, ts=self.ts(now), name=name, message=message))]
 
     def _away(self, peer: Peer, member: Member, away: Away, now: float) -> list[Out]:
+        if away.message and self.muted.get(peer.identity, 0.0) > now:
+            return self._muted(peer, now, None)  # its away message would speak for it
         member.away = clean_text(away.message).strip()
         member.away_told = set()  # a new away period: every sender is told again
         name, message = member.name, member.away
