@@ -1,5 +1,6 @@
 """What a room needs (issue 15 §2), in process from typed line to the exact lines on each
-screen (tests/chatkit.py): topics, away, ignore, unban and bans, the end of a mute.
+screen (tests/chatkit.py): topics, away, ignore, unban and bans, the end of a mute, and
+mass departures folded into one line.
 
 Lines are compared without their `[HH:MM:SS] ` clock.
 """
@@ -7,46 +8,20 @@ Lines are compared without their `[HH:MM:SS] ` clock.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_chat_screens as screens
 from chatkit import World, identity_of
 
-from zchat.accounts import Account
 from zchat.client import read_ignored, write_ignored
 from zchat.clientcore import FOLD_QUIET
 from zchat.e2e import fingerprint
 from zchat.protocol import RoomTopic, decode_event
 from zchat.render import clock
 
-
-@pytest.fixture
-def world() -> Iterator[World]:
-    w = World()
-    try:
-        yield w
-    finally:
-        w.close()
-
-
-@pytest.fixture
-def closed() -> Iterator[World]:
-    """Closed mode: alice is an admin, bob and carol are users."""
-    w = World(accounts={identity_of("alice"): Account("alice", "admin"),
-                        identity_of("bob"): Account("bob"), identity_of("carol"): Account("carol")})
-    try:
-        yield w
-    finally:
-        w.close()
-
-
-def after(user, mark: int) -> list[str]:  # type: ignore[no-untyped-def]
-    return user.screen[mark:]
-
-
-def marks(*users) -> list[int]:  # type: ignore[no-untyped-def]
-    return [len(user.screen) for user in users]
+# The in-process worlds and screen helpers of tests/test_chat_screens.py.
+world, closed, after, marks = screens.world, screens.closed, screens.after, screens.marks
 
 
 # --- /topic -------------------------------------------------------------------------------------
