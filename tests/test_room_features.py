@@ -360,3 +360,30 @@ def test_the_new_commands_parse_and_misuse_is_told_without_sending() -> None:
                         ("/ignore a b", "usage: /ignore [NAME]")]:
         with pytest.raises(UsageError, match=re.escape(usage)):
             parse(line)
+
+
+def test_topics_are_bounded_in_the_store_and_in_the_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zchat import limits as L
+    from zchat.core import BrokerCore
+    from zchat.history import HistoryStore
+
+    monkeypatch.setattr(L, "ROOM_TOPICS_KEPT", 2)
+    store = HistoryStore(":memory:")
+    try:
+        for i, room in enumerate(["a", "b", "c"]):
+            store.set_topic(f"r/{room}/", f"topic {room}", "alice", 100.0 + i)
+        assert store.topics() == {"b": ("topic b", "alice"), "c": ("topic c", "alice")}  # oldest first
+        store.set_topic("r/b/", "", "bob", 200.0)  # cleared
+        assert store.topics() == {"c": ("topic c", "alice")}
+    finally:
+        store.close()
+    core = BrokerCore("e", 0.0, topics={"a": ("x", "alice")})
+    identity = "a1" * 32
+    core.on_subscribe(identity, f"u/{identity}/", 0.0)
+    core.on_subscribe(identity, "r/lobby/", 0.0)
+    core.on_message(identity, b'{"type":"join","name":"alice","rooms":["lobby","b","c"]}', 1, 0.0)
+    for room in ("lobby", "b", "c"):
+        core.on_subscribe(identity, f"r/{room}/", 0.0)
+    for room in ("lobby", "b", "c"):
+        core.on_message(identity, f'{{"type":"topic","room":"{room}","text":"t {room}"}}'.encode(), 1, 1.0)
+    assert list(core.topics) == ["b", "c"]  # the one set longest ago went first
