@@ -28,6 +28,7 @@ from zchat.clientcore import (
     ClientCore,
     Effect,
     HandshakeFailed,
+    IgnoresChanged,
     JoinChat,
     JoinDone,
     LinkDown,
@@ -96,11 +97,14 @@ class LoopClient(ClientApi):
     and a link to the world instead of sockets."""
 
     def __init__(self, world: World, identity: str, rooms: list[str],
-                 on_event: Callable[[ClientEvent], None], history: int = L.DEFAULT_HISTORY) -> None:
+                 on_event: Callable[[ClientEvent], None], history: int = L.DEFAULT_HISTORY,
+                 ignored: dict[str, str] | None = None) -> None:
         super().__init__(rooms)
         self.world = world
         self.identity = identity
-        self.core = ClientCore(identity, rooms, history, keyring=Keyring(chatkit_secret(identity)))
+        self.core = ClientCore(identity, rooms, history, keyring=Keyring(chatkit_secret(identity)),
+                               ignored=ignored)
+        self.ignored_file: dict[str, str] | None = None  # what the shell would keep on disk
         self.on_event = on_event
         self.subscribed: dict[str, int] = {}  # what the SUB asks for
         self.approved: set[str] = set()  # what the broker installed
@@ -159,6 +163,8 @@ class LoopClient(ClientApi):
                 self.join_result = effect
             elif isinstance(effect, Stopped):
                 self.stopped = True
+            elif isinstance(effect, IgnoresChanged):
+                self.ignored_file = dict(effect.ignored)
         self.snapshot = self.core.snapshot()
 
     def receive(self) -> bool:
@@ -204,10 +210,10 @@ class World:
         self.epochs += 1
         self.broker = BrokerCore(f"epoch{self.epochs}", self.mono, self.limits, seqs=self.store.last_seqs(),
                                  known_names=self.store.known_names(), accounts=self.accounts,
-                                 banned=self.banned)
+                                 banned=self.banned, topics=self.store.topics())
         self.broker.wall_offset = self.wall - self.mono
         self.dispatch = Dispatcher(self.broker, self.store, self._published, Unsealed(),  # type: ignore[arg-type]
-                                   self._cut, self.banned.add)
+                                   self._cut, self.banned.add, self.banned.discard)
         self._next_tick = self.mono
         for client in self.clients:  # every SUB resends its subscriptions, every PUSH its queue
             self._connect(client)
@@ -347,7 +353,8 @@ class World:
     # --- users ----------------------------------------------------------------------
 
     def join(self, name: str, rooms: list[str] | None = None, history: int = L.DEFAULT_HISTORY,
-             key: str | None = None, own_arrival: bool = True) -> User:
+             key: str | None = None, own_arrival: bool = True,
+             ignored: dict[str, str] | None = None) -> User:
         """A new user types `name` at the prompt (`key`: whose key, if not the name's own)."""
         holder: list[User] = []
 
@@ -357,7 +364,8 @@ class World:
                 holder[0].screen.append(CLOCK.sub("", line))
 
         session = Session(color=False, write=show, own_arrival=own_arrival, now=lambda: self.wall)
-        client = LoopClient(self, identity_of(key or name), rooms or ["lobby"], session.on_event, history)
+        client = LoopClient(self, identity_of(key or name), rooms or ["lobby"], session.on_event, history,
+                            ignored)
         user = User(name, client, session)
         holder.append(user)
         self.users[key or name] = user

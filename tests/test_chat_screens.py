@@ -34,6 +34,7 @@ from zchat.protocol import (
     Welcome,
     WhoReply,
 )
+from zchat.render import clock
 from zchat.tui import EXIT_BANNED
 
 
@@ -171,9 +172,12 @@ def test_moderation_commands_in_closed_mode(closed: World) -> None:
     closed.type("alice", "/mute bob 0")
     closed.type("bob", "free again")
     closed.type("bob", "/nick robert")
-    shared = ["- bob was muted for 60 s by alice.", "- bob may speak again (alice).", "bob: free again"]
+    until = clock(closed.wall - 0.02 + 60)  # (each typed line takes 0.01 s)
+    shared = [f"- bob was muted for 60 s until {until} by alice.", "- bob may speak again (alice).",
+              "bob: free again"]
     assert after(alice, a) == shared
-    assert after(bob, b) == shared + ["! names are fixed by the operator here"]
+    assert after(bob, b) == [f"- You were muted for 60 s by alice. You may speak again at {until}.",
+                             *shared[1:], "! names are fixed by the operator here"]
     assert after(carol, c) == ["! only admins may do that"] + shared
 
 
@@ -330,7 +334,9 @@ def test_muted_and_rate_limited_refusals_name_their_message(closed: World) -> No
     b = len(bob.screen)
     closed.type("alice", "/mute bob 60")
     closed.type("bob", "can I talk?")
-    assert after(bob, b) == ["- bob was muted for 60 s by alice.", "! you are muted for 60 more seconds"]
+    until = clock(closed.wall - 0.01 + 60)
+    assert after(bob, b) == [f"- You were muted for 60 s by alice. You may speak again at {until}.",
+                             "! you are muted for 60 more seconds"]
     assert bob.client.core.pending == 0  # settled by the refusal: never sent again
 
 

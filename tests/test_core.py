@@ -52,7 +52,7 @@ def test_join_after_subscriptions_completes_at_once() -> None:
     assert welcome == Welcome(seq=1, ts=10.0, id=A, name="alice", epoch=EPOCH, rooms={"lobby": 0},
                               online=1, members=["alice"], heartbeat=2.0, rate_burst=7,
                               rate_per_second=3.5)
-    assert note == Joined(seq=1, ts=10.0, room="lobby", name="alice", chat=True)
+    assert note == Joined(seq=1, ts=10.0, room="lobby", name="alice", chat=True, key=A)
     assert core.online == 1
     assert core.member_name(A) == "alice"
 
@@ -113,7 +113,7 @@ def test_welcome_baseline_is_the_room_seq_before_the_joined_notice() -> None:
     assert welcome.members == ["alice", "bob"]
     assert welcome.seq == 1  # bob's private stream has its own numbering
     assert out[1].topic == LOBBY
-    assert note == Joined(seq=4, ts=1.0, room="lobby", name="bob", chat=True)
+    assert note == Joined(seq=4, ts=1.0, room="lobby", name="bob", chat=True, key=B)
 
 
 def test_rejoin_is_idempotent() -> None:

@@ -71,7 +71,7 @@ def test_first_join_announces_arrival_in_the_chat() -> None:
     core = make()
     out = joined(core, A, "alice", now=1.0)
     assert out[0].event.resumed is False
-    assert out[1].event == Joined(seq=1, ts=1.0, room="lobby", name="alice", chat=True)
+    assert out[1].event == Joined(seq=1, ts=1.0, room="lobby", name="alice", chat=True, key=A)
 
 
 def test_first_join_in_several_rooms_announces_arrival_in_each() -> None:
@@ -533,7 +533,7 @@ def test_enter_after_subscribing_completes_at_once() -> None:
     assert sub(core, A, r("rust")) == (True, [])
     out = send(core, A, 2.0, type="enter", room="#Rust")
     assert kinds(out) == [(r("rust"), "Joined")]
-    assert out[0].event == Joined(seq=1, ts=2.0, room="rust", name="alice", chat=False)
+    assert out[0].event == Joined(seq=1, ts=2.0, room="rust", name="alice", chat=False, key=A)
     assert rooms_of(core, A) == ["lobby", "rust"]
     assert core.rooms["rust"] == {A}
 
@@ -550,7 +550,7 @@ def test_enter_before_subscribing_waits_for_the_subscription() -> None:
     ok, out = sub(core, A, r("rust"), 3.0)
     assert ok is True
     assert kinds(out) == [(r("rust"), "Joined")]
-    assert out[0].event == Joined(seq=1, ts=3.0, room="rust", name="alice", chat=False)
+    assert out[0].event == Joined(seq=1, ts=3.0, room="rust", name="alice", chat=False, key=A)
     assert rooms_of(core, A) == ["lobby", "rust"]
     # Only once.
     assert sub(core, A, r("rust")) == (True, [])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from corekit import LOBBY, SYS, body, dm, u
 
@@ -350,7 +351,7 @@ def test_admin_mute_is_announced_in_each_of_the_targets_rooms() -> None:
     assert kinds(out) == [(LOBBY, "Muted"), (OPS, "Muted")]
     for publication, room in zip(publications, ("lobby", "ops"), strict=True):
         assert publication.event == Muted(seq=publication.event.seq, ts=10.0, room=room, name="bob",
-                                          by="alice", seconds=60, reason="calm down")
+                                          by="alice", seconds=60, reason="calm down", until=70.0)
     assert core.member_name(B) == "bob"  # still here
 
 
@@ -358,8 +359,11 @@ def test_mute_of_a_member_in_no_room_tells_them_privately() -> None:
     core = everyone(closed())
     send(core, B, type="part", room="lobby")
     out = pubs(send(core, A, 1.0, type="mute", name="bob", seconds=30))
-    assert kinds(out) == [(u(B), "Muted")]
+    # The admin shares no room with bob: told on its own stream too, with when it ends.
+    assert kinds(out) == [(u(B), "Muted"), (u(A), "Muted")]
     assert out[0].event.seconds == 30 and out[0].event.name == "bob"
+    assert out[1].event == msgspec.structs.replace(out[0].event, seq=out[1].event.seq)
+    assert out[0].event.until == 31.0
 
 
 @pytest.mark.parametrize("fields", [

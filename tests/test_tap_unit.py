@@ -443,7 +443,7 @@ def test_a_page_cut_short_by_the_brokers_byte_cap_asks_for_the_older_part() -> N
 def test_type_names_are_the_json_type_values_with_join_and_leave_as_aliases() -> None:
     assert parse_types("message, action,join,LEAVE") == {"message", "action", "joined", "left"}
     assert parse_types("gap,epoch,reset") == {"gap", "epoch", "reset"}
-    with pytest.raises(ValueError, match=r"unknown type chatter, talk; known: action, direct"):
+    with pytest.raises(ValueError, match=r"unknown type chatter, talk; known: action, away, bans, direct"):
         parse_types("talk,message,chatter")
     with pytest.raises(ValueError, match="unknown type"):
         parse_types(",")

@@ -232,7 +232,7 @@ class Broker:
         self.book = RelayBook()  # relays' clients and subscriptions
         self.core = BrokerCore(self.epoch, time.monotonic(), settings.limits, stored_seq=self.store.last_seq,
                                known_names=self.store.known_names(), accounts=accounts,
-                               banned=read_bans(self.bans_path))
+                               banned=read_bans(self.bans_path), topics=self.store.topics())
         self.boxes = BoxCache(self.keypair.secret)  # seals every u/<id>/ publication to <id>
         self.ctx = zmq.Context()
         self._stopping = False
@@ -337,7 +337,8 @@ class Broker:
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.monitor = self.pull.get_monitor_socket(MONITOR_EVENTS)
         self.xpub_monitor = self.xpub.get_monitor_socket(MONITOR_EVENTS)
-        self.dispatch = Dispatcher(self.core, self.store, self.xpub.send, self.boxes, self._cut, self._ban)
+        self.dispatch = Dispatcher(self.core, self.store, self.xpub.send, self.boxes, self._cut, self._ban,
+                                   self._unban)
         self._sockets_open = True
         ep = self.settings.endpoints
         for sock, endpoint in ((self.pull, ep.input), (self.xpub, ep.publish)):
@@ -552,6 +553,19 @@ class Broker:
                 bans.write(identity + "\n")
         except OSError as exc:
             log.error("cannot record the ban of %s in %s: %s; it holds until the broker stops",
+                      identity[:12], self.bans_path, exc.strerror or exc)
+
+    def _unban(self, identity: str) -> None:
+        # An admin's /unban: the file loses the key's lines (replaced whole, so a crash leaves
+        # the old file or the new one). A failure leaves the ban lifted until the broker stops.
+        try:
+            lines = self.bans_path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.split()[:1] != [identity]]
+            temporary = self.bans_path.with_name(self.bans_path.name + ".new")
+            temporary.write_text("".join(kept))
+            os.replace(temporary, self.bans_path)
+        except OSError as exc:
+            log.error("cannot remove the ban of %s from %s: %s; it comes back when the broker restarts",
                       identity[:12], self.bans_path, exc.strerror or exc)
 
     def run(self) -> int:

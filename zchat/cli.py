@@ -573,8 +573,11 @@ def cmd_client(args: argparse.Namespace) -> int:
         history = L.DEFAULT_HISTORY if interactive else 0
 
     def make_client(name: str, on_event):  # type: ignore[no-untyped-def]
-        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=_keypair(args, name),
-                                  history=history, broker_key=_broker_key(args),
+        keypair = _keypair(args, name)
+        # /ignore's list belongs to the key it was made with (a config dir may hold several).
+        ignore_file = _config_dir(args) / "ignored" / keypair.identity
+        settings = ClientSettings(endpoints=endpoints, server_key=server_key, keypair=keypair,
+                                  history=history, ignore_file=ignore_file, broker_key=_broker_key(args),
                                   alternates=_alternates(args, server_key))
         return ChatClient(settings, on_event)
 

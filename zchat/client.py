@@ -17,12 +17,14 @@ zchat/clientcore.py; this shell only moves bytes and requests:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
@@ -34,6 +36,7 @@ from zchat.clientcore import (
     Close,
     Effect,
     HandshakeFailed,
+    IgnoresChanged,
     JoinChat,
     JoinDone,
     LinkDown,
@@ -67,6 +70,33 @@ FAILOVER_AFTER = 2.0  # seconds lost (no heartbeat) before trying the next endpo
 SWITCH_MIN = 1.0  # least seconds between two switches of endpoint
 
 
+def read_ignored(path: Path | None) -> dict[str, str]:
+    """The ignore list: one "KEY NAME" line per ignored key (missing file: nobody)."""
+    ignored: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines() if path is not None else []
+    except OSError:
+        return ignored
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and len(words[0]) == 64:
+            ignored[words[0]] = words[1]
+    return ignored
+
+
+def write_ignored(path: Path | None, ignored: dict[str, str]) -> None:
+    """Replace the ignore list on disk (whole: a crash leaves the old file or the new one)."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".new")
+        temporary.write_text("".join(f"{key} {name}\n" for key, name in ignored.items()))
+        os.replace(temporary, path)
+    except OSError as exc:
+        log.error("cannot keep the ignore list in %s: %s", path, exc.strerror or exc)
+
+
 class JoinError(Exception):
     """Joining failed; `code` is a protocol error code or unreachable/auth/handshake/timeout."""
 
@@ -86,6 +116,7 @@ class ClientSettings:
     broker_key: bytes | None = None  # z85; through a relay, the broker's (it seals u/<id>/), else server_key
     # Other endpoints (relays) with their server keys: tried in turn when the link is lost.
     alternates: list[tuple[Endpoints, bytes]] = field(default_factory=list)
+    ignore_file: Path | None = None  # /ignore's list, kept across restarts ("KEY NAME" lines)
 
 
 class ChatClient(ClientApi):
@@ -100,7 +131,8 @@ class ChatClient(ClientApi):
         self._box = box_for(settings.keypair.secret, settings.broker_key or settings.server_key)
         self.unopened = 0  # u/ publications that did not open with our key: dropped
         self.core = ClientCore(self.identity, settings.rooms, settings.history, settings.max_unconfirmed,
-                               keyring=Keyring(key_bytes(settings.keypair.secret)))
+                               keyring=Keyring(key_bytes(settings.keypair.secret)),
+                               ignored=read_ignored(settings.ignore_file))
         self.ctx = zmq.Context()
         self._requests: deque[RequestType] = deque()
         self._wake_lock = threading.Lock()
@@ -341,6 +373,8 @@ class ChatClient(ClientApi):
                 self._join_done.set()
             elif isinstance(effect, Stopped):
                 self._stopped = True
+            elif isinstance(effect, IgnoresChanged):
+                write_ignored(self.settings.ignore_file, effect.ignored)
         # After a Show too: its view may already be the core's, and a waiter (wait_delivered)
         # must wake once on_event has seen what settled a message, not at its timeout.
         if shown or self.snapshot is not self.core.snapshot():

@@ -43,6 +43,7 @@ from zchat.events import (
     ClientEvent,
     Connection,
     DirectDraft,
+    Folded,
     Gap,
     Pending,
     PrivateMessage,
@@ -58,7 +59,9 @@ from zchat.protocol import (
     DEFAULT_ROOM,
     SYSTEM_TOPIC,
     Action,
+    Away,
     Ban,
+    Bans,
     ClientMessage,
     Code,
     Direct,
@@ -91,11 +94,14 @@ from zchat.protocol import (
     RoomList,
     Rooms,
     Say,
+    SetTopic,
     Shutdown,
+    Unban,
     Welcome,
     Who,
     WhoReply,
     clean_message,
+    clean_text,
     decode_event,
     name_key,
     private_topic,
@@ -112,6 +118,14 @@ BACKFILL_PAGES = 20  # a gap is recovered up to this many full history pages (it
 # Joining: no welcome on our private stream this long after subscribing it means the broker may
 # not have installed it (PROTOCOL.md "Sealed private streams"): unsubscribe and subscribe again.
 RESUBSCRIBE_WAIT = 1.0
+IGNORE_REFS = 1 << 42  # key requests made for /ignore are numbered from here (above the others)
+# Mass events (PROTOCOL.md "Folding mass departures"): a room's connection losses and returns
+# are folded into one line while they keep coming (each extends the window by FOLD_QUIET, up to
+# FOLD_MAX after the first); fewer than FOLD_MIN people are shown one by one, as they came.
+FOLD_QUIET = 3.0
+FOLD_MAX = 30.0
+FOLD_MIN = 3
+_LOST = (LeftReason.DISCONNECTED, LeftReason.TIMEOUT)
 
 SpokenMessage = Say | Me | DirectDraft
 
@@ -202,8 +216,21 @@ class Close:
     message: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    """/ignore NAME: hide what the key now holding NAME says (its key is asked for if unknown);
+    with no name, list whom we ignore."""
+
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unignore:
+    name: str
+
+
 RequestType = (JoinChat | CancelJoin | Speak | Ask | PostOnce | EnterRoom | ChangeName | Reconnect
-               | HandshakeFailed | LinkDown | Close)
+               | HandshakeFailed | LinkDown | Close | Ignore | Unignore)
 
 # --- effects: what the shell carries out, in order ------------------------------------------
 
@@ -245,13 +272,31 @@ class Stopped:
     """Closing is done: stop the I/O loop."""
 
 
-Effect = Send | Subscribe | Unsubscribe | Show | JoinDone | Stopped
+@dataclass(frozen=True, slots=True)
+class IgnoresChanged:
+    """The ignore list changed: the shell keeps it (key -> the name it had) across restarts."""
+
+    ignored: dict[str, str]
+
+
+Effect = Send | Subscribe | Unsubscribe | Show | JoinDone | Stopped | IgnoresChanged
 
 
 @dataclass(slots=True)
 class _Outgoing:
     message: SpokenMessage
     sent: bool = False  # handed to the socket (since the last rejoin)
+
+
+@dataclass(slots=True)
+class _Fold:
+    """A room's departures and returns being folded into one line."""
+
+    lost: set[str]  # names that lost their connection
+    back: set[str]  # ...and came back since
+    held: list[Event]  # the notices folded, in order (shown as they are if few people)
+    until: float  # shown when no more come before this (monotonic)...
+    ends: float  # ...or at this at the latest
 
 
 @dataclass(slots=True)
@@ -267,8 +312,22 @@ class _Rejoin:
 class ClientCore:
     def __init__(self, identity: str, rooms: Iterable[str] = (DEFAULT_ROOM,),
                  history: int = L.DEFAULT_HISTORY, max_unconfirmed: int = 1000,
-                 keyring: Keyring | None = None) -> None:
+                 keyring: Keyring | None = None, ignored: dict[str, str] | None = None) -> None:
         self.identity = identity
+        # /ignore, bound to keys (a rename does not escape it): key -> the name it had when
+        # ignored; which key each name is held by, as joins, renames and key answers tell us;
+        # our key requests for /ignore (ref -> name), and those checking an ignored key's name.
+        self.ignored: dict[str, str] = dict(ignored or {})
+        self._name_keys: dict[str, str] = {}
+        self._ignore_asks: dict[int, str] = {}
+        self._ignore_probes: dict[int, str] = {}
+        self._ignore_refs = itertools.count(IGNORE_REFS + secrets.randbelow(IGNORE_REFS))
+        self._away = ""  # our away message, set again after a rejoin that starts us afresh
+        # Who is in each of our rooms (from an automatic `who ROOM`, then joins and departures):
+        # what a broker restart took away. Our who requests (ref -> room); folds by room.
+        self._occupants: dict[str, set[str]] = {}
+        self._who_refs: dict[int, str] = {}
+        self._folds: dict[str, _Fold] = {}
         # End-to-end private messages: our key pair (None: this client cannot send or read
         # them), the key of each name we wrote to this session, and key requests in flight (by
         # the ref of the draft that asked: it waits at the head of the queue for the answer).
@@ -350,6 +409,10 @@ class ClientCore:
         elif isinstance(request, Close):
             self._close(request.message, now)
             return self._take()
+        elif isinstance(request, Ignore):
+            self._ignore(request.name, now)
+        elif isinstance(request, Unignore):
+            self._unignore(request.name, now)
         self._flush(now)
         return self._take()
 
@@ -386,6 +449,9 @@ class ClientCore:
         if self._watching() and t - self._last_heartbeat > L.BROKER_SILENCE_LOST:
             self._on_lost(StatusState.LOST, "connection to the broker lost; reconnecting", now.wall)
         self._apply(self.tracker.tick(t), now)
+        for room, fold in list(self._folds.items()):
+            if t >= min(fold.until, fold.ends):
+                self._end_fold(room, now)
         if self._rejoin is not None and t >= self._rejoin.until:
             self._resend()
         self._flush(now)
@@ -409,6 +475,7 @@ class ClientCore:
         backfill = self.tracker.deadline()
         if backfill is not None:
             times.append(backfill)
+        times += [min(fold.until, fold.ends) for fold in self._folds.values()]
         return min(times, default=None)
 
     # --- state for the UI ----------------------------------------------------------------
@@ -549,6 +616,172 @@ class ClientCore:
         return PrivateMessage(event.seq, event.ts, event.name, event.to, event.from_, text, event.ref,
                               event.offline)
 
+    # --- /ignore -----------------------------------------------------------------------
+
+    def _ignore(self, name: str | None, now: Now) -> None:
+        if name is None:
+            listed = ", ".join(f"{clean_text(label)} ({fingerprint(key)})"
+                               for key, label in self.ignored.items())
+            self._info(f"Ignored: {listed}." if listed else "You ignore nobody.", now)
+            return
+        key = self._name_keys.get(name_key(name))
+        if key is not None:
+            self._ignore_key(key, name, now)
+            return
+        ref = next(self._ignore_refs)
+        self._ignore_asks[ref] = name
+        self._ask(KeyRequest(name=name, ref=ref), now)
+
+    def _ignore_key(self, key: str, name: str, now: Now) -> None:
+        if key == self.identity:
+            self._info("You cannot ignore yourself.", now)
+            return
+        self.ignored.pop(key, None)
+        self.ignored[key] = name
+        self._name_keys[name_key(name)] = key
+        self._out.append(IgnoresChanged(dict(self.ignored)))
+        self._info(f"Ignoring {clean_text(name)} (key {fingerprint(key)}): what that key says is hidden, "
+                   f"whatever its name. /unignore {clean_text(name)} to undo.", now)
+
+    def _unignore(self, name: str, now: Now) -> None:
+        wanted = name_key(name)
+        keys = [key for key, label in self.ignored.items() if name_key(label) == wanted]
+        holder = self._name_keys.get(wanted)
+        if holder in self.ignored and holder not in keys:
+            keys.append(holder)
+        if not keys:
+            self._info(f"You do not ignore {clean_text(name)}.", now)
+            return
+        for key in keys:
+            del self.ignored[key]
+        self._out.append(IgnoresChanged(dict(self.ignored)))
+        self._info(f"No longer ignoring {clean_text(name)}.", now)
+
+    def _on_ignore_key(self, reply: KeyReply, now: Now) -> bool:
+        """A key answer to /ignore, or to our check of an ignored key's name: True if ours."""
+        ref = reply.ref
+        if ref in self._ignore_asks:
+            self._ignore_key(reply.key, self._ignore_asks.pop(ref), now)  # type: ignore[arg-type]
+            return True
+        if ref in self._ignore_probes:
+            if reply.online:
+                self._name_keys[name_key(reply.name)] = reply.key
+            del self._ignore_probes[ref]  # type: ignore[arg-type]
+            return True
+        return False
+
+    def _probe_ignored(self) -> None:
+        """Joining: ask which key holds each ignored key's name now (people here before us)."""
+        self._ignore_probes.clear()
+        for label in dict.fromkeys(self.ignored.values()):
+            ref = next(self._ignore_refs)
+            self._ignore_probes[ref] = label
+            self._outbox.append(KeyRequest(name=label, ref=ref))
+
+    def _learn_key(self, event: Event) -> None:
+        """Keep which key holds which name (for /ignore)."""
+        if isinstance(event, Joined) and event.key:
+            self._name_keys[name_key(event.name)] = event.key
+        elif isinstance(event, Renamed):
+            key = self._name_keys.pop(name_key(event.old), None)
+            if key is not None:
+                self._name_keys[name_key(event.new)] = key
+        elif isinstance(event, Left) and event.reason != LeftReason.PART:
+            self._name_keys.pop(name_key(event.name), None)
+        if len(self._name_keys) > L.KNOWN_NAMES:  # a long session in a busy chat: start afresh
+            self._name_keys.clear()
+
+    def _hidden(self, event: object) -> bool:
+        """Said by a key we ignore: not shown."""
+        if not self.ignored:
+            return False
+        if isinstance(event, PrivateMessage):
+            return event.key in self.ignored
+        if isinstance(event, (Message, Action)):
+            return self._name_keys.get(name_key(event.name)) in self.ignored
+        return False
+
+    # --- folding mass departures ---------------------------------------------------------
+
+    def _ask_who(self, room: str) -> None:
+        """Who is in `room`: asked (once per welcome, and on entering it) to know who a broker
+        restart takes away. The answer is not shown."""
+        if len(self._who_refs) > 4 * L.MAX_ROOMS_PER_MEMBER:  # answers lost with a connection
+            self._who_refs.clear()
+        ref = next(self._ignore_refs)
+        self._who_refs[ref] = room
+        self._outbox.append(Who(room=room, ref=ref))
+
+    def _on_occupants(self, reply: WhoReply) -> None:
+        room = self._who_refs.pop(reply.ref)  # type: ignore[arg-type]
+        if room in self.rooms:
+            self._occupants[room] = set(reply.names)
+
+    def _occupy(self, event: Event) -> None:
+        """Keep each room's occupants in step with its events."""
+        if isinstance(event, Joined):
+            if event.name == self.name and not event.chat and event.room not in self._occupants:
+                self._occupants[event.room] = {event.name}
+                self._ask_who(event.room)  # entered one more room: who is there
+            elif event.room in self._occupants:
+                self._occupants[event.room].add(event.name)
+        elif isinstance(event, Left):
+            if event.name == self.name and event.reason == LeftReason.PART:
+                self._occupants.pop(event.room, None)
+                self._folds.pop(event.room, None)
+            else:
+                self._occupants.get(event.room, set()).discard(event.name)
+        elif isinstance(event, Renamed) and event.room in self._occupants:
+            occupants = self._occupants[event.room]
+            if event.old in occupants:
+                occupants.discard(event.old)
+                occupants.add(event.new)
+
+    def _fold(self, event: Event, now: Now) -> bool:
+        """Fold a connection loss or return into its room's line: True when it is held. A lost
+        connection with no fold going shows, and starts one."""
+        if not isinstance(event, Joined | Left) or event.name == self.name:
+            return False
+        fold = self._folds.get(event.room)
+        if fold is not None:
+            return self._absorb(fold, event, now)
+        if isinstance(event, Left) and event.reason in _LOST:
+            self._folds[event.room] = _Fold({event.name}, set(), [], now.mono + FOLD_QUIET,
+                                            now.mono + FOLD_MAX)
+        return False
+
+    def _absorb(self, fold: _Fold, event: Event, now: Now) -> bool:
+        if isinstance(event, Left) and event.reason in _LOST:
+            fold.lost.add(event.name)
+            fold.back.discard(event.name)
+        elif isinstance(event, Joined) and event.chat and event.name in fold.lost:
+            fold.back.add(event.name)
+        else:
+            return False
+        fold.held.append(event)
+        fold.until = now.mono + FOLD_QUIET
+        return True
+
+    def _end_fold(self, room: str, now: Now) -> None:
+        self._release_few(room)
+        fold = self._folds.pop(room)
+        if fold.held:
+            self._show(Folded(room, len(fold.lost), len(fold.back), now.wall))
+
+    def _release_few(self, room: str | None) -> None:
+        """While a fold holds notices of only a few people, anything else in its room shows
+        them first, as they came: a lone departure and return keep their order."""
+        fold = self._folds.get(room) if room is not None else None
+        if fold is None or not fold.held or len(fold.lost) >= FOLD_MIN:
+            return
+        held, fold.held = fold.held, []
+        for event in held:
+            if not self._repeated_notice(event) and not self._hidden(event):
+                self._show(event)
+
+    def _info(self, text: str, now: Now) -> None:
+        self._show(Status(StatusState.INFO, text, now.wall))
+
     def _ask(self, message: ClientMessage, now: Now) -> None:
         if self._removed is not None:
             self._refuse(None, Code.NOT_JOINED, self._removed_detail(), now)
@@ -557,6 +790,8 @@ class ClientCore:
         if problem is not None:  # the broker's refusal would quote its validator
             self._refuse(None, *problem, now)
             return
+        if isinstance(message, Away):
+            self._away = message.message
         self._outbox.append(message)
 
     def _post(self, message: Post, now: Now) -> None:
@@ -715,6 +950,18 @@ class ClientCore:
         self._last_heartbeat = now.mono
         self._last_sent = now.mono
         self._out.append(JoinDone(welcome))
+        if restarted:  # everyone lost the connection: fold their returns, room by room
+            for room in welcome.rooms:
+                lost = self._occupants.get(room, set()) - {welcome.name}
+                if len(lost) >= FOLD_MIN:
+                    self._folds[room] = _Fold(lost, set(), [], now.mono + FOLD_QUIET, now.mono + FOLD_MAX)
+        self._occupants = {}
+        for room in welcome.rooms:
+            self._ask_who(room)
+        if self.ignored:
+            self._probe_ignored()
+        if not first and not welcome.resumed and self._away:  # the broker forgot it: say it again
+            self._outbox.append(Away(message=self._away))
         if first:
             self._show(welcome)
         else:
@@ -823,6 +1070,8 @@ class ClientCore:
 
     def _show_recovered(self, topic: str, events: list[Event], lost: int) -> None:
         room = room_of_topic(topic)
+        if self.ignored:
+            events = [event for event in events if not self._hidden(event)]
         if events and room is not None:
             self._show(Replay(ReplayKind.BACKFILL, room, events, lost, self._last_ts))
         elif lost:
@@ -844,11 +1093,18 @@ class ClientCore:
             opened = self._open_direct(event)
             if opened.ref is not None and opened.key == self.identity:
                 self._confirm(opened.ref)
-            self._show(opened)
+            if not self._hidden(opened):
+                self._show(opened)
             return
         if isinstance(event, KeyReply):
-            self._on_key(event)
+            if not self._on_ignore_key(event, now):
+                self._on_key(event)
             return
+        if isinstance(event, Error) and event.ref is not None and (
+                self._ignore_probes.pop(event.ref, None) is not None):
+            return  # an ignored key's name is not held now: nothing to say
+        if isinstance(event, Error) and event.ref is not None:
+            self._ignore_asks.pop(event.ref, None)  # /ignore of an unknown name: shown below
         if isinstance(event, Error) and event.code == Code.KEY_CHANGED:
             self._on_key_changed(event, now)
             return
@@ -858,9 +1114,19 @@ class ClientCore:
             self._confirm(event.ref)
         if isinstance(event, Error) and event.code == Code.BAD_REQUEST:
             event = _readable(event)
+        if isinstance(event, WhoReply) and event.ref is not None and event.ref in self._who_refs:
+            self._on_occupants(event)
+            return
         self._follow(event)
+        self._learn_key(event)
+        self._occupy(event)
+        if self._fold(event, now):
+            return
+        self._release_few(getattr(event, "room", None))
         if self._repeated_notice(event):
             return  # the same arrival/departure/rename, seen again through another shared room
+        if self._hidden(event):
+            return
         self._show(event)
         if isinstance(event, Error) and event.ref is not None:
             self._confirm(event.ref)  # refused: settled too, and never sent again
@@ -889,6 +1155,17 @@ class ClientCore:
             rejoin.rooms_due.discard(history.room)
             if not rejoin.rooms_due:
                 self._resend()
+        shown = []
+        fold = self._folds.get(history.room) if history.after > 0 else None
+        for event in events:  # in order: who holds a name changes along the way
+            self._learn_key(event)
+            if fold is not None and self._absorb(fold, event, now):
+                continue  # a return after the broker restarted: part of the room's one line
+            if not self._hidden(event):
+                shown.append(event)
+        if fold is not None and not shown and not history.lost and len(shown) < len(events):
+            return  # nothing left to show but the fold's line
+        events = shown
         kind = ReplayKind.MISSED if history.after > 0 else ReplayKind.HISTORY
         skipped = 0
         if history.after > 0 and events and events[0].seq > history.after + 1 + history.lost:
@@ -1146,6 +1423,29 @@ class ClientApi:
     def reconnect(self) -> None:
         """Rejoin after a kick, or after a rejoin found our name taken."""
         self._submit(Reconnect())
+
+    def topic(self, room: str, text: str | None = None) -> None:
+        """Ask `room`'s topic (None) or set it ("" clears it)."""
+        self._submit(Ask(SetTopic(room=room, text=text)))
+
+    def away(self, message: str = "") -> None:
+        """Mark ourselves away with `message`; "" marks us back."""
+        self._submit(Ask(Away(message=message)))
+
+    def ignore(self, name: str | None = None) -> None:
+        """Hide what NAME's key says, from now on and across restarts; None lists them."""
+        self._submit(Ignore(name))
+
+    def unignore(self, name: str) -> None:
+        self._submit(Unignore(name))
+
+    def unban(self, target: str) -> None:
+        """Admin: lift the ban of a name's last key, or of a key."""
+        self._submit(Ask(Unban(target=target)))
+
+    def bans(self) -> None:
+        """Admin: list the banned keys."""
+        self._submit(Ask(Bans()))
 
     def _default_room(self) -> str:
         rooms = self.snapshot.rooms

@@ -26,10 +26,19 @@ COMMANDS: dict[str, Spec] = {
     "/rooms": Spec("", "list the rooms and how many are in each", 0),
     "/history": Spec("[N]", "show the last N stored events of the current room (default "
                      f"{DEFAULT_HISTORY})", 0),
+    "/topic": Spec("[TEXT]", "show the current room's topic, or set it to TEXT ('-' clears it)", 0, True),
+    "/away": Spec("[MESSAGE]", "mark yourself away: shown in /who, and told once to whoever writes "
+                  "to you privately", 0, True),
+    "/back": Spec("", "you are back: no longer marked away", 0),
+    "/ignore": Spec("[NAME]", "hide what NAME says, bound to their key (a new name does not escape "
+                    "it), kept across restarts; alone: list whom you ignore", 0),
+    "/unignore": Spec("NAME", "stop ignoring NAME", 1),
     "/kick": Spec("NAME [REASON]", "admin: remove NAME from the chat", 1, True),
     "/ban": Spec("NAME [REASON]", "admin: remove NAME and refuse their key from now on", 1, True),
     "/mute": Spec("NAME [SECONDS]", "admin: NAME may not speak for SECONDS (default "
                   f"{MUTE_DEFAULT_SECONDS}; 0 lifts it)", 1),
+    "/unban": Spec("NAME|KEY", "admin: let a banned key (or the last key to hold NAME) come back", 1),
+    "/bans": Spec("", "admin: list the banned keys", 0),
     "/reconnect": Spec("", "come back after being kicked (or after a rejoin found your name taken)", 0),
     "/quit": Spec("[MESSAGE]", "leave the chat; others see MESSAGE", 0, True),
     "/help": Spec("[COMMAND]", "list the commands, or explain one", 0),

@@ -25,7 +25,11 @@ from zchat.protocol import (
     ROOM_PREFIX,
     SYSTEM_TOPIC,
     Action,
+    Away,
+    AwayNotice,
     Ban,
+    BanList,
+    Bans,
     Code,
     Direct,
     Enter,
@@ -56,9 +60,13 @@ from zchat.protocol import (
     Renamed,
     RoomList,
     Rooms,
+    RoomTopic,
     Say,
+    SetTopic,
     Shutdown,
     Since,
+    Unban,
+    Unbanned,
     Welcome,
     Who,
     WhoReply,
@@ -185,7 +193,24 @@ class FindSince:
     ref: int | None = None
 
 
-Out = Publish | Fetch | Mail | DeliverMail | Remember | Disconnect | Banned | FindSince
+@dataclass(slots=True)
+class Pardoned:
+    """An admin lifted this identity's ban: forget it across restarts too."""
+
+    identity: str
+
+
+@dataclass(slots=True)
+class KeepTopic:
+    """Store `room`'s topic ("" : none) so it survives a restart."""
+
+    room: str
+    text: str
+    by: str
+
+
+Out = (Publish | Fetch | Mail | DeliverMail | Remember | Disconnect | Banned | FindSince | Pardoned
+       | KeepTopic)
 
 
 @dataclass(slots=True)
@@ -193,6 +218,8 @@ class Member:
     name: str
     rooms: list[str]
     history: int = L.DEFAULT_HISTORY  # events of history wanted when entering a room
+    away: str = ""  # its away message ("" : here)
+    away_told: set[str] = field(default_factory=set)  # senders told it is away, this away period
 
 
 @dataclass(slots=True)
@@ -243,7 +270,8 @@ class BrokerCore:
     def __init__(self, epoch: str, now: float, limits: Limits | None = None,
                  seqs: dict[str, int] | None = None, known_names: dict[str, str] | None = None,
                  accounts: dict[str, Account] | None = None, banned: set[str] | None = None,
-                 stored_seq: Callable[[str], int] | None = None) -> None:
+                 stored_seq: Callable[[str], int] | None = None,
+                 topics: dict[str, tuple[str, str]] | None = None) -> None:
         """Room numbers come from storage, so numbering continues after a restart: the core
         keeps in memory only the rooms in use (members, or events in the last few heartbeats)
         and asks `stored_seq(topic)` for a room's last number when it is used again; the
@@ -260,6 +288,8 @@ class BrokerCore:
         self.accounts = accounts
         self.banned: set[str] = set(banned or ())
         self.muted: dict[str, float] = {}  # identity -> until when it may not speak
+        # room -> (topic, who set it), from storage; the most recently set last (bounded).
+        self.topics: dict[str, tuple[str, str]] = dict(topics or {})
         self.limits = limits or Limits()
         self.peers: dict[str, Peer] = {}
         self.names: dict[str, str] = {}  # name_key(name) -> identity, online members
@@ -581,7 +611,7 @@ class BrokerCore:
             members=[self.peers[i].member.name for i in islice(self.names.values(), L.MEMBERS_IN_WELCOME)],  # type: ignore[union-attr]
             heartbeat=self.limits.heartbeat_interval, rate_burst=self.limits.rate_burst,
             rate_per_second=self.limits.rate_per_second, resumed=resumed)))
-        return out + fetches + joined
+        return out + self._tell_topics(peer, new_rooms, now) + fetches + joined
 
     def _remember(self, name: str, identity: str) -> list[Out]:
         key = name_key(name)
@@ -772,7 +802,85 @@ class BrokerCore:
         if bound != sender:
             out.append(self._publish(private_topic(bound), lambda seq: Direct(
                 seq=seq, ts=self.ts(now), name=member.name, to=holder, from_=sender, box=msg.box)))
+            out += self._away_notice(peer, self.peers[bound].member, now)
         return out
+
+    def _away_notice(self, peer: Peer, recipient: Member | None, now: float) -> list[Out]:
+        """A private message reached someone away: its sender is told, once per away period.
+        (The broker cannot read the message; it knows whom it is for.)"""
+        if recipient is None or not recipient.away or peer.identity in recipient.away_told:
+            return []
+        recipient.away_told.add(peer.identity)
+        name, message = recipient.name, recipient.away
+        return [self._publish(private_topic(peer.identity), lambda seq: AwayNotice(
+            seq=seq, ts=self.ts(now), name=name, message=message))]
+
+    def _away(self, peer: Peer, member: Member, away: Away, now: float) -> list[Out]:
+        if away.message and self.muted.get(peer.identity, 0.0) > now:
+            return self._muted(peer, now, None)  # its away message would speak for it
+        member.away = clean_text(away.message).strip()
+        member.away_told = set()  # a new away period: every sender is told again
+        name, message = member.name, member.away
+        return [self._publish(private_topic(peer.identity), lambda seq: AwayNotice(
+            seq=seq, ts=self.ts(now), name=name, message=message))]
+
+    def _topic(self, peer: Peer, member: Member, request: SetTopic, now: float) -> list[Out]:
+        """Ask a room's topic (any room), or set it: a member of the room; in closed mode an admin."""
+        if request.text is None:
+            room = normalize_room(request.room)
+            if room is None:
+                return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {request.room!r}",
+                                   request.ref)
+            text, by = self.topics.get(room, ("", ""))
+            return [self._publish(private_topic(peer.identity), lambda seq: RoomTopic(
+                seq=seq, ts=self.ts(now), room=room, text=text, by=by, ref=request.ref))]
+        if self.accounts is not None and self._role(peer.identity) != "admin":
+            return self._error(peer, now, Code.FORBIDDEN, "only admins may change a topic here", request.ref)
+        if self.muted.get(peer.identity, 0.0) > now:
+            return self._muted(peer, now, request.ref)
+        room, error = self._room_of(peer, member, request.room, now, request.ref)
+        if room is None:
+            return error
+        text = clean_text(request.text).strip()
+        self.topics.pop(room, None)  # re-insert: dict order is the order they were set
+        if text:
+            self.topics[room] = (text, member.name)
+            if len(self.topics) > L.ROOM_TOPICS_KEPT:
+                del self.topics[next(iter(self.topics))]
+        return [KeepTopic(room, text, member.name), self._publish(room_topic(room), lambda seq: RoomTopic(
+            seq=seq, ts=self.ts(now), room=room, text=text, by=member.name, changed=True, ref=request.ref))]
+
+    def _bans(self, peer: Peer, member: Member, request: Bans, now: float) -> list[Out]:
+        if self._role(peer.identity) != "admin":
+            return self._error(peer, now, Code.FORBIDDEN, "only admins may do that", request.ref)
+        names = self._last_names(self.banned)
+        listed = {key: names.get(key, "") for key in sorted(self.banned)[:L.MAX_NAMES_IN_REPLY]}
+        return [self._publish(private_topic(peer.identity), lambda seq: BanList(
+            seq=seq, ts=self.ts(now), bans=listed, count=len(self.banned), ref=request.ref))]
+
+    def _last_names(self, identities: set[str]) -> dict[str, str]:
+        """The name (case-folded) each of `identities` held last, where known."""
+        found: dict[str, str] = {}
+        if identities:
+            for key, identity in self.known_names.items():
+                if identity in identities:
+                    found[identity] = key  # the latest holding wins: the dict is in recency order
+        return found
+
+    def _unban(self, peer: Peer, member: Member, request: Unban, now: float) -> list[Out]:
+        if self._role(peer.identity) != "admin":
+            return self._error(peer, now, Code.FORBIDDEN, "only admins may do that", request.ref)
+        target = request.target
+        is_key = len(target) == 64 and all(c in "0123456789abcdef" for c in target)
+        identity = target if is_key else self.known_names.get(name_key(target.removeprefix("@")))
+        if identity is None or identity not in self.banned:
+            what = "that key" if is_key else f"{clean_text(target)!r}"
+            last = "" if is_key or identity is None else " (the last key to hold that name)"
+            return self._error(peer, now, Code.NOT_BANNED, f"{what}{last} is not banned", request.ref)
+        self.banned.discard(identity)
+        name = self._last_names({identity}).get(identity, "")
+        return [Pardoned(identity), self._publish(private_topic(peer.identity), lambda seq: Unbanned(
+            seq=seq, ts=self.ts(now), key=identity, name=name, by=member.name, ref=request.ref))]
 
     def _nick(self, peer: Peer, member: Member, nick: Nick, now: float) -> list[Out]:
         if self.accounts is not None:
@@ -795,16 +903,20 @@ class BrokerCore:
             if room is None:
                 return self._error(peer, now, Code.INVALID_ROOM, f"invalid room {who.room!r}", who.ref)
             identities = self.rooms.get(room, ())
-        names = sorted((self.peers[i].member.name for i in identities), key=str.casefold)  # type: ignore[union-attr]
+        members = sorted((self.peers[i].member for i in identities),  # type: ignore[misc]
+                         key=lambda m: m.name.casefold())  # type: ignore[union-attr]
+        names = [m.name for m in members]
+        away = {m.name: m.away for m in members[:L.MAX_NAMES_IN_REPLY] if m.away}
         return [self._publish(private_topic(peer.identity), lambda seq: WhoReply(
             seq=seq, ts=self.ts(now), room=room, names=names[:L.MAX_NAMES_IN_REPLY], count=len(names),
-            ref=who.ref))]
+            ref=who.ref, away=away))]
 
     def _rooms(self, peer: Peer, member: Member, request: Rooms, now: float) -> list[Out]:
         biggest = sorted(self.rooms.items(), key=lambda item: (-len(item[1]), item[0]))
         listed = {room: len(ids) for room, ids in biggest[:L.MAX_ROOMS_IN_REPLY]}
+        topics = {room: self.topics[room][0] for room in listed if room in self.topics}
         return [self._publish(private_topic(peer.identity), lambda seq: RoomList(
-            seq=seq, ts=self.ts(now), rooms=listed, count=len(self.rooms), ref=request.ref))]
+            seq=seq, ts=self.ts(now), rooms=listed, count=len(self.rooms), ref=request.ref, topics=topics))]
 
     def _enter(self, peer: Peer, member: Member, enter: Enter, now: float) -> list[Out]:
         room = normalize_room(enter.room)
@@ -825,6 +937,7 @@ class BrokerCore:
             if ROOM_PREFIX in peer.topics or room_topic(room) in peer.topics:
                 del peer.pending_rooms[room]
                 upto = self._last_seq(room_topic(room))
+                out += self._tell_topics(peer, [room], now)
                 if history and upto:
                     out.append(Fetch(peer.identity, room, 0, upto, history))
                 out += self._add_to_room(peer, member, room, now, chat=False)
@@ -931,9 +1044,12 @@ class BrokerCore:
             self.muted.pop(target.identity, None)
         reason = clean_text(mute.reason)
         topics = [room_topic(room) for room in victim.rooms] or [private_topic(target.identity)]
+        if not set(member.rooms) & set(victim.rooms) and target is not peer:
+            topics.append(private_topic(peer.identity))  # the admin sees it done, and until when
+        until = self.ts(now) + mute.seconds if mute.seconds else 0.0
         return [self._publish(topic, lambda seq, topic=topic: Muted(
             seq=seq, ts=self.ts(now), room=room_of_topic(topic) or "", name=victim.name, by=member.name,
-            seconds=mute.seconds, reason=reason)) for topic in topics]
+            seconds=mute.seconds, reason=reason, until=until)) for topic in topics]
 
     def set_accounts(self, accounts: dict[str, Account], now: float) -> list[Out]:
         """Closed mode's file was re-read: revoked keys leave and are cut off; renamed ones
@@ -978,7 +1094,14 @@ class BrokerCore:
         member.rooms.append(room)
         self.rooms.setdefault(room, set()).add(peer.identity)
         return [self._publish(room_topic(room), lambda seq: Joined(
-            seq=seq, ts=self.ts(now), room=room, name=member.name, chat=chat))]
+            seq=seq, ts=self.ts(now), room=room, name=member.name, chat=chat, key=peer.identity))]
+
+    def _tell_topics(self, peer: Peer, rooms: Iterable[str], now: float) -> list[Out]:
+        """The topics of rooms `peer` enters, on its stream: numbered before the history that
+        follows (the shell numbers that as it answers), so they arrive in order."""
+        topics = [(room, self.topics[room]) for room in rooms if room in self.topics]
+        return [self._publish(private_topic(peer.identity), lambda seq, room=room, topic=topic: RoomTopic(
+            seq=seq, ts=self.ts(now), room=room, text=topic[0], by=topic[1])) for room, topic in topics]
 
     def _remove_from_room(self, peer: Peer, member: Member, room: str, reason: LeftReason, message: str,
                           now: float, by: str = "") -> Publish:
@@ -1007,6 +1130,7 @@ class BrokerCore:
     _handlers: dict[type, Callable[..., list[Out]]] = {
         Say: _say, Me: _me, Msg: _msg, KeyRequest: _key, Nick: _nick, Who: _who, Rooms: _rooms,
         Enter: _enter, Part: _part, Leave: _quit, Kick: _kick, Ban: _kick, Mute: _mute,
+        SetTopic: _topic, Away: _away, Unban: _unban, Bans: _bans,
     }
 
     # --- helpers -------------------------------------------------------------

@@ -29,8 +29,10 @@ from zchat.core import (
     Disconnect,
     Fetch,
     FindSince,
+    KeepTopic,
     Mail,
     Out,
+    Pardoned,
     Publish,
     Remember,
 )
@@ -69,13 +71,15 @@ _INPUT_ERRORS = {Code.BAD_REQUEST, Code.TOO_LARGE, Code.TOO_MANY_FRAMES}
 class Dispatcher:
     def __init__(self, core: BrokerCore, store: HistoryStore, send: Callable[[bytes], object],
                  boxes: BoxCache, cut: Callable[[str], None] = lambda identity: None,
-                 ban: Callable[[str], None] = lambda identity: None) -> None:
+                 ban: Callable[[str], None] = lambda identity: None,
+                 unban: Callable[[str], None] = lambda identity: None) -> None:
         self.core = core
         self.boxes = boxes  # seals private publications to their recipient
         self.store = store
         self.send = send
         self.cut = cut  # shut an identity's connections down
         self.ban = ban  # remember a banned identity across restarts
+        self.unban = unban  # and forget it when an admin lifts the ban
         self.pending: list[Out] = []
         # For the broker's stats (totals since start-up).
         self.published = 0  # frames sent
@@ -149,6 +153,10 @@ class Dispatcher:
                 self._deliver_mail(item, now)
             elif isinstance(item, Banned):
                 self.ban(item.identity)
+            elif isinstance(item, Pardoned):
+                self.unban(item.identity)
+            elif isinstance(item, KeepTopic):
+                self.store.set_topic(room_topic(item.room), item.text, item.by, now)
             elif isinstance(item, Disconnect):
                 self.cut(item.identity)  # after the notices above have been sent
 

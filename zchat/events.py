@@ -24,6 +24,7 @@ class StatusState(StrEnum):
     BANNED = "banned"  # banned, or the key was revoked or refused: no way back with this key
     FAILED = "failed"  # the client itself failed (its I/O thread died): start it again
     KEY_CHANGED = "key_changed"  # another key holds a name we wrote to: a warning to read
+    INFO = "info"  # the client's answer to a local command (/ignore): a line to read
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,19 @@ class Pending:
     ts: float
 
 
-ClientEvent = Event | Status | Gap | Replay | Pending | PrivateMessage
+@dataclass(frozen=True)
+class Folded:
+    """Many people in `room` lost their connection at once (a broker restart, a relay's death):
+    one line instead of a notice for each departure and each return. `lost` of them went,
+    `back` of those came back within the window."""
+
+    room: str
+    lost: int
+    back: int
+    ts: float
+
+
+ClientEvent = Event | Status | Gap | Replay | Pending | PrivateMessage | Folded
 
 
 class Connection(StrEnum):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zchat import limits as L
+from zchat.protocol import ROOM_PREFIX
 
 log = logging.getLogger("zchat.broker")
 
@@ -76,6 +77,10 @@ CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, id);
 CREATE TABLE IF NOT EXISTS names (name_key TEXT PRIMARY KEY, identity TEXT NOT NULL, seen REAL NOT NULL)
     WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS names_seen ON names (seen);
+-- Each room's topic (`topic` here is the room's r/<room>/, as in `rooms`): a row per room
+-- with one, the ROOM_TOPICS_KEPT most recently set. Its changes are room events as well.
+CREATE TABLE IF NOT EXISTS room_topics (topic TEXT PRIMARY KEY, text TEXT NOT NULL, set_by TEXT NOT NULL,
+    ts REAL NOT NULL) WITHOUT ROWID;
 """
 # A database from before the rooms table: its numbers were in topic_seq, and in the events.
 MIGRATE_ROOMS = """
@@ -281,6 +286,24 @@ class HistoryStore:
     def known_names(self, limit: int = L.KNOWN_NAMES) -> dict[str, str]:
         rows = self.db.execute("SELECT name_key, identity FROM names ORDER BY seen DESC LIMIT ?", (limit,))
         return {key: identity for key, identity in reversed(rows.fetchall())}
+
+    def topics(self, limit: int = L.ROOM_TOPICS_KEPT) -> dict[str, tuple[str, str]]:
+        """room -> (topic, who set it), the most recently set last (the core's order)."""
+        rows = self.db.execute("SELECT topic, text, set_by FROM room_topics ORDER BY ts DESC LIMIT ?",
+                               (limit,))
+        return {topic[len(ROOM_PREFIX):-1]: (text, by) for topic, text, by in reversed(rows.fetchall())}
+
+    def set_topic(self, topic: str, text: str, by: str, ts: float) -> None:
+        """Store (or, with "", drop) a room's topic, keeping the ROOM_TOPICS_KEPT newest."""
+        db = self.db  # autocommit: a trim lost to a crash is done by the next change
+        if text:
+            db.execute("INSERT INTO room_topics (topic, text, set_by, ts) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (topic) DO UPDATE SET text = excluded.text, set_by = excluded.set_by, "
+                       "ts = excluded.ts", (topic, text, by, ts))
+        else:
+            db.execute("DELETE FROM room_topics WHERE topic = ?", (topic,))
+        db.execute("DELETE FROM room_topics WHERE topic IN (SELECT topic FROM room_topics "
+                   "ORDER BY ts DESC LIMIT -1 OFFSET ?)", (L.ROOM_TOPICS_KEPT,))
 
     # --- one transaction per broker loop turn ------------------------------------
 

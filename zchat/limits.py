@@ -19,6 +19,7 @@ MAX_TEXT_LINES = 50
 MAX_NAME_CHARS = 32
 MAX_ROOM_CHARS = 32
 MAX_REASON_CHARS = 200
+MAX_TOPIC_CHARS = 300  # a room's topic
 MAX_ROOMS_PER_JOIN = 16
 # One message on the input socket is one frame. A multipart one is refused (too_many_frames);
 # past either bound it is dropped unread and its sender's connections are cut.
@@ -71,6 +72,7 @@ HISTORY_BYTES_PER_SECOND = 512 * 1024
 MAILBOX_PER_USER = 100  # private messages kept for an offline user (per key)...
 MAILBOX_PER_SENDER = 10  # ...of which at most this many from one sender (`mailbox_full` past it)
 KNOWN_NAMES = 100_000  # name -> last key, for messages to offline users
+ROOM_TOPICS_KEPT = 100_000  # rooms whose topic is kept (the most recently set)
 ROOMS_REMEMBERED = 100_000  # rooms whose last number is kept after retention dropped all their events
 
 # Flood control: a token bucket per identity.

@@ -184,6 +184,7 @@ RoomField = Annotated[str, Meta(max_length=limits.MAX_ROOM_CHARS + 1)]
 NameField = Annotated[str, Meta(max_length=limits.MAX_NAME_CHARS)]
 TextField = Annotated[str, Meta(max_length=limits.MAX_TEXT_CHARS)]
 ReasonField = Annotated[str, Meta(max_length=limits.MAX_REASON_CHARS)]
+TopicField = Annotated[str, Meta(max_length=limits.MAX_TOPIC_CHARS)]
 Ref = Annotated[int, Meta(ge=0, le=2**53)]
 # An identity: the 64 lowercase hex digits of a CURVE (= NaCl Curve25519) public key.
 IdentityField = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]  # \Z: no trailing newline
@@ -331,11 +332,39 @@ class Since(ClientMessage, tag="since"):
 
     ts: Annotated[float, Meta(ge=0, le=2**40)]
     rooms: Annotated[list[RoomField], Meta(max_length=limits.MAX_TOPICS_PER_PEER)] | None = None
+
+
+class SetTopic(ClientMessage, tag="topic"):
+    """A room's topic: `text` sets it (open mode: any member of the room; closed mode: admins),
+    "" clears it, None (absent) asks what it is."""
+
+    room: RoomField
+    text: TopicField | None = None
+    ref: Ref | None = None
+
+
+class Away(ClientMessage, tag="away"):
+    """Mark yourself away with `message` (shown in `who`, told once to each private sender);
+    an empty message marks you back."""
+
+    message: ReasonField = ""
+
+
+class Unban(ClientMessage, tag="unban"):
+    """Admin: lift the ban of `target`, a name (its last key) or a key (64 hex digits)."""
+
+    target: Annotated[str, Meta(max_length=64)]
+    ref: Ref | None = None
+
+
+class Bans(ClientMessage, tag="bans"):
+    """Admin: list the banned keys."""
+
     ref: Ref | None = None
 
 
 ClientMessageType = (Join | Say | Me | Msg | KeyRequest | Nick | Who | Rooms | Enter | Part | HistoryRequest
-                     | Kick | Ban | Mute | Leave | Ping | Post | Since)
+                     | Kick | Ban | Mute | Leave | Ping | Post | Since | SetTopic | Away | Unban | Bans)
 
 # --- broker -> client ---------------------------------------------------------
 
@@ -399,6 +428,7 @@ class Joined(Event, tag="joined"):
     room: str
     name: str
     chat: bool = False  # True: arrived in the chat; False: entered one more room
+    key: str = ""  # the joiner's key (hex identity): what a client's /ignore is bound to
 
 
 class LeftReason(StrEnum):
@@ -433,6 +463,44 @@ class Muted(Event, tag="muted"):
     by: str
     seconds: int  # 0: the mute was lifted
     reason: str = ""
+    until: float = 0.0  # broker time when the mute ends (absent when lifted)
+
+
+class RoomTopic(Event, tag="topic"):
+    """A room's topic. `changed`: someone changed it (published on r/<room>/, stored with the
+    room's history); else the answer to a `topic` question, or the topic told on entering the
+    room (on the member's u/<id>/). `text` "" means no topic."""
+
+    room: str
+    text: str
+    by: str = ""  # who set it
+    changed: bool = False
+    ref: int | None = None
+
+
+class AwayNotice(Event, tag="away"):
+    """On a u/<id>/: `name` is away with `message` ("" : back). To the one who set it, as its
+    confirmation; to a private message's sender, once per away period of its recipient."""
+
+    name: str
+    message: str
+
+
+class BanList(Event, tag="bans"):
+    """The answer to `bans`: banned key -> the name it last held ("" unknown)."""
+
+    bans: dict[str, str]  # at most limits.MAX_NAMES_IN_REPLY
+    count: int
+    ref: int | None = None
+
+
+class Unbanned(Event, tag="unbanned"):
+    """The answer to `unban`, on the admin's u/<id>/: `key` may come back."""
+
+    key: str
+    name: str  # the name it last held, "" unknown
+    by: str
+    ref: int | None = None
 
 
 class Error(Event, tag="error"):
@@ -447,12 +515,14 @@ class WhoReply(Event, tag="who"):
     names: list[str]  # at most limits.MAX_NAMES_IN_REPLY, sorted
     count: int  # exact
     ref: int | None = None
+    away: dict[str, str] = {}  # listed names that are away -> their away message
 
 
 class RoomList(Event, tag="rooms"):
     rooms: dict[str, int]  # room -> members, at most limits.MAX_ROOMS_IN_REPLY
     count: int
     ref: int | None = None
+    topics: dict[str, str] = {}  # listed rooms that have a topic -> the topic
 
 
 class History(Event, tag="history"):
@@ -535,7 +605,8 @@ class Stats(Event, tag="stats"):
 
 
 EventType = (Welcome | Message | Action | Direct | KeyReply | Joined | Left | Renamed | Muted | Error
-             | WhoReply | RoomList | History | Mark | Heartbeat | Shutdown | Stats | Posted | SinceReply)
+             | WhoReply | RoomList | History | Mark | Heartbeat | Shutdown | Stats | Posted | SinceReply
+             | RoomTopic | AwayNotice | BanList | Unbanned)
 
 
 def decode_event(data: bytes | msgspec.Raw) -> EventType:
@@ -564,6 +635,7 @@ class Code(StrEnum):
     NO_SUCH_ROOM = "no_such_room"  # post: nobody is in it and nothing was ever said there
     TOO_MANY_ROOMS = "too_many_rooms"
     NO_SUCH_USER = "no_such_user"
+    NOT_BANNED = "not_banned"  # unban: that key (or name's last key) is not banned
     KEY_CHANGED = "key_changed"  # msg: `key` is not the key bound to the name any more
     MAILBOX_FULL = "mailbox_full"  # msg to an offline key: your share of its mailbox is used up
     MAIL_DROPPED = "mail_dropped"  # a message you left for an offline key was pushed out

@@ -14,9 +14,11 @@ import unicodedata
 import zlib
 from dataclasses import dataclass
 
+from zchat.e2e import fingerprint
 from zchat.events import (
     ClientEvent,
     DirectDraft,
+    Folded,
     Gap,
     Pending,
     PrivateMessage,
@@ -28,6 +30,8 @@ from zchat.events import (
 from zchat.protocol import (
     ROOM_PREFIX,
     Action,
+    AwayNotice,
+    BanList,
     Error,
     Joined,
     Left,
@@ -38,6 +42,8 @@ from zchat.protocol import (
     Posted,
     Renamed,
     RoomList,
+    RoomTopic,
+    Unbanned,
     Welcome,
     WhoReply,
     clean_message,
@@ -215,18 +221,42 @@ def _body(event: ClientEvent, view: View) -> str | None:
         if not event.seconds:
             return f"- {n(event.name)} may speak again ({n(event.by)})."
         said = f" ({clean_text(event.reason)})" if event.reason else ""
-        return f"- {n(event.name)} was muted for {event.seconds} s by {n(event.by)}.{said}"
+        until = f" until {clock(event.until)}" if event.until else ""
+        if view.me is not None and event.name == view.me:
+            return (f"- You were muted for {event.seconds} s by {n(event.by)}.{said} You may speak again "
+                    f"at {clock(event.until)}." if event.until else
+                    f"- You were muted for {event.seconds} s by {n(event.by)}.{said}")
+        return f"- {n(event.name)} was muted for {event.seconds} s{until} by {n(event.by)}.{said}"
+    if isinstance(event, RoomTopic):
+        return _topic(event, n, r)
+    if isinstance(event, AwayNotice):
+        if view.me is not None and event.name == view.me:
+            return (f"* You are marked as away: {clean_text(event.message)}" if event.message
+                    else "* You are no longer marked as away.")
+        return f"* {n(event.name)} is away: {clean_text(event.message)}"
+    if isinstance(event, BanList):
+        bans = ", ".join(f"{n(name) + ' ' if name else ''}({fingerprint(clean_text(key))})"
+                         for key, name in event.bans.items()) or "none"
+        more = f", and {event.count - len(event.bans)} more" if event.count > len(event.bans) else ""
+        return f"* Banned keys ({event.count}): {bans}{more}"
+    if isinstance(event, Unbanned):
+        who = f"{n(event.name)} ({fingerprint(clean_text(event.key))})" if event.name else (
+            f"key {fingerprint(clean_text(event.key))}")
+        return f"* {who} is no longer banned ({n(event.by)}): that key may come back."
     if isinstance(event, Renamed):
         return f"- {n(event.old)} is now known as {n(event.new)}."
     if isinstance(event, Error):
         return f"! {clean_text(event.detail)}"
     if isinstance(event, WhoReply):
         where = f" in {r(event.room)}" if event.room else ""
-        names = ", ".join(n(name) for name in event.names) or "nobody"
+        names = ", ".join(n(name) + (f" (away: {clean_text(event.away[name])})" if name in event.away else "")
+                          for name in event.names) or "nobody"
         more = f", and {event.count - len(event.names)} more" if event.count > len(event.names) else ""
         return f"* Online{where} ({event.count}): {names}{more}"
     if isinstance(event, RoomList):
-        rooms = ", ".join(f"{r(room)} ({size})" for room, size in event.rooms.items()) or "none"
+        topics = {room: f", topic: {clean_text(text)}" for room, text in event.topics.items()}
+        rooms = ", ".join(f"{r(room)} ({size}{topics.get(room, '')})"
+                          for room, size in event.rooms.items()) or "none"
         more = f", and {event.count - len(event.rooms)} more" if event.count > len(event.rooms) else ""
         return f"* Rooms: {rooms}{more}"
     if isinstance(event, Posted):
@@ -249,6 +279,10 @@ def _body(event: ClientEvent, view: View) -> str | None:
         else:
             line = f"{n(view.me or '')}: {_said(said.text, view)}"
         return f"(pending) {line}"
+    if isinstance(event, Folded):
+        tag = f"{r(event.room)} " if view.room and event.room != view.room else ""
+        people = "1 person" if event.lost == 1 else f"{event.lost} people"
+        return f"{tag}- {people} lost their connection; {event.back} back."
     if isinstance(event, Gap):
         where = clean_text(event.topic)
         if where.startswith(ROOM_PREFIX):
@@ -256,6 +290,18 @@ def _body(event: ClientEvent, view: View) -> str | None:
         plural = "s" if event.missing != 1 else ""
         return f"! {event.missing} event{plural} missed on {where}"
     return None
+
+
+def _topic(event: RoomTopic, n, r) -> str:  # type: ignore[no-untyped-def]
+    text = clean_text(event.text)
+    if event.changed:
+        if not text:
+            return f"- {n(event.by)} cleared the topic of {r(event.room)}."
+        return f"- {n(event.by)} changed the topic of {r(event.room)} to: {text}"
+    if not text:
+        return f"* {r(event.room)} has no topic."
+    by = f" (set by {n(event.by)})" if event.by else ""
+    return f"* Topic of {r(event.room)}: {text}{by}"
 
 
 def _status(status: Status) -> str:

@@ -228,6 +228,18 @@ def text_line(topic: str, ev: dict, backfill: bool = False) -> str:
         said = f": {_c(g('reason'))}" if g("reason") else ""
         body = (f"{where} -- {_c(g('name'))} was muted by {_c(g('by'))} for {_c(g('seconds'))} s{said}"
                 if g("seconds") else f"{where} -- {_c(g('name'))} may speak again (by {_c(g('by'))})")
+    elif kind == "topic":
+        set_by = f" (set by {_c(g('by'))})" if g("by") else ""
+        body = (f"{where} -- {_c(g('by'))} changed the topic to: {_c(g('text'))}" if g("changed") else
+                f"{where} -- topic: {_c(g('text'))}{set_by}")
+    elif kind == "away":
+        body = (f"-- {_c(g('name'))} is away: {_c(g('message'))}" if g("message") else
+                f"-- {_c(g('name'))} is back")
+    elif kind == "bans":
+        body = f"-- {_c(g('count'))} banned: " + ", ".join(
+            f"{_c(key)} ({_c(name)})" for key, name in (g("bans") or {}).items())
+    elif kind == "unbanned":
+        body = f"-- {_c(g('key'))} ({_c(g('name'))}) unbanned by {_c(g('by'))}"
     elif kind == "mark":
         body = f"{where} -- latest seq {_c(g('seq'))}"
     elif kind == "stats":

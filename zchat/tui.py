@@ -217,6 +217,21 @@ class Session:
             client.moderate("kick" if name == "kick" else "ban", args[0], reason=args[1])
         elif name == "mute":
             client.moderate("mute", args[0], seconds=int(args[1]) if len(args) > 1 else MUTE_DEFAULT_SECONDS)
+        elif name == "topic":
+            text = args[0] or None
+            client.topic(self._current(), "" if text == "-" else text)
+        elif name == "away":
+            client.away(args[0] or "away")
+        elif name == "back":
+            client.away("")
+        elif name == "ignore":
+            client.ignore(args[0] if args else None)
+        elif name == "unignore":
+            client.unignore(args[0])
+        elif name == "unban":
+            client.unban(args[0])
+        elif name == "bans":
+            client.bans()
         elif name == "history":
             client.history(self._current(), int(args[0]) if args else DEFAULT_HISTORY)
         elif name == "join":
