@@ -30,6 +30,9 @@ COMMANDS: dict[str, Spec] = {
     "/ban": Spec("NAME [REASON]", "admin: remove NAME and refuse their key from now on", 1, True),
     "/mute": Spec("NAME [SECONDS]", "admin: NAME may not speak for SECONDS (default "
                   f"{MUTE_DEFAULT_SECONDS}; 0 lifts it)", 1),
+    "/buffer": Spec("N|NAME", "show buffer N of the bar, or the room or person NAME", 1),
+    "/query": Spec("NAME", "open a private conversation with NAME: what you type there goes to NAME", 1),
+    "/search": Spec("TEXT", "find TEXT in this buffer, then in the room's stored history", 0, True, True),
     "/reconnect": Spec("", "come back after being kicked (or after a rejoin found your name taken)", 0),
     "/quit": Spec("[MESSAGE]", "leave the chat; others see MESSAGE", 0, True),
     "/help": Spec("[COMMAND]", "list the commands, or explain one", 0),
