@@ -56,9 +56,8 @@ def test_each_conversation_is_its_own_buffer_and_the_bar_counts_and_marks_unread
     # #lobby: two unread, one naming alice (!); bob's private message opened its buffer (!).
     assert alice.session.bar() == "1:#lobby(2!) [2:#dev] 3:bob(1!)"
     assert alice.session.prompt() == "#dev> "
-    # The status line is as before, and the bar comes above it in the toolbar.
-    assert alice.session.toolbar() == ("1:#lobby(2!) [2:#dev] 3:bob(1!)\n"
-                                       " #dev (+1 more) | alice | connected | 2 online ")
+    # The status line is as before (the bar is drawn above the input line).
+    assert alice.session.status() == " #dev (+1 more) | alice | connected | 2 online "
 
 
 def test_alt_n_switches_and_draws_the_new_since_you_looked_marker(world: World) -> None:
@@ -165,7 +164,7 @@ def test_an_incoming_private_message_opens_its_buffer_without_switching(world: W
     assert alice.session.bar() == "[1:#lobby] 2:bob(2!)"
     assert alice.session.prompt() == "#lobby> "
     world.press("alice", "alt-2")
-    assert after(alice, mark) == [CLEARED, MARKER, "<- bob: psst", "<- bob: still there?"]
+    assert after(alice, mark) == [CLEARED, "<- bob: psst", "<- bob: still there?"]  # all new: no marker
     assert alice.session.bar() == "1:#lobby [2:bob]"
 
 
@@ -177,7 +176,7 @@ def test_msg_from_a_room_shows_there_and_goes_into_the_conversations_buffer(worl
     assert after(alice, mark) == ["-> bob: hello"]  # where you typed it
     assert alice.session.bar() == "[1:#lobby] 2:bob"  # your own line: nothing unread
     world.press("alice", "alt-2")
-    assert alice.screen[-2:] == [MARKER, "-> bob: hello"]
+    assert alice.screen[-2:] == [CLEARED, "-> bob: hello"]
 
 
 def test_leaving_a_room_closes_its_buffer(world: World) -> None:

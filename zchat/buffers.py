@@ -158,7 +158,7 @@ class Buffers:
         buffer.unread, buffer.highlight = 0, False
         buffer.scroll = buffer.below = 0
         lines = list(buffer.lines)
-        if buffer.seen < len(lines):
+        if 0 < buffer.seen < len(lines):  # a buffer never looked at has no "since"
             lines.insert(buffer.seen, MARKER)
         buffer.seen = len(buffer.lines)
         return lines[-page:] if page > 0 else lines

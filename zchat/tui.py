@@ -271,10 +271,6 @@ class Session:
         return f" {room}{rooms} | {view.name} | {state} | {view.online} online "
 
 
-    def toolbar(self) -> str:
-        """The bottom of the screen: the buffers' bar (if shown) above the status line."""
-        return "\n".join(filter(None, [self.bar(), self.status()]))
-
     def bar(self) -> str:
         """The buffers (the hotlist), when there is more than one or the view is scrolled up."""
         buffers = self.buffers
@@ -455,6 +451,12 @@ def _completer(session: Session):  # type: ignore[no-untyped-def]
     return ChatCompleter()
 
 
+def _prompt_with_bar(session: Session) -> str | list[tuple[str, str]]:
+    """The input line's prompt, under the buffers' bar when there is one (as weechat's)."""
+    bar = session.bar()
+    return [("reverse", bar), ("", "\n" + session.prompt())] if bar else session.prompt()
+
+
 def _bind_buffer_keys(bindings, session: Session) -> None:  # type: ignore[no-untyped-def]
     """Alt+1..9, Ctrl+N/P: switch buffers; PageUp/PageDown: scroll the one on screen."""
     for keys, name in BUFFER_KEYS.items():
@@ -510,7 +512,7 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
     _bind_buffer_keys(bindings, session)
     chat_prompt: PromptSession[str] = PromptSession(
         completer=_completer(session), complete_while_typing=False, key_bindings=bindings,
-        erase_when_done=True, bottom_toolbar=session.toolbar, refresh_interval=1.0)
+        erase_when_done=True, bottom_toolbar=session.status, refresh_interval=1.0)
 
     def end_prompt() -> None:  # on the prompt's own loop
         app = chat_prompt.app
@@ -537,7 +539,7 @@ def run_interactive(make_client: ClientFactory, name: str | None) -> int:
                 end_prompt()
 
         try:
-            quit_message = chat_prompt.prompt(session.prompt, pre_run=show_held)
+            quit_message = chat_prompt.prompt(lambda: _prompt_with_bar(session), pre_run=show_held)
         except (EOFError, KeyboardInterrupt):
             quit_message = ""
         finally:
