@@ -103,6 +103,7 @@ def help_text(command: str | None = None) -> str:
         lines.append(f"  {f'{name} {spec.usage}'.ljust(width)}  {spec.summary}")
     lines.append("Anything else is sent to the current room (start with // to send a leading /).")
     lines.append("Up/Down: input history; Tab: complete commands, names and rooms; Ctrl-D/Ctrl-C: leave.")
+    lines.append("Alt+1..9, Ctrl-N/Ctrl-P: switch buffers; PageUp/PageDown: scroll the buffer.")
     return "\n".join(lines)
 
 
