@@ -294,3 +294,12 @@ def test_find_prefers_the_exact_label() -> None:
     assert buffers.find("#bob") is buffers.all[0]
     assert buffers.find("BOB") is conversation
     assert buffers.find("0") is None and buffers.find("3") is None
+
+
+def test_a_bar_too_wide_shows_the_current_buffer_and_those_with_unread() -> None:
+    buffers = Buffers([f"room{i:02d}" for i in range(1, 21)])
+    buffers.add(buffers.all[14], ["x"], unread=True)
+    buffers.add(buffers.all[16], ["y"], unread=True, highlight=True)
+    assert len(buffers.bar()) > 100
+    assert buffers.bar(100) == "[1:#room01] 15:#room15(1) 17:#room17(1!)"
+    assert buffers.bar(20) == "[1:#room01] 15:#r..."

@@ -185,11 +185,21 @@ class Buffers:
         folded = text.casefold()
         return [line for line in self.current.lines if folded in line.casefold()]
 
-    def bar(self) -> str:
+    def bar(self, width: int | None = None) -> str:
         """Every buffer with its number and unread count, `!` marking a mention or a private
-        message; the current one in brackets (as weechat's hotlist)."""
+        message; the current one in brackets (as weechat's hotlist). Wider than `width`: only
+        the current buffer and those with something unread (cut at `width` if still too wide)."""
+        full = self._bar(self.all)
+        if width is None or len(full) <= width:
+            return full
+        busy = self._bar([buffer for buffer in self.all if buffer is self.current or buffer.unread])
+        return busy if len(busy) <= width else busy[:max(0, width - 3)] + "..."
+
+    def _bar(self, shown: list[Buffer]) -> str:
         items = []
         for number, buffer in enumerate(self.all, 1):
+            if buffer not in shown:
+                continue
             item = f"{number}:{buffer.label}"
             if buffer is self.current:
                 if buffer.scroll:

@@ -271,12 +271,12 @@ class Session:
         return f" {room}{rooms} | {view.name} | {state} | {view.online} online "
 
 
-    def bar(self) -> str:
+    def bar(self, width: int | None = None) -> str:
         """The buffers (the hotlist), when there is more than one or the view is scrolled up."""
         buffers = self.buffers
         if buffers is None or (len(buffers.all) < 2 and not buffers.current.scroll):
             return ""
-        return buffers.bar()
+        return buffers.bar(width)
 
     # --- buffers: one per conversation (the interactive client's view) --------------------
 
@@ -453,7 +453,9 @@ def _completer(session: Session):  # type: ignore[no-untyped-def]
 
 def _prompt_with_bar(session: Session) -> str | list[tuple[str, str]]:
     """The input line's prompt, under the buffers' bar when there is one (as weechat's)."""
-    bar = session.bar()
+    from prompt_toolkit.application import get_app
+
+    bar = session.bar(get_app().output.get_size().columns - 1)
     return [("reverse", bar), ("", "\n" + session.prompt())] if bar else session.prompt()
 
 
