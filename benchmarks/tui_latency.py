@@ -221,7 +221,8 @@ def main() -> int:
     print(f"# {len(rooms)} rooms, offered {args.rate:g} msg/s each; sent {rate:.0f} msg/s in total "
           f"for {sent['seconds']:.1f} s; the current room's last line drawn {shown_after * 1000:.0f} ms "
           "after the load stopped")
-    print(f"# lines of the room on screen written to the terminal: {shown} (of {sent['sent'] // len(rooms)} sent to it)")
+    print(f"# lines of the room on screen written to the terminal: {shown} "
+          f"(of {sent['sent'] // len(rooms)} sent to it)")
     print(f"{'keystroke-to-echo (ms)':24} {'n':>4} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}")
     rows = {"idle": summary(idle), "loaded": summary(loaded)}
     columns = ("p50", "p90", "p99", "max")
