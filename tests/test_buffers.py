@@ -303,3 +303,15 @@ def test_a_bar_too_wide_shows_the_current_buffer_and_those_with_unread() -> None
     assert len(buffers.bar()) > 100
     assert buffers.bar(100) == "[1:#room01] 15:#room15(1) 17:#room17(1!)"
     assert buffers.bar(20) == "[1:#room01] 15:#r..."
+
+
+def test_after_leaving_every_room_a_private_message_still_has_its_buffer(world: World) -> None:
+    alice = world.join("alice", buffers=True)
+    world.join("bob")
+    world.type("alice", "/leave")
+    assert alice.session.prompt() == "(no room)> "
+    world.type("bob", "/msg alice where did you go?")
+    assert alice.session.bar() == "[1:(no room)] 2:bob(1!)"
+    world.type("alice", "/join lobby")
+    assert alice.session.bar() == "[1:#lobby] 2:bob(1!)"
+    assert alice.session.prompt() == "#lobby> "

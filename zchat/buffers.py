@@ -32,7 +32,9 @@ class Buffer:
 
     @property
     def label(self) -> str:
-        return f"#{self.room}" if self.room is not None else str(self.peer)
+        if self.room is not None:
+            return f"#{self.room}"
+        return self.peer if self.peer is not None else "(no room)"
 
     def is_for(self, room: str | None = None, peer: str | None = None) -> bool:
         if room is not None:
