@@ -239,7 +239,7 @@ def test_search_finds_text_in_the_buffer_then_in_the_rooms_stored_history(world:
     assert after(alice, mark) == [
         "--- 1 line(s) matching 'DEPLOY' in #lobby ---",
         "bob: deploy again tomorrow",
-        "--- 2 stored event(s) matching 'deploy' before this buffer ---",
+        "--- 2 stored event(s) matching 'DEPLOY' before this buffer ---",
         "bob: the deploy broke",
         "bob: deploy fixed",
         "--- end of search ---",

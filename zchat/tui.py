@@ -270,7 +270,6 @@ class Session:
         rooms = f" (+{len(view.rooms) - 1} more)" if len(view.rooms) > 1 else ""
         return f" {room}{rooms} | {view.name} | {state} | {view.online} online "
 
-
     def bar(self, width: int | None = None) -> str:
         """The buffers (the hotlist), when there is more than one or the view is scrolled up."""
         buffers = self.buffers
@@ -354,10 +353,10 @@ class Session:
         self.client.history(buffer.room, MAX_HISTORY_PER_REQUEST, before=buffer.oldest_seq)
 
     def _search_history(self, replay: Replay, me: str | None) -> None:
-        text = self._searches.pop(replay.room).casefold()
+        text = self._searches.pop(replay.room)
         view = View(me=me, room=replay.room, color=self.color)
         shown = [render(event, view) for event in replay.events]
-        found = [line for line in shown if line is not None and text in line.casefold()]
+        found = [line for line in shown if line is not None and text.casefold() in line.casefold()]
         where = "before this buffer" if self.buffers and any(
             b.room == replay.room and b.oldest_seq for b in self.buffers.all) else "of the room"
         head = f"--- {len(found)} stored event(s) matching {text!r} {where} ---"
@@ -461,13 +460,17 @@ def _prompt_with_bar(session: Session) -> str | list[tuple[str, str]]:
 
 def _bind_buffer_keys(bindings, session: Session) -> None:  # type: ignore[no-untyped-def]
     """Alt+1..9, Ctrl+N/P: switch buffers; PageUp/PageDown: scroll the one on screen."""
+    from prompt_toolkit.filters import has_completions
+
     for keys, name in BUFFER_KEYS.items():
         def press(event, name: str = name) -> None:  # type: ignore[no-untyped-def]
             # A page: the terminal's height less the input line and the two bar lines.
             session.page = max(1, event.app.output.get_size().rows - 3)
             session.press(name)
 
-        bindings.add(*keys.split())(press)
+        # Ctrl+N/P still walk a completion menu while one is open.
+        menu_keys = name in ("c-n", "c-p")
+        bindings.add(*keys.split(), filter=~has_completions if menu_keys else True)(press)
 
 
 def run_interactive(make_client: ClientFactory, name: str | None) -> int:
