@@ -18,7 +18,7 @@ MARKER = "--- new since you looked ---"
 MAX_LINES = 5000  # lines kept per buffer (the oldest go first)
 
 
-@dataclass
+@dataclass(eq=False)  # a buffer is itself: two are never equal for having the same lines
 class Buffer:
     room: str | None = None  # a room's buffer...
     peer: str | None = None  # ...or a private conversation's
@@ -36,10 +36,11 @@ class Buffer:
             return f"#{self.room}"
         return self.peer if self.peer is not None else "(no room)"
 
-    def is_for(self, room: str | None = None, peer: str | None = None) -> bool:
-        if room is not None:
-            return self.room == room
-        return self.peer is not None and peer is not None and name_key(self.peer) == name_key(peer)
+
+
+def _key(room: str | None, peer: str | None) -> str:
+    """A buffer's key in the index: a room by its name, a person case-insensitively."""
+    return f"#{room}" if room is not None else f"@{name_key(peer)}" if peer is not None else ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class Buffers:
     def __init__(self, rooms: tuple[str, ...] | list[str] = ()) -> None:
         self.all: list[Buffer] = [Buffer(room=room) for room in rooms] or [Buffer()]
         self.current = self.all[0]
+        # Each event finds its buffer by key: 20 busy rooms are 20 lookups, not 20 scans.
+        self._index: dict[str, Buffer] = {_key(b.room, b.peer): b for b in self.all}
 
     # --- finding ---------------------------------------------------------------------------
 
@@ -89,15 +92,18 @@ class Buffers:
         """The buffer for `where`, opened (at the end of the bar) if there is none yet."""
         if where.room is None and where.peer is None:
             return self.current
-        for buffer in self.all:
-            if buffer.is_for(where.room, where.peer):
-                return buffer
+        key = _key(where.room, where.peer)
+        found = self._index.get(key)
+        if found is not None:
+            return found
         placeholder = self.all[0]
         if where.room is not None and placeholder.room is None and placeholder.peer is None:
             placeholder.room = where.room  # the buffer of a client in no room yet: the first room's
+            self._index[key] = placeholder
             return placeholder
         buffer = Buffer(room=where.room, peer=where.peer)
         self.all.append(buffer)
+        self._index[key] = buffer
         return buffer
 
     def find(self, target: str) -> Buffer | None:
@@ -143,6 +149,7 @@ class Buffers:
         """Drop `buffer`; if it was on screen, the first buffer left becomes current (a
         placeholder if none is left)."""
         self.all.remove(buffer)
+        self._index.pop(_key(buffer.room, buffer.peer), None)
         if not self.all:
             self.all = [Buffer()]
         if buffer is self.current:
