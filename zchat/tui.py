@@ -454,7 +454,9 @@ def _prompt_with_bar(session: Session) -> str | list[tuple[str, str]]:
     """The input line's prompt, under the buffers' bar when there is one (as weechat's)."""
     from prompt_toolkit.application import get_app
 
-    bar = session.bar(get_app().output.get_size().columns - 1)
+    size = get_app().output.get_size()
+    session.page = max(1, size.rows - 3)  # a page: the terminal less the bar, input and status lines
+    bar = session.bar(size.columns - 1)
     return [("reverse", bar), ("", "\n" + session.prompt())] if bar else session.prompt()
 
 
@@ -464,8 +466,6 @@ def _bind_buffer_keys(bindings, session: Session) -> None:  # type: ignore[no-un
 
     for keys, name in BUFFER_KEYS.items():
         def press(event, name: str = name) -> None:  # type: ignore[no-untyped-def]
-            # A page: the terminal's height less the input line and the two bar lines.
-            session.page = max(1, event.app.output.get_size().rows - 3)
             session.press(name)
 
         # Ctrl+N/P still walk a completion menu while one is open.
