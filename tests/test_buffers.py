@@ -7,26 +7,12 @@ Lines are compared without their `[HH:MM:SS] ` clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from chatkit import CLEARED, World
+from test_chat_screens import after
+from test_chat_screens import world as world  # noqa: F401  (the fixture)
 
 from zchat.buffers import MARKER, MAX_LINES, Buffers, Destination
 from zchat.protocol import Msg, Say
-
-
-@pytest.fixture
-def world() -> Iterator[World]:
-    w = World()
-    try:
-        yield w
-    finally:
-        w.close()
-
-
-def after(user, mark: int) -> list[str]:  # type: ignore[no-untyped-def]
-    return user.screen[mark:]
 
 
 def three_buffers(world: World):  # type: ignore[no-untyped-def]
