@@ -60,6 +60,7 @@ START_MONO = 5000.0
 START_WALL = 1_800_000_000.0
 STEP = 0.05  # seconds of virtual time per step of `advance`
 CLOCK = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+CLEARED = "=== screen cleared ==="  # a buffered user's screen drawn again from the top
 
 
 _SECRETS: dict[str, bytes] = {}  # identity -> its secret key, for the clients' keyrings
@@ -354,8 +355,10 @@ class World:
 
     def join(self, name: str, rooms: list[str] | None = None, history: int = L.DEFAULT_HISTORY,
              key: str | None = None, own_arrival: bool = True,
-             ignored: dict[str, str] | None = None) -> User:
-        """A new user types `name` at the prompt (`key`: whose key, if not the name's own)."""
+             ignored: dict[str, str] | None = None, buffers: bool = False) -> User:
+        """A new user types `name` at the prompt (`key`: whose key, if not the name's own).
+        `buffers`: the interactive client's view, one buffer per conversation; a buffer drawn
+        again shows on the screen as CLEARED, then its lines."""
         holder: list[User] = []
 
         def show(text: str) -> None:
@@ -364,6 +367,8 @@ class World:
                 holder[0].screen.append(CLOCK.sub("", line))
 
         session = Session(color=False, write=show, own_arrival=own_arrival, now=lambda: self.wall)
+        if buffers:
+            session.use_buffers(lambda lines: show("\n".join([CLEARED, *lines])))
         client = LoopClient(self, identity_of(key or name), rooms or ["lobby"], session.on_event, history,
                             ignored)
         user = User(name, client, session)
@@ -382,6 +387,12 @@ class World:
         said = self.users[name].session.execute(line)
         self.settle()
         return said
+
+    def press(self, name: str, key: str) -> None:
+        """`name` presses a buffer key (alt-1..alt-9, c-n, c-p, pageup, pagedown)."""
+        self.step(0.01)
+        self.users[name].session.press(key)
+        self.settle()
 
     def drop(self, name: str, match: Callable[[str, Event], bool], count: int = 1) -> None:
         """Lose the next `count` publications to `name` that `match` (a full queue, say)."""

@@ -1395,9 +1395,11 @@ class ClientApi:
             message = Mute(name=name, seconds=seconds, reason=reason)
         self._submit(Ask(message))
 
-    def history(self, room: str, count: int = L.DEFAULT_HISTORY) -> None:
-        """Ask for the last `count` stored events of `room`; they arrive as a Replay."""
-        self._submit(Ask(HistoryRequest(room=room, limit=min(count, L.MAX_HISTORY_PER_REQUEST))))
+    def history(self, room: str, count: int = L.DEFAULT_HISTORY, before: int | None = None) -> None:
+        """Ask for the last `count` stored events of `room` (older than seq `before`, if given);
+        they arrive as a Replay."""
+        limit = min(count, L.MAX_HISTORY_PER_REQUEST)
+        self._submit(Ask(HistoryRequest(room=room, limit=limit, before=before)))
 
     def who(self, room: str | None = None) -> None:
         self._submit(Ask(Who(room=room)))

@@ -39,6 +39,9 @@ COMMANDS: dict[str, Spec] = {
                   f"{MUTE_DEFAULT_SECONDS}; 0 lifts it)", 1),
     "/unban": Spec("NAME|KEY", "admin: let a banned key (or the last key to hold NAME) come back", 1),
     "/bans": Spec("", "admin: list the banned keys", 0),
+    "/buffer": Spec("N|NAME", "show buffer N of the bar, or the room or person NAME", 1),
+    "/query": Spec("NAME", "open a private conversation with NAME: what you type there goes to NAME", 1),
+    "/search": Spec("TEXT", "find TEXT in this buffer, then in the room's stored history", 0, True, True),
     "/reconnect": Spec("", "come back after being kicked (or after a rejoin found your name taken)", 0),
     "/quit": Spec("[MESSAGE]", "leave the chat; others see MESSAGE", 0, True),
     "/help": Spec("[COMMAND]", "list the commands, or explain one", 0),
@@ -110,6 +113,7 @@ def help_text(command: str | None = None) -> str:
     lines.append("Anything else is sent to the current room (start with // to send a leading /).")
     lines.append("Up/Down: input history; Tab: complete commands, names and rooms; Ctrl-D/Ctrl-C: leave.")
     lines.append("Alt+Enter (or Esc then Enter): a line break; a paste of several lines is one message.")
+    lines.append("Alt+1..9, Ctrl-N/Ctrl-P: switch buffers; PageUp/PageDown: scroll the buffer.")
     return "\n".join(lines)
 
 

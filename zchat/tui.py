@@ -18,15 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from zchat.buffers import Buffer, Buffers, Destination, counts, destination
 from zchat.client import JoinError, SendError
 from zchat.clientcore import ClientApi
 from zchat.commands import COMMANDS, UsageError, help_text, parse, split_lines, split_text, too_long
-from zchat.events import ClientEvent, Connection, Status, StatusState
-from zchat.limits import DEFAULT_HISTORY, MAX_TEXT_CHARS, MAX_TEXT_LINES, MUTE_DEFAULT_SECONDS
-from zchat.protocol import Code, Joined, Left, LeftReason, normalize_room
+from zchat.events import ClientEvent, Connection, Replay, ReplayKind, Status, StatusState
+from zchat.limits import (
+    DEFAULT_HISTORY,
+    MAX_HISTORY_PER_REQUEST,
+    MAX_TEXT_CHARS,
+    MAX_TEXT_LINES,
+    MUTE_DEFAULT_SECONDS,
+)
+from zchat.protocol import Action, Code, Joined, Left, LeftReason, Message, Muted, Renamed, normalize_room
 from zchat.render import DEFAULT_CLOCK, Days, View, clock, mentions, render
 
 RETRY_NAME = {Code.NAME_TAKEN, Code.INVALID_NAME}
+CLEAR_SCREEN = "\x1b[H\x1b[2J"  # a buffer is drawn again from the top of a cleared screen
+BUFFER_KEYS = {f"escape {n}": f"alt-{n}" for n in range(1, 10)} | {
+    "c-n": "c-n", "c-p": "c-p", "pageup": "pageup", "pagedown": "pagedown"}  # prompt_toolkit -> ours
 EXIT_BANNED = 4  # the broker banned this key (or it was revoked): documented in the README
 
 
@@ -93,14 +103,22 @@ class Session:
         self.on_failure: Callable[[], None] | None = None
         self.own_arrival = own_arrival  # show "- me has joined the chat." (not in a pipe: noise)
         self.days = Days(now())  # day-change lines, from today's date on
+        self._now = now
         self.clock_format = clock_format  # the config file's timestamp_format
         self.hyperlinks = hyperlinks  # URLs as OSC 8 links (only with colours)
         self.log = log  # log_dir: each event to its buffer's file (zchat.chatlog), with our name
+        # The interactive client's view: one buffer per conversation (None: one flow of lines).
+        self.buffers: Buffers | None = None
+        self._redraw: Callable[[list[str]], None] = self._clear_and_write
+        self.page = 20  # lines in a page (PageUp): the terminal's height, as the TUI sets it
+        self._searches: dict[str, str] = {}  # room -> text: its stored history is being searched
 
     def attach(self, client: Client) -> None:
         self.client = client
         rooms = client.snapshot.rooms
         self.room = rooms[0] if rooms else None
+        for room in rooms if self.buffers is not None else ():
+            self.buffers.get(Destination(room=room))
 
     def view(self) -> View:
         return View(me=self.client.snapshot.name if self.client else None, room=self.room, color=self.color,
@@ -108,6 +126,12 @@ class Session:
 
     def show(self, text: str) -> None:
         with self._lock:  # else `release` could empty the hold between our test and append
+            if self.buffers is not None and not self.buffers.add(self.buffers.current, text.split("\n")):
+                return  # scrolled up: kept for later
+            self._output(text)
+
+    def _output(self, text: str) -> None:
+        with self._lock:
             if self._held is not None:
                 self._held.append(text)
             else:
@@ -128,6 +152,10 @@ class Session:
     # --- incoming -------------------------------------------------------------
 
     def on_event(self, event: ClientEvent) -> None:
+        if self.buffers is not None:
+            self._on_buffered_event(event)
+            self._after_event(event)
+            return
         with self._lock:
             client = self.client
             me = client.snapshot.name if client else None
@@ -143,8 +171,12 @@ class Session:
             if line is not None:
                 bell = "\a" if self.color and mentions(event, me) else ""
                 self.show(line + bell)
-            if self.log is not None:
-                self.log(event, me)
+        self._after_event(event)
+
+    def _after_event(self, event: ClientEvent) -> None:
+        if self.log is not None:
+            client = self.client
+            self.log(event, client.snapshot.name if client else None)
         if isinstance(event, Status) and event.state == StatusState.BANNED:
             self.exit_code = EXIT_BANNED
             if self.on_banned is not None:
@@ -196,6 +228,9 @@ class Session:
             return args[0]
         if name == "help":
             self.show(help_text(args[0] if args else None))
+        elif name == "say" and self._peer() is not None:
+            for piece in self._pieces(args[0]):  # a private buffer: plain lines go to that person
+                client.direct(self._peer() or "", piece)
         elif name == "say":
             room = self._current()
             for piece in self._pieces(args[0]):
@@ -236,8 +271,12 @@ class Session:
             client.history(self._current(), int(args[0]) if args else DEFAULT_HISTORY)
         elif name == "join":
             self._join(args[0])
+        elif name == "leave" and not args and self._peer() is not None:
+            self._close_private()
         elif name == "leave":
             self._leave(args[0] if args else None)
+        elif name in ("buffer", "query", "search"):
+            self._buffer_command(name, args)
         elif name == "reconnect":
             client.reconnect()
         return None
@@ -259,6 +298,9 @@ class Session:
         return pieces
 
     def _current(self) -> str:
+        peer = self._peer()
+        if peer is not None:
+            raise SendError(f"this is your private conversation with {peer}: switch to a room for that")
         if self.room is None:
             raise SendError("you are in no room: /join one first")
         return self.room
@@ -270,6 +312,8 @@ class Session:
             raise UsageError(f"invalid room name {raw!r}")
         if room in self.client.snapshot.rooms:
             self.room = room
+            if self.buffers is not None:
+                self._switch(self.buffers.get(Destination(room=room)))
             self.show(f"* Now talking in #{room}.")
         else:
             self.client.enter(room)
@@ -284,6 +328,9 @@ class Session:
     # --- what the screen shows besides the messages ---------------------------
 
     def prompt(self) -> str:
+        peer = self._peer()
+        if peer is not None:
+            return f"@{peer}> "
         return f"#{self.room}> " if self.room else "(no room)> "
 
     def status(self) -> str:
@@ -298,9 +345,154 @@ class Session:
         }.get(view.connection, str(view.connection))
         if view.pending and view.connection != Connection.CONNECTED:
             state += f", {view.pending} pending"
-        room = f"#{self.room}" if self.room else "no room"
+        room = f"#{self.room}" if self.room else f"@{self._peer()}" if self._peer() else "no room"
         rooms = f" (+{len(view.rooms) - 1} more)" if len(view.rooms) > 1 else ""
         return f" {room}{rooms} | {view.name} | {state} | {view.online} online "
+
+    def bar(self, width: int | None = None) -> str:
+        """The buffers (the hotlist), when there is more than one or the view is scrolled up."""
+        buffers = self.buffers
+        if buffers is None or (len(buffers.all) < 2 and not buffers.current.scroll):
+            return ""
+        return buffers.bar(width)
+
+    # --- buffers: one per conversation (the interactive client's view) --------------------
+
+    def use_buffers(self, redraw: Callable[[list[str]], None] | None = None) -> None:
+        """Keep each room and private conversation in its own buffer; `redraw` draws a
+        buffer's lines on a cleared screen (default: clear the terminal, then write them)."""
+        self.buffers = Buffers(self.client.snapshot.rooms if self.client else ())
+        if redraw is not None:
+            self._redraw = redraw
+
+    def _clear_and_write(self, lines: list[str]) -> None:
+        self._output(CLEAR_SCREEN + "\n".join(lines))
+
+    def _peer(self) -> str | None:
+        """The person of the private buffer on screen, if that is one."""
+        return self.buffers.current.peer if self.buffers is not None else None
+
+    def press(self, key: str) -> None:
+        """A buffer key: alt-1..alt-9, c-n, c-p, pageup, pagedown."""
+        buffers = self.buffers
+        if buffers is None:
+            return
+        with self._lock:
+            if key.startswith("alt-"):
+                target = buffers.find(key.removeprefix("alt-"))
+                if target is not None:
+                    self._switch(target)
+            elif key in ("c-n", "c-p"):
+                self._switch(buffers.step(1 if key == "c-n" else -1))
+            elif key == "pageup":
+                self._redraw(buffers.page_up(self.page))
+            elif key == "pagedown" and buffers.current.scroll:
+                self._redraw(buffers.page_down(self.page))
+
+    def _switch(self, buffer: Buffer) -> None:
+        assert self.buffers is not None
+        with self._lock:
+            lines = self.buffers.switch(buffer, self.page)
+            self.room = buffer.room
+            self._redraw(lines)
+
+    def _buffer_command(self, name: str, args: tuple[str, ...]) -> None:
+        buffers = self.buffers
+        if buffers is None:
+            raise UsageError(f"/{name} works in the interactive client only (on a terminal)")
+        if name == "buffer":
+            target = buffers.find(args[0])
+            if target is None:
+                raise UsageError(f"no buffer {args[0]}: the bar at the bottom lists them")
+            self._switch(target)
+        elif name == "query":
+            self._switch(buffers.get(Destination(peer=args[0])))
+        else:
+            self._search(args[0])
+
+    def _close_private(self) -> None:
+        assert self.buffers is not None
+        with self._lock:
+            self.buffers.close(self.buffers.current)
+            self._switch(self.buffers.current)
+
+    def _search(self, text: str) -> None:
+        """Lines of the buffer holding `text`; then, for a room, its stored history from
+        before the buffer's first event (the answer comes as a history replay)."""
+        assert self.buffers is not None and self.client is not None
+        with self._lock:
+            buffer = self.buffers.current
+            found = self.buffers.search(text)
+            head = f"--- {len(found)} line(s) matching {text!r} in {buffer.label} ---"
+            if buffer.room is None:
+                self._output("\n".join([head, *found, "--- end of search ---"]))
+                return
+            self._output("\n".join([head, *found]))
+            self._searches[buffer.room] = text
+        self.client.history(buffer.room, MAX_HISTORY_PER_REQUEST, before=buffer.oldest_seq)
+
+    def _search_history(self, replay: Replay, me: str | None) -> None:
+        text = self._searches.pop(replay.room)
+        view = View(me=me, room=replay.room, color=self.color, clock_format=self.clock_format,
+                    hyperlinks=self.hyperlinks, days=Days(self._now()))  # older results show their date
+        shown = [render(event, view) for event in replay.events]
+        found = [line for line in shown if line is not None and text.casefold() in line.casefold()]
+        where = "before this buffer" if self.buffers and any(
+            b.room == replay.room and b.oldest_seq for b in self.buffers.all) else "of the room"
+        head = f"--- {len(found)} stored event(s) matching {text!r} {where} ---"
+        self._output("\n".join([head, *found, "--- end of search ---"]))
+
+    def _on_buffered_event(self, event: ClientEvent) -> None:
+        """An event into its conversation's buffer: drawn if that one is on screen, else
+        counted in the bar."""
+        buffers = self.buffers
+        assert buffers is not None
+        with self._lock:
+            me = self.client.snapshot.name if self.client else None
+            if (isinstance(event, Replay) and event.kind == ReplayKind.HISTORY
+                    and event.room in self._searches):
+                self._search_history(event, me)
+                return
+            where = destination(event, me)
+            if isinstance(event, Joined) and event.name == me and not event.chat:
+                self._switch(buffers.get(where))  # a room we just entered becomes the current one
+            elif isinstance(event, Left) and event.name == me and event.reason == LeftReason.PART:
+                self._close_room(event.room)
+                where = Destination()  # said in the buffer on screen
+            if isinstance(event, Joined) and event.chat and event.name == me and not self.own_arrival:
+                return
+            buffer = buffers.get(where)
+            if buffer.days is None:  # each buffer draws its own day-change lines
+                buffer.days = Days(self._now())
+            line = render(event, View(me=me, room=buffer.room, color=self.color, clock_format=self.clock_format,
+                                      hyperlinks=self.hyperlinks, days=buffer.days))
+            if line is None:
+                return
+            unread, highlight = counts(event, me)
+            seq = _first_seq(event) if where.room is not None else 0
+            if buffers.add(buffer, line.split("\n"), unread, highlight, seq):
+                self._output(line + ("\a" if self.color and mentions(event, me) else ""))
+            elif where.peer is not None and not unread and buffer is not buffers.current:
+                self.show(line)  # what you sent to someone from another buffer: shown where you are
+
+    def _close_room(self, room: str) -> None:
+        assert self.buffers is not None
+        buffer = next((b for b in self.buffers.all if b.room == room), None)
+        if buffer is None:
+            return
+        was_current = buffer is self.buffers.current
+        self.buffers.close(buffer)
+        if was_current:
+            self._switch(self.buffers.current)
+
+
+def _first_seq(event: ClientEvent) -> int:
+    """The seq of a room event (the oldest of a replay's); 0 for anything else."""
+    if isinstance(event, (Message, Action, Joined, Left, Muted, Renamed)):
+        return event.seq
+    if isinstance(event, Replay) and event.events:
+        return min(e.seq for e in event.events)
+    return 0
 
 
 def _connect(make_client: ClientFactory, session: Session, name: str) -> Client:
@@ -341,6 +533,29 @@ def _completer(session: Session):  # type: ignore[no-untyped-def]
     return ChatCompleter()
 
 
+def _prompt_with_bar(session: Session) -> str | list[tuple[str, str]]:
+    """The input line's prompt, under the buffers' bar when there is one (as weechat's)."""
+    from prompt_toolkit.application import get_app
+
+    size = get_app().output.get_size()
+    session.page = max(1, size.rows - 3)  # a page: the terminal less the bar, input and status lines
+    bar = session.bar(size.columns - 1)
+    return [("reverse", bar), ("", "\n" + session.prompt())] if bar else session.prompt()
+
+
+def _bind_buffer_keys(bindings, session: Session) -> None:  # type: ignore[no-untyped-def]
+    """Alt+1..9, Ctrl+N/P: switch buffers; PageUp/PageDown: scroll the one on screen."""
+    from prompt_toolkit.filters import has_completions
+
+    for keys, name in BUFFER_KEYS.items():
+        def press(event, name: str = name) -> None:  # type: ignore[no-untyped-def]
+            session.press(name)
+
+        # Ctrl+N/P still walk a completion menu while one is open.
+        menu_keys = name in ("c-n", "c-p")
+        bindings.add(*keys.split(), filter=~has_completions if menu_keys else True)(press)
+
+
 def run_interactive(make_client: ClientFactory, name: str | None, look: Look = Look()) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
@@ -348,6 +563,7 @@ def run_interactive(make_client: ClientFactory, name: str | None, look: Look = L
 
     session = Session(color=use_color(sys.stdout))
     look.apply(session)
+    session.use_buffers()
     # Until the chat prompt is up, what arrives is kept back: a line written straight to the
     # terminal while prompt_toolkit starts drawing could be drawn over.
     session.hold()
@@ -386,6 +602,7 @@ def run_interactive(make_client: ClientFactory, name: str | None, look: Look = L
     def _line_break(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
 
+    _bind_buffer_keys(bindings, session)
     chat_prompt: PromptSession[str] = PromptSession(
         completer=_completer(session), complete_while_typing=False, key_bindings=bindings,
         erase_when_done=True, bottom_toolbar=session.status, refresh_interval=1.0)
@@ -415,7 +632,7 @@ def run_interactive(make_client: ClientFactory, name: str | None, look: Look = L
                 end_prompt()
 
         try:
-            quit_message = chat_prompt.prompt(session.prompt, pre_run=show_held)
+            quit_message = chat_prompt.prompt(lambda: _prompt_with_bar(session), pre_run=show_held)
         except (EOFError, KeyboardInterrupt):
             quit_message = ""
         finally:
