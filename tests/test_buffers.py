@@ -301,3 +301,29 @@ def test_after_leaving_every_room_a_private_message_still_has_its_buffer(world: 
     world.type("alice", "/join lobby")
     assert alice.session.bar() == "[1:#lobby] 2:bob(1!)"
     assert alice.session.prompt() == "#lobby> "
+
+
+def test_buffers_draw_day_change_lines_of_their_own_and_the_configured_clock(world: World) -> None:
+    import re
+    import time
+
+    from zchat.render import day_line
+
+    alice = world.join("alice", buffers=True)
+    world.join("bob")
+    world.type("alice", "/join dev")
+    t = time.localtime(world.wall)
+    world.wall = time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, 0, 0, 1, 0, 0, -1))  # past midnight
+    world.type("bob", "/join dev")
+    world.type("bob", "in dev after midnight")
+    assert alice.screen[-3:] == [day_line(world.wall), "- bob has joined #dev.", "bob: in dev after midnight"]
+    alice.session.clock_format = "%H:%M"
+    world.type("bob", "short clock")
+    assert re.fullmatch(r"\[\d\d:\d\d\] bob: short clock", alice.raw[-1])
+    alice.session.clock_format = "%H:%M:%S"
+    # #lobby draws its own day line when its next event comes, once.
+    world.type("bob", "/join lobby")
+    world.type("bob", "in lobby")
+    mark = len(alice.screen)
+    world.press("alice", "alt-1")
+    assert after(alice, mark).count(day_line(world.wall)) == 1

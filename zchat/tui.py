@@ -464,8 +464,9 @@ class Session:
             buffer = buffers.get(where)
             if buffer.days is None:  # each buffer draws its own day-change lines
                 buffer.days = Days(self._now())
-            line = render(event, View(me=me, room=buffer.room, color=self.color, clock_format=self.clock_format,
-                                      hyperlinks=self.hyperlinks, days=buffer.days))
+            view = View(me=me, room=buffer.room, color=self.color, clock_format=self.clock_format,
+                        hyperlinks=self.hyperlinks, days=buffer.days)
+            line = render(event, view)
             if line is None:
                 return
             unread, highlight = counts(event, me)
