@@ -330,7 +330,18 @@ def test_many_lost_connections_at_once_fold_into_one_line_after_the_first(world:
         user.client.link_up = True
     world.advance_until(lambda: alice.client.core.online == 41, 20)
     world.advance(FOLD_QUIET + 1)
-    assert after(alice, a) == ["- user00 has left the chat.", "- 40 people lost their connection; 40 back."]
+    assert after(alice, a) == ["- user00 has left the chat.", "- user01 has left the chat.",
+                               "- 40 people lost their connection; 40 back."]
+
+
+def test_two_lost_connections_at_once_both_show_at_once(world: World) -> None:
+    """Folding never holds back the first few departures: 'left' stays as prompt as without it."""
+    alice, bob, carol = world.join("alice"), world.join("bob"), world.join("carol")
+    a = len(alice.screen)
+    bob.client.link_up = carol.client.link_up = False
+    world.advance_until(lambda: len(alice.screen) > a, 10)
+    world.advance_until(lambda: len(alice.screen) >= a + 2, FOLD_QUIET - 0.5)  # held: FOLD_QUIET
+    assert after(alice, a) == ["- bob has left the chat.", "- carol has left the chat."]
 
 
 def test_a_few_lost_connections_are_shown_one_by_one_in_order(world: World) -> None:

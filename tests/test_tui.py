@@ -299,7 +299,8 @@ def test_help_lists_commands_and_quit_leaves_with_a_message(chat: Chat, tmux: Tm
 
     tmux.type("/help")
     tmux.key("Enter")
-    tmux.wait_for(r"^Commands:$")
+    # The list is taller than the pane: its head is in the scrollback.
+    tmux.wait_until(lambda _: "Commands:" in tmux.screen(history=True), "the head of /help")
     tmux.wait_for(r"(?i)^\s+/quit \[message\]\s+leave the chat")
     tmux.wait_for(r"(?i)^\s+/help\b")
     tmux.wait_last_line(PROMPT)

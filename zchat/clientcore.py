@@ -121,7 +121,8 @@ RESUBSCRIBE_WAIT = 1.0
 IGNORE_REFS = 1 << 42  # key requests made for /ignore are numbered from here (above the others)
 # Mass events (PROTOCOL.md "Folding mass departures"): a room's connection losses and returns
 # are folded into one line while they keep coming (each extends the window by FOLD_QUIET, up to
-# FOLD_MAX after the first); fewer than FOLD_MIN people are shown one by one, as they came.
+# FOLD_MAX after the first); the notices of the first FOLD_MIN - 1 people show at once, as they
+# come, so a lone departure is never held back.
 FOLD_QUIET = 3.0
 FOLD_MAX = 30.0
 FOLD_MIN = 3
@@ -758,8 +759,10 @@ class ClientCore:
             fold.back.add(event.name)
         else:
             return False
-        fold.held.append(event)
         fold.until = now.mono + FOLD_QUIET
+        if len(fold.lost) < FOLD_MIN:
+            return False  # a few people: shown as they come, never held (a departure stays prompt)
+        fold.held.append(event)
         return True
 
     def _end_fold(self, room: str, now: Now) -> None:

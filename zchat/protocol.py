@@ -332,6 +332,7 @@ class Since(ClientMessage, tag="since"):
 
     ts: Annotated[float, Meta(ge=0, le=2**40)]
     rooms: Annotated[list[RoomField], Meta(max_length=limits.MAX_TOPICS_PER_PEER)] | None = None
+    ref: Ref | None = None
 
 
 class SetTopic(ClientMessage, tag="topic"):
