@@ -74,6 +74,11 @@ CLIENTS_PER_GENERATOR = 2_500  # scale: each client holds 4 fds in its generator
 SCALE_ROOM_SIZE = 100  # scale clients join rooms of this many (see README: no N^2 join storm)
 JOIN_WINDOW = 25  # joins in flight per generator process (the broker listens with ZMQ_BACKLOG 100)
 BROKER_FD_HEADROOM = 100  # fds the broker keeps for itself (listeners, mailboxes, std streams)
+IDLE_WINDOW = 5.0  # scale: seconds over which the broker's idle CPU is measured, all joined
+# Issue 11's targets for one broker, printed beside the figures.
+SCALE_JOIN_TARGET_S = 60.0  # every client joined within this
+SCALE_IDLE_CPU_TARGET = 20.0  # % of one core, all broker threads, all joined, nobody talking
+SCALE_RSS_TARGET_RATIO = 1.1  # broker RSS per client / the libzmq floor's
 PING_INTERVAL_NS = int(L.CLIENT_PING_INTERVAL * 1e9)  # app pings, as the client library sends them
 JOIN_RETRY_NS = int(L.JOIN_RETRY_INTERVAL * 1e9)
 IDLE_NS = 600_000_000  # a receiver is done when nothing arrived for this long after the senders stopped
@@ -924,7 +929,7 @@ def split_clients(n: int, per_generator: int = CLIENTS_PER_GENERATOR) -> tuple[l
 
 def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_timeout: float) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fit = (hard - BROKER_FD_HEADROOM) // 2
+    fit = scale_fit(hard)
     n = min(asked, fit)
     armed, stop, fire = MP.Event(), MP.Event(), MP.Event()
     fire_ready = MP.Value("i", 0)
@@ -951,10 +956,10 @@ def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_tim
         connected = max(0, (fds1 - fds0) // 2)  # two TCP connections per client
         cpu0 = thread_ticks(svc.pid)
         gen0 = [thread_ticks(p.pid) for p in procs]
-        time.sleep(2.0)
-        idle_cpu = cpu_percent(cpu0, thread_ticks(svc.pid), 2.0)
-        gen_cpu = round(sum(cpu_percent(g0, thread_ticks(p.pid), 2.0)["total"] for g0, p in zip(gen0, procs,
-                                                                                             strict=True)))
+        time.sleep(IDLE_WINDOW)
+        idle_cpu = cpu_percent(cpu0, thread_ticks(svc.pid), IDLE_WINDOW)
+        gen_cpu = round(sum(cpu_percent(g0, thread_ticks(p.pid), IDLE_WINDOW)["total"]
+                            for g0, p in zip(gen0, procs, strict=True)))
         procs.append(spawn(prober_proc, spec, fire, results))
         prober = collect(results, 1, PROBER_JOIN_TIMEOUT + 30, procs)[0]
         armed.set()
@@ -1025,10 +1030,16 @@ def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None: 
     ctx.term()
 
 
+def scale_fit(hard: int) -> int:
+    """Clients (two connections each) one broker can hold under descriptor limit `hard`:
+    the broker admits RLIMIT_NOFILE - FD_RESERVE connections (zchat.broker.connection_cap)."""
+    return min((hard - BROKER_FD_HEADROOM) // 2, max(hard - L.FD_RESERVE, hard // 2) // 2)
+
+
 def run_floor(workdir: Path, asked: int) -> dict:
     """libzmq's floor: the C proxy's RSS growth per client holding `asked` CURVE connection pairs."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    n = min(asked, (hard - BROKER_FD_HEADROOM) // 2)
+    n = min(asked, scale_fit(hard))
     stop = MP.Event()
     connected = MP.Value("i", 0)
     svc = Service("proxy", workdir)
@@ -1554,6 +1565,8 @@ def print_report(res: dict) -> list[str]:
             ratio = f"; zchat {mine['rss_per_client_kb'] / fl['rss_per_client_kb']:.2f}x that" if mine else ""
             p(f"  libzmq floor: the C proxy holding {fl['connected']} such client pairs (same keys, options, "
               f"subscriptions; no join) grows {fl['rss_per_client_kb']:.1f} KB/client{ratio}")
+        for line in scale_targets(sc[-1], fl):
+            p(line)
         p("  conn = client connection pairs held by the broker (its fds); KB/client = RSS growth / conn; "
           "ovfl = listen-queue overflows (SYNs dropped, retried after 1, 3, 7... s) while joining; "
           "idle CPU = broker threads, all joined, nobody talking (gens = the load generators, all threads)")
@@ -1596,6 +1609,30 @@ def print_report(res: dict) -> list[str]:
     p("")
     p(summary_line(res))
     print("\n".join(lines), flush=True)
+    return lines
+
+
+def scale_targets(r: dict, floor: dict | None) -> list[str]:
+    """The largest scale run against issue 11's targets, one line each, figure beside target."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    joined_all = r["not_joined"] == 0 and r["join_wall_s"] <= SCALE_JOIN_TARGET_S
+    idle = r["idle_cpu"]["total"]
+    lines = [f"  target: {r['clients']} clients all joined within {SCALE_JOIN_TARGET_S:.0f} s: "
+             f"{r['joined']}/{r['clients']} in {r['join_wall_s']:.1f} s ({verdict(joined_all)})",
+             f"  target: idle broker <= {SCALE_IDLE_CPU_TARGET:.0f}% of one core at {r['joined']} joined: "
+             f"{idle:.0f}% (main {r['idle_cpu']['main']:.0f}%, io {r['idle_cpu']['io']:.0f}%; "
+             f"{verdict(idle <= SCALE_IDLE_CPU_TARGET)})"]
+    if floor and floor["rss_per_client_kb"] > 0:
+        ratio = r["rss_per_client_kb"] / floor["rss_per_client_kb"]
+        lines.append(f"  target: broker RSS/client <= {SCALE_RSS_TARGET_RATIO}x the libzmq floor: "
+                     f"{r['rss_per_client_kb']:.1f} vs {floor['rss_per_client_kb']:.1f} KB/client = "
+                     f"{ratio:.2f}x "
+                     f"({verdict(ratio <= SCALE_RSS_TARGET_RATIO)})")
+    if r["clients"] < r["asked"]:
+        lines.append(f"  ({r['asked']} asked; {r['clients']} fit under RLIMIT_NOFILE {r['fd_limit']}: two "
+                     f"connections each, {L.FD_RESERVE} descriptors reserved by the broker)")
     return lines
 
 
@@ -1768,11 +1805,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--abrupt-close", action="store_true",
                         help="senders close right after the window instead of waiting for the subscribers "
                         "to drain (reproduces a libzmq assertion crash in the broker, see README)")
+    parser.add_argument("--scale", metavar="N[,N...]",
+                        help="scale phase sizes (default 1000 with --quick, else 1000,5000,10000); "
+                        "the libzmq floor is measured at the largest")
     parser.add_argument("--only", default="throughput,latency,scale,chatty,joins,sealing",
                         help="comma-separated subset of: throughput,latency,scale,chatty,joins,sealing,"
                         "profile (default: all but profile, which --profile adds)")
     args = parser.parse_args(argv)
-    cfg = PROFILES["quick" if args.quick else "full"]
+    cfg = dict(PROFILES["quick" if args.quick else "full"])
+    if args.scale:
+        cfg["scale"] = [int(x) for x in args.scale.split(",")]
     only = set(args.only.split(","))
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path)
@@ -1896,7 +1938,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda n: run_scale(workdir, n, broker_args, cfg["scale_join_timeout"]),
                 lambda r: f"{r['joined']} joined, {r['rss_per_client_kb']} KB/client, "
                           f"probe {r['probe_delivered']}/{r['probe_expected']}")
-            floor_n = cfg["scale"][0]
+            floor_n = max(cfg["scale"])  # the same connections as the largest run, side by side
             res["scale_floor"] = run_floor(workdir, floor_n)
             print(f"  libzmq floor at {floor_n}: {res['scale_floor']['rss_per_client_kb']} KB/client",
                   flush=True)
