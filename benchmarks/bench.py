@@ -81,6 +81,7 @@ SCALE_IDLE_CPU_TARGET = 20.0  # % of one core, all broker threads, all joined, n
 SCALE_RSS_TARGET_RATIO = 1.1  # broker RSS per client / the libzmq floor's
 PING_INTERVAL_NS = int(L.CLIENT_PING_INTERVAL * 1e9)  # app pings, as the client library sends them
 JOIN_RETRY_NS = int(L.JOIN_RETRY_INTERVAL * 1e9)
+JOIN_RETRY_MAX_NS = int(getattr(L, "JOIN_RETRY_MAX", L.JOIN_RETRY_INTERVAL) * 1e9)  # older trees: no backoff
 IDLE_NS = 600_000_000  # a receiver is done when nothing arrived for this long after the senders stopped
 
 # --- the messages ----------------------------------------------------------------
@@ -439,6 +440,7 @@ def proxy_main(port: str, pub_port: str, public: str, secret: str) -> None:
         sock.handshake_ivl = L.HANDSHAKE_IVL_MS
         sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
         sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+        sock.backlog = L.LISTEN_BACKLOG  # as the broker's: thousands connecting must not overflow it
         return sock
 
     frontend = server(zmq.PULL)
@@ -475,7 +477,7 @@ class Member:
     """One zchat client as raw sockets: a CURVE PUSH + SUB pair with its own key."""
 
     __slots__ = ("sub", "push", "identity", "utopic", "welcome", "join", "t_start", "next_join",
-                 "joined_ns", "error", "box", "secret")
+                 "joined_ns", "error", "box", "secret", "join_wait")
 
     def __init__(self, ctx: zmq.Context, svc: dict, name: str, rooms: list[str],
                  extra_topics: tuple[bytes, ...] = ()) -> None:
@@ -497,6 +499,7 @@ class Member:
         self.sub.connect(svc["publish"])
         self.push.connect(svc["input"])
         self.next_join = 0
+        self.join_wait = JOIN_RETRY_NS
         self.joined_ns = 0
         self.error = ""
 
@@ -505,7 +508,8 @@ class Member:
             self.push.send(self.join, zmq.NOBLOCK)
         except zmq.Again:
             pass
-        self.next_join = now + JOIN_RETRY_NS
+        self.next_join = now + self.join_wait  # backing off as the client library does
+        self.join_wait = min(JOIN_RETRY_MAX_NS, 2 * self.join_wait)
 
     def ping(self) -> None:
         try:
@@ -554,7 +558,8 @@ def join_members(ctx: zmq.Context, svc: dict, specs: list[tuple[str, list[str], 
                  window: int = JOIN_WINDOW, timeout: float = 120.0) -> tuple[list[Member], list[float], int]:
     """Join many members, `window` handshakes in flight; returns (members, join ms, failures).
 
-    Each join is resent every 200 ms until its welcome arrives, as the client library does.
+    Each join is resent until its welcome arrives, after 200 ms, then backing off (doubling up
+    to JOIN_RETRY_MAX) as the client library does.
     Members already joined are pinged meanwhile so the broker does not time them out.
     """
     members: list[Member] = []
@@ -1004,6 +1009,8 @@ def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None: 
     ctx.max_sockets = 2 * count + 64
     pairs = []
     for i in range(count):
+        if i % FLOOR_CONNECT_BATCH == 0:
+            time.sleep(FLOOR_CONNECT_PAUSE)  # paced, as joins are: no SYN flood past the listen queue
         public, secret = zmq.curve_keypair()
         sub = curve_client(ctx, zmq.SUB, svc["key"], public, secret)
         sub.linger = 0
@@ -1018,7 +1025,7 @@ def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None: 
         pairs.append((sub, push))
     with connected.get_lock():
         connected.value += 1
-    while not stop.wait(1.0):  # pings, as the clients of the scale test send them
+    while not stop.wait(L.CLIENT_PING_INTERVAL):  # pings, as the clients of the scale test send them
         for _, push in pairs:
             try:
                 push.send(PING, zmq.NOBLOCK)
@@ -1034,6 +1041,10 @@ def scale_fit(hard: int) -> int:
     """Clients (two connections each) one broker can hold under descriptor limit `hard`:
     the broker admits RLIMIT_NOFILE - FD_RESERVE connections (zchat.broker.connection_cap)."""
     return min((hard - BROKER_FD_HEADROOM) // 2, max(hard - L.FD_RESERVE, hard // 2) // 2)
+
+
+FLOOR_CONNECT_BATCH = 50  # floor: client pairs connected at once per generator...
+FLOOR_CONNECT_PAUSE = 0.1  # ...then this pause (4 generators: 2,000 pairs a second at most)
 
 
 def run_floor(workdir: Path, asked: int) -> dict:
@@ -1053,7 +1064,7 @@ def run_floor(workdir: Path, asked: int) -> dict:
         deadline = time.monotonic() + 120
         while fd_count(svc.pid) < fds0 + 2 * n and time.monotonic() < deadline:
             time.sleep(0.2)  # every connection accepted (handshakes done or not: RSS below waits)
-        time.sleep(3.0)  # handshakes finish, pings and subscriptions flow
+        time.sleep(2.0 + L.CLIENT_PING_INTERVAL)  # handshakes finish, pings and subscriptions flow
         rss1, fds1 = vmrss_kb(svc.pid), fd_count(svc.pid)
         conn = max(0, (fds1 - fds0) // 2)
         return {"clients": n, "connected": conn, "rss_before_kb": rss0, "rss_after_kb": rss1,

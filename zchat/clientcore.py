@@ -293,6 +293,7 @@ class ClientCore:
         self._pending_join: Join | None = None
         self._resubscribe_at = 0.0
         self._next_join = 0.0
+        self._join_wait = L.JOIN_RETRY_INTERVAL  # until the next resend; doubles up to JOIN_RETRY_MAX
         self._last_heartbeat = 0.0
         self._last_sent = 0.0  # when we last sent anything: any message refreshes our presence
         self._subscribed: dict[str, int] = {}  # topic -> subscriptions made (a SUB counts them)
@@ -663,6 +664,7 @@ class ClientCore:
         self._pending_join = Join(name=name, rooms=list(self.rooms), history=self._join_history, seen=seen)
         self._resubscribe_at = now.mono + RESUBSCRIBE_WAIT
         self._rejoin_failed = False
+        self._join_wait = L.JOIN_RETRY_INTERVAL
         self._send_join(now)
 
     def _send_join(self, now: Now) -> None:
@@ -672,7 +674,9 @@ class ClientCore:
             for topic in [self.private_topic] + [room_topic(room) for room in self.rooms]:
                 self._resubscribe(topic)
         self._send(self._pending_join, now)
-        self._next_join = now.mono + L.JOIN_RETRY_INTERVAL
+        # Backing off: a broker slow to answer (thousands joining) is not sent more of the same.
+        self._next_join = now.mono + self._join_wait
+        self._join_wait = min(L.JOIN_RETRY_MAX, 2 * self._join_wait)
 
     def _on_welcome(self, welcome: Welcome, now: Now) -> None:
         if self._pending_join is None and welcome.epoch == self.epoch:
