@@ -72,7 +72,7 @@ PROFILES = {
 SUBS_PER_PROCESS = 5  # subscriber sockets per load-generator process (throughput/latency)
 CLIENTS_PER_GENERATOR = 2_500  # scale: each client holds 4 fds in its generator (2 sockets x (tcp + mailbox))
 SCALE_ROOM_SIZE = 100  # scale clients join rooms of this many (see README: no N^2 join storm)
-JOIN_WINDOW = 25  # joins in flight per generator process (the broker listens with ZMQ_BACKLOG 100)
+JOIN_WINDOW = 25  # joins in flight per generator process (the broker listens with a backlog of 1024)
 BROKER_FD_HEADROOM = 100  # fds the broker keeps for itself (listeners, mailboxes, std streams)
 IDLE_WINDOW = 5.0  # scale: seconds over which the broker's idle CPU is measured, all joined
 # Issue 11's targets for one broker, printed beside the figures.

@@ -62,7 +62,10 @@ DRAIN_BATCH = 5000  # messages taken from one socket before looking at the other
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
-STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
+STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this...
+# ...and, as each one goes to everyone on sys/, no more often than this many deliveries a second
+# (thousands joining at once: no stats storm; 10,000 online: brought forward every 10 s at most).
+STATS_FORWARD_DELIVERIES = 1_000
 DATA_SENDER_REFUSAL = 60.0  # seconds a key cut for sending data on its subscriber connection is refused
 DATA_SENDERS_KEPT = 10_000  # such keys remembered at once (the oldest forgotten first)
 SILENCE_SCAN = 1.0  # seconds between looks for input connections of keys that went silent
@@ -70,6 +73,10 @@ SHED_EVERY = 0.1  # least seconds between two sheddings of silent connections on
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
 INPUT_CHECK_INTERVAL = 1.0  # seconds between looks at the bytes each input connection sent...
 INPUT_CHECK_GROWTH = 16 * 2**20  # ...and a look at once when the broker grew this much since
+# A look is a TCP_INFO getsockopt per connection, some 10-30 us in the kernel: with thousands of
+# connections the looks are spaced out to at most this many a second (10,000 inputs: every 5 s),
+# each connection's allowance growing with the interval (the growth trigger still looks at once).
+INPUT_LOOKS_PER_SECOND = 2_000
 
 
 @dataclass
@@ -418,13 +425,16 @@ class Broker:
 
     def _check_inputs(self, now: float) -> None:
         """Cut input connections that send more bytes a second than the frame ceiling's worth
-        of full-size messages (a token bucket of one second), as the kernel counts them. Above
+        of full-size messages (a token bucket of one second; of one interval between looks when
+        thousands of connections space them out), as the kernel counts them. Above
         all one unfinished multipart message: libzmq keeps its parts, unseen by us until the
         last one, and no socket option bounds them."""
         checked_at, self._inputs_checked_at = self._inputs_checked_at, time.monotonic()
         self._rss_at_check = resident_bytes()
         rate = self._input_rate()
-        refill = (self._inputs_checked_at - checked_at) * rate
+        elapsed = self._inputs_checked_at - checked_at
+        refill = elapsed * rate
+        capacity = rate * max(1.0, min(elapsed, self._input_check_interval()))  # one look's worth
         looks: dict[int, tuple[int, float]] = {}
         unnamed = self.inputs.unattributed  # accepted, key not known yet
         for fd in self.inputs.all() + list(unnamed):
@@ -434,7 +444,7 @@ class Broker:
             # Not seen yet: one that completed no message counts from its start; one named since
             # the last look has its count from then.
             last, allowance = self._input_looks.get(fd, (0 if fd in unnamed else received, rate))
-            allowance = min(rate, allowance + refill) - (received - last)
+            allowance = min(capacity, allowance + refill) - (received - last)
             if allowance >= 0:
                 looks[fd] = (received, allowance)
                 continue
@@ -445,6 +455,11 @@ class Broker:
             if identity is not None:
                 self._publish(self.core.on_input_flood(identity, int(rate), now))
         self._input_looks = looks
+
+    def _input_check_interval(self) -> float:
+        """Seconds between two looks at every input connection: 1 s, longer past
+        INPUT_LOOKS_PER_SECOND connections."""
+        return max(INPUT_CHECK_INTERVAL, len(self._input_looks) / INPUT_LOOKS_PER_SECOND)
 
     def _input_rate(self) -> float:
         """Bytes a second one input connection may send: the frame ceiling's worth of
@@ -537,7 +552,7 @@ class Broker:
                     self._police_connections(now)
                     if self.dispatch.unread:
                         self._check_unread()
-                    if (time.monotonic() - self._inputs_checked_at >= INPUT_CHECK_INTERVAL
+                    if (time.monotonic() - self._inputs_checked_at >= self._input_check_interval()
                             or resident_bytes() - self._rss_at_check > INPUT_CHECK_GROWTH):
                         self._check_inputs(now)
                     self._internal_errors.flush(time.monotonic())
@@ -611,7 +626,8 @@ class Broker:
                     # Manual mode: applies to the peer whose subscription we just read.
                     xpub.setsockopt(zmq.SUBSCRIBE, data[1:])
                     if topic == SYSTEM_TOPIC:  # e.g. `zchat stats` or `health`: answer it soon
-                        self._next_stats = min(self._next_stats, max(now, self._stats_at + STATS_MIN_GAP))
+                        gap = max(STATS_MIN_GAP, core.online / STATS_FORWARD_DELIVERIES)
+                        self._next_stats = min(self._next_stats, max(now, self._stats_at + gap))
                 else:
                     # Subscriptions are not rate-limited: log a key's refusals once per interval.
                     who = (identity or "?")[:12]

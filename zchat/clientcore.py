@@ -295,6 +295,8 @@ class ClientCore:
         self._next_join = 0.0
         self._join_wait = L.JOIN_RETRY_INTERVAL  # until the next resend; doubles up to JOIN_RETRY_MAX
         self._last_heartbeat = 0.0
+        self._heartbeat_interval = L.BROKER_HEARTBEAT_INTERVAL  # as the broker last announced it
+        self._ping_interval = L.CLIENT_PING_INTERVAL  # shorter if the welcome says the timeout is
         self._last_sent = 0.0  # when we last sent anything: any message refreshes our presence
         self._subscribed: dict[str, int] = {}  # topic -> subscriptions made (a SUB counts them)
         # Rooms asked for with /join and not yet confirmed: their live events before our
@@ -382,9 +384,9 @@ class ClientCore:
             self._send_join(now)
         if self._posts and t >= self._next_post:
             self._send_posts(now)
-        if self._connected() and t >= self._last_sent + L.CLIENT_PING_INTERVAL:
+        if self._connected() and t >= self._last_sent + self._ping_interval:
             self._send(Ping(), now)  # only when idle: the broker charges pings to our bucket too
-        if self._watching() and t - self._last_heartbeat > L.BROKER_SILENCE_LOST:
+        if self._watching() and t - self._last_heartbeat > self._silence_lost():
             self._on_lost(StatusState.LOST, "connection to the broker lost; reconnecting", now.wall)
         self._apply(self.tracker.tick(t), now)
         if self._rejoin is not None and t >= self._rejoin.until:
@@ -400,9 +402,9 @@ class ClientCore:
         if self._posts:
             times.append(self._next_post)
         if self._connected():
-            times.append(self._last_sent + L.CLIENT_PING_INTERVAL)
+            times.append(self._last_sent + self._ping_interval)
         if self._watching():
-            times.append(self._last_heartbeat + L.BROKER_SILENCE_LOST)
+            times.append(self._last_heartbeat + self._silence_lost())
         if self._rejoin is not None:
             times.append(self._rejoin.until)
         elif self._outbox and self._connected() and not self._waiting_for_key():
@@ -717,6 +719,10 @@ class ClientCore:
         self.lost_since = None
         self.online = welcome.online
         self._last_heartbeat = now.mono
+        self._heartbeat_interval = min(welcome.heartbeat, L.BROKER_HEARTBEAT_MAX)
+        # A broker run with a short --client-timeout says so: ping twice within it.
+        timeout = welcome.timeout if welcome.timeout and welcome.timeout > 0 else L.CLIENT_TIMEOUT
+        self._ping_interval = min(L.CLIENT_PING_INTERVAL, timeout / 2)
         self._last_sent = now.mono
         self._out.append(JoinDone(welcome))
         if first:
@@ -763,8 +769,14 @@ class ClientCore:
             return True  # a message it names stays unconfirmed: it goes again after the rejoin
         return False  # shown, then its ref settled, by _live
 
+    def _silence_lost(self) -> float:
+        """No heartbeat this long: the broker is lost. Counted in its announced intervals (a
+        broker with thousands online spaces them out)."""
+        return L.BROKER_SILENCE_LOST * max(1.0, self._heartbeat_interval / L.BROKER_HEARTBEAT_INTERVAL)
+
     def _on_heartbeat(self, beat: Heartbeat, now: Now) -> None:
         self._last_heartbeat = now.mono
+        self._heartbeat_interval = min(beat.interval, L.BROKER_HEARTBEAT_MAX)
         self.online = beat.online
         if (self.epoch is None or self._pending_join is not None or self._removed is not None
                 or self._rejoin_failed or self._closed):
