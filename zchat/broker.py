@@ -848,7 +848,9 @@ class Broker:
     def _stats(self, now: float) -> None:
         """Publish a stats event on sys/ (unless disabled) and start a new interval."""
         interval = self.settings.stats_interval
-        self._next_stats = now + (interval or L.STATS_INTERVAL)
+        # Each stats event is one delivery per member on sys/: spaced out with thousands online.
+        spread = self.core.online / STATS_FORWARD_DELIVERIES
+        self._next_stats = now + max(interval or L.STATS_INTERVAL, spread)
         core, dispatch = self.core, self.dispatch
         totals = (self.frames_in, dispatch.messages, dispatch.published)
         span = max(now - self._stats_at, 1e-3)

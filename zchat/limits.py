@@ -107,8 +107,8 @@ STATS_INTERVAL = 5.0  # default seconds between the broker's stats events on sys
 HANDSHAKE_IVL_MS = 5000
 # ZMTP heartbeats only find dead TCP connections (presence has its own pings and the socket
 # monitor); each one is a CURVE frame both ways, on every connection, from both ends.
-ZMQ_HEARTBEAT_IVL_MS = 10_000
-ZMQ_HEARTBEAT_TIMEOUT_MS = 30_000
+ZMQ_HEARTBEAT_IVL_MS = 20_000
+ZMQ_HEARTBEAT_TIMEOUT_MS = 60_000
 LISTEN_BACKLOG = 1024
 PULL_RCVHWM = 1_000  # x MAX_FRAME_BYTES: at most 64 MiB queued per connection
 XPUB_SNDHWM = 10_000
