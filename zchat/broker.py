@@ -315,12 +315,18 @@ class Broker:
         sock.zap_domain = PUBLISH_ZAP_DOMAIN if kind == zmq.XPUB else ZAP_DOMAIN
         sock.handshake_ivl = L.HANDSHAKE_IVL_MS
         sock.backlog = L.LISTEN_BACKLOG  # a crowd joining at once must not overflow the accept queue
-        if kind == zmq.XPUB:
-            # ZMTP heartbeats close dead subscribers' pipes. Not on PULL: there libzmq 4.3.5 can
-            # abort (stream_engine_base.cpp:310 !_io_error) when a flooding sender goes away,
-            # and presence comes from application pings and the socket monitor anyway.
-            sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
-            sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+        # No ZMTP heartbeats from the broker: libzmq 4.3.5 keeps every connection's heartbeat
+        # timer in one ordered map per I/O thread and cancels one (on each PONG) by walking
+        # that map: with 10,000 subscribers that walk was a third of the I/O thread, idle.
+        # (On PULL they could also abort libzmq, stream_engine_base.cpp:310 !_io_error, when a
+        # flooding sender goes away.) Presence comes from application pings and the socket
+        # monitor; dead peers are the kernel's to find: keepalive probes on an idle connection,
+        # and TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) on one whose data goes unacknowledged.
+        sock.tcp_keepalive = 1
+        sock.tcp_keepalive_idle = L.TCP_KEEPALIVE_IDLE_S
+        sock.tcp_keepalive_intvl = L.TCP_KEEPALIVE_INTVL_S
+        sock.tcp_keepalive_cnt = L.TCP_KEEPALIVE_CNT
+        sock.setsockopt(zmq.TCP_MAXRT, L.TCP_MAXRT_MS)
         if self.settings.endpoints.ipv6:
             sock.ipv6 = True
         return sock

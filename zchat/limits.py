@@ -107,8 +107,13 @@ STATS_INTERVAL = 5.0  # default seconds between the broker's stats events on sys
 HANDSHAKE_IVL_MS = 5000
 # ZMTP heartbeats only find dead TCP connections (presence has its own pings and the socket
 # monitor); each one is a CURVE frame both ways, on every connection, from both ends.
-ZMQ_HEARTBEAT_IVL_MS = 20_000
+ZMQ_HEARTBEAT_IVL_MS = 20_000  # clients only: the broker sets none (see Broker._curve_server)
 ZMQ_HEARTBEAT_TIMEOUT_MS = 60_000
+# The broker's sockets: the kernel finds dead peers (no libzmq timer per connection).
+TCP_KEEPALIVE_IDLE_S = 30  # probes after this long idle...
+TCP_KEEPALIVE_INTVL_S = 10  # ...this far apart...
+TCP_KEEPALIVE_CNT = 3  # ...this many unanswered: the connection is dropped
+TCP_MAXRT_MS = 60_000  # data unacknowledged this long: the connection is dropped (TCP_USER_TIMEOUT)
 LISTEN_BACKLOG = 1024
 PULL_RCVHWM = 1_000  # x MAX_FRAME_BYTES: at most 64 MiB queued per connection
 XPUB_SNDHWM = 10_000
