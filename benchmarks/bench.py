@@ -863,6 +863,11 @@ def scale_gen_proc(svc: dict, gen: int, first: int, count: int, join_timeout: fl
     t_begin = mono()
     members, join_ms, failed = join_members(ctx, svc, specs, timeout=join_timeout)
     joined = [m for m in members if m.joined_ns and not m.error]
+    for m in members:  # given up on: gone, not left to reconnect each time the broker cuts them
+        if not m.joined_ns or m.error:
+            m.sub.close(0)
+            m.push.close(0)
+    members = joined
     results.put({"role": "joined", "gen": gen, "join_ms": join_ms, "joined": len(joined),
                  "not_joined": count - len(joined), "seconds": (mono() - t_begin) / 1e9})
     next_ping = 0
