@@ -1053,7 +1053,8 @@ def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None: 
 def scale_fit(hard: int) -> int:
     """Clients (two connections each) one broker can hold under descriptor limit `hard`:
     the broker admits RLIMIT_NOFILE - FD_RESERVE connections (zchat.broker.connection_cap)."""
-    return min((hard - BROKER_FD_HEADROOM) // 2, max(hard - L.FD_RESERVE, hard // 2) // 2)
+    cap = max(hard - L.FD_RESERVE, hard // 2) // 2 - 1  # and room for the prober, one more client
+    return min((hard - BROKER_FD_HEADROOM) // 2, cap)
 
 
 FLOOR_CONNECT_BATCH = 50  # floor: client pairs connected at once per generator...
