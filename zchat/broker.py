@@ -317,7 +317,7 @@ class Broker:
         sock.backlog = L.LISTEN_BACKLOG  # a crowd joining at once must not overflow the accept queue
         # No ZMTP heartbeats from the broker: libzmq 4.3.5 keeps every connection's heartbeat
         # timer in one ordered map per I/O thread and cancels one (on each PONG) by walking
-        # that map: with 4,300 subscribers that walk was a third of the I/O thread.
+        # that map: with some four thousand subscribers that walk was a third of the I/O thread.
         # (On PULL they could also abort libzmq, stream_engine_base.cpp:310 !_io_error, when a
         # flooding sender goes away.) Presence comes from application pings and the socket
         # monitor; dead peers are the kernel's to find: keepalive probes on an idle connection,
