@@ -70,12 +70,20 @@ PROFILES = {
                  seal_dms=30_000, seal_rate=2_000),
 }
 SUBS_PER_PROCESS = 5  # subscriber sockets per load-generator process (throughput/latency)
-CLIENTS_PER_GENERATOR = 2_500  # scale: each client holds 4 fds in its generator (2 sockets x (tcp + mailbox))
+CLIENTS_PER_GENERATOR = 1_250  # scale: each client holds 4 fds in its generator (2 sockets x (tcp + mbox)),
+# and few per process: libzmq walks all of a context's timers to cancel one (a handshake done, a PONG)
 SCALE_ROOM_SIZE = 100  # scale clients join rooms of this many (see README: no N^2 join storm)
-JOIN_WINDOW = 25  # joins in flight per generator process (the broker listens with ZMQ_BACKLOG 100)
+JOIN_WINDOW = 25  # joins in flight per generator process (the broker listens with a backlog of 1024)
 BROKER_FD_HEADROOM = 100  # fds the broker keeps for itself (listeners, mailboxes, std streams)
+IDLE_WINDOW = 5.0  # scale: seconds over which the broker's idle CPU is measured, all joined
+SCALE_SETTLE = 10.0  # scale: seconds after the last join before RSS and idle CPU are measured
+# Issue 11's targets for one broker, printed beside the figures.
+SCALE_JOIN_TARGET_S = 60.0  # every client joined within this
+SCALE_IDLE_CPU_TARGET = 20.0  # % of one core, all broker threads, all joined, nobody talking
+SCALE_RSS_TARGET_RATIO = 1.1  # broker RSS per client / the libzmq floor's
 PING_INTERVAL_NS = int(L.CLIENT_PING_INTERVAL * 1e9)  # app pings, as the client library sends them
 JOIN_RETRY_NS = int(L.JOIN_RETRY_INTERVAL * 1e9)
+JOIN_RETRY_MAX_NS = int(getattr(L, "JOIN_RETRY_MAX", L.JOIN_RETRY_INTERVAL) * 1e9)  # older trees: no backoff
 IDLE_NS = 600_000_000  # a receiver is done when nothing arrived for this long after the senders stopped
 
 # --- the messages ----------------------------------------------------------------
@@ -432,8 +440,13 @@ def proxy_main(port: str, pub_port: str, public: str, secret: str) -> None:
         sock.curve_secretkey = secret.encode()
         sock.zap_domain = b"bench"
         sock.handshake_ivl = L.HANDSHAKE_IVL_MS
-        sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
-        sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+        if hasattr(L, "TCP_MAXRT_MS"):  # as the broker: no ZMTP heartbeats, the kernel finds dead peers
+            sock.tcp_keepalive = 1
+            sock.setsockopt(zmq.TCP_MAXRT, L.TCP_MAXRT_MS)
+        else:
+            sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
+            sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+        sock.backlog = L.LISTEN_BACKLOG  # as the broker's: thousands connecting must not overflow it
         return sock
 
     frontend = server(zmq.PULL)
@@ -470,7 +483,7 @@ class Member:
     """One zchat client as raw sockets: a CURVE PUSH + SUB pair with its own key."""
 
     __slots__ = ("sub", "push", "identity", "utopic", "welcome", "join", "t_start", "next_join",
-                 "joined_ns", "error", "box", "secret")
+                 "joined_ns", "error", "box", "secret", "join_wait")
 
     def __init__(self, ctx: zmq.Context, svc: dict, name: str, rooms: list[str],
                  extra_topics: tuple[bytes, ...] = ()) -> None:
@@ -492,6 +505,7 @@ class Member:
         self.sub.connect(svc["publish"])
         self.push.connect(svc["input"])
         self.next_join = 0
+        self.join_wait = JOIN_RETRY_NS
         self.joined_ns = 0
         self.error = ""
 
@@ -500,7 +514,8 @@ class Member:
             self.push.send(self.join, zmq.NOBLOCK)
         except zmq.Again:
             pass
-        self.next_join = now + JOIN_RETRY_NS
+        self.next_join = now + self.join_wait  # backing off as the client library does
+        self.join_wait = min(JOIN_RETRY_MAX_NS, 2 * self.join_wait)
 
     def ping(self) -> None:
         try:
@@ -549,7 +564,8 @@ def join_members(ctx: zmq.Context, svc: dict, specs: list[tuple[str, list[str], 
                  window: int = JOIN_WINDOW, timeout: float = 120.0) -> tuple[list[Member], list[float], int]:
     """Join many members, `window` handshakes in flight; returns (members, join ms, failures).
 
-    Each join is resent every 200 ms until its welcome arrives, as the client library does.
+    Each join is resent until its welcome arrives, after 200 ms, then backing off (doubling up
+    to JOIN_RETRY_MAX) as the client library does.
     Members already joined are pinged meanwhile so the broker does not time them out.
     """
     members: list[Member] = []
@@ -848,6 +864,11 @@ def scale_gen_proc(svc: dict, gen: int, first: int, count: int, join_timeout: fl
     t_begin = mono()
     members, join_ms, failed = join_members(ctx, svc, specs, timeout=join_timeout)
     joined = [m for m in members if m.joined_ns and not m.error]
+    for m in members:  # given up on: gone, not left to reconnect each time the broker cuts them
+        if not m.joined_ns or m.error:
+            m.sub.close(0)
+            m.push.close(0)
+    members = joined
     results.put({"role": "joined", "gen": gen, "join_ms": join_ms, "joined": len(joined),
                  "not_joined": count - len(joined), "seconds": (mono() - t_begin) / 1e9})
     next_ping = 0
@@ -924,7 +945,7 @@ def split_clients(n: int, per_generator: int = CLIENTS_PER_GENERATOR) -> tuple[l
 
 def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_timeout: float) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fit = (hard - BROKER_FD_HEADROOM) // 2
+    fit = scale_fit(hard)
     n = min(asked, fit)
     armed, stop, fire = MP.Event(), MP.Event(), MP.Event()
     fire_ready = MP.Value("i", 0)
@@ -946,15 +967,17 @@ def run_scale(workdir: Path, asked: int, broker_args: list[str] | None, join_tim
         overflows = listen_overflows() - overflows0
         join_ms = sorted(x for o in joined for x in o["join_ms"])
         members = sum(o["joined"] for o in joined)
-        time.sleep(2.0)  # settle: pings flowing, nothing joining
+        # Settle: pings flowing, nothing joining. After thousands of joins the broker works off
+        # a tail (the last welcomes, notices and history pages) for several seconds.
+        time.sleep(SCALE_SETTLE)
         rss1, fds1 = vmrss_kb(svc.pid), fd_count(svc.pid)
         connected = max(0, (fds1 - fds0) // 2)  # two TCP connections per client
         cpu0 = thread_ticks(svc.pid)
         gen0 = [thread_ticks(p.pid) for p in procs]
-        time.sleep(2.0)
-        idle_cpu = cpu_percent(cpu0, thread_ticks(svc.pid), 2.0)
-        gen_cpu = round(sum(cpu_percent(g0, thread_ticks(p.pid), 2.0)["total"] for g0, p in zip(gen0, procs,
-                                                                                             strict=True)))
+        time.sleep(IDLE_WINDOW)
+        idle_cpu = cpu_percent(cpu0, thread_ticks(svc.pid), IDLE_WINDOW)
+        gen_cpu = round(sum(cpu_percent(g0, thread_ticks(p.pid), IDLE_WINDOW)["total"]
+                            for g0, p in zip(gen0, procs, strict=True)))
         procs.append(spawn(prober_proc, spec, fire, results))
         prober = collect(results, 1, PROBER_JOIN_TIMEOUT + 30, procs)[0]
         armed.set()
@@ -999,6 +1022,8 @@ def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None: 
     ctx.max_sockets = 2 * count + 64
     pairs = []
     for i in range(count):
+        if i % FLOOR_CONNECT_BATCH == 0:
+            time.sleep(FLOOR_CONNECT_PAUSE)  # paced, as joins are: no SYN flood past the listen queue
         public, secret = zmq.curve_keypair()
         sub = curve_client(ctx, zmq.SUB, svc["key"], public, secret)
         sub.linger = 0
@@ -1013,7 +1038,7 @@ def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None: 
         pairs.append((sub, push))
     with connected.get_lock():
         connected.value += 1
-    while not stop.wait(1.0):  # pings, as the clients of the scale test send them
+    while not stop.wait(L.CLIENT_PING_INTERVAL):  # pings, as the clients of the scale test send them
         for _, push in pairs:
             try:
                 push.send(PING, zmq.NOBLOCK)
@@ -1025,10 +1050,21 @@ def floor_gen_proc(svc: dict, count: int, first: int, connected, stop) -> None: 
     ctx.term()
 
 
+def scale_fit(hard: int) -> int:
+    """Clients (two connections each) one broker can hold under descriptor limit `hard`:
+    the broker admits RLIMIT_NOFILE - FD_RESERVE connections (zchat.broker.connection_cap)."""
+    cap = max(hard - L.FD_RESERVE, hard // 2) // 2 - 1  # and room for the prober, one more client
+    return min((hard - BROKER_FD_HEADROOM) // 2, cap)
+
+
+FLOOR_CONNECT_BATCH = 50  # floor: client pairs connected at once per generator...
+FLOOR_CONNECT_PAUSE = 0.1  # ...then this pause (4 generators: 2,000 pairs a second at most)
+
+
 def run_floor(workdir: Path, asked: int) -> dict:
     """libzmq's floor: the C proxy's RSS growth per client holding `asked` CURVE connection pairs."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    n = min(asked, (hard - BROKER_FD_HEADROOM) // 2)
+    n = min(asked, scale_fit(hard))
     stop = MP.Event()
     connected = MP.Value("i", 0)
     svc = Service("proxy", workdir)
@@ -1042,7 +1078,7 @@ def run_floor(workdir: Path, asked: int) -> dict:
         deadline = time.monotonic() + 120
         while fd_count(svc.pid) < fds0 + 2 * n and time.monotonic() < deadline:
             time.sleep(0.2)  # every connection accepted (handshakes done or not: RSS below waits)
-        time.sleep(3.0)  # handshakes finish, pings and subscriptions flow
+        time.sleep(2.0 + L.CLIENT_PING_INTERVAL)  # handshakes finish, pings and subscriptions flow
         rss1, fds1 = vmrss_kb(svc.pid), fd_count(svc.pid)
         conn = max(0, (fds1 - fds0) // 2)
         return {"clients": n, "connected": conn, "rss_before_kb": rss0, "rss_after_kb": rss1,
@@ -1528,8 +1564,9 @@ def print_report(res: dict) -> list[str]:
     sc = res.get("scale", [])
     if sc:
         p("")
-        p(f"Scale: joined clients (SUB+PUSH each, app ping 1/s, rooms of {SCALE_ROOM_SIZE}, all on "
-          f"r/all/), zchat broker; {JOIN_WINDOW} joins in flight per generator process")
+        p(f"Scale: joined clients (SUB+PUSH each, app ping every {L.CLIENT_PING_INTERVAL:g} s, rooms of "
+          f"{SCALE_ROOM_SIZE}, all on r/all/), zchat broker; {JOIN_WINDOW} joins in flight per generator "
+          "process")
         p(f"{'asked':>6} {'ran':>6} {'joined':>6} {'conn':>6} | {'join p50':>8} {'p99':>7} {'all in':>6} "
           f"{'ovfl':>6} | {'RSS before':>10} {'after':>8} {'KB/client':>9} | {'probe got':>11} {'p50 ms':>7} "
           f"{'max ms':>7} | idle CPU main/io (gens)")
@@ -1554,6 +1591,8 @@ def print_report(res: dict) -> list[str]:
             ratio = f"; zchat {mine['rss_per_client_kb'] / fl['rss_per_client_kb']:.2f}x that" if mine else ""
             p(f"  libzmq floor: the C proxy holding {fl['connected']} such client pairs (same keys, options, "
               f"subscriptions; no join) grows {fl['rss_per_client_kb']:.1f} KB/client{ratio}")
+        for line in scale_targets(sc[-1], fl):
+            p(line)
         p("  conn = client connection pairs held by the broker (its fds); KB/client = RSS growth / conn; "
           "ovfl = listen-queue overflows (SYNs dropped, retried after 1, 3, 7... s) while joining; "
           "idle CPU = broker threads, all joined, nobody talking (gens = the load generators, all threads)")
@@ -1596,6 +1635,30 @@ def print_report(res: dict) -> list[str]:
     p("")
     p(summary_line(res))
     print("\n".join(lines), flush=True)
+    return lines
+
+
+def scale_targets(r: dict, floor: dict | None) -> list[str]:
+    """The largest scale run against issue 11's targets, one line each, figure beside target."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    joined_all = r["not_joined"] == 0 and r["join_wall_s"] <= SCALE_JOIN_TARGET_S
+    idle = r["idle_cpu"]["total"]
+    lines = [f"  target: {r['clients']} clients all joined within {SCALE_JOIN_TARGET_S:.0f} s: "
+             f"{r['joined']}/{r['clients']} in {r['join_wall_s']:.1f} s ({verdict(joined_all)})",
+             f"  target: idle broker <= {SCALE_IDLE_CPU_TARGET:.0f}% of one core at {r['joined']} joined: "
+             f"{idle:.0f}% (main {r['idle_cpu']['main']:.0f}%, io {r['idle_cpu']['io']:.0f}%; "
+             f"{verdict(idle <= SCALE_IDLE_CPU_TARGET)})"]
+    if floor and floor["rss_per_client_kb"] > 0:
+        ratio = r["rss_per_client_kb"] / floor["rss_per_client_kb"]
+        lines.append(f"  target: broker RSS/client <= {SCALE_RSS_TARGET_RATIO}x the libzmq floor: "
+                     f"{r['rss_per_client_kb']:.1f} vs {floor['rss_per_client_kb']:.1f} KB/client = "
+                     f"{ratio:.2f}x "
+                     f"({verdict(ratio <= SCALE_RSS_TARGET_RATIO)})")
+    if r["clients"] < r["asked"]:
+        lines.append(f"  ({r['asked']} asked; {r['clients']} fit under RLIMIT_NOFILE {r['fd_limit']}: two "
+                     f"connections each, {L.FD_RESERVE} descriptors reserved by the broker)")
     return lines
 
 
@@ -1768,11 +1831,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--abrupt-close", action="store_true",
                         help="senders close right after the window instead of waiting for the subscribers "
                         "to drain (reproduces a libzmq assertion crash in the broker, see README)")
+    parser.add_argument("--scale", metavar="N[,N...]",
+                        help="scale phase sizes (default 1000 with --quick, else 1000,5000,10000); "
+                        "the libzmq floor is measured at the largest")
+    parser.add_argument("--scale-join-timeout", type=float, metavar="S",
+                        help="scale phase: seconds each generator may take to join its clients (default 60, "
+                        "45 with --quick); past 60 s the join target is missed but idle CPU and memory are "
+                        "measured with everyone in")
     parser.add_argument("--only", default="throughput,latency,scale,chatty,joins,sealing,relay",
                         help="comma-separated subset of: throughput,latency,scale,chatty,joins,sealing,"
                         "relay,profile (default: all but profile, which --profile adds)")
     args = parser.parse_args(argv)
-    cfg = PROFILES["quick" if args.quick else "full"]
+    cfg = dict(PROFILES["quick" if args.quick else "full"])
+    if args.scale:
+        cfg["scale"] = [int(x) for x in args.scale.split(",")]
+    if args.scale_join_timeout:
+        cfg["scale_join_timeout"] = args.scale_join_timeout
     only = set(args.only.split(","))
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path)
@@ -1896,7 +1970,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda n: run_scale(workdir, n, broker_args, cfg["scale_join_timeout"]),
                 lambda r: f"{r['joined']} joined, {r['rss_per_client_kb']} KB/client, "
                           f"probe {r['probe_delivered']}/{r['probe_expected']}")
-            floor_n = cfg["scale"][0]
+            floor_n = max(cfg["scale"])  # the same connections as the largest run, side by side
             res["scale_floor"] = run_floor(workdir, floor_n)
             print(f"  libzmq floor at {floor_n}: {res['scale_floor']['rss_per_client_kb']} KB/client",
                   flush=True)

@@ -45,13 +45,13 @@ def joined(core: BrokerCore, identity: str, name: str, now: float = 0.0) -> None
 
 
 def test_join_after_subscriptions_completes_at_once() -> None:
-    core = make(heartbeat_interval=2.0, rate_burst=7, rate_per_second=3.5)
+    core = make(heartbeat_interval=2.0, rate_burst=7, rate_per_second=3.5, client_timeout=6.0)
     out = join(core, A, "alice", now=10.0)
     assert kinds(out) == [(u(A), "Welcome"), (LOBBY, "Joined")]
     welcome, note = out[0].event, out[1].event
     assert welcome == Welcome(seq=1, ts=10.0, id=A, name="alice", epoch=EPOCH, rooms={"lobby": 0},
                               online=1, members=["alice"], heartbeat=2.0, rate_burst=7,
-                              rate_per_second=3.5)
+                              rate_per_second=3.5, timeout=6.0)
     assert note == Joined(seq=1, ts=10.0, room="lobby", name="alice", chat=True, key=A)
     assert core.online == 1
     assert core.member_name(A) == "alice"

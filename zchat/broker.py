@@ -74,7 +74,10 @@ DRAIN_BATCH = 5000  # messages taken from one socket before looking at the other
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 CLOSE_GRACE = 0.05  # seconds between an input connection closing and its leave notice
 CUT_GRACE = 0.3  # seconds between telling someone they are removed and cutting them off
-STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this
+STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more often than this...
+# ...and, as each one goes to everyone on sys/, no more often than this many deliveries a second
+# (thousands joining at once: no stats storm; 10,000 online: brought forward every 10 s at most).
+STATS_FORWARD_DELIVERIES = 1_000
 DATA_SENDER_REFUSAL = 60.0  # seconds a key cut for sending data on its subscriber connection is refused
 DATA_SENDERS_KEPT = 10_000  # such keys remembered at once (the oldest forgotten first)
 SILENCE_SCAN = 1.0  # seconds between looks for input connections of keys that went silent
@@ -82,6 +85,10 @@ SHED_EVERY = 0.1  # least seconds between two sheddings of silent connections on
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
 INPUT_CHECK_INTERVAL = 1.0  # seconds between looks at the bytes each input connection sent...
 INPUT_CHECK_GROWTH = 16 * 2**20  # ...and a look at once when the broker grew this much since
+# A look is a TCP_INFO getsockopt per connection, some 10-30 us in the kernel: with thousands of
+# connections the looks are spaced out to at most this many a second (10,000 inputs: every 5 s),
+# each connection's allowance growing with the interval (the growth trigger still looks at once).
+INPUT_LOOKS_PER_SECOND = 2_000
 
 
 @dataclass
@@ -362,12 +369,18 @@ class Broker:
         sock.zap_domain = PUBLISH_ZAP_DOMAIN if kind == zmq.XPUB else ZAP_DOMAIN
         sock.handshake_ivl = L.HANDSHAKE_IVL_MS
         sock.backlog = L.LISTEN_BACKLOG  # a crowd joining at once must not overflow the accept queue
-        if kind == zmq.XPUB:
-            # ZMTP heartbeats close dead subscribers' pipes. Not on PULL: there libzmq 4.3.5 can
-            # abort (stream_engine_base.cpp:310 !_io_error) when a flooding sender goes away,
-            # and presence comes from application pings and the socket monitor anyway.
-            sock.heartbeat_ivl = L.ZMQ_HEARTBEAT_IVL_MS
-            sock.heartbeat_timeout = L.ZMQ_HEARTBEAT_TIMEOUT_MS
+        # No ZMTP heartbeats from the broker: libzmq 4.3.5 keeps every connection's heartbeat
+        # timer in one ordered map per I/O thread and cancels one (on each PONG) by walking
+        # that map: with some four thousand subscribers that walk was a third of the I/O thread.
+        # (On PULL they could also abort libzmq, stream_engine_base.cpp:310 !_io_error, when a
+        # flooding sender goes away.) Presence comes from application pings and the socket
+        # monitor; dead peers are the kernel's to find: keepalive probes on an idle connection,
+        # and TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) on one whose data goes unacknowledged.
+        sock.tcp_keepalive = 1
+        sock.tcp_keepalive_idle = L.TCP_KEEPALIVE_IDLE_S
+        sock.tcp_keepalive_intvl = L.TCP_KEEPALIVE_INTVL_S
+        sock.tcp_keepalive_cnt = L.TCP_KEEPALIVE_CNT
+        sock.setsockopt(zmq.TCP_MAXRT, L.TCP_MAXRT_MS)
         if self.settings.endpoints.ipv6:
             sock.ipv6 = True
         return sock
@@ -490,13 +503,16 @@ class Broker:
 
     def _check_inputs(self, now: float) -> None:
         """Cut input connections that send more bytes a second than the frame ceiling's worth
-        of full-size messages (a token bucket of one second), as the kernel counts them. Above
+        of full-size messages (a token bucket of one second; of one interval between looks when
+        thousands of connections space them out), as the kernel counts them. Above
         all one unfinished multipart message: libzmq keeps its parts, unseen by us until the
         last one, and no socket option bounds them."""
         checked_at, self._inputs_checked_at = self._inputs_checked_at, time.monotonic()
         self._rss_at_check = resident_bytes()
         rate = self._input_rate()
-        refill = (self._inputs_checked_at - checked_at) * rate
+        elapsed = self._inputs_checked_at - checked_at
+        refill = elapsed * rate
+        capacity = rate * max(1.0, min(elapsed, self._input_check_interval()))  # one look's worth
         looks: dict[int, tuple[int, float]] = {}
         unnamed = self.inputs.unattributed  # accepted, key not known yet
         for fd in self.inputs.all() + list(unnamed):
@@ -508,7 +524,7 @@ class Broker:
             # Not seen yet: one that completed no message counts from its start; one named since
             # the last look has its count from then.
             last, allowance = self._input_looks.get(fd, (0 if fd in unnamed else received, rate))
-            allowance = min(rate, allowance + refill) - (received - last)
+            allowance = min(capacity, allowance + refill) - (received - last)
             if allowance >= 0:
                 looks[fd] = (received, allowance)
                 continue
@@ -519,6 +535,11 @@ class Broker:
             if identity is not None:
                 self._publish(self.core.on_input_flood(identity, int(rate), now))
         self._input_looks = looks
+
+    def _input_check_interval(self) -> float:
+        """Seconds between two looks at every input connection: 1 s, longer past
+        INPUT_LOOKS_PER_SECOND connections."""
+        return max(INPUT_CHECK_INTERVAL, len(self._input_looks) / INPUT_LOOKS_PER_SECOND)
 
     def _input_rate(self) -> float:
         """Bytes a second one input connection may send: the frame ceiling's worth of
@@ -626,7 +647,7 @@ class Broker:
                     self._police_connections(now)
                     if self.dispatch.unread:
                         self._check_unread()
-                    if (time.monotonic() - self._inputs_checked_at >= INPUT_CHECK_INTERVAL
+                    if (time.monotonic() - self._inputs_checked_at >= self._input_check_interval()
                             or resident_bytes() - self._rss_at_check > INPUT_CHECK_GROWTH):
                         self._check_inputs(now)
                     self._internal_errors.flush(time.monotonic())
@@ -703,7 +724,8 @@ class Broker:
                     # Manual mode: applies to the peer whose subscription we just read.
                     xpub.setsockopt(zmq.SUBSCRIBE, data[1:])
                     if topic == SYSTEM_TOPIC:  # e.g. `zchat stats` or `health`: answer it soon
-                        self._next_stats = min(self._next_stats, max(now, self._stats_at + STATS_MIN_GAP))
+                        gap = max(STATS_MIN_GAP, core.online / STATS_FORWARD_DELIVERIES)
+                        self._next_stats = min(self._next_stats, max(now, self._stats_at + gap))
                 else:
                     # Subscriptions are not rate-limited: log a key's refusals once per interval.
                     who = (identity or "?")[:12]
@@ -1030,7 +1052,9 @@ class Broker:
     def _stats(self, now: float) -> None:
         """Publish a stats event on sys/ (unless disabled) and start a new interval."""
         interval = self.settings.stats_interval
-        self._next_stats = now + (interval or L.STATS_INTERVAL)
+        # Each stats event is one delivery per member on sys/: spaced out with thousands online.
+        spread = self.core.online / STATS_FORWARD_DELIVERIES
+        self._next_stats = now + max(interval or L.STATS_INTERVAL, spread)
         core, dispatch = self.core, self.dispatch
         totals = (self.frames_in, dispatch.messages, dispatch.published)
         span = max(now - self._stats_at, 1e-3)

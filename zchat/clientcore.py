@@ -353,7 +353,10 @@ class ClientCore:
         self._pending_join: Join | None = None
         self._resubscribe_at = 0.0
         self._next_join = 0.0
+        self._join_wait = L.JOIN_RETRY_INTERVAL  # until the next resend; doubles up to JOIN_RETRY_MAX
         self._last_heartbeat = 0.0
+        self._heartbeat_interval = L.BROKER_HEARTBEAT_INTERVAL  # as the broker last announced it
+        self._ping_interval = L.CLIENT_PING_INTERVAL  # shorter if the welcome says the timeout is
         self._last_sent = 0.0  # when we last sent anything: any message refreshes our presence
         self._subscribed: dict[str, int] = {}  # topic -> subscriptions made (a SUB counts them)
         # Rooms asked for with /join and not yet confirmed: their live events before our
@@ -445,9 +448,9 @@ class ClientCore:
             self._send_join(now)
         if self._posts and t >= self._next_post:
             self._send_posts(now)
-        if self._connected() and t >= self._last_sent + L.CLIENT_PING_INTERVAL:
+        if self._connected() and t >= self._last_sent + self._ping_interval:
             self._send(Ping(), now)  # only when idle: the broker charges pings to our bucket too
-        if self._watching() and t - self._last_heartbeat > L.BROKER_SILENCE_LOST:
+        if self._watching() and t - self._last_heartbeat > self._silence_lost():
             self._on_lost(StatusState.LOST, "connection to the broker lost; reconnecting", now.wall)
         self._apply(self.tracker.tick(t), now)
         for room, fold in list(self._folds.items()):
@@ -466,9 +469,9 @@ class ClientCore:
         if self._posts:
             times.append(self._next_post)
         if self._connected():
-            times.append(self._last_sent + L.CLIENT_PING_INTERVAL)
+            times.append(self._last_sent + self._ping_interval)
         if self._watching():
-            times.append(self._last_heartbeat + L.BROKER_SILENCE_LOST)
+            times.append(self._last_heartbeat + self._silence_lost())
         if self._rejoin is not None:
             times.append(self._rejoin.until)
         elif self._outbox and self._connected() and not self._waiting_for_key():
@@ -901,6 +904,7 @@ class ClientCore:
         self._pending_join = Join(name=name, rooms=list(self.rooms), history=self._join_history, seen=seen)
         self._resubscribe_at = now.mono + RESUBSCRIBE_WAIT
         self._rejoin_failed = False
+        self._join_wait = L.JOIN_RETRY_INTERVAL
         self._send_join(now)
 
     def _send_join(self, now: Now) -> None:
@@ -910,7 +914,9 @@ class ClientCore:
             for topic in [self.private_topic] + [room_topic(room) for room in self.rooms]:
                 self._resubscribe(topic)
         self._send(self._pending_join, now)
-        self._next_join = now.mono + L.JOIN_RETRY_INTERVAL
+        # Backing off: a broker slow to answer (thousands joining) is not sent more of the same.
+        self._next_join = now.mono + self._join_wait
+        self._join_wait = min(L.JOIN_RETRY_MAX, 2 * self._join_wait)
 
     def _on_welcome(self, welcome: Welcome, now: Now) -> None:
         if self._pending_join is None and welcome.epoch == self.epoch:
@@ -951,6 +957,10 @@ class ClientCore:
         self.lost_since = None
         self.online = welcome.online
         self._last_heartbeat = now.mono
+        self._heartbeat_interval = min(welcome.heartbeat, L.BROKER_HEARTBEAT_MAX)
+        # A broker run with a short --client-timeout says so: ping twice within it.
+        timeout = welcome.timeout if welcome.timeout and welcome.timeout > 0 else L.CLIENT_TIMEOUT
+        self._ping_interval = min(L.CLIENT_PING_INTERVAL, timeout / 2)
         self._last_sent = now.mono
         self._out.append(JoinDone(welcome))
         if restarted:  # everyone lost the connection: fold their returns, room by room
@@ -1009,8 +1019,14 @@ class ClientCore:
             return True  # a message it names stays unconfirmed: it goes again after the rejoin
         return False  # shown, then its ref settled, by _live
 
+    def _silence_lost(self) -> float:
+        """No heartbeat this long: the broker is lost. Counted in its announced intervals (a
+        broker with thousands online spaces them out)."""
+        return L.BROKER_SILENCE_LOST * max(1.0, self._heartbeat_interval / L.BROKER_HEARTBEAT_INTERVAL)
+
     def _on_heartbeat(self, beat: Heartbeat, now: Now) -> None:
         self._last_heartbeat = now.mono
+        self._heartbeat_interval = min(beat.interval, L.BROKER_HEARTBEAT_MAX)
         self.online = beat.online
         if (self.epoch is None or self._pending_join is not None or self._removed is not None
                 or self._rejoin_failed or self._closed):

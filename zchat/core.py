@@ -484,14 +484,21 @@ class BrokerCore:
         # input connection dropped, the SUB is still subscribed and not_joined must reach it.
         return self._leave(peer, LeftReason.DISCONNECTED, "", now)
 
+    def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats: the configured interval, longer with thousands online
+        (each heartbeat is one delivery per member), never past BROKER_HEARTBEAT_MAX."""
+        base = self.limits.heartbeat_interval
+        spread = self.online / L.HEARTBEAT_DELIVERIES_PER_SECOND
+        return max(base, min(spread, L.BROKER_HEARTBEAT_MAX))
+
     def tick(self, now: float) -> list[Out]:
         """Heartbeats, member expiry and forgetting idle identities."""
         out: list[Out] = []
         if now >= self.next_heartbeat:
-            self.next_heartbeat = now + self.limits.heartbeat_interval
+            interval = self.heartbeat_interval()
+            self.next_heartbeat = now + interval
             out.append(self._publish(SYSTEM_TOPIC, lambda seq: Heartbeat(
-                seq=seq, ts=self.ts(now), epoch=self.epoch,
-                interval=self.limits.heartbeat_interval, online=self.online)))
+                seq=seq, ts=self.ts(now), epoch=self.epoch, interval=interval, online=self.online)))
             # Marks repeat the last seq of each busy room (taking no number themselves).
             # A few of them after a room's last event, in case a mark is lost with the tail.
             ts = self.ts(now)
@@ -609,8 +616,9 @@ class BrokerCore:
             seq=seq, ts=self.ts(now), id=peer.identity, name=member.name, epoch=self.epoch,
             rooms=baseline, online=self.online,
             members=[self.peers[i].member.name for i in islice(self.names.values(), L.MEMBERS_IN_WELCOME)],  # type: ignore[union-attr]
-            heartbeat=self.limits.heartbeat_interval, rate_burst=self.limits.rate_burst,
-            rate_per_second=self.limits.rate_per_second, resumed=resumed)))
+            heartbeat=self.heartbeat_interval(), rate_burst=self.limits.rate_burst,
+            rate_per_second=self.limits.rate_per_second, resumed=resumed,
+            timeout=self.limits.client_timeout)))
         return out + self._tell_topics(peer, new_rooms, now) + fetches + joined
 
     def _remember(self, name: str, identity: str) -> list[Out]:

@@ -388,6 +388,7 @@ class Welcome(Event, tag="welcome"):
     rate_burst: int  # the sender's token bucket: this many at once...
     rate_per_second: float  # ...then this many per second
     resumed: bool = False  # this key was already online (another session, or a rejoin)
+    timeout: float | None = None  # the broker's client timeout: ping well within it
 
 
 class Message(Event, tag="message"):
