@@ -113,3 +113,25 @@ def test_a_stored_event_is_never_replaced(store: HistoryStore, caplog: pytest.Lo
     assert store.collisions == 1
     assert store.stored == 3
     assert "already stored" in caplog.text and "r/lobby/ seq 2" in caplog.text
+
+
+@pytest.mark.parametrize("count", [1, 3, 255, 256, 257, 700])
+def test_a_turn_of_any_size_is_stored_whole_and_in_order(store: HistoryStore, count: int) -> None:
+    # A turn's events go in as multi-row statements of a few sizes (zchat.history.INSERT_ROWS and
+    # the powers of two below it): every count must land exactly, none twice, none missing.
+    fill(store, "lobby", [NOW + i for i in range(count)])
+    assert kept(store, "lobby") == list(range(1, count + 1))
+    stored = store.db.execute("SELECT seq, ts, body FROM events WHERE topic = 'r/lobby/' ORDER BY seq")
+    assert all(row == (seq, NOW + seq - 1, body("lobby", seq, NOW + seq - 1))
+               for seq, row in enumerate(stored, 1))
+    assert store.stored == count and store.collisions == 0
+
+
+def test_collisions_are_counted_inside_a_large_turn(store: HistoryStore) -> None:
+    fill(store, "lobby", [NOW] * 300)
+    # 600 events: seqs 1..300 again (clashes, spread over several statements), then 301..600.
+    rows = [("r/lobby/", seq, NOW + 1, b'{"second":"writer"}') for seq in range(1, 601)]
+    store.write(rows, [], [], NOW)
+    assert store.collisions == 300 and store.stored == 600
+    assert store.db.execute("SELECT count(*) FROM events WHERE body = ?", (b'{"second":"writer"}',)
+                            ).fetchone()[0] == 300

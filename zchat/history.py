@@ -86,6 +86,11 @@ INSERT INTO rooms (topic, last_seq, oldest, newest) SELECT topic, last_seq, NULL
 DROP TABLE topic_seq;
 """
 RETAIN_BATCH = 500  # rooms a retention pass takes from each of its sources at most
+# A loop turn's events go in as multi-row INSERTs of these many rows: one statement step for
+# many rows costs about half what executemany's step per row does (bench.py, flat out). A
+# power of two, so that any count is a few statements of at most log2 + 1 distinct shapes.
+INSERT_ROWS = 256
+_INSERT_EVENTS = "INSERT OR IGNORE INTO events (topic, seq, ts, body) VALUES "
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,25 @@ def _drop_clear_mail(db: sqlite3.Connection) -> None:
         if waiting:
             log.warning("deleted %d undelivered private message(s) kept in clear by an older zchat; "
                         "private messages are now end-to-end encrypted", waiting)
+
+
+def _insert_sql(rows: int) -> str:
+    return _INSERT_EVENTS + ",".join(("(?, ?, ?, ?)",) * rows)
+
+
+_INSERT_SQL = {1 << bit: _insert_sql(1 << bit) for bit in range(INSERT_ROWS.bit_length())}
+
+
+def insert_events(db: sqlite3.Connection, events: list[EventRow]) -> int:
+    """Insert `events`, skipping any whose (topic, seq) is stored already; returns how many
+    were inserted. Statements of INSERT_ROWS rows, then of the powers of two left over."""
+    inserted, start, count = 0, 0, len(events)
+    while start < count:
+        size = min(INSERT_ROWS, 1 << ((count - start).bit_length() - 1))
+        chunk = events[start:start + size]
+        inserted += db.execute(_INSERT_SQL[size], [value for row in chunk for value in row]).rowcount
+        start += size
+    return inserted
 
 
 class Checkpointer(threading.Thread):
@@ -300,8 +324,7 @@ class HistoryStore:
             if events:
                 # Never over a stored event: a (topic, seq) already there means two writers
                 # numbered from the same seqs. The stored one stays; the clash is reported.
-                inserted = db.executemany("INSERT OR IGNORE INTO events (topic, seq, ts, body) "
-                                          "VALUES (?, ?, ?, ?)", events).rowcount
+                inserted = insert_events(db, events)
                 if inserted != len(events):
                     self._report_collisions(events, inserted)
                 newest = {row[0]: row for row in events}  # each room's last event in this turn
