@@ -1670,14 +1670,15 @@ def summary_line(res: dict) -> str:
     s = res["summary"]
     parts = []
     if "throughput_ratio_1x1" in s:
-        parts.append(f"throughput zchat/proxy {s['throughput_ratio_1x1']:.2f}x at 1x1 (target {TARGET_1X1_RATIO:g}x) "
+        parts.append(f"throughput zchat/proxy {s['throughput_ratio_1x1']:.2f}x at 1x1 "
+                     f"(target {TARGET_1X1_RATIO:g}x) "
                      f"({fmt_rate(s['zchat_in_per_s_1x1'])} vs {fmt_rate(s['proxy_in_per_s_1x1'])} msg/s; "
                      f"{s['throughput_ratio_min']:.2f}-{s['throughput_ratio_max']:.2f}x over all configs)")
     if "p99_10k_zchat_ms" in s:
         ratio = f", {s['p99_10k_ratio']:.2f}x" if "p99_10k_ratio" in s else ""
         parts.append(f"p99 at 10k msg/s x10 subs {fmt_ms(s['p99_10k_zchat_ms'])} ms "
-                     f"(proxy {fmt_ms(s.get('p99_10k_proxy_ms'))} ms{ratio}; target <= {TARGET_P99_10K_MS:g} ms "
-                     f"and {TARGET_P99_10K_RATIO:g}x)")
+                     f"(proxy {fmt_ms(s.get('p99_10k_proxy_ms'))} ms{ratio}; "
+                     f"target <= {TARGET_P99_10K_MS:g} ms and {TARGET_P99_10K_RATIO:g}x)")
     if "rss_per_client_kb" in s:
         floor = (f" (libzmq alone: {s['rss_floor_per_client_kb']:.1f})"
                  if "rss_floor_per_client_kb" in s else "")
