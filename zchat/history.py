@@ -209,7 +209,10 @@ def insert_events(db: sqlite3.Connection, events: list[EventRow]) -> int:
     while start < count:
         size = min(INSERT_ROWS, 1 << ((count - start).bit_length() - 1))
         chunk = events[start:start + size]
-        inserted += db.execute(_INSERT_SQL[size], [value for row in chunk for value in row]).rowcount
+        # The body as a bytearray: sqlite3 binds one as it is, but looks for an adapter for
+        # every bytes object first (two failing attribute lookups; a fifth of an insert).
+        params = [value for topic, seq, ts, body in chunk for value in (topic, seq, ts, bytearray(body))]
+        inserted += db.execute(_INSERT_SQL[size], params).rowcount
         start += size
     return inserted
 
