@@ -39,8 +39,11 @@ from zchat import limits as L
 log = logging.getLogger("zchat.broker")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (off the broker's thread)
-# WAL frames (pages) past which a checkpoint makes the broker's commits wait for it to catch up
-CATCH_UP_FRAMES = 16_384  # 64 MB of 4 KB pages; ~9 s of commits at 1k messages a second
+# WAL frames (pages) past which a checkpoint makes the broker's commits wait for it to catch up:
+# that pass syncs the disk twice, a stall of a few ms (tens under I/O load), which at 64 MB
+# came every few seconds at 10k msg/s and showed in the p99 (bench.py). 1 GB of 4 KB pages:
+# every couple of minutes at 1k messages a second.
+CATCH_UP_FRAMES = 262_144
 # The database holds offline DMs and who held which name: owner only, whatever the umask.
 PRIVATE_MODE = 0o600
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite creates these with the database's own mode
