@@ -531,7 +531,8 @@ class Broker:
                         pass
                 # What this turn received goes out before the housekeeping below (a tick costs
                 # 0.1-0.2 ms, ten times a second: at 1k msg/s, 1% of messages waited for one).
-                self.dispatch.flush(wall)
+                if self.dispatch.pending:
+                    self.dispatch.flush(wall)
                 if now >= next_tick:
                     next_tick = now + L.TICK_INTERVAL
                     self._publish(self.core.tick(now))
