@@ -59,6 +59,11 @@ from zchat.sealing import SealError, box_for, key_bytes, open_publication  # noq
 THROUGHPUT_CONFIGS = [(1, 1), (1, 4), (1, 10), (4, 1), (4, 4), (4, 10)]  # (senders, subscribers)
 LATENCY_LOADS = [1_000, 10_000, 50_000]  # offered msg/s, one sender, 10 subscribers
 LATENCY_SUBSCRIBERS = 10
+# Issue 11's targets, printed beside the figures: 1x1 msg/s in at least this multiple of the proxy's
+# (then this stretch goal), and the p99 at 10k msg/s x 10 subscribers at most this (ms) and this
+# multiple of the proxy's p99 in the same run.
+TARGET_1X1_RATIO, STRETCH_1X1_RATIO = 0.5, 0.6
+TARGET_P99_10K_MS, TARGET_P99_10K_RATIO = 2.0, 1.3
 PROFILES = {
     "quick": dict(tp_warmup=0.5, tp_duration=1.0, lat_warmup=0.5, lat_duration=1.5,
                   scale=[1_000], scale_join_timeout=45.0, chatty=[100], chatty_warmup=0.5,
@@ -1495,7 +1500,7 @@ def fmt_loss(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def print_report(res: dict) -> list[str]:
+def print_report(res: dict, show: bool = True) -> list[str]:
     lines: list[str] = []
     p = lines.append
     meta = res["meta"]
@@ -1524,6 +1529,12 @@ def print_report(res: dict) -> list[str]:
               f"{fmt_loss(zc['loss']):>6} | {r_in:5.2f} {r_out:5.2f}  | "
               f"{zc['cpu']['main']:6.0f}% {zc['cpu']['io']:4.0f}% {zc['generators_cpu']:4d}% | "
               f"{px['cpu']['main']:6.0f}% {px['cpu']['io']:4.0f}% {px['generators_cpu']:4d}%")
+        px, zc = _find(tp, "proxy", 1, 1), _find(tp, "zchat", 1, 1)
+        if px and zc and px["in_per_s"]:
+            ratio = zc["in_per_s"] / px["in_per_s"]
+            p(f"  target 1x1: in >= {TARGET_1X1_RATIO:.2f}x the proxy (then {STRETCH_1X1_RATIO:.2f}x): "
+              f"{ratio:.2f}x, {_verdict(ratio >= TARGET_1X1_RATIO)}"
+              f"{'; stretch reached' if ratio >= STRETCH_1X1_RATIO else ''}")
         errs = Counter()
         for r in tp:
             errs.update(r["errors"])
@@ -1537,12 +1548,23 @@ def print_report(res: dict) -> list[str]:
         p(f"Latency, one-way send->subscriber, 1 sender, {LATENCY_SUBSCRIBERS} subscribers "
           f"({meta['lat_duration']:g} s window)")
         p(f"{'offered':>8} {'system':>6} | {'in/s':>8} {'deliv/s':>8} {'loss':>6} | "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'p99.9':>7} {'max':>7} | CPU main/io gens")
+          f"{'p50 ms':>7} {'p99 ms':>7} {'p99.9':>7} {'max':>7} | p99/proxy | CPU main/io/other gens")
         for r in lat:
+            px = next((x for x in lat if x["system"] == "proxy" and x["offered"] == r["offered"]), None)
+            ratio = (f"{r['p99_ms'] / px['p99_ms']:8.2f}x" if r["system"] != "proxy" and px
+                     and px.get("p99_ms") and r.get("p99_ms") is not None else f"{'':9}")
+            other = r["cpu"]["total"] - r["cpu"]["main"] - r["cpu"]["io"]  # helper threads
             p(f"{fmt_rate(r['offered']):>8} {r['system']:>6} | {fmt_rate(r['in_per_s']):>8} "
               f"{fmt_rate(r['out_per_s']):>8} {fmt_loss(r['loss']):>6} | {fmt_ms(r['p50_ms']):>7} "
-              f"{fmt_ms(r['p99_ms']):>7} {fmt_ms(r['p999_ms']):>7} {fmt_ms(r['max_ms']):>7} | "
-              f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}% {r['generators_cpu']:4d}%")
+              f"{fmt_ms(r['p99_ms']):>7} {fmt_ms(r['p999_ms']):>7} {fmt_ms(r['max_ms']):>7} | {ratio} | "
+              f"{r['cpu']['main']:4.0f}% {r['cpu']['io']:4.0f}% {other:4.0f}% {r['generators_cpu']:4d}%")
+        zc = next((x for x in lat if x["system"] == "zchat" and x["offered"] == 10_000), None)
+        px = next((x for x in lat if x["system"] == "proxy" and x["offered"] == 10_000), None)
+        if zc and px and zc.get("p99_ms") is not None and px.get("p99_ms"):
+            ratio = zc["p99_ms"] / px["p99_ms"]
+            p(f"  target 10k msg/s: p99 <= {TARGET_P99_10K_MS:g} ms and <= {TARGET_P99_10K_RATIO:g}x the "
+              f"proxy's: {fmt_ms(zc['p99_ms'])} ms, {ratio:.2f}x, "
+              f"{_verdict(zc['p99_ms'] <= TARGET_P99_10K_MS and ratio <= TARGET_P99_10K_RATIO)}")
     ab = res.get("ablation", [])
     if ab:
         p("")
@@ -1633,8 +1655,9 @@ def print_report(res: dict) -> list[str]:
         last = crash["log_tail"].strip().splitlines()[-1] if crash["log_tail"].strip() else "?"
         p(f"CRASH: {crash['system']} died during {crash['during']} (exit {crash['exit_code']}): {last}")
     p("")
-    p(summary_line(res))
-    print("\n".join(lines), flush=True)
+    p(summary_line(res))  # the last line: nothing is printed after it
+    if show:
+        print("\n".join(lines), flush=True)
     return lines
 
 
@@ -1660,6 +1683,10 @@ def scale_targets(r: dict, floor: dict | None) -> list[str]:
         lines.append(f"  ({r['asked']} asked; {r['clients']} fit under RLIMIT_NOFILE {r['fd_limit']}: two "
                      f"connections each, {L.FD_RESERVE} descriptors reserved by the broker)")
     return lines
+
+
+def _verdict(reached: bool) -> str:
+    return "reached" if reached else "NOT reached"
 
 
 def _find(rows: list[dict], system: str, senders: int, subs: int) -> dict | None:
@@ -1707,12 +1734,14 @@ def summary_line(res: dict) -> str:
     parts = []
     if "throughput_ratio_1x1" in s:
         parts.append(f"throughput zchat/proxy {s['throughput_ratio_1x1']:.2f}x at 1x1 "
+                     f"(target {TARGET_1X1_RATIO:g}x) "
                      f"({fmt_rate(s['zchat_in_per_s_1x1'])} vs {fmt_rate(s['proxy_in_per_s_1x1'])} msg/s; "
                      f"{s['throughput_ratio_min']:.2f}-{s['throughput_ratio_max']:.2f}x over all configs)")
     if "p99_10k_zchat_ms" in s:
         ratio = f", {s['p99_10k_ratio']:.2f}x" if "p99_10k_ratio" in s else ""
         parts.append(f"p99 at 10k msg/s x10 subs {fmt_ms(s['p99_10k_zchat_ms'])} ms "
-                     f"(proxy {fmt_ms(s.get('p99_10k_proxy_ms'))} ms{ratio})")
+                     f"(proxy {fmt_ms(s.get('p99_10k_proxy_ms'))} ms{ratio}; "
+                     f"target <= {TARGET_P99_10K_MS:g} ms and {TARGET_P99_10K_RATIO:g}x)")
     if "rss_per_client_kb" in s:
         floor = (f" (libzmq alone: {s['rss_floor_per_client_kb']:.1f})"
                  if "rss_floor_per_client_kb" in s else "")
@@ -1991,13 +2020,14 @@ def main(argv: list[str] | None = None) -> int:
             relay_bench.print_relay(res["relay"])
         res["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
         res["summary"] = summary(res)
-        print("")
-        res["report"] = print_report(res)
+        res["report"] = print_report(res, show=False)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1))
         print(f"(results in {args.json}; {res['meta']['seconds']:.0f} s)")
         if args.plot:
             plot(res, args.plot)
+        print("")
+        print("\n".join(res["report"]), flush=True)  # ends with the SUMMARY line
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

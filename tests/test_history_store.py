@@ -4,10 +4,13 @@ survives pruning, and the operator's search."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
+from zchat import history
 from zchat.history import HistoryStore, Retention, search
 
 NOW = 1_800_000_000.0
@@ -113,3 +116,67 @@ def test_a_stored_event_is_never_replaced(store: HistoryStore, caplog: pytest.Lo
     assert store.collisions == 1
     assert store.stored == 3
     assert "already stored" in caplog.text and "r/lobby/ seq 2" in caplog.text
+
+
+@pytest.mark.parametrize("count", [1, 3, 255, 256, 257, 700])
+def test_a_turn_of_any_size_is_stored_whole_and_in_order(store: HistoryStore, count: int) -> None:
+    # A turn's events go in as multi-row statements of a few sizes (zchat.history.INSERT_ROWS and
+    # the powers of two below it): every count must land exactly, none twice, none missing.
+    fill(store, "lobby", [NOW + i for i in range(count)])
+    assert kept(store, "lobby") == list(range(1, count + 1))
+    stored = store.db.execute("SELECT seq, ts, body FROM events WHERE topic = 'r/lobby/' ORDER BY seq")
+    assert all(row == (seq, NOW + seq - 1, body("lobby", seq, NOW + seq - 1))
+               for seq, row in enumerate(stored, 1))
+    assert store.stored == count and store.collisions == 0
+
+
+def test_collisions_are_counted_inside_a_large_turn(store: HistoryStore) -> None:
+    fill(store, "lobby", [NOW] * 300)
+    # 600 events: seqs 1..300 again (clashes, spread over several statements), then 301..600.
+    rows = [("r/lobby/", seq, NOW + 1, b'{"second":"writer"}') for seq in range(1, 601)]
+    store.write(rows, [], [], NOW)
+    assert store.collisions == 300 and store.stored == 600
+    assert store.db.execute("SELECT count(*) FROM events WHERE body = ?", (b'{"second":"writer"}',)
+                            ).fetchone()[0] == 300
+
+
+def test_the_wal_starts_over_under_a_steady_stream_of_commits(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite reuses the WAL from its start only after a checkpoint copied all of it. The broker
+    # commits every loop turn; a checkpoint pass during which it commits never gets there, and
+    # the WAL (on disk) grew by every commit for as long as they kept coming.
+    monkeypatch.setattr(history, "CATCH_UP_FRAMES", 1)  # hold the writer whenever behind
+    path = tmp_path / "history.sqlite3"
+    store = HistoryStore(path, Retention(per_room=0, days=0))
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    checkpointer.stopping.set()  # its own thread stops; this test says when a round runs
+    checkpointer.join(5)
+    due, done = threading.Event(), threading.Event()
+
+    def rounds() -> None:  # a round each time the writer asks, while it keeps committing
+        db = sqlite3.connect(str(path), timeout=5.0, isolation_level=None)
+        try:
+            while due.wait(30) and not done.is_set():
+                due.clear()
+                checkpointer.checkpoint(db)
+        finally:
+            db.close()
+
+    worker = threading.Thread(target=rounds)
+    worker.start()
+    try:
+        for seq in range(1, 4001):  # one event per turn, as at a low rate: a commit each
+            store.write([("r/lobby/", seq, NOW, body("lobby", seq, NOW))], [], [], NOW)
+            if seq % 200 == 0:
+                due.set()
+        wal = Path(f"{path}-wal").stat().st_size
+    finally:
+        done.set()
+        due.set()
+        worker.join(30)
+        store.close()
+    assert checkpointer.held > 0
+    # Without a restart these 4,000 commits leave a WAL of 24 MB; with one every few hundred
+    # commits, a few MB.
+    assert wal < 12 * 2**20, wal

@@ -40,6 +40,11 @@ from zchat.protocol import ROOM_PREFIX
 log = logging.getLogger("zchat.broker")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (off the broker's thread)
+# WAL frames (pages) past which a checkpoint makes the broker's commits wait for it to catch up:
+# that pass syncs the disk twice, a stall of a few ms (tens under I/O load), which at 64 MB
+# came every few seconds at 10k msg/s and showed in the p99 (bench.py). 1 GB of 4 KB pages:
+# every couple of minutes at 1k messages a second.
+CATCH_UP_FRAMES = 262_144
 # The database holds offline DMs and who held which name: owner only, whatever the umask.
 PRIVATE_MODE = 0o600
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite creates these with the database's own mode
@@ -91,6 +96,11 @@ INSERT INTO rooms (topic, last_seq, oldest, newest) SELECT topic, last_seq, NULL
 DROP TABLE topic_seq;
 """
 RETAIN_BATCH = 500  # rooms a retention pass takes from each of its sources at most
+# A loop turn's events go in as multi-row INSERTs of these many rows: one statement step for
+# many rows costs about half what executemany's step per row does (bench.py, flat out). A
+# power of two, so that any count is a few statements of at most log2 + 1 distinct shapes.
+INSERT_ROWS = 256
+_INSERT_EVENTS = "INSERT OR IGNORE INTO events (topic, seq, ts, body) VALUES "
 
 
 @dataclass(frozen=True)
@@ -193,24 +203,64 @@ def _drop_clear_mail(db: sqlite3.Connection) -> None:
                         "private messages are now end-to-end encrypted", waiting)
 
 
+def _insert_sql(rows: int) -> str:
+    return _INSERT_EVENTS + ",".join(("(?, ?, ?, ?)",) * rows)
+
+
+_INSERT_SQL = {1 << bit: _insert_sql(1 << bit) for bit in range(INSERT_ROWS.bit_length())}
+
+
+def insert_events(db: sqlite3.Connection, events: list[EventRow]) -> int:
+    """Insert `events`, skipping any whose (topic, seq) is stored already; returns how many
+    were inserted. Statements of INSERT_ROWS rows, then of the powers of two left over."""
+    inserted, start, count = 0, 0, len(events)
+    while start < count:
+        size = min(INSERT_ROWS, 1 << ((count - start).bit_length() - 1))
+        chunk = events[start:start + size]
+        # The body as a bytearray: sqlite3 binds one as it is, but looks for an adapter for
+        # every bytes object first (two failing attribute lookups; a fifth of an insert).
+        params = [value for topic, seq, ts, body in chunk for value in (topic, seq, ts, bytearray(body))]
+        inserted += db.execute(_INSERT_SQL[size], params).rowcount
+        start += size
+    return inserted
+
+
 class Checkpointer(threading.Thread):
     """Moves the WAL into the database from a thread of its own, so the broker's commits
-    never stop to do it inline (SQLite's auto-checkpoint would, now and then, for ms)."""
+    never stop to do it inline (SQLite's auto-checkpoint would, now and then, for ms).
 
-    def __init__(self, path: Path | str, interval: float = CHECKPOINT_INTERVAL) -> None:
+    SQLite writes the WAL from its start again only after a checkpoint copied all of it. Under
+    a steady stream of commits a pass never gets there (the broker commits while it copies,
+    and each pass syncs the disk), so the WAL grew by every commit for as long as the stream
+    lasted: 6 MB a second at 1k messages a second. So once the WAL is past CATCH_UP_FRAMES, a
+    second, short pass (what was committed during the first) holds the broker's writes."""
+
+    def __init__(self, path: Path | str, writing: threading.Lock,
+                 interval: float = CHECKPOINT_INTERVAL) -> None:
         super().__init__(name="zchat-checkpoint", daemon=True)
-        self.path, self.interval = path, interval
+        self.path, self.interval, self.writing = path, interval, writing
         self.stopping = threading.Event()
+        self.held = 0  # passes made holding the writer (the tests look)
 
     def run(self) -> None:
         db = sqlite3.connect(str(self.path), timeout=5.0, isolation_level=None)
         try:
             while not self.stopping.wait(self.interval):
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # never blocks the writer
+                self.checkpoint(db)
         except sqlite3.Error:
             pass  # the broker's own writes still work; the WAL just grows until restart
         finally:
             db.close()
+
+    def checkpoint(self, db: sqlite3.Connection) -> None:
+        # Never blocks. Its figures are the WAL's when it began: all copied does not mean that
+        # nothing was committed meanwhile.
+        busy, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy or frames < CATCH_UP_FRAMES:
+            return  # the WAL is not worth making the broker wait yet
+        with self.writing:  # the frames committed during that pass, with no commit in between
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self.held += 1
 
 
 class HistoryStore:
@@ -239,9 +289,10 @@ class HistoryStore:
         # whose commit follows the publishing.
         self._mail_sent: dict[str, int] = {}
         self.checkpointer: Checkpointer | None = None
+        self.writing = threading.Lock()  # held by each turn's transaction; see Checkpointer
         if str(path) != ":memory:":
             self.db.execute("PRAGMA wal_autocheckpoint=0")
-            self.checkpointer = Checkpointer(path)
+            self.checkpointer = Checkpointer(path, self.writing)
             self.checkpointer.start()
 
     def close(self) -> None:
@@ -312,6 +363,11 @@ class HistoryStore:
         """Store one loop turn; returns what the mailbox did with each of `mail`, in order."""
         if not (events or mail or names or self._mail_sent):
             return []
+        with self.writing:
+            return self._write(events, mail, names, now)
+
+    def _write(self, events: list[EventRow], mail: list[MailRow],
+               names: list[tuple[str, str]], now: float) -> list[MailOutcome]:
         db = self.db
         inserted = 0
         newest: dict[str, EventRow] = {}
@@ -323,8 +379,7 @@ class HistoryStore:
             if events:
                 # Never over a stored event: a (topic, seq) already there means two writers
                 # numbered from the same seqs. The stored one stays; the clash is reported.
-                inserted = db.executemany("INSERT OR IGNORE INTO events (topic, seq, ts, body) "
-                                          "VALUES (?, ?, ?, ?)", events).rowcount
+                inserted = insert_events(db, events)
                 if inserted != len(events):
                     self._report_collisions(events, inserted)
                 newest = {row[0]: row for row in events}  # each room's last event in this turn
