@@ -807,7 +807,7 @@ class Broker:
 
     # --- relays (docs/PROTOCOL.md "Relays") ------------------------------------------
 
-    def _relayed(self, relay: str | None, body: memoryview, now: float) -> None:
+    def _relayed(self, relay: str | None, body: bytes, now: float) -> None:
         """A frame from a relay key (marked: a client's; unmarked: its own keep-alive), or a
         marked frame from any other key, which is refused: only relays may mark."""
         if relay is None:
