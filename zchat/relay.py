@@ -156,7 +156,8 @@ class Relay:
         self.push.sndhwm = L.PULL_RCVHWM * 10
         self.xsub = curve_client(ctx, zmq.XSUB, up, self.settings.server_key, self.keypair)
         self.xsub.rcvhwm = L.XPUB_SNDHWM
-        self.up_monitor = self.push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.up_monitor = self.push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.xsub.connect(up.publish)
         self.push.connect(up.input)
         self.xsub.send(b"\x01" + control_topic(self.identity).encode())
@@ -399,12 +400,22 @@ class Relay:
 
     def _upstream_connected(self) -> None:
         """A new upstream connection (its first, or after a broker restart): the XSUB resends
-        our subscriptions by itself; the clients' reports are sent again here."""
+        our subscriptions by itself; the clients' reports are sent again here. A refusal is
+        said in the log (most often: the broker does not list this relay's key yet)."""
+        connected = False
         while True:
             try:
-                recv_monitor_message(self.up_monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(self.up_monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._once("the upstream refused this relay's key (status %s): it must be listed as a relay "
+                           "there (its relay-keys file, or the role relay in closed mode), then SIGHUP it",
+                           event["value"])
+            else:
+                connected = True
+        if not connected:
+            return
         log.info("connected upstream: reporting %d subscriber(s) again", len(self.subs.topics_of))
         for subscriber, topics in self.subs.topics_of.items():
             if subscriber in self.relays:
