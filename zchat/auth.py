@@ -52,7 +52,6 @@ PEERS_FULL = Refusal(b"500", "peers", "every place the broker tracks is held by 
 NEW_KEYS = Refusal(b"500", "new_keys", "too many new keys from this address")
 EVICTED = Refusal(b"500", "evicted", "dropped a moment ago to make room; try again later")
 DATA_SENDER = Refusal(b"500", "data_sender", "cut for sending data on its subscriber connection")
-NOT_A_RELAY = Refusal(b"500", "not_a_relay", "cut for marking frames: this key is not listed as a relay")
 
 
 class KeyFileError(ValueError):

@@ -36,7 +36,6 @@ from zchat.auth import (
     EVICTED,
     KEY_CONNECTIONS,
     NEW_KEYS,
-    NOT_A_RELAY,
     NOT_AUTHORIZED,
     PEERS_FULL,
     PUBLISH_ZAP_DOMAIN,
@@ -81,9 +80,11 @@ STATS_MIN_GAP = 1.0  # a new sys/ subscriber gets stats this soon, but no more o
 STATS_FORWARD_DELIVERIES = 1_000
 DATA_SENDER_REFUSAL = 60.0  # seconds a key cut for sending data on its subscriber connection is refused
 DATA_SENDERS_KEPT = 10_000  # such keys remembered at once (the oldest forgotten first)
-# A key that marks frames without being a relay is refused this long: most often a relay whose key
-# the broker does not list yet, which would otherwise reconnect and be cut several times a second.
-FORGER_REFUSAL = 10.0
+# A key that marks frames without being a relay is cut, logged and counted once in this long; when
+# it comes back sooner (a relay whose key is not listed yet reconnects several times a second) it is
+# cut again quietly. Not refused at the handshake: libzmq never reconnects after a ZAP refusal, so
+# a relay refused once would stay cut off after the operator lists it.
+FORGER_QUIET = 10.0
 SILENCE_SCAN = 1.0  # seconds between looks for input connections of keys that went silent
 SHED_EVERY = 0.1  # least seconds between two sheddings of silent connections on accept failures
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
@@ -259,7 +260,7 @@ class Broker:
         # Keys cut for sending data on their subscriber connection: monotonic time until which
         # ZAP refuses them.
         self._data_senders: dict[str, float] = {}
-        self._forgers: dict[str, float] = {}  # keys that marked frames, not being relays -> refused until
+        self._forgers: dict[str, float] = {}  # keys that marked frames, not being relays -> quiet until
         self.data_cuts = 0  # such cuts, for the stats
         # Input connections seen closing, (identity, fd) -> when to announce the leave. The
         # monitor can report a close before the main loop has read the connection's last
@@ -457,8 +458,6 @@ class Broker:
             self.inputs.cut(gone)
             self.outputs.cut(gone)
         self.relays = relays
-        for listed in relays:  # a relay refused before the operator listed it may come at once
-            self._forgers.pop(listed, None)
 
     def _admit(self, identity: str, domain: bytes, address: str) -> Refusal | None:
         """The ZAP decision for one handshake (see zchat.auth.Refusal for what a client sees)."""
@@ -485,8 +484,6 @@ class Broker:
             return EVICTED
         if self._data_senders and self._data_senders.get(identity, 0.0) > now:
             return DATA_SENDER
-        if self._forgers and self._forgers.get(identity, 0.0) > now:
-            return NOT_A_RELAY
         known = identity in core.peers or self.inputs.holds(identity) or self.outputs.holds(identity)
         if not known:
             if not core.room_for_new_key():
@@ -822,10 +819,15 @@ class Broker:
         if relay is None:
             return
         if relay not in self.relays:
-            if self._fold.first(f"forged mark from {relay[:12]}", time.monotonic()):
+            moment = time.monotonic()
+            if self._forgers.get(relay, 0.0) > moment:
+                self.inputs.cut(relay)  # back again (it reconnects): cut quietly
+                self.outputs.cut(relay)
+                return
+            if self._fold.first(f"forged mark from {relay[:12]}", moment):
                 log.warning("key %s, not a relay, sent a marked frame: dropped, key cut", relay[:12])
             self.refused["forged_mark"] = self.refused.get("forged_mark", 0) + 1
-            self._refuse_forger(relay, time.monotonic())
+            self._refuse_forger(relay, moment)
             self._cut(relay)
             return
         book, core = self.book, self.core
@@ -868,7 +870,7 @@ class Broker:
                 core.on_unsubscribe(client, topic)
 
     def _refuse_forger(self, identity: str, now: float) -> None:
-        """Refuse a key that marked frames without being a relay for a while (bounded: the
+        """Remember a key that marked frames without being a relay for a while (bounded: the
         expired, then the oldest, are forgotten first)."""
         forgers = self._forgers
         if len(forgers) >= DATA_SENDERS_KEPT:
@@ -878,7 +880,7 @@ class Broker:
             if len(forgers) >= DATA_SENDERS_KEPT:
                 del forgers[next(iter(forgers))]
         forgers.pop(identity, None)
-        forgers[identity] = now + FORGER_REFUSAL
+        forgers[identity] = now + FORGER_QUIET
 
     def _relayed_subscription(self, client: str, topic: str, now: float) -> None:
         """A relayed client's subscription is live (reported by its relay, and the relay's

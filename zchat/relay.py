@@ -85,6 +85,9 @@ def relay_dir(config_dir: Path) -> Path:
     return config_dir / "relay"
 
 
+UPSTREAM_CUT_SOON = 2.0  # an upstream connection closed this soon after its handshake was cut on purpose
+UPSTREAM_LOG_EVERY = 10.0  # "connected upstream" at most once in this long
+
 @dataclass
 class RelaySettings:
     upstream: Endpoints  # the broker's (or another relay's) input and publish ports
@@ -127,6 +130,8 @@ class Relay:
         self._stopping = False
         self.up_frames = self.down_frames = self.dropped_up = 0
         self._logged: dict[str, float] = {}
+        self._up_since = 0.0  # when the upstream handshake last succeeded (monotonic)
+        self._up_logged = 0.0  # when that was last logged: a relay cut over and over logs once in a while
 
     # --- start-up ------------------------------------------------------------
 
@@ -156,8 +161,8 @@ class Relay:
         self.push.sndhwm = L.PULL_RCVHWM * 10
         self.xsub = curve_client(ctx, zmq.XSUB, up, self.settings.server_key, self.keypair)
         self.xsub.rcvhwm = L.XPUB_SNDHWM
-        self.up_monitor = self.push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self.up_monitor = self.push.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED)
         self.xsub.connect(up.publish)
         self.push.connect(up.input)
         self.xsub.send(b"\x01" + control_topic(self.identity).encode())
@@ -400,23 +405,32 @@ class Relay:
 
     def _upstream_connected(self) -> None:
         """A new upstream connection (its first, or after a broker restart): the XSUB resends
-        our subscriptions by itself; the clients' reports are sent again here. A refusal is
-        said in the log (most often: the broker does not list this relay's key yet)."""
+        our subscriptions by itself; the clients' reports are sent again here. A refusal, or a
+        connection closed right after its handshake (the broker does not list this relay's key
+        yet: it cuts it at its first frame), is said in the log."""
         connected = False
+        now = time.monotonic()
         while True:
             try:
                 event = recv_monitor_message(self.up_monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._once("the upstream refused this relay's key (status %s): it must be listed as a relay "
-                           "there (its relay-keys file, or the role relay in closed mode), then SIGHUP it",
-                           event["value"])
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._once("the upstream refused this relay's key (status %s)", event["value"])
+            elif kind == zmq.EVENT_DISCONNECTED:
+                if now - self._up_since < UPSTREAM_CUT_SOON:
+                    self._once("the upstream closes this relay's connection right after the handshake: is "
+                               "its key listed there as a relay (the relay-keys file, or the role relay in "
+                               "closed mode, then SIGHUP)?")
             else:
                 connected = True
         if not connected:
             return
-        log.info("connected upstream: reporting %d subscriber(s) again", len(self.subs.topics_of))
+        self._up_since = now
+        if now - self._up_logged >= UPSTREAM_LOG_EVERY:
+            self._up_logged = now
+            log.info("connected upstream: reporting %d subscriber(s) again", len(self.subs.topics_of))
         for subscriber, topics in self.subs.topics_of.items():
             if subscriber in self.relays:
                 continue  # a downstream relay reports its own clients
