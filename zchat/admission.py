@@ -57,6 +57,19 @@ class NewKeyLimiter:
         return len(self._buckets)
 
 
+def remember_until(until_by_key: dict[str, float], key: str, until: float, now: float, cap: int) -> None:
+    """Keep `key` in a dict of deadlines ordered by insertion (so by deadline, for one fixed
+    length), bounded by `cap`: the expired are forgotten first, then the oldest."""
+    if len(until_by_key) >= cap:
+        for old, deadline in list(until_by_key.items()):
+            if deadline <= now:
+                del until_by_key[old]
+        if len(until_by_key) >= cap:
+            del until_by_key[next(iter(until_by_key))]
+    until_by_key.pop(key, None)  # re-inserted last: the oldest go first
+    until_by_key[key] = until
+
+
 class LogFold:
     """Repeated log lines folded: the first of a kind in an interval is logged at once (with
     its details), the rest are only counted and reported as one line when the interval ends.

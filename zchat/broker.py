@@ -29,7 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zchat import keys, logsetup
 from zchat import limits as L
-from zchat.admission import LogFold, NewKeyLimiter
+from zchat.admission import LogFold, NewKeyLimiter, remember_until
 from zchat.auth import (
     CONNECTIONS_FULL,
     DATA_SENDER,
@@ -47,7 +47,7 @@ from zchat.auth import (
     zap_reply,
 )
 from zchat.brokerstate import LOCK_FILE, STATE_FILE, read_state, state_path  # noqa: F401  (read_state: re-exported)
-from zchat.connections import Connections, bytes_received, drained, shutdown_fd
+from zchat.connections import Connections, bytes_received, drained, remember_fd, shutdown_fd
 from zchat.core import BrokerCore, Disconnect, Limits, Out, topic_allowed
 from zchat.dispatch import Dispatcher
 from zchat.endpoints import Endpoints
@@ -722,7 +722,7 @@ class Broker:
                 continue
             if data[0] == 1:
                 if identity is not None:
-                    self._remember_fd(self.outputs, frame, identity)
+                    remember_fd(self.outputs, frame, identity)
                 if self._xpub_shifted:  # it would land on another connection: the client retries
                     log.debug("subscription %r from %s skipped after a data frame", topic[:80],
                               (identity or "?")[:12])
@@ -756,18 +756,11 @@ class Broker:
             return
         now = time.monotonic()
         first = self._data_senders.get(identity, 0.0) <= now  # not cut already in this window
-        self._remember_fd(self.outputs, frame, identity)  # its data connection may have sent nothing else
+        remember_fd(self.outputs, frame, identity)  # its data connection may have sent nothing else
         count = self.inputs.cut(identity) + self.outputs.cut(identity)
         if not first:
             return  # frames queued before the cut, or a connection of it we had not seen before
-        if len(self._data_senders) >= DATA_SENDERS_KEPT:
-            for key, until in list(self._data_senders.items()):
-                if until <= now:
-                    del self._data_senders[key]
-            if len(self._data_senders) >= DATA_SENDERS_KEPT:
-                del self._data_senders[next(iter(self._data_senders))]
-        self._data_senders.pop(identity, None)  # re-inserted last: the oldest go first
-        self._data_senders[identity] = now + DATA_SENDER_REFUSAL
+        remember_until(self._data_senders, identity, now + DATA_SENDER_REFUSAL, now, DATA_SENDERS_KEPT)
         self.data_cuts += 1
         log.warning("cut key %s: it sent data frames on its subscriber connection (%d connection(s) "
                     "shut; refused for %.0f s)", identity[:12], count, DATA_SENDER_REFUSAL)
@@ -787,7 +780,9 @@ class Broker:
             except zmq.ZMQError:
                 identity = None
             # A new connection (accepted, not yet attributed) or a new identity: whose is it?
-            if identity is not None and (inputs.unattributed or not inputs.knows(identity)):
+            # A new connection of this key (admitted, not yet seen), or a key not seen yet: the
+            # descriptor is looked up then only, not for every message of a known key.
+            if identity is not None and (not inputs.knows(identity) or inputs.expects(identity)):
                 self._remember_input(frame, identity)
             frames = 1
             if frame.more:  # a multipart message arrives whole: drain it, reject below
@@ -827,7 +822,7 @@ class Broker:
             if self._fold.first(f"forged mark from {relay[:12]}", moment):
                 log.warning("key %s, not a relay, sent a marked frame: dropped, key cut", relay[:12])
             self.refused["forged_mark"] = self.refused.get("forged_mark", 0) + 1
-            self._refuse_forger(relay, moment)
+            remember_until(self._forgers, relay, moment + FORGER_QUIET, moment, DATA_SENDERS_KEPT)
             self._cut(relay)
             return
         book, core = self.book, self.core
@@ -869,19 +864,6 @@ class Broker:
             if book.via.get(client) == relay:
                 core.on_unsubscribe(client, topic)
 
-    def _refuse_forger(self, identity: str, now: float) -> None:
-        """Remember a key that marked frames without being a relay for a while (bounded: the
-        expired, then the oldest, are forgotten first)."""
-        forgers = self._forgers
-        if len(forgers) >= DATA_SENDERS_KEPT:
-            for key, until in list(forgers.items()):
-                if until <= now:
-                    del forgers[key]
-            if len(forgers) >= DATA_SENDERS_KEPT:
-                del forgers[next(iter(forgers))]
-        forgers.pop(identity, None)
-        forgers[identity] = now + FORGER_QUIET
-
     def _relayed_subscription(self, client: str, topic: str, now: float) -> None:
         """A relayed client's subscription is live (reported by its relay, and the relay's
         own installed here): judged by the same policy as a direct one's."""
@@ -895,7 +877,7 @@ class Broker:
         any private stream (sealed to each client) and its own control topic."""
         book = self.book
         if data[0] == 1:
-            self._remember_fd(self.outputs, frame, relay)
+            remember_fd(self.outputs, frame, relay)
             if self._xpub_shifted:
                 return
             if topic != control_topic(relay) and not topic_allowed(relay, topic, True, "relay"):
@@ -960,13 +942,6 @@ class Broker:
                     if identity in self.relays:
                         self._relay_gone(identity, now)
                     self._publish(self.core.on_disconnect(identity, now))
-
-    @staticmethod
-    def _remember_fd(connections: Connections, frame: zmq.Frame, identity: str) -> None:
-        try:
-            connections.attribute(identity, frame.get(zmq.SRCFD))
-        except zmq.ZMQError:
-            pass
 
     def _drain_monitor(self, monitor: zmq.Socket, connections: Connections, now: float) -> None:
         while True:

@@ -28,6 +28,8 @@ import sys
 from collections import deque
 from collections.abc import Callable
 
+import zmq
+
 SIOCOUTQ = 0x5411  # Linux: bytes in a TCP socket's send queue, not yet acknowledged by the peer
 
 
@@ -115,6 +117,15 @@ def drained(fd: int) -> bool:
     return queue is None or queue[0] < queue[1] // 8
 
 
+def remember_fd(connections: Connections, frame: zmq.Frame, identity: str) -> None:
+    """Attribute the connection `frame` came on (its SRCFD) to `identity`, if it is one
+    accepted and not attributed yet."""
+    try:
+        connections.attribute(identity, frame.get(zmq.SRCFD))
+    except zmq.ZMQError:
+        pass
+
+
 class Connections:
     def __init__(self) -> None:
         self._identity_by_fd: dict[int, str] = {}
@@ -126,6 +137,11 @@ class Connections:
 
     def knows(self, identity: str) -> bool:
         return identity in self._fds_by_identity
+
+    def expects(self, identity: str) -> bool:
+        """Whether a handshake of `identity` was admitted that no descriptor has claimed yet:
+        its next frame may come on a new connection."""
+        return identity in self._pending
 
     def owner(self, fd: int) -> str | None:
         return self._identity_by_fd.get(fd)

@@ -34,6 +34,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zchat import keys, logsetup
 from zchat import limits as L
 from zchat.accounts import Account
+from zchat.admission import LogFold, remember_until
 from zchat.auth import (
     DATA_SENDER,
     NOT_AUTHORIZED,
@@ -45,8 +46,15 @@ from zchat.auth import (
     load_authorized_keys,
     zap_reply,
 )
-from zchat.broker import BrokerError, read_bans, read_relay_keys, user_id
-from zchat.connections import Connections, shutdown_fd
+from zchat.broker import (
+    DATA_SENDER_REFUSAL,
+    DATA_SENDERS_KEPT,
+    BrokerError,
+    read_bans,
+    read_relay_keys,
+    user_id,
+)
+from zchat.connections import Connections, remember_fd, shutdown_fd
 from zchat.core import topic_allowed
 from zchat.endpoints import Endpoints
 from zchat.relaying import (
@@ -75,7 +83,6 @@ DRAIN_BATCH = 5000  # frames taken from one socket before looking at the others
 KEEPALIVE = 0.5  # seconds between the relay's own keep-alives upstream
 TICK = 0.25  # seconds between housekeeping passes
 CLOSE_GRACE = 0.05  # seconds between a client's input connection closing and its "gone" report
-DATA_SENDER_REFUSAL = 60.0  # seconds a key cut for sending data on its subscriber connection is refused
 PARKED_PER_RELAY = 10_000  # a downstream relay's reports waiting for its own subscription
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 KEEPALIVE_BODY = b"relay keep-alive"  # unmarked: the relay's own frame, never decoded
@@ -129,7 +136,7 @@ class Relay:
         self._xpub_shifted = False
         self._stopping = False
         self.up_frames = self.down_frames = self.dropped_up = 0
-        self._logged: dict[str, float] = {}
+        self._fold = LogFold(60.0)  # a hostile peer must not fill the log
         self._up_since = 0.0  # when the upstream handshake last succeeded (monotonic)
         self._up_logged = 0.0  # when that was last logged: a relay cut over and over logs once in a while
 
@@ -220,10 +227,8 @@ class Relay:
         return topic_allowed(identity, topic, self.accounts is not None, self._role(identity))
 
     def _once(self, what: str, *args: object) -> None:
-        """Log a line at most once a minute per kind (a hostile peer must not fill the log)."""
-        now = time.monotonic()
-        if self._logged.get(what, 0.0) <= now:
-            self._logged[what] = now + 60.0
+        """Log a line at most once a minute per kind; the repeats are counted and said then."""
+        if self._fold.first(what, time.monotonic()):
             log.warning(what, *args)
 
     # --- the loop --------------------------------------------------------------
@@ -312,7 +317,7 @@ class Relay:
             if identity is None:
                 continue
             if inputs.unattributed or not inputs.knows(identity):
-                self._remember(inputs, frame, identity)
+                remember_fd(inputs, frame, identity)
             if frame.more:  # one frame per message: the rest is read and dropped
                 part = frame
                 while part.more:
@@ -369,7 +374,7 @@ class Relay:
             if len(data) < 1 or data[0] not in (0, 1):
                 self._xpub_shifted = True  # see zchat.broker: approvals could land on another pipe
                 if identity is not None:
-                    self._remember(self.outputs, frame, identity)
+                    remember_fd(self.outputs, frame, identity)
                     self._data_sender(identity)
                 continue
             if identity is None:
@@ -379,7 +384,7 @@ class Relay:
             except UnicodeDecodeError:
                 continue
             if data[0] == 1:
-                self._remember(self.outputs, frame, identity)
+                remember_fd(self.outputs, frame, identity)
                 if self._xpub_shifted or not self._allowed(identity, topic):
                     continue
                 xpub.setsockopt(zmq.SUBSCRIBE, data[1:])  # downstream first...
@@ -472,13 +477,6 @@ class Relay:
 
     # --- connections ---------------------------------------------------------------
 
-    @staticmethod
-    def _remember(connections: Connections, frame: zmq.Frame, identity: str) -> None:
-        try:
-            connections.attribute(identity, frame.get(zmq.SRCFD))
-        except zmq.ZMQError:
-            pass
-
     def _drain_monitor(self, monitor: zmq.Socket, connections: Connections, now: float) -> None:
         while True:
             try:
@@ -532,7 +530,7 @@ class Relay:
         now = time.monotonic()
         if self._data_senders.get(identity, 0.0) <= now:
             log.warning("cut key %s: it sent data frames on its subscriber connection", identity[:12])
-        self._data_senders[identity] = now + DATA_SENDER_REFUSAL
+        remember_until(self._data_senders, identity, now + DATA_SENDER_REFUSAL, now, DATA_SENDERS_KEPT)
         self._cut(identity)
 
     def _housekeeping(self, now: float) -> None:
@@ -545,8 +543,8 @@ class Relay:
             for fd in connections.silent(now - self.settings.client_timeout):
                 connections.closed(fd)
                 shutdown_fd(fd)
-        if len(self._data_senders) > 10_000:
-            self._data_senders = {k: t for k, t in self._data_senders.items() if t > now}
+        for what, repeats in self._fold.due(now):
+            log.warning("... and %d more like it (%s) in the last %g s", repeats, what, self._fold.interval)
 
     def close(self) -> None:
         for sock in (getattr(self, name, None) for name in ("pull", "xpub", "push")):
