@@ -209,6 +209,7 @@ def bad_inputs(home: Path, port: int) -> dict[str, list[list[str]]]:
             ["send", "--name", "alice", "--timeout", "-1", "hi"],
             ["send", "hi", *nowhere, *server],
             ["send", "--name", "alice", "--room", "bad room", "hi", *nowhere, *server],
+            ["send", "--name", "alice", "hi", *nowhere, "--server-key", "0" * 64],  # no usable key
         ],
         "tap": [
             *common("tap"),
@@ -244,6 +245,7 @@ def bad_inputs(home: Path, port: int) -> dict[str, list[list[str]]]:
             ["history", "--db", str(home / "junk"), "--since", "yesterday"],
             ["history", "--db", str(home / "junk"), "--room", "bad room"],
             ["history", "--config", str(home / "missing.toml")],
+            ["history", "--host", "127.0.0.1", *nowhere, "--room", "lobby", "--server-key", "zz"],
         ],
         "keygen": [
             ["keygen", "--name", "bad name"],

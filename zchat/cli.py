@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "key", None):  # a bad --key file: one line, before anything else
             keys.load(args.key)
         return handlers.get(args.command, cmd_start)(args)
-    except ValueError as exc:  # bad key text, unreadable key file, a host that does not resolve
+    except (ValueError, config.ConfigError) as exc:  # a bad key or setting, a host that does not resolve
         print(f"zchat: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `zchat history | head`: the reader has all it wanted

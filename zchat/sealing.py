@@ -66,8 +66,13 @@ def key_bytes(key: bytes | str) -> bytes:
 
 
 def box_for(secret_z85: bytes, public: bytes | str) -> Box:
-    """The box between our secret key (z85, as in KeyPair) and a peer's public key (z85 or hex)."""
-    return Box(PrivateKey(key_bytes(secret_z85)), PublicKey(key_bytes(public)))
+    """The box between our secret key (z85, as in KeyPair) and a peer's public key (z85 or hex).
+    ValueError for a key no box can be made with (libsodium refuses a low-order point, such as
+    all zeros: no shared secret)."""
+    try:
+        return Box(PrivateKey(key_bytes(secret_z85)), PublicKey(key_bytes(public)))
+    except CryptoError as exc:  # nacl's RuntimeError is one
+        raise ValueError("not a usable public key (no shared secret can be made with it)") from exc
 
 
 def seal(box: Box, plaintext: bytes) -> bytes:
