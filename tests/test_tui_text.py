@@ -23,8 +23,10 @@ def _wait_raw(path: Path, needle: bytes, timeout: float = 10.0) -> bytes:
     deadline = time.monotonic() + timeout
     while True:
         data = path.read_bytes() if path.exists() else b""
-        if needle in data or time.monotonic() > deadline:
+        if needle in data:
             return data
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not in the terminal's raw output within {timeout} s")
         time.sleep(0.05)  # polling a file: the condition is re-checked, not assumed
 
 
