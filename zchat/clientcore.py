@@ -1073,7 +1073,7 @@ class ClientCore:
                 topic = record.topic
                 if isinstance(record, Write):
                     recovered.append(record.item)
-                    self._confirm_own(record.item, self._sent_refs())
+                    self._confirm_own(record.item, None)
                 else:
                     lost += record.missing
                 continue
@@ -1191,13 +1191,17 @@ class ClientCore:
             skipped = events[0].seq - history.after - 1 - history.lost  # more than we asked to see
         self._show(Replay(kind, history.room, events, history.lost, history.ts, skipped))
 
-    def _confirm_own(self, event: Event, refs: set[int]) -> None:
-        if (isinstance(event, (Message, Action)) and event.ref in refs and event.name == self.name
-                and event.ref is not None):
-            self._confirm(event.ref)
-
-    def _sent_refs(self) -> set[int]:
-        return {ref for ref, out in self._unconfirmed.items() if out.sent}
+    def _confirm_own(self, event: Event, refs: set[int] | None) -> None:
+        """Our own message came back: settle it if it was among `refs` (None: any sent one)."""
+        if not (isinstance(event, (Message, Action)) and event.name == self.name and event.ref is not None):
+            return
+        if refs is None:
+            out = self._unconfirmed.get(event.ref)
+            if out is None or not out.sent:
+                return
+        elif event.ref not in refs:
+            return
+        self._confirm(event.ref)
 
     def _follow(self, event: Event) -> None:
         """Keep our own rooms, name and the list of known names in step with events."""
