@@ -121,8 +121,12 @@ class Session:
             self.buffers.get(Destination(room=room))
 
     def view(self) -> View:
-        return View(me=self.client.snapshot.name if self.client else None, room=self.room, color=self.color,
-                    clock_format=self.clock_format, hyperlinks=self.hyperlinks, days=self.days)
+        return self.view_in(self.room, self.days)
+
+    def view_in(self, room: str | None, days: Days) -> View:
+        """How lines look in `room` (None: a private conversation), with those day lines."""
+        return View(me=self.client.snapshot.name if self.client else None, room=room, color=self.color,
+                    clock_format=self.clock_format, hyperlinks=self.hyperlinks, days=days)
 
     def show(self, text: str) -> None:
         with self._lock:  # else `release` could empty the hold between our test and append
@@ -433,8 +437,7 @@ class Session:
 
     def _search_history(self, replay: Replay, me: str | None) -> None:
         text = self._searches.pop(replay.room)
-        view = View(me=me, room=replay.room, color=self.color, clock_format=self.clock_format,
-                    hyperlinks=self.hyperlinks, days=Days(self._now()))  # older results show their date
+        view = self.view_in(replay.room, Days(self._now()))  # older results show their date
         shown = [render(event, view) for event in replay.events]
         found = [line for line in shown if line is not None and text.casefold() in line.casefold()]
         where = "before this buffer" if self.buffers and any(
@@ -464,9 +467,7 @@ class Session:
             buffer = buffers.get(where)
             if buffer.days is None:  # each buffer draws its own day-change lines
                 buffer.days = Days(self._now())
-            view = View(me=me, room=buffer.room, color=self.color, clock_format=self.clock_format,
-                        hyperlinks=self.hyperlinks, days=buffer.days)
-            line = render(event, view)
+            line = render(event, self.view_in(buffer.room, buffer.days))
             if line is None:
                 return
             unread, highlight = counts(event, me)
