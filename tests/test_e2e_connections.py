@@ -135,9 +135,17 @@ def test_one_key_is_refused_past_its_connection_cap_and_others_still_join(chat: 
         # Closing a connection gives the key its place back.
         admitted[0].close()
         conns.open.remove(admitted[0])
-        assert conns.connect(zmq.PUSH, attacker).handshake() == 0
-        stats = stats_from(chat, lambda s: s.refused.get("key_connections", 0) >= 4)
-        assert stats.refused["key_connections"] == 4
+        # The broker hears of the close from its socket monitor, asynchronously: a handshake
+        # racing it may still be refused, but the place comes back within a moment.
+        refused_again = 0
+        deadline = time.monotonic() + 5.0
+        while (status := conns.connect(zmq.PUSH, attacker).handshake()) != 0 and time.monotonic() < deadline:
+            refused_again += 1
+            time.sleep(0.05)  # polling: tried again until the deadline, not assumed
+        assert status == 0
+        refused = 4 + refused_again
+        stats = stats_from(chat, lambda s: s.refused.get("key_connections", 0) >= refused)
+        assert stats.refused["key_connections"] == refused
         assert stats.connections >= 9
     finally:
         conns.close()
