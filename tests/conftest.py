@@ -188,3 +188,17 @@ def chat(tmp_path: Path) -> Iterator[Chat]:
         yield c
     finally:
         c.stop_all()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed end-to-end test shows the broker's last log lines: a CI run's only clue to
+    what the broker saw (its log is otherwise dropped with the test)."""
+    outcome = yield
+    report = outcome.get_result()
+    chat = getattr(item, "funcargs", {}).get("chat")
+    if report.failed and isinstance(chat, Chat):
+        for number, proc in enumerate(p for p in chat.procs if p.args and p.args[0] == "broker.py"):
+            with proc._cond:
+                tail = proc.lines[-60:]
+            report.sections.append((f"broker {number} log (last {len(tail)} lines)", "\n".join(tail)))

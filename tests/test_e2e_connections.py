@@ -11,9 +11,11 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import zmq
@@ -24,6 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zchat import keys
 from zchat.protocol import Code, Error, Stats, Welcome, decode_publication
 from zchat.sealing import box_for, open_publication
+from zchat.tui import EXIT_BANNED
 
 PING = b'{"type":"ping"}'
 
@@ -361,3 +364,65 @@ def test_throwaway_keys_cannot_lock_out_a_new_honest_join(chat: Chat) -> None:
         assert refused is not None, throwaway[0][0].events
     finally:
         conns.close()
+
+
+# --- refused at a reconnection: libzmq never tries again after a refusal, the client must ------
+
+
+def client_key(chat: Chat, name: str) -> keys.KeyPair:
+    """The key the client will pick for `name` in the shared config dir."""
+    return keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name(name))
+
+
+def _write_users(path: Path, entries: list[tuple[str, keys.KeyPair]]) -> None:
+    path.write_text("".join(f"{name} {pair.identity} user\n" for name, pair in entries))
+
+
+def _kill_broker(chat: Chat) -> None:
+    assert chat.broker is not None
+    chat.broker.proc.send_signal(signal.SIGKILL)
+    chat.broker.proc.wait(5)
+
+
+def test_a_key_taken_off_while_the_broker_was_down_is_told_at_the_reconnection(chat: Chat,
+                                                                              tmp_path: Path) -> None:
+    """Refused for good when it comes back (its notice never sent): it says so and exits, where
+    it said "reconnecting" for ever."""
+    path = tmp_path / "authorized_keys"
+    _write_users(path, [("alice", client_key(chat, "alice")), ("bob", client_key(chat, "bob"))])
+    chat.start_broker("--authorized-keys", str(path))
+    bob = chat.joined_client("bob")
+    _kill_broker(chat)
+    bob.wait_for(rf"^{CLOCK} \* Connection to the broker lost", timeout=10)
+    _write_users(path, [("alice", client_key(chat, "alice"))])  # the operator took bob off meanwhile
+    chat.start_broker("--authorized-keys", str(path))
+    bob.wait_for(rf"^{CLOCK} \* The broker refused this key at a reconnection: it was banned, or taken "
+                 r"off the authorized keys\. You cannot come back with this key\.$", timeout=15)
+    assert bob.wait_exit(10) == EXIT_BANNED
+
+
+def test_a_reconnection_refused_for_now_is_dialled_again_until_it_gets_in(chat: Chat) -> None:
+    """Refused for now when it comes back (its key's one place taken): it dials again, backing
+    off, and gets in once the place is free, where it stayed out for ever."""
+    chat.start_broker()
+    alice = chat.joined_client("alice")
+    bob = chat.joined_client("bob")
+    bob.proc.send_signal(signal.SIGSTOP)  # bob sleeps through the restart...
+    conns = Conns(chat)
+    try:
+        _kill_broker(chat)
+        broker = chat.start_broker("--connections-per-key", "1")
+        alice.wait_for(rf"^{CLOCK} \* Reconnected", timeout=15)
+        pair = client_key(chat, "bob")  # ...and his key's one place on each socket is taken
+        squatters = [conns.connect(zmq.PUSH, pair), conns.connect(zmq.SUB, pair, topics=(b"sys/",))]
+        assert [conn.handshake() for conn in squatters] == [0, 0]
+        squatters[0].sock.send(PING)  # a connection that speaks: the broker knows whose it is
+        seen = len(broker.lines)
+        bob.proc.send_signal(signal.SIGCONT)
+        broker.wait_for(r"refused key \w+ .*: too many connections for this key", timeout=15, start=seen)
+    finally:
+        bob.proc.send_signal(signal.SIGCONT)
+        conns.close()
+    bob.wait_for(rf"^{CLOCK} \* Reconnected", timeout=30)
+    bob.send("back in")
+    alice.wait_for(rf"^{CLOCK} bob: back in$", timeout=10)

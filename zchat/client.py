@@ -62,12 +62,14 @@ from zchat.protocol import (
     encode_client_message,
 )
 from zchat.sealing import SealError, box_for, key_bytes, open_publication
-from zchat.transport import HandshakeWatch, curve_client
+from zchat.transport import BUSY_STATUS, HandshakeWatch, curve_client
 
 log = logging.getLogger("zchat.client")
 MAX_POLL_MS = 1000  # wake up at least this often, whatever the core's deadline
 FAILOVER_AFTER = 2.0  # seconds lost (no heartbeat) before trying the next endpoint
 SWITCH_MIN = 1.0  # least seconds between two switches of endpoint
+REDIAL_FIRST = 1.0  # seconds before dialling again after a refusal "for now" at a reconnection...
+REDIAL_MAX = 8.0  # ...doubling up to this
 
 
 def read_ignored(path: Path | None) -> dict[str, str]:
@@ -150,6 +152,8 @@ class ChatClient(ClientApi):
         self._paths = [(settings.endpoints, settings.server_key), *settings.alternates]
         self._path = 0
         self._switched_at = 0.0
+        self._redial_at: float | None = None  # when to dial again after a refusal for now
+        self._redial_wait = REDIAL_FIRST
 
     # --- API (any thread) --------------------------------------------------------
 
@@ -226,6 +230,7 @@ class ChatClient(ClientApi):
         self.push.sndhwm = L.CLIENT_SNDHWM
         self.sub = curve_client(self.ctx, zmq.SUB, ep, settings.server_key, settings.keypair)
         self._watch = HandshakeWatch(self.push, settings.keypair.identity)
+        self._sub_watch = HandshakeWatch(self.sub, settings.keypair.identity)  # only for refusals
         self._carry_out(self.core.start())  # subscribe before connecting
         self.sub.connect(ep.publish)
         self.push.connect(ep.input)
@@ -234,13 +239,13 @@ class ChatClient(ClientApi):
         try:
             self._make_sockets()
             poller = zmq.Poller()
-            for sock in (self.sub, self._watch.monitor, self._wake_rx):
+            for sock in (self.sub, self._watch.monitor, self._sub_watch.monitor, self._wake_rx):
                 poller.register(sock, zmq.POLLIN)
             while not self._stopped:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if self.sub in ready:
                     self._drain_sub()
-                if self._watch.monitor in ready:
+                if self._watch.monitor in ready or self._sub_watch.monitor in ready:
                     self._drain_monitor()
                 if self._wake_rx in ready:
                     self._drain_wake()
@@ -250,6 +255,9 @@ class ChatClient(ClientApi):
                     if len(self._paths) > 1 and self.core.lost_since is not None \
                             and time.monotonic() - self._switched_at > FAILOVER_AFTER:
                         self._switch()  # silent (hung, or its link died quietly): try the next one
+                    if self._redial_at is not None and time.monotonic() >= self._redial_at:
+                        self._redial_at = None
+                        self._redial()
         except BaseException as exc:  # whatever kills it is reported, and close() cannot hang
             self._failed(exc)
         finally:
@@ -265,9 +273,10 @@ class ChatClient(ClientApi):
         self._emit(Status(StatusState.FAILED, self.failure, time.time()))
 
     def _close_sockets(self) -> None:
-        watch = getattr(self, "_watch", None)
-        if watch is not None:
-            watch.close(self.push)
+        for watch_name, sock_name in (("_watch", "push"), ("_sub_watch", "sub")):
+            watch = getattr(self, watch_name, None)
+            if watch is not None:
+                watch.close(getattr(self, sock_name))
         for name in ("sub", "_wake_rx"):
             sock = getattr(self, name, None)
             if sock is not None:
@@ -282,18 +291,50 @@ class ChatClient(ClientApi):
 
     def _poll_timeout_ms(self) -> int:
         deadline = self.core.deadline()
+        if self._redial_at is not None:
+            deadline = self._redial_at if deadline is None else min(deadline, self._redial_at)
         if deadline is None:
             return MAX_POLL_MS
         return max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1000) + 1))
 
     def _drain_monitor(self) -> None:
         disconnects = self._watch.disconnects
-        if "auth" in self._watch.drain():  # our key refused
+        failures = self._watch.drain()
+        if "auth" in failures:  # our key refused
             self._carry_out(self.core.request(HandshakeFailed(*self._diagnose()), self._now()))
+        if "refused" in failures:
+            self._refused_again(self._watch.status)
+        if "refused" in self._sub_watch.drain():
+            self._refused_again(self._sub_watch.status)
         if self._watch.disconnects > disconnects:  # the broker went away: no need to wait for silence
             self._carry_out(self.core.request(LinkDown(), self._now()))
             if len(self._paths) > 1 and time.monotonic() - self._switched_at > SWITCH_MIN:
                 self._switch()
+
+    def _refused_again(self, status: int) -> None:
+        """The broker refused our key at a reconnection, and libzmq will not try again. Not
+        now (a limit: too many connections of this key, evicted to make room): dial again
+        after a pause, longer each time. For good (banned, or taken off the authorized
+        keys, with the notice saying so missed): say so."""
+        if status == BUSY_STATUS:
+            if self._redial_at is None:
+                self._redial_at = time.monotonic() + self._redial_wait
+                self._redial_wait = min(REDIAL_MAX, 2 * self._redial_wait)
+            return
+        detail = ("the broker refused this key at a reconnection: it was banned, or taken off "
+                  "the authorized keys")
+        self._carry_out(self.core.request(HandshakeFailed("auth", detail), self._now()))
+
+    def _redial(self) -> None:
+        """Connect both sockets to the current endpoint afresh."""
+        endpoints, _ = self._paths[self._path]
+        for sock, endpoint in ((self.sub, endpoints.publish), (self.push, endpoints.input)):
+            try:
+                sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass  # not connected any more
+            sock.connect(endpoint)
+        log.info("refused for now at a reconnection: dialled %s again", endpoints.input)
 
     def _switch(self) -> None:
         """Move both sockets to the next endpoint (a relay of the same broker). The SUB keeps

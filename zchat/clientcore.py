@@ -116,8 +116,9 @@ REF_START_SPAN = 1 << 39  # message refs start below this...
 BACKFILL_REFS = 1 << 40  # ...and history requests for gaps from here on, apart from them
 BACKFILL_PAGES = 20  # a gap is recovered up to this many full history pages (its newest events)
 # Joining: no welcome on our private stream this long after subscribing it means the broker may
-# not have installed it (PROTOCOL.md "Sealed private streams"): unsubscribe and subscribe again.
+# not have installed it (PROTOCOL.md "Sealed private streams"): subscribe it again.
 RESUBSCRIBE_WAIT = 1.0
+RESUBSCRIBE_RESET = 16  # repeats of one subscription before it is taken down and made afresh
 IGNORE_REFS = 1 << 42  # key requests made for /ignore are numbered from here (above the others)
 # Mass events (PROTOCOL.md "Folding mass departures"): a room's connection losses and returns
 # are folded into one line while they keep coming (each extends the window by FOLD_QUIET, up to
@@ -1315,10 +1316,14 @@ class ClientCore:
     # --- plumbing ---------------------------------------------------------------------------
 
     def _resubscribe(self, topic: str) -> None:
-        """Unsubscribe `topic` (as often as we subscribed it), then subscribe it once: the broker
-        reads a fresh request to approve, and our count stays at one."""
-        for _ in range(self._subscribed.pop(topic, 0)):
-            self._out.append(Unsubscribe(topic))
+        """Subscribe `topic` again: the SUB forwards the repeat, and the broker reads it as a
+        fresh request to approve. No unsubscribe first: until the broker read the subscribe
+        after it, what it sent us on `topic` (the welcome of an earlier join, a ban notice)
+        would reach nobody. Only a long wait's many repeats are taken down and made once
+        afresh, so the unsubscribes a leave owes stay few."""
+        if self._subscribed.get(topic, 0) >= RESUBSCRIBE_RESET:
+            for _ in range(self._subscribed.pop(topic)):
+                self._out.append(Unsubscribe(topic))
         self._subscribe(topic)
 
     def _subscribe(self, topic: str) -> None:

@@ -46,7 +46,8 @@ class HandshakeWatch:
 
     def drain(self) -> list[str]:
         """Read pending monitor events; return the handshake failures among them
-        ("auth": the broker refused our key; "failed": wrong server key or protocol)."""
+        ("auth": the broker refused our key; "failed": wrong server key or protocol;
+        "refused": our key refused at a reconnection, after a handshake that succeeded)."""
         failures = []
         while True:
             try:
@@ -66,6 +67,11 @@ class HandshakeWatch:
                 self.handshake = "auth"
                 self.status = event["value"]
                 failures.append("auth")
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                # Refused at a reconnection. libzmq never tries again after a refusal: the
+                # caller must (status 500, "not now") or give up (400: banned, revoked).
+                self.status = event["value"]
+                failures.append("refused")
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 if self.handshake != "ok":
                     self.handshake = "failed"
