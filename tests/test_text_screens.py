@@ -19,7 +19,7 @@ from chatkit import CLOCK, START_WALL, World
 from zchat import config
 from zchat import limits as L
 from zchat.chatlog import ChatLog
-from zchat.protocol import Action, Message, Say
+from zchat.protocol import Action, Message, Muted, Say
 from zchat.render import View, day_line, render
 from zchat.tui import Look, Session
 
@@ -153,6 +153,17 @@ def test_timestamp_format_changes_the_clock_of_each_line(world: World) -> None:
     world.type("alice", "two\nlines")
     assert re.fullmatch(r"\[\d\d:\d\d\] alice: two", alice.raw[-2])
     assert alice.raw[-1] == " " * len("[00:00] ") + "lines"  # the indent follows the clock's width
+
+
+def test_timestamp_format_is_the_clock_of_a_mute_end_too() -> None:
+    """The end of a mute was drawn HH:MM:SS whatever the configured clock."""
+    muted = Muted(seq=1, ts=START_WALL, room="lobby", name="bob", by="alice", seconds=60,
+                  until=START_WALL + 60)
+    short = View(me="alice", clock_format="%H:%M")
+    line = render(muted, short)
+    assert re.fullmatch(r"\[\d\d:\d\d\] - bob was muted for 60 s until \d\d:\d\d by alice\.", line)
+    mine = View(me="bob", clock_format="%H:%M")
+    assert re.search(r"You may speak again at \d\d:\d\d\.$", render(muted, mine))
 
 
 # --- links ----------------------------------------------------------------------------------

@@ -221,10 +221,10 @@ def _body(event: ClientEvent, view: View) -> str | None:
         if not event.seconds:
             return f"- {n(event.name)} may speak again ({n(event.by)})."
         said = f" ({clean_text(event.reason)})" if event.reason else ""
-        until = f" until {clock(event.until)}" if event.until else ""
+        until = f" until {clock(event.until, view.clock_format)}" if event.until else ""
         if view.me is not None and event.name == view.me:
             return (f"- You were muted for {event.seconds} s by {n(event.by)}.{said} You may speak again "
-                    f"at {clock(event.until)}." if event.until else
+                    f"at {clock(event.until, view.clock_format)}." if event.until else
                     f"- You were muted for {event.seconds} s by {n(event.by)}.{said}")
         return f"- {n(event.name)} was muted for {event.seconds} s{until} by {n(event.by)}.{said}"
     if isinstance(event, RoomTopic):
