@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from zchat import keys
+
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK = r"\[\d\d:\d\d:\d\d\]"
 # Python source that runs `zchat client ARGS...` with a bug planted in its I/O thread: handling
@@ -93,6 +95,10 @@ class Proc:
                         f"no line matching {pattern!r} within {timeout} s from {self.args[:2]}; "
                         f"got:\n" + "\n".join(self.lines[-30:]))
                 self._cond.wait(min(left, 0.5))
+
+    def tail(self, count: int) -> list[str]:
+        with self._cond:
+            return self.lines[-count:]
 
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)
@@ -171,6 +177,10 @@ class Chat:
         self.procs.append(proc)
         return proc
 
+    def client_key(self, name: str) -> keys.KeyPair:
+        """The key the client started with `--name NAME` picks (made now if it has none yet)."""
+        return keys.load_or_create(keys.client_keys_dir(self.config_dir), keys.client_key_file_name(name))
+
     def joined_client(self, name: str, *extra: str) -> Proc:
         proc = self.client(name, *extra)
         proc.wait_for(rf"{CLOCK} \* Welcome, {re.escape(name)}!", timeout=15)
@@ -199,6 +209,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     chat = getattr(item, "funcargs", {}).get("chat")
     if report.failed and isinstance(chat, Chat):
         for number, proc in enumerate(p for p in chat.procs if p.args and p.args[0] == "broker.py"):
-            with proc._cond:
-                tail = proc.lines[-60:]
+            tail = proc.tail(60)
             report.sections.append((f"broker {number} log (last {len(tail)} lines)", "\n".join(tail)))

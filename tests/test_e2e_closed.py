@@ -18,11 +18,6 @@ from zchat.tui import EXIT_BANNED
 pytestmark = pytest.mark.timeout(90)
 
 
-def _key(chat: Chat, name: str) -> keys.KeyPair:
-    """The key the client will pick for `name` in the shared config dir."""
-    return keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name(name))
-
-
 def _secret_file(chat: Chat, name: str) -> Path:
     return keys.client_keys_dir(chat.config_dir) / f"{keys.client_key_file_name(name)}.key_secret"
 
@@ -34,8 +29,8 @@ def _write_keys(path: Path, entries: list[tuple[str, keys.KeyPair, str]]) -> Non
 
 @pytest.fixture
 def closed(chat: Chat, tmp_path: Path) -> tuple[Chat, Path]:
-    entries = [("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user"),
-               ("carol", _key(chat, "carol"), "user")]
+    entries = [("alice", chat.client_key("alice"), "admin"), ("bob", chat.client_key("bob"), "user"),
+               ("carol", chat.client_key("carol"), "user")]
     path = tmp_path / "authorized_keys"
     _write_keys(path, entries)
     chat.start_broker("--authorized-keys", str(path))
@@ -56,7 +51,7 @@ def test_a_refused_key_is_named_and_every_command_exits(closed: tuple[Chat, Path
     """Issue 14, item 4: `zchat tap` printed nothing and never exited; send and the client said
     "refused this key" without naming it. Each names the key and tells the user what to do."""
     chat, _ = closed
-    pair = _key(chat, "mallory")  # nobody authorized it
+    pair = chat.client_key("mallory")  # nobody authorized it
     args = ["-m", "zchat", command[0], *chat.endpoint_args(), "--key", str(_secret_file(chat, "mallory")),
             *command[1:]]
     started = time.monotonic()
@@ -84,7 +79,7 @@ def test_names_are_fixed_by_the_file(closed: tuple[Chat, Path]) -> None:
 def test_only_the_tap_role_may_read_every_room(chat: Chat, tmp_path: Path) -> None:
     reader, tapper = RawPeer.keypair(), RawPeer.keypair()
     path = tmp_path / "authorized_keys"
-    _write_keys(path, [("alice", _key(chat, "alice"), "user"), ("reader", reader, "user"),
+    _write_keys(path, [("alice", chat.client_key("alice"), "user"), ("reader", reader, "user"),
                        ("tapper", tapper, "tap")])
     chat.start_broker("--authorized-keys", str(path))
     key = broker_key(chat.config_dir)
@@ -144,7 +139,7 @@ def test_sighup_rereads_the_file_and_disconnects_removed_keys(closed: tuple[Chat
     chat, path = closed
     alice = chat.joined_client("alice")
     carol = chat.joined_client("carol")
-    _write_keys(path, [("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user")])
+    _write_keys(path, [("alice", chat.client_key("alice"), "admin"), ("bob", chat.client_key("bob"), "user")])
     chat.broker.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     carol.wait_for(rf"{CLOCK} \* Your key is no longer authorized here\.", timeout=10)
     alice.wait_for(rf"{CLOCK} - carol has left the chat\.", timeout=10)
@@ -158,8 +153,8 @@ def test_sighup_rereads_the_file_and_disconnects_removed_keys(closed: tuple[Chat
 def test_a_ban_that_cannot_be_written_down_is_logged_and_the_broker_keeps_serving(
         chat: Chat, tmp_path: Path) -> None:
     path = tmp_path / "authorized_keys"
-    _write_keys(path, [("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user"),
-                       ("carol", _key(chat, "carol"), "user")])
+    _write_keys(path, [("alice", chat.client_key("alice"), "admin"), ("bob", chat.client_key("bob"), "user"),
+                       ("carol", chat.client_key("carol"), "user")])
     # A directory where the banned-keys file goes: appending to it fails, as root too.
     (keys.broker_dir(chat.config_dir) / "banned-keys").mkdir(parents=True)
     broker = chat.start_broker("--authorized-keys", str(path))

@@ -369,11 +369,6 @@ def test_throwaway_keys_cannot_lock_out_a_new_honest_join(chat: Chat) -> None:
 # --- refused at a reconnection: libzmq never tries again after a refusal, the client must ------
 
 
-def client_key(chat: Chat, name: str) -> keys.KeyPair:
-    """The key the client will pick for `name` in the shared config dir."""
-    return keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name(name))
-
-
 def _write_users(path: Path, entries: list[tuple[str, keys.KeyPair]]) -> None:
     path.write_text("".join(f"{name} {pair.identity} user\n" for name, pair in entries))
 
@@ -389,12 +384,12 @@ def test_a_key_taken_off_while_the_broker_was_down_is_told_at_the_reconnection(c
     """Refused for good when it comes back (its notice never sent): it says so and exits, where
     it said "reconnecting" for ever."""
     path = tmp_path / "authorized_keys"
-    _write_users(path, [("alice", client_key(chat, "alice")), ("bob", client_key(chat, "bob"))])
+    _write_users(path, [("alice", chat.client_key("alice")), ("bob", chat.client_key("bob"))])
     chat.start_broker("--authorized-keys", str(path))
     bob = chat.joined_client("bob")
     _kill_broker(chat)
     bob.wait_for(rf"^{CLOCK} \* Connection to the broker lost", timeout=10)
-    _write_users(path, [("alice", client_key(chat, "alice"))])  # the operator took bob off meanwhile
+    _write_users(path, [("alice", chat.client_key("alice"))])  # the operator took bob off meanwhile
     chat.start_broker("--authorized-keys", str(path))
     bob.wait_for(rf"^{CLOCK} \* The broker refused this key at a reconnection: it was banned, or taken "
                  r"off the authorized keys\. You cannot come back with this key\.$", timeout=15)
@@ -413,7 +408,7 @@ def test_a_reconnection_refused_for_now_is_dialled_again_until_it_gets_in(chat: 
         _kill_broker(chat)
         broker = chat.start_broker("--connections-per-key", "1")
         alice.wait_for(rf"^{CLOCK} \* Reconnected", timeout=15)
-        pair = client_key(chat, "bob")  # ...and his key's one place on each socket is taken
+        pair = chat.client_key("bob")  # ...and his key's one place on each socket is taken
         squatters = [conns.connect(zmq.PUSH, pair), conns.connect(zmq.SUB, pair, topics=(b"sys/",))]
         assert [conn.handshake() for conn in squatters] == [0, 0]
         squatters[0].sock.send(PING)  # a connection that speaks: the broker knows whose it is

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import CLOCK, ROOT, Chat, Proc
 from peers import RawPeer, broker_key
-from test_e2e_closed import _key, closed  # noqa: F401  (a fixture)
+from test_e2e_closed import closed  # noqa: F401  (a fixture)
 
 from zchat import keys
 from zchat import limits as L
@@ -59,7 +59,7 @@ def test_lines_typed_during_an_outage_arrive_once_in_order_and_nothing_is_refuse
     assert said == lines
     alice.wait_for(rf"^{CLOCK} alice: in the dark 24$", timeout=5)
     assert [line for line in alice.lines if re.match(rf"^{CLOCK} ! ", line)] == []
-    identity = _key(chat, "alice").identity
+    identity = chat.client_key("alice").identity
     assert refusals_in_log(broker, 0, identity) == [], broker.lines
 
 
@@ -75,7 +75,7 @@ def test_a_refused_message_is_never_sent_again(chat: Chat) -> None:
     alice.wait_for(rf"^{CLOCK} \* Reconnected", timeout=10)
     alice.send("after the restart")
     alice.wait_for(rf"^{CLOCK} alice: after the restart$")
-    assert refusals_in_log(broker, 0, _key(chat, "alice").identity) == [], broker.lines
+    assert refusals_in_log(broker, 0, chat.client_key("alice").identity) == [], broker.lines
     assert alice.count(rf"^{CLOCK} ! ") == 1
 
 
@@ -139,7 +139,7 @@ def test_a_kicked_client_says_how_to_come_back_and_stays_quiet(closed: tuple[Cha
     bob.wait_for(rf"^{CLOCK} \* You were kicked by alice: spam\. Type /reconnect to come back, "
                  r"or /quit to leave\.$")
     assert chat.broker is not None
-    bob_id = _key(chat, "bob").identity
+    bob_id = chat.client_key("bob").identity
     # A ping bob sent before the kick reached him may still arrive and be refused: the check
     # starts once the kick is carried out (his connections cut, after the notice's grace).
     chat.broker.wait_for(rf"cut \d+ connection\(s\) of {bob_id[:12]}")

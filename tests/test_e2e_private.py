@@ -28,11 +28,6 @@ from zchat.protocol import Code, Error, KeyReply
 pytestmark = pytest.mark.timeout(120)
 
 
-def _keypair(chat: Chat, name: str) -> keys.KeyPair:
-    """The key the zchat client uses for `name` in this chat's config dir."""
-    return keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name(name))
-
-
 def _history(chat: Chat, *args: str) -> list[str]:
     proc = Proc(["-m", "zchat", "history", "--config-dir", str(chat.config_dir), *args],
                 env=chat.env, stdin=False)
@@ -61,7 +56,7 @@ def test_a_private_message_is_sealed_on_its_way_in_storage_and_in_history(chat: 
     bob = chat.joined_client("bob")
     # bob's private stream as the broker sends it, read by a second connection with bob's
     # key: what a copy delivered to the wrong pipe would carry (issue 13 item 1).
-    bob_key = _keypair(chat, "bob")
+    bob_key = chat.client_key("bob")
     copy = RawPeer(chat.port, chat.pub_port, broker_key(chat.config_dir), [f"u/{bob_key.identity}/".encode()],
                    keypair=bob_key)
     try:
@@ -96,7 +91,8 @@ def test_a_private_message_is_sealed_on_its_way_in_storage_and_in_history(chat: 
     assert any(line.endswith("(private, sealed)") for line in _history(chat, "--key", str(alice_key)))
     exported = [json.loads(line) for line in _history(chat, "--json", "--key", str(carol_key))]
     [mail] = [record for record in exported if record["type"] == "direct"]
-    assert mail["topic"] == f"u/{_keypair(chat, 'carol').identity}/" and mail["text"] == "purple-giraffe-4410"
+    carol_pair = chat.client_key("carol")
+    assert mail["topic"] == f"u/{carol_pair.identity}/" and mail["text"] == "purple-giraffe-4410"
     # carol reads it when she is back, and the broker keeps nothing of it afterwards (it is
     # deleted with the broker's first commit after publishing it: the next heartbeat's turn).
     carol = chat.joined_client("carol")
@@ -122,7 +118,7 @@ def test_mail_goes_to_the_key_it_was_sealed_to_not_to_whoever_takes_the_name(cha
     mallory_key = keys.load_or_create(tmp_path / "mallory", "mallory")
     mallory = chat.client("alice", "--key", str(tmp_path / "mallory" / "mallory.key_secret"))
     mallory.wait_for(rf"{CLOCK} \* Welcome, alice!", timeout=15)
-    assert mallory_key.identity != _keypair(chat, "alice").identity
+    assert mallory_key.identity != chat.client_key("alice").identity
     bob.wait_for(r"- alice has joined the chat\.")
     # bob still holds alice's key: he is told it changed, and nothing goes to the new one
     # unless he sends it again.

@@ -67,18 +67,14 @@ def test_kill_9_of_a_relay_client_is_announced_within_2_seconds(chat: Chat, tmp_
     assert time.monotonic() - killed_at < 2.0
 
 
-def _key(chat: Chat, name: str) -> keys.KeyPair:
-    return keys.load_or_create(keys.client_keys_dir(chat.config_dir), keys.client_key_file_name(name))
-
-
 def test_closed_mode_moderation_across_relays(chat: Chat, tmp_path: Path) -> None:
     """An admin on relay A kicks, mutes and bans a user on relay B; relay A is closed with the
     same file, relay B is open (the broker's file decides)."""
     dirs = [tmp_path / "relay-a", tmp_path / "relay-b"]
     path = tmp_path / "authorized_keys"
     path.write_text("".join(f"{name} {pair.identity} {role}\n" for name, pair, role in (
-        ("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user"),
-        ("carol", _key(chat, "carol"), "user"), ("relay-a", relay_key(dirs[0]), "relay"),
+        ("alice", chat.client_key("alice"), "admin"), ("bob", chat.client_key("bob"), "user"),
+        ("carol", chat.client_key("carol"), "user"), ("relay-a", relay_key(dirs[0]), "relay"),
         ("relay-b", relay_key(dirs[1]), "relay"))))
     chat.start_broker("--authorized-keys", str(path))
     a = start_relay(chat, dirs[0], None, None, None, "--authorized-keys", str(path))
@@ -99,7 +95,7 @@ def test_closed_mode_moderation_across_relays(chat: Chat, tmp_path: Path) -> Non
     alice.send("/kick bob be nice")
     bob.wait_for(rf"{CLOCK} \* You were kicked by alice: be nice\.")
     carol.wait_for(rf"{CLOCK} - bob was kicked by alice\. \(be nice\)$")
-    b.proc.wait_for(r"cut 2 connection\(s\) of " + _key(chat, "bob").identity[:12], timeout=5)
+    b.proc.wait_for(r"cut 2 connection\(s\) of " + chat.client_key("bob").identity[:12], timeout=5)
     bob.send("/quit")
     assert bob.wait_exit(10) == 0
     bob = joined_relay_client(chat, b, "bob")  # a kick is not a ban
@@ -117,7 +113,7 @@ def test_an_eavesdropper_on_relay_a_cannot_read_a_dm_between_users_on_relay_b(
     a, b = _two_relays(chat, tmp_path)
     alice = joined_relay_client(chat, b, "alice")
     bob = joined_relay_client(chat, b, "bob")
-    targets = [f"u/{_key(chat, name).identity}/".encode() for name in ("alice", "bob")]
+    targets = [f"u/{chat.client_key(name).identity}/".encode() for name in ("alice", "bob")]
     spy = RawPeer(a.port, a.pub_port, a.key.public, [*targets, b"u/", b"", b"sys/"])
     # The attack of DESIGN.md "Privacy": data frames raced against subscriptions on an XSUB.
     racer = spy.ctx.socket(zmq.XSUB)
@@ -149,7 +145,7 @@ def test_a_marked_frame_from_a_key_that_is_no_relay_is_refused(chat: Chat, tmp_p
     chat.start_broker("--relay-keys", str(trust_relays(chat, tmp_path / "relay-a")))
     a = start_relay(chat, tmp_path / "relay-a")
     alice = joined_relay_client(chat, a, "alice")
-    bob = _key(chat, "bob")
+    bob = chat.client_key("bob")
     forged = mark(MESSAGE, bob.identity, b'{"type":"join","name":"bob"}')
     # Straight to the broker, and to the relay: both refuse and cut the key.
     direct = RawPeer(chat.port, chat.pub_port, broker_key(chat.config_dir), [b"sys/"])
