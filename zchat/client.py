@@ -325,34 +325,32 @@ class ChatClient(ClientApi):
                   "the authorized keys")
         self._carry_out(self.core.request(HandshakeFailed("auth", detail), self._now()))
 
-    def _redial(self) -> None:
-        """Connect both sockets to the current endpoint afresh."""
-        endpoints, _ = self._paths[self._path]
-        for sock, endpoint in ((self.sub, endpoints.publish), (self.push, endpoints.input)):
-            try:
-                sock.disconnect(endpoint)
-            except zmq.ZMQError:
-                pass  # not connected any more
-            sock.connect(endpoint)
-        log.info("refused for now at a reconnection: dialled %s again", endpoints.input)
-
     def _switch(self) -> None:
         """Move both sockets to the next endpoint (a relay of the same broker). The SUB keeps
         its subscriptions and sends them there; the core rejoins when heartbeats come back and
         recovers what it missed (seq gaps, history)."""
         old, _ = self._paths[self._path]
-        self._path = (self._path + 1) % len(self._paths)
-        new, key = self._paths[self._path]
         self._switched_at = time.monotonic()
-        for sock, endpoint in ((self.sub, old.publish), (self.push, old.input)):
+        self._dial((self._path + 1) % len(self._paths))
+        log.info("endpoint %s lost: trying %s", old.input, self._paths[self._path][0].input)
+
+    def _redial(self) -> None:
+        """Connect both sockets to the current endpoint afresh."""
+        self._dial(self._path)
+        log.info("refused for now at a reconnection: dialled %s again", self._paths[self._path][0].input)
+
+    def _dial(self, path: int) -> None:
+        """Disconnect both sockets from the current endpoint and connect them to `path`'s."""
+        old, _ = self._paths[self._path]
+        self._path = path
+        new, key = self._paths[path]
+        for sock, was, endpoint in ((self.sub, old.publish, new.publish), (self.push, old.input, new.input)):
             try:
-                sock.disconnect(endpoint)
+                sock.disconnect(was)
             except zmq.ZMQError:
                 pass  # not connected any more
             sock.curve_serverkey = key  # taken at connect time
-        log.info("endpoint %s lost: trying %s", old.input, new.input)
-        self.sub.connect(new.publish)
-        self.push.connect(new.input)
+            sock.connect(endpoint)
 
     def _drain_wake(self) -> None:
         while True:
