@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CLOCK, Chat, Proc
-from test_e2e_closed import _key, _write_keys
+from test_e2e_closed import _write_keys
 
 from zchat import keys
 from zchat.e2e import fingerprint
@@ -43,13 +43,13 @@ def test_a_topic_is_seen_by_the_tap_and_kept_across_a_broker_restart(chat: Chat)
 
 def test_an_admin_lifts_a_ban_for_good(chat: Chat, tmp_path: Path) -> None:
     path = tmp_path / "authorized_keys"
-    _write_keys(path, [("alice", _key(chat, "alice"), "admin"), ("bob", _key(chat, "bob"), "user")])
+    _write_keys(path, [("alice", chat.client_key("alice"), "admin"), ("bob", chat.client_key("bob"), "user")])
     chat.start_broker("--authorized-keys", str(path))
     alice, bob = chat.joined_client("alice"), chat.joined_client("bob")
     alice.send("/ban bob")
     bob.wait_exit(15)
     bans = keys.broker_dir(chat.config_dir) / "banned-keys"
-    bob_key = _key(chat, "bob").identity
+    bob_key = chat.client_key("bob").identity
     assert bob_key in bans.read_text()
     _restart(chat, "--authorized-keys", str(path))  # the ban holds across the restart
     refused = chat.client("bob")
@@ -71,8 +71,8 @@ def test_an_ignore_list_is_kept_in_the_config_dir_across_client_restarts(chat: C
     alice, bob = chat.joined_client("alice"), chat.joined_client("bob")
     alice.send("/ignore bob")
     alice.wait_for(rf"{CLOCK} \* Ignoring bob \(key ")
-    ignored = chat.config_dir / "ignored" / _key(chat, "alice").identity  # alice's key's own list
-    assert ignored.read_text() == f"{_key(chat, 'bob').identity} bob\n"
+    ignored = chat.config_dir / "ignored" / chat.client_key("alice").identity  # alice's key's own list
+    assert ignored.read_text() == f"{chat.client_key('bob').identity} bob\n"
     alice.send("/quit")
     assert alice.wait_exit(10) == 0
     bob.send("/nick robert")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import CLOCK, Chat, Proc
 from peers import FaultyProxy
-from test_e2e_closed import _key, _write_keys
+from test_e2e_closed import _write_keys
 
 from zchat import keys
 from zchat.protocol import decode_event
@@ -262,7 +262,7 @@ def test_broker_survives_a_client_crash_after_a_name_swap_reload(chat: Chat, tmp
     """The operator swaps two names in the authorized-keys file and sends SIGHUP; then one of
     the two clients crashes. The broker must announce it, not crash itself."""
     path = tmp_path / "authorized_keys"
-    alice_key, bob_key = _key(chat, "alice"), _key(chat, "bob")
+    alice_key, bob_key = chat.client_key("alice"), chat.client_key("bob")
     _write_keys(path, [("alice", alice_key, "admin"), ("bob", bob_key, "user")])
     broker = chat.start_broker("--authorized-keys", str(path))
     alice = chat.joined_client("alice")
